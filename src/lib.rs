@@ -1,0 +1,1 @@
+//! cachalot: a pull-through caching proxy and mirror for OCI container registries.
