@@ -267,7 +267,9 @@ impl Config {
         let mut defaults = 0;
         for (i, u) in self.upstream.iter().enumerate() {
             let key = |k: &str| format!("upstream[{i}].{k}");
-            if u.name.is_empty() || u.name.contains('/') || u.name.chars().any(char::is_whitespace)
+            if u.name.is_empty()
+                || u.name.contains('/')
+                || u.name.chars().any(|c| c.is_whitespace() || c.is_control())
             {
                 return bad(format!(
                     "{}: {:?} is not a registry host name",

@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod oci;
 
 pub use error::{Error, Result};
+pub mod storage;
