@@ -209,6 +209,11 @@ impl Gate {
         *self.reached.borrow()
     }
 
+    /// Whether the test released the gate.
+    pub fn is_released(&self) -> bool {
+        *self.released.borrow()
+    }
+
     /// Lets every paused (and future) body continue.
     pub fn release(&self) {
         self.released.send_replace(true);
