@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod oci;
+pub mod upstream;
 
 pub use error::{Error, Result};
 pub mod storage;
