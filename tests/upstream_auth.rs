@@ -127,12 +127,38 @@ async fn an_expired_token_is_replaced_after_one_401() {
     let issued = env.fake.tokens_issued();
 
     tokio::time::sleep(Duration::from_millis(800)).await;
+    let seen_before = env.fake.requests().len();
     let r = env.client.get(&env.v2("org/app/manifests/b")).await;
     assert_eq!(r.status, 200, "retried with a fresh token: {}", r.text());
     assert_eq!(r.body, b.manifest.bytes);
     assert!(
         env.fake.tokens_issued() > issued,
         "a fresh token was fetched"
+    );
+    let after: Vec<_> = env.fake.requests().into_iter().skip(seen_before).collect();
+    let first = after
+        .iter()
+        .find(|r| r.path.starts_with("/v2/org/app/"))
+        .expect("an upstream request");
+    assert_eq!(
+        first.status,
+        Some(401),
+        "the cached token was used first and rejected (test premise)"
+    );
+    assert!(
+        first
+            .headers
+            .get("authorization")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("Bearer ")),
+        "the expired token was sent"
+    );
+    assert!(
+        after
+            .iter()
+            .filter(|r| r.path.starts_with("/v2/org/app/") && r.status == Some(401))
+            .count()
+            == 1,
+        "one 401, then one retry with the fresh token"
     );
     let (d, bytes) = &b.layers[0];
     let r = env.client.get(&env.v2(&format!("org/app/blobs/{d}"))).await;

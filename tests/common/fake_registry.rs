@@ -177,6 +177,8 @@ pub struct Recorded {
     pub query: Option<String>,
     /// Request headers.
     pub headers: HeaderMap,
+    /// Status the fake answered (None while the handler is still deciding).
+    pub status: Option<u16>,
 }
 
 // === faults ===
@@ -607,6 +609,16 @@ impl FakeRegistry {
         self.count("HEAD", &format!("/v2/{repo}/manifests/{reference}"))
     }
 
+    /// Requests with this method whose path contains `needle` and that the fake answered with `status`.
+    pub fn count_status(&self, method: &str, needle: &str, status: u16) -> usize {
+        lock(&self.state.log)
+            .iter()
+            .filter(|r| {
+                r.method.as_str() == method && r.path.contains(needle) && r.status == Some(status)
+            })
+            .count()
+    }
+
     /// Requests for anything under `/v2/<repo>/`.
     pub fn repo_requests(&self, repo: &str) -> usize {
         let p = format!("/v2/{repo}/");
@@ -895,16 +907,29 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 async fn handle(state: &State, req: Request<Incoming>) -> Response<RespBody> {
+    let index = {
+        let mut log = lock(&state.log);
+        log.push(Recorded {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            query: req.uri().query().map(str::to_string),
+            headers: req.headers().clone(),
+            status: None,
+        });
+        log.len() - 1
+    };
+    let resp = handle_inner(state, req).await;
+    if let Some(r) = lock(&state.log).get_mut(index) {
+        r.status = Some(resp.status().as_u16());
+    }
+    resp
+}
+
+async fn handle_inner(state: &State, req: Request<Incoming>) -> Response<RespBody> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let headers = req.headers().clone();
-    lock(&state.log).push(Recorded {
-        method: method.clone(),
-        path: path.clone(),
-        query: query.clone(),
-        headers: headers.clone(),
-    });
     let route = route(&path);
 
     if matches!(route, Route::Token) {
@@ -1388,6 +1413,7 @@ impl FakeCdn {
                     path: path.clone(),
                     query: req.uri().query().map(str::to_string),
                     headers: req.headers().clone(),
+                    status: None,
                 });
                 if req.headers().contains_key(header::AUTHORIZATION) {
                     return full(
