@@ -152,14 +152,30 @@ async fn blob_is_fetched_once_then_served_from_cache() {
         assert_eq!(r.header("docker-content-digest"), Some(d.clone()));
     }
     assert_eq!(env.fake.blob_gets("app", &d), 1);
-    assert!(
-        env.metric(
+    // The 2nd and 3rd GETs are hits (or, if the fill was still committing, followers of it).
+    let hit = env
+        .metric(
             "cachalot_cache_lookups_total",
-            &[("kind", "blob"), ("result", "hit")]
+            &[("kind", "blob"), ("result", "hit")],
         )
-        .await
-            >= 2.0
-    );
+        .await;
+    let coalesced = env
+        .metric(
+            "cachalot_cache_lookups_total",
+            &[("kind", "blob"), ("result", "coalesced")],
+        )
+        .await;
+    assert!(hit + coalesced >= 2.0, "hit {hit}, coalesced {coalesced}");
+    // Once the fill is over, a GET is a plain hit.
+    env.wait_no_fills().await;
+    assert!(env.client.get(&url).await.body == blob);
+    let hit2 = env
+        .metric(
+            "cachalot_cache_lookups_total",
+            &[("kind", "blob"), ("result", "hit")],
+        )
+        .await;
+    assert_eq!(hit2, hit + 1.0, "a GET after the fill is a cache hit");
     assert!(
         env.metric(
             "cachalot_cache_lookups_total",

@@ -198,6 +198,18 @@ impl Env {
         metric_value(&self.metrics().await, name, labels)
     }
 
+    /// Waits (with a safety net) until no blob fill is in flight (`cachalot_fills_in_flight` 0).
+    pub async fn wait_no_fills(&self) {
+        let deadline = tokio::time::Instant::now() + super::client::SAFETY;
+        while self.metric("cachalot_fills_in_flight", &[]).await > 0.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "safety timeout: fills still in flight"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Files under the cache dir whose name is the hex part of `digest` (a stored blob or manifest).
     pub fn stored_files(&self, digest: &str) -> Vec<PathBuf> {
         files_named(self.dir.path(), digest.trim_start_matches("sha256:"))
