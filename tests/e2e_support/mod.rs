@@ -6,6 +6,7 @@
 //! helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod cachalot;
 pub mod http;
 pub mod issuer;
 pub mod oci;
@@ -97,26 +98,40 @@ impl Upstream {
     }
 }
 
-/// One seeded upstream per test binary, started on its own runtime (so that it outlives any one
-/// test's runtime) the first time it is asked for. The registry child process dies with the test
-/// binary (see [`Distribution`]); its files live under `CARGO_TARGET_TMPDIR`.
+/// A runtime that lives as long as the test process, for servers shared by several tests (each
+/// `#[tokio::test]` has its own runtime, which stops that test's tasks when the test ends).
+pub fn shared_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("e2e-shared")
+            .enable_all()
+            .build()
+            .expect("shared runtime")
+    })
+}
+
+/// Runs `fut` to completion on [`shared_runtime`] from any thread, async context included (it
+/// blocks the caller on a helper thread). Tasks `fut` spawns keep running afterwards.
+pub fn block_on_shared<T: Send + 'static>(
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    match std::thread::spawn(move || shared_runtime().block_on(fut)).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// One seeded upstream per test binary, started on [`shared_runtime`] the first time it is asked
+/// for. The registry child process dies with the test binary (see [`Distribution`]); its files
+/// live under `CARGO_TARGET_TMPDIR` and are swept by the next run.
 pub fn shared_upstream() -> &'static Upstream {
     static SHARED: OnceLock<&'static Upstream> = OnceLock::new();
     SHARED.get_or_init(|| {
         tools::sweep_stale_tempdirs();
-        std::thread::spawn(|| {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime for the shared upstream");
-            let upstream = rt.block_on(Upstream::start());
-            // The runtime must keep serving the issuer after this thread returns.
-            Box::leak(Box::new(rt));
-            &*Box::leak(Box::new(upstream))
-        })
-        .join()
-        .expect("starting the shared upstream failed")
+        let upstream = block_on_shared(Upstream::start());
+        &*Box::leak(Box::new(upstream))
     })
 }
 
