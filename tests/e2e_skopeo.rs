@@ -91,6 +91,59 @@ async fn support_selftest_registry_round_trip_without_cachalot() {
     .await;
     assert_eq!(e2e_support::oci::sha256_digest(&raw), up.multi.top_digest);
 
+    // The issuer itself: wrong credentials are refused; a token names only what was granted.
+    use base64::Engine as _;
+    let realm = up.issuer.realm();
+    let scope = format!("repository:{}:pull,push", e2e_support::PRIVATE_REPO);
+    let url = format!("{realm}?service={}&scope={scope}", e2e_support::SERVICE);
+    let bad = base64::engine::general_purpose::STANDARD.encode("e2e-user:wrong");
+    let resp = e2e_support::http::request(
+        hyper::Method::GET,
+        &url,
+        &[("authorization", &format!("Basic {bad}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 401, "wrong password");
+    let claims = |token: &str| -> serde_json::Value {
+        let payload = token.split('.').nth(1).expect("JWT payload");
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let anon = e2e_support::http::get(&url).await.json();
+    assert_eq!(anon["token"], anon["access_token"]);
+    assert!(anon["expires_in"].as_u64().unwrap() >= 60);
+    assert!(anon["issued_at"].as_str().unwrap().ends_with('Z'));
+    let c = claims(anon["token"].as_str().unwrap());
+    assert_eq!(
+        c["access"],
+        serde_json::json!([]),
+        "anonymous access to a private repo"
+    );
+    assert_eq!(c["aud"], e2e_support::SERVICE);
+    let good = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        e2e_support::USER,
+        e2e_support::PASSWORD
+    ));
+    let user = e2e_support::http::request(
+        hyper::Method::GET,
+        &url,
+        &[("authorization", &format!("Basic {good}"))],
+    )
+    .await
+    .unwrap()
+    .json();
+    let c = claims(user["token"].as_str().unwrap());
+    assert_eq!(
+        c["access"][0]["actions"],
+        serde_json::json!(["pull", "push"])
+    );
+
     let reqs = up.issuer.requests();
     assert!(reqs.iter().any(|r| r.user.is_none() && r.status == 200));
     assert!(

@@ -49,7 +49,13 @@ pub fn e2e_tools_available(_caller: &str) -> bool {
     if under_ci() {
         panic!("{msg} CI is set, so this is a failure, not a skip.");
     }
-    eprintln!("SKIPPED {msg} (CI is unset, so the test is skipped.)");
+    // Written to the stderr handle directly: libtest captures `eprintln!` of passing tests, and a
+    // skip must be visible.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {msg} (CI is unset, so the test is skipped.)"
+    );
     false
 }
 
