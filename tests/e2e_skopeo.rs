@@ -91,6 +91,27 @@ async fn support_selftest_registry_round_trip_without_cachalot() {
     .await;
     assert_eq!(e2e_support::oci::sha256_digest(&raw), up.multi.top_digest);
 
+    // The ns shim forwards faithfully (the registry ignores `ns`).
+    let shim = e2e_support::shim::NsShim::start(up.registry.addr(), "reg.test").await;
+    let pulled = skopeo::pull(
+        &format!(
+            "{}/{}:{}",
+            shim.addr(),
+            e2e_support::MULTI_REPO,
+            e2e_support::MULTI_TAG
+        ),
+        &out.path().join("shim"),
+        e2e_support::MULTI_TAG,
+        None,
+    )
+    .await;
+    assert_eq!(pulled.blobs, up.multi.blobs);
+    assert!(
+        shim.forwarded_with_ns() >= 7,
+        "shim forwarded {}",
+        shim.forwarded_with_ns()
+    );
+
     // The issuer itself: wrong credentials are refused; a token names only what was granted.
     use base64::Engine as _;
     let realm = up.issuer.realm();
