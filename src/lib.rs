@@ -5,8 +5,16 @@
 
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod metrics;
+pub mod mirror;
 pub mod oci;
+pub mod storage;
+pub mod upstream;
 
 pub use error::{Error, Result};
-pub mod storage;
+
+/// Starting and stopping the server, for the binary and for tests.
+pub mod server {
+    pub use crate::http::server::{Server, spawn};
+}
