@@ -514,3 +514,15 @@ async fn odd_inputs_never_give_500() {
         .await;
     assert_ne!(r.status, 500);
 }
+
+#[tokio::test]
+async fn a_hung_upstream_with_nothing_cached_is_a_gateway_error() {
+    let env = Env::start_with(CacheSpec::default(), "timeout = \"1s\"").await;
+    env.fake.push_image("org/app", Some("v1"), &[10]);
+    env.fake
+        .set_manifest_delay(Some(std::time::Duration::from_secs(50)));
+    let r = env.client.get(&env.v2("org/app/manifests/v1")).await;
+    assert!(r.status == 504 || r.status == 502, "{}", r.status);
+    assert!(r.error_code().is_some(), "{}", r.text());
+    assert!(r.text().contains(UP), "names the upstream: {}", r.text());
+}

@@ -132,3 +132,32 @@ async fn manifest_by_digest_with_wrong_bytes_is_an_error_and_not_stored() {
     assert_eq!(r.body, img.manifest.bytes);
     assert_eq!(env.fake.manifest_gets("app", &img.manifest.digest), 2);
 }
+
+#[tokio::test]
+async fn an_upstream_that_hangs_mid_body_fails_the_response_and_stores_nothing() {
+    let env = Env::start_with(CacheSpec::default(), "timeout = \"1s\"").await;
+    let blob = random_blob(300_000);
+    let d = env.fake.push_blob("app", blob.clone());
+    // Paused forever (until the test unpauses): the idle-body timeout must end the fill.
+    let gate = env.fake.pause_blob(&d, 100_000);
+    let url = env.v2(&format!("app/blobs/{d}"));
+
+    let (status, headers, drained) = TestClient::unpooled().get_drained(&url).await;
+    assert!(gate.is_reached());
+    assert!(!gate.is_released());
+    assert!(
+        !completed_normally(status, &headers, &drained),
+        "a hung upstream body gave a complete {status}"
+    );
+    assert!(
+        drained.error.as_deref() != Some("safety timeout while reading the body"),
+        "the client was held until the test's safety net: no idle-body timeout"
+    );
+    assert!(env.stored_files(&d).is_empty());
+
+    env.fake.unpause_blob(&d);
+    let r = env.client.get(&url).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body == blob);
+    assert_eq!(env.fake.blob_gets("app", &d), 2);
+}

@@ -68,10 +68,22 @@ pub fn config_toml(dir: &Path, cache: &CacheSpec, ups: &[UpstreamSpec]) -> Strin
         dir = dir.to_str().expect("utf-8 temp path"),
     );
     for u in ups {
+        let has = |k: &str| {
+            u.extra
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{k} ")))
+        };
         s.push_str(&format!(
-            "\n[[upstream]]\nname = {:?}\nurl = {:?}\ndefault = {}\nconnect_timeout = \"2s\"\ntimeout = \"10s\"\n{}",
-            u.name, u.url, u.default, u.extra
+            "\n[[upstream]]\nname = {:?}\nurl = {:?}\ndefault = {}\n",
+            u.name, u.url, u.default
         ));
+        if !has("connect_timeout") {
+            s.push_str("connect_timeout = \"2s\"\n");
+        }
+        if !has("timeout") {
+            s.push_str("timeout = \"10s\"\n");
+        }
+        s.push_str(&u.extra);
     }
     s
 }
