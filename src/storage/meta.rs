@@ -152,6 +152,23 @@ impl Meta {
         tx.commit().map_err(io_err)
     }
 
+    /// Records many committed objects in one transaction (imports, benchmarks).
+    pub fn put_objects(&self, rows: &[(Digest, u64, String)], now: SystemTime) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            for (digest, size, repo) in rows {
+                objects
+                    .insert(
+                        digest.to_string().as_str(),
+                        (*size, millis(now), repo.as_str()),
+                    )
+                    .map_err(io_err)?;
+            }
+        }
+        tx.commit().map_err(io_err)
+    }
+
     /// Records reads. Access times steer eviction only, so they are written without an fsync:
     /// a crash loses at most the last few, never consistency.
     pub fn touch_objects(&self, touches: &[(Digest, SystemTime)]) -> io::Result<()> {

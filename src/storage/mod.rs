@@ -222,7 +222,9 @@ impl Store {
         let fresh = !dest.exists();
         self.meta
             .put_object(&w.expected, w.written, repo, SystemTime::now())?;
+        crash_point("after-metadata");
         self.disk.rename(&w.temp, &dest)?;
+        crash_point("after-rename");
         // The rename is durable only once the directory entry is.
         File::open(dir)?.sync_all()?;
         w.temp = PathBuf::new();
@@ -269,6 +271,17 @@ impl Store {
             Ordering::Relaxed,
         );
         Ok(freed)
+    }
+}
+
+/// Dies on the spot when `CACHALOT_CRASH_POINT` names this point: the crash-safety tests use
+/// it to kill the process at instants a `kill -9` cannot hit reliably (between the metadata
+/// write and the rename, between the rename and the directory sync).
+fn crash_point(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("CACHALOT_CRASH_POINT").ok());
+    if point.as_deref() == Some(name) {
+        std::process::abort();
     }
 }
 
