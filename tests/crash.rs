@@ -381,12 +381,10 @@ impl World {
             "tmp/ not swept at start"
         );
         assert_stored_files_verified(self.path(), &self.digest);
-        let t0 = std::time::Instant::now();
         let (status, _, d) = TestClient::new()
             .get_drained(&c.blob_url(&self.digest))
             .await;
         let status = status.as_u16();
-        eprintln!("TIMING upstream down GET {status} {:?}\n{}", t0.elapsed(), c.log_text());
         assert_not_partial("upstream down", status, &d, &self.blob);
         let served = status == 200 && d.error.is_none();
         if !served {
