@@ -135,21 +135,25 @@ impl Meta {
     }
 
     /// Records a committed object. Durable before the caller renames the file into place.
+    /// Returns the size of the row it replaced, if there was one.
     pub fn put_object(
         &self,
         digest: &Digest,
         size: u64,
         repo: &str,
         now: SystemTime,
-    ) -> io::Result<()> {
+    ) -> io::Result<Option<u64>> {
         let tx = self.db.begin_write().map_err(io_err)?;
+        let old;
         {
             let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
-            objects
+            old = objects
                 .insert(digest.to_string().as_str(), (size, millis(now), repo))
-                .map_err(io_err)?;
+                .map_err(io_err)?
+                .map(|v| v.value().0);
         }
-        tx.commit().map_err(io_err)
+        tx.commit().map_err(io_err)?;
+        Ok(old)
     }
 
     /// Records many committed objects in one transaction (imports, benchmarks).
@@ -232,22 +236,28 @@ impl Meta {
 
     /// Forgets objects, and the tags that pointed at any of them (a tag whose manifest is gone
     /// would only send every request upstream anyway).
-    pub fn remove_objects(&self, digests: &[Digest]) -> io::Result<()> {
+    /// Returns the count and total size of the rows that were there.
+    pub fn remove_objects(&self, digests: &[Digest]) -> io::Result<(u64, u64)> {
         let names: std::collections::HashSet<String> =
             digests.iter().map(Digest::to_string).collect();
         let tx = self.db.begin_write().map_err(io_err)?;
+        let (mut count, mut bytes) = (0, 0);
         {
             let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
             let mut manifests = tx.open_table(MANIFESTS).map_err(io_err)?;
             for d in &names {
-                objects.remove(d.as_str()).map_err(io_err)?;
+                if let Some(v) = objects.remove(d.as_str()).map_err(io_err)? {
+                    count += 1;
+                    bytes += v.value().0;
+                }
                 manifests.remove(d.as_str()).map_err(io_err)?;
             }
             let mut tags = tx.open_table(TAGS).map_err(io_err)?;
             tags.retain(|_, (digest, _)| !names.contains(digest))
                 .map_err(io_err)?;
         }
-        tx.commit().map_err(io_err)
+        tx.commit().map_err(io_err)?;
+        Ok((count, bytes))
     }
 
     /// Every tag entry: (upstream, repo, tag, entry).

@@ -65,6 +65,9 @@ pub struct Store {
     /// Reads not yet written to the metadata: flushed in batches, since a durable write per
     /// cache hit would cost more than the hit.
     touches: Mutex<HashMap<Digest, SystemTime>>,
+    /// Held while an object's row and file change together (commit, removal), so the two never
+    /// disagree because a commit and an eviction of one digest interleaved.
+    objects_lock: Mutex<()>,
 }
 
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -94,12 +97,14 @@ impl Store {
             }
             Err(e) => return Err(e),
         }
+        // Take the metadata lock first: a second process opening a cache in use must fail
+        // before it sweeps the temp files of the running server's fills.
+        let meta = Meta::open(&root.join("meta.redb"))?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        let meta = Meta::open(&root.join("meta.redb"))?;
         let (used, objects) = meta.totals()?;
         Ok(Store {
             root: root.to_path_buf(),
@@ -109,6 +114,7 @@ impl Store {
             used: AtomicU64::new(used),
             objects: AtomicU64::new(objects),
             touches: Mutex::new(HashMap::new()),
+            objects_lock: Mutex::new(()),
         })
     }
 
@@ -219,8 +225,9 @@ impl Store {
             .parent()
             .ok_or_else(|| io::Error::other("blob path has no parent"))?;
         std::fs::create_dir_all(dir)?;
-        let fresh = !dest.exists();
-        self.meta
+        let _guard = self.objects_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let replaced = self
+            .meta
             .put_object(&w.expected, w.written, repo, SystemTime::now())?;
         crash_point("after-metadata");
         self.disk.rename(&w.temp, &dest)?;
@@ -228,9 +235,15 @@ impl Store {
         // The rename is durable only once the directory entry is.
         File::open(dir)?.sync_all()?;
         w.temp = PathBuf::new();
-        if fresh {
-            self.used.fetch_add(w.written, Ordering::Relaxed);
-            self.objects.fetch_add(1, Ordering::Relaxed);
+        // `used` is the sum of the rows: add this one, less the one it replaced.
+        self.used.fetch_add(w.written, Ordering::Relaxed);
+        match replaced {
+            None => {
+                self.objects.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(old) => {
+                self.used.fetch_sub(old.min(self.used()), Ordering::Relaxed);
+            }
         }
         Ok(w.written)
     }
@@ -251,7 +264,7 @@ impl Store {
     /// Removes committed objects: files first (a reader with the file open keeps reading it),
     /// then their rows. Returns the bytes freed. Blocking.
     pub fn remove(&self, rows: &[ObjectRow]) -> io::Result<u64> {
-        let mut freed = 0;
+        let _guard = self.objects_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut digests = Vec::with_capacity(rows.len());
         for row in rows {
             match std::fs::remove_file(self.blob_path(&row.digest)) {
@@ -260,16 +273,13 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            freed += row.size;
             digests.push(row.digest.clone());
         }
-        self.meta.remove_objects(&digests)?;
+        let (count, freed) = self.meta.remove_objects(&digests)?;
         self.used
             .fetch_sub(freed.min(self.used()), Ordering::Relaxed);
-        self.objects.fetch_sub(
-            (rows.len() as u64).min(self.object_count()),
-            Ordering::Relaxed,
-        );
+        self.objects
+            .fetch_sub(count.min(self.object_count()), Ordering::Relaxed);
         Ok(freed)
     }
 }
