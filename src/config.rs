@@ -17,6 +17,41 @@ pub struct Config {
     /// The registries cachalot mirrors. Order does not matter; names must be unique.
     #[serde(default)]
     pub upstream: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: how cachalot logs. `RUST_LOG`, when set, overrides `level`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, or per module like `info,cachalot::upstream=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
 }
 
 /// `[server]`: where cachalot listens.
@@ -32,6 +67,10 @@ pub struct ServerConfig {
     /// PEM private key for `tls_cert`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// A second address serving only `/metrics` (plain HTTP), e.g. for a scraper on an admin
+    /// network. `/metrics` stays on `listen` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[cache]`: where and how much to cache.
@@ -123,6 +162,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             tls_cert: None,
             tls_key: None,
+            metrics_listen: None,
         }
     }
 }
@@ -208,6 +248,7 @@ impl Config {
             server: ServerConfig::default(),
             cache: CacheConfig::default(),
             upstream,
+            log: LogConfig::default(),
         }
     }
 
@@ -259,6 +300,12 @@ impl Config {
                 return bad("server.tls_cert: required when server.tls_key is set".into());
             }
             _ => {}
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return bad(format!(
+                "log.level: {:?} is not a filter: {e}",
+                self.log.level
+            ));
         }
         if self.cache.memory.0 < 1 << 20 {
             return bad("cache.memory: must be at least 1MiB".into());

@@ -58,7 +58,9 @@ fn main() -> ExitCode {
             if let Err(e) = check_credentials(&config) {
                 return fail(e);
             }
-            init_tracing();
+            if let Err(e) = cachalot::telemetry::init(&config.log) {
+                return fail(e);
+            }
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
@@ -95,15 +97,6 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

@@ -27,6 +27,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running server. Dropping it does not stop it; call `shutdown`.
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     pub mirror: Arc<Mirror>,
@@ -35,6 +36,11 @@ pub struct Server {
 impl Server {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `server.metrics_listen` is bound, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops accepting and closes every connection.
@@ -58,6 +64,9 @@ pub async fn spawn(config: Config) -> Result<Server, Error> {
         .map_err(|e| Error::Internal(format!("cache.dir {}: {e}", config.cache.dir.display())))?;
     let names: Vec<&str> = config.upstream.iter().map(|u| u.name.as_str()).collect();
     let metrics = Arc::new(Metrics::new(&names));
+    metrics
+        .cache_max_size
+        .set(i64::try_from(config.cache.max_size.0).unwrap_or(i64::MAX));
     let mirror = Arc::new(Mirror::new(&config, Arc::new(store), metrics.clone())?);
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
@@ -73,9 +82,16 @@ pub async fn spawn(config: Config) -> Result<Server, Error> {
         metrics,
     });
     let (stop, stopped) = watch::channel(false);
+    let metrics_addr = match config.server.metrics_listen {
+        Some(a) => {
+            Some(super::metrics_listener::spawn(a, state.metrics.clone(), stopped.clone()).await?)
+        }
+        None => None,
+    };
     let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
     Ok(Server {
         addr,
+        metrics_addr,
         stop,
         task,
         mirror,
