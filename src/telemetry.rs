@@ -33,7 +33,9 @@ pub const CACHE_FIELD: &str = "cache";
 /// `level`. Fails if a subscriber is already installed or `RUST_LOG` does not parse.
 pub fn init(cfg: &LogConfig) -> Result<(), String> {
     let filter = filter(cfg)?;
-    tracing::subscriber::set_global_default(subscriber(cfg.format, filter, std::io::stderr))
+    // Colour only on a terminal: escape codes would litter journald and log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing::subscriber::set_global_default(subscriber(cfg.format, filter, ansi, std::io::stderr))
         .map_err(|e| e.to_string())
 }
 
@@ -51,6 +53,7 @@ pub fn filter(cfg: &LogConfig) -> Result<EnvFilter, String> {
 pub fn subscriber<W>(
     format: LogFormat,
     filter: EnvFilter,
+    ansi: bool,
     writer: W,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
 where
@@ -59,6 +62,7 @@ where
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(ansi)
         .with_writer(writer);
     match format {
         LogFormat::Text => Box::new(builder.finish()),
@@ -96,6 +100,10 @@ pub fn finish_response(
 ) -> Response<Body> {
     let first_byte = resp.extensions().get::<Source>().copied();
     let status = resp.status().as_u16();
+    let expected = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     resp.map(|inner| {
         LoggedBody {
             inner,
@@ -104,6 +112,7 @@ pub fn finish_response(
                 started,
                 status,
                 bytes: 0,
+                expected,
                 first_byte,
                 metrics,
                 complete: false,
@@ -123,6 +132,8 @@ struct RequestLog {
     started: Instant,
     status: u16,
     bytes: u64,
+    /// Content-Length, if sent.
+    expected: Option<u64>,
     /// Still waiting for the first byte of a blob from this source.
     first_byte: Option<Source>,
     metrics: Arc<Metrics>,
@@ -132,8 +143,11 @@ struct RequestLog {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         let log = &self.log;
-        // hyper stops polling once a body says it has ended, so a final `None` may never come.
-        let complete = log.complete || http_body::Body::is_end_stream(&self.inner);
+        // hyper stops polling once a body says it has ended or its Content-Length is reached,
+        // so a final `None` may never come.
+        let complete = log.complete
+            || http_body::Body::is_end_stream(&self.inner)
+            || log.expected == Some(log.bytes);
         let duration_ms = log.started.elapsed().as_secs_f64() * 1000.0;
         tracing::info!(
             parent: &log.span,
