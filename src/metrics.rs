@@ -97,6 +97,10 @@ pub struct Metrics {
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+/// Upstream status codes pre-created at zero ("error": no answer).
+const PRECREATED_CODES: [&str; 9] = [
+    "200", "401", "404", "429", "500", "502", "503", "504", "error",
+];
 /// Upstream operations as counted in the `op` label (token fetches included).
 pub const UPSTREAM_OPS: [&str; 6] = ["manifest", "blob", "tags", "referrers", "ping", "token"];
 
@@ -268,6 +272,11 @@ impl Metrics {
                 token_fetches.with_label_values(&[u, result]);
             }
             for op in UPSTREAM_OPS {
+                // rate() cannot see the first increment of a series that appears already at 1,
+                // so the codes the alerts and dashboard watch exist from the start.
+                for code in PRECREATED_CODES {
+                    upstream_requests.with_label_values(&[u, op, code]);
+                }
                 upstream_first_byte.with_label_values(&[u, op]);
                 upstream_duration.with_label_values(&[u, op]);
             }
