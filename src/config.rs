@@ -20,6 +20,41 @@ pub struct Config {
     /// Images never evicted (same as `cache.pinned`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pin: Vec<PinConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: how cachalot logs. `RUST_LOG`, when set, overrides `level`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, or per module like `info,cachalot::upstream=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
 }
 
 /// `[server]`: where cachalot listens.
@@ -35,6 +70,10 @@ pub struct ServerConfig {
     /// PEM private key for `tls_cert`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// A second address serving only `/metrics` (plain HTTP), e.g. for a scraper on an admin
+    /// network. `/metrics` stays on `listen` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[cache]`: where and how much to cache.
@@ -139,6 +178,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             tls_cert: None,
             tls_key: None,
+            metrics_listen: None,
         }
     }
 }
@@ -227,6 +267,7 @@ impl Config {
             cache: CacheConfig::default(),
             upstream,
             pin: Vec::new(),
+            log: LogConfig::default(),
         }
     }
 
@@ -278,6 +319,12 @@ impl Config {
                 return bad("server.tls_cert: required when server.tls_key is set".into());
             }
             _ => {}
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return bad(format!(
+                "log.level: {:?} is not a filter: {e}",
+                self.log.level
+            ));
         }
         if self.cache.memory.0 < 1 << 20 {
             return bad("cache.memory: must be at least 1MiB".into());

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod storage;
+pub mod telemetry;
 pub mod upstream;
 
 pub use error::{Error, Result};

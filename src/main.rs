@@ -70,7 +70,9 @@ fn main() -> ExitCode {
             if let Err(e) = check_credentials(&config) {
                 return fail(e);
             }
-            init_tracing();
+            if let Err(e) = cachalot::telemetry::init(&config.log) {
+                return fail(e);
+            }
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
@@ -139,15 +141,6 @@ fn gc(config: &Config, dry_run: bool) -> ExitCode {
         println!("  {repo}: {count} objects, {bytes} bytes");
     }
     ExitCode::SUCCESS
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

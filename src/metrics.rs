@@ -2,7 +2,8 @@
 //! digest, so the series count stays bounded whatever clients ask for.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Routes, as counted in `cachalot_requests_total`.
@@ -83,7 +84,29 @@ pub struct Metrics {
     pub cache_objects: IntGauge,
     pub evictions: IntCounterVec,
     pub evicted_bytes: IntCounterVec,
+    /// Time from a blob request's arrival to its first body byte, by source.
+    pub blob_first_byte: HistogramVec,
+    /// Time to an upstream's response headers, per HTTP exchange.
+    pub upstream_first_byte: HistogramVec,
+    /// Time for a whole upstream operation (auth, redirects and body included).
+    pub upstream_duration: HistogramVec,
+    pub upstream_rate_limited: IntCounterVec,
+    pub ratelimit_limit: IntGaugeVec,
+    pub ratelimit_remaining: IntGaugeVec,
+    pub followers_waiting: IntGauge,
+    pub cache_max_size: IntGauge,
 }
+
+/// Buckets for latencies from sub-millisecond cache hits to multi-second upstream fetches.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Upstream status codes pre-created at zero ("error": no answer).
+const PRECREATED_CODES: [&str; 9] = [
+    "200", "401", "404", "429", "500", "502", "503", "504", "error",
+];
+/// Upstream operations as counted in the `op` label (token fetches included).
+pub const UPSTREAM_OPS: [&str; 6] = ["manifest", "blob", "tags", "referrers", "ping", "token"];
 
 impl Metrics {
     pub fn new(upstreams: &[&str]) -> Metrics {
@@ -136,10 +159,7 @@ impl Metrics {
                 "cachalot_request_duration_seconds",
                 "Time to answer a request (headers sent), by route.",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route"],
         )
         .expect("static metric definition");
@@ -162,7 +182,55 @@ impl Metrics {
         registry
             .register(Box::new(cache_write_errors.clone()))
             .expect("metric registered once");
-
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("static metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once");
+            h
+        };
+        let blob_first_byte = histogram(
+            "cachalot_blob_first_byte_seconds",
+            "Time from a blob GET's arrival to its first body byte, by source (cache, fill).",
+            &["source"],
+        );
+        let upstream_first_byte = histogram(
+            "cachalot_upstream_first_byte_seconds",
+            "Time to an upstream's response headers, per HTTP exchange, by upstream and operation.",
+            &["upstream", "op"],
+        );
+        let upstream_duration = histogram(
+            "cachalot_upstream_duration_seconds",
+            "Time for a whole upstream operation (auth, redirects and body), by upstream and operation.",
+            &["upstream", "op"],
+        );
+        let upstream_rate_limited = counter(
+            "cachalot_upstream_rate_limited_total",
+            "Upstream answers with status 429 (Too Many Requests).",
+            &["upstream"],
+        );
+        let gauge_vec = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["upstream"])
+                .expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        // Not pre-created: a zero `remaining` for an upstream that never sent the header would
+        // read as an exhausted rate limit.
+        let ratelimit_limit = gauge_vec(
+            "cachalot_upstream_ratelimit_limit",
+            "Requests allowed per window, from the upstream's last `ratelimit-limit` header.",
+        );
+        let ratelimit_remaining = gauge_vec(
+            "cachalot_upstream_ratelimit_remaining",
+            "Requests left in the window, from the upstream's last `ratelimit-remaining` header.",
+        );
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("static metric definition");
             registry
@@ -170,6 +238,14 @@ impl Metrics {
                 .expect("metric registered once");
             g
         };
+        let followers_waiting = gauge(
+            "cachalot_followers_waiting",
+            "Responses streaming a blob from a fill in progress (the fill's first client included).",
+        );
+        let cache_max_size = gauge(
+            "cachalot_cache_max_size_bytes",
+            "The configured disk bound of the cache (cache.max_size).",
+        );
         let cache_size_bytes = gauge(
             "cachalot_cache_size_bytes",
             "Bytes of content in the cache.",
@@ -208,9 +284,28 @@ impl Metrics {
         for s in [Source::Cache, Source::Fill, Source::Upstream] {
             served_bytes.with_label_values(&[s.as_str()]);
         }
+        for s in [Source::Cache, Source::Fill] {
+            blob_first_byte.with_label_values(&[s.as_str()]);
+        }
+        for route in ROUTES {
+            request_duration.with_label_values(&[route]);
+        }
         for u in upstreams {
             upstream_bytes.with_label_values(&[u]);
             digest_mismatches.with_label_values(&[u]);
+            upstream_rate_limited.with_label_values(&[u]);
+            for result in ["ok", "error"] {
+                token_fetches.with_label_values(&[u, result]);
+            }
+            for op in UPSTREAM_OPS {
+                // rate() cannot see the first increment of a series that appears already at 1,
+                // so the codes the alerts and dashboard watch exist from the start.
+                for code in PRECREATED_CODES {
+                    upstream_requests.with_label_values(&[u, op, code]);
+                }
+                upstream_first_byte.with_label_values(&[u, op]);
+                upstream_duration.with_label_values(&[u, op]);
+            }
         }
         Metrics {
             registry,
@@ -228,13 +323,50 @@ impl Metrics {
             cache_objects,
             evictions,
             evicted_bytes,
+            blob_first_byte,
+            upstream_first_byte,
+            upstream_duration,
+            upstream_rate_limited,
+            ratelimit_limit,
+            ratelimit_remaining,
+            followers_waiting,
+            cache_max_size,
         }
     }
 
+    /// Counts a lookup, and records its result on the current request's span for the log line.
     pub fn lookup(&self, kind: Kind, result: Lookup) {
         self.lookups
             .with_label_values(&[kind.as_str(), result.as_str()])
             .inc();
+        tracing::Span::current().record(crate::telemetry::CACHE_FIELD, result.as_str());
+    }
+
+    /// Observes a whole upstream operation that started at `started`.
+    pub fn upstream_done(&self, upstream: &str, op: &str, started: std::time::Instant) {
+        self.upstream_duration
+            .with_label_values(&[upstream, op])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Updates the rate-limit gauges from Docker Hub style headers (`ratelimit-limit:
+    /// 100;w=21600`, `ratelimit-remaining: 76;w=21600`); absent or malformed headers change
+    /// nothing.
+    pub fn rate_limit_headers(&self, upstream: &str, headers: &http::HeaderMap) {
+        let value = |name: &str| -> Option<i64> {
+            let v = headers.get(name)?.to_str().ok()?;
+            v.split(';').next()?.trim().parse().ok()
+        };
+        if let Some(limit) = value("ratelimit-limit") {
+            self.ratelimit_limit
+                .with_label_values(&[upstream])
+                .set(limit);
+        }
+        if let Some(remaining) = value("ratelimit-remaining") {
+            self.ratelimit_remaining
+                .with_label_values(&[upstream])
+                .set(remaining);
+        }
     }
 
     pub fn served(&self, source: Source, bytes: u64) {
@@ -279,5 +411,27 @@ mod tests {
         assert!(text.contains(
             "cachalot_upstream_requests_total{code=\"200\",op=\"blob\",upstream=\"docker.io\"} 1"
         ));
+        assert!(text.contains(
+            "cachalot_upstream_first_byte_seconds_count{op=\"token\",upstream=\"docker.io\"} 0"
+        ));
+        assert!(!text.contains("cachalot_upstream_ratelimit_remaining"));
+    }
+
+    #[test]
+    fn parses_rate_limit_headers() {
+        let m = Metrics::new(&["docker.io"]);
+        let mut h = http::HeaderMap::new();
+        h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+        h.insert("ratelimit-remaining", " 76;w=21600".parse().unwrap());
+        m.rate_limit_headers("docker.io", &h);
+        let g = |v: &IntGaugeVec| v.with_label_values(&["docker.io"]).get();
+        assert_eq!(
+            (g(&m.ratelimit_limit), g(&m.ratelimit_remaining)),
+            (100, 76)
+        );
+        // A malformed value leaves the last good one.
+        h.insert("ratelimit-remaining", "lots".parse().unwrap());
+        m.rate_limit_headers("docker.io", &h);
+        assert_eq!(g(&m.ratelimit_remaining), 76);
     }
 }

@@ -14,7 +14,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{error, info};
+use tracing::{Instrument, error};
 
 /// What every request handler shares.
 pub struct AppState {
@@ -41,19 +41,21 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
         Route::Manifest { .. } => ErrorCode::ManifestUnknown,
         _ => ErrorCode::NameUnknown,
     };
+    let span = crate::telemetry::request_span(&method, label);
     let outcome = AssertUnwindSafe(dispatch(&state, r, &req))
         .catch_unwind()
+        .instrument(span.clone())
         .await;
     let mut resp = match outcome {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             if matches!(e, Error::Storage(_) | Error::Internal(_) | Error::Config(_)) {
-                error!(error = %e, %method, path, "request failed");
+                error!(parent: &span, error = %e, %method, path, "request failed");
             }
             error_response(&e, not_found)
         }
         Err(_) => {
-            error!(%method, path, "handler panicked");
+            error!(parent: &span, %method, path, "handler panicked");
             oci_response(&OciError::new(
                 ErrorCode::Unknown,
                 "internal error in the mirror; see its log",
@@ -74,8 +76,7 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
         .request_duration
         .with_label_values(&[label])
         .observe(elapsed.as_secs_f64());
-    info!(%method, route = label, path, status = status.as_u16(), duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
-    resp
+    crate::telemetry::finish_response(resp, span, started, state.metrics.clone())
 }
 
 async fn dispatch<B>(state: &AppState, r: Route, req: &Request<B>) -> Reply {
@@ -227,6 +228,7 @@ async fn blob<B>(
             .expect("valid headers"));
     }
     let handle = state.mirror.blob(t, digest).await?;
+    let builder = builder.extension(handle.source());
     let range = req
         .headers()
         .get(header::RANGE)

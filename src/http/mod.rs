@@ -2,5 +2,6 @@
 
 pub mod body;
 pub mod handlers;
+pub mod metrics_listener;
 pub mod route;
 pub mod server;

@@ -27,6 +27,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running server. Dropping it does not stop it; call `shutdown`.
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     housekeeping: tokio::task::JoinHandle<()>,
@@ -36,6 +37,11 @@ pub struct Server {
 impl Server {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `server.metrics_listen` is bound, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops accepting and closes every connection.
@@ -65,6 +71,9 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         .map_err(|e| Error::Internal(format!("cache.dir {}: {e}", config.cache.dir.display())))?;
     let names: Vec<&str> = config.upstream.iter().map(|u| u.name.as_str()).collect();
     let metrics = Arc::new(Metrics::new(&names));
+    metrics
+        .cache_max_size
+        .set(i64::try_from(config.cache.max_size.0).unwrap_or(i64::MAX));
     let mirror = Arc::new(Mirror::new(&config, Arc::new(store), metrics.clone())?);
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
@@ -81,9 +90,16 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
     });
     let (stop, stopped) = watch::channel(false);
     let housekeeping = tokio::spawn(evict_loop(mirror.clone(), stopped.clone()));
+    let metrics_addr = match config.server.metrics_listen {
+        Some(a) => {
+            Some(super::metrics_listener::spawn(a, state.metrics.clone(), stopped.clone()).await?)
+        }
+        None => None,
+    };
     let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
     Ok(Server {
         addr,
+        metrics_addr,
         stop,
         task,
         housekeeping,

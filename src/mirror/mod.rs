@@ -158,6 +158,7 @@ impl Mirror {
         } else {
             repo
         };
+        crate::telemetry::record_target(upstream.name(), repo.as_str());
         Ok(Target {
             upstream,
             repo,
@@ -255,6 +256,7 @@ impl Mirror {
         let metrics = self.metrics.clone();
         async move {
             let up = &t.upstream;
+            let started = std::time::Instant::now();
             let resp = up
                 .send(UpstreamRequest {
                     method: Method::GET,
@@ -279,6 +281,7 @@ impl Mirror {
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.split(';').next().unwrap_or("").trim().to_owned());
             let bytes = read_capped(up, resp.into_body(), MAX_MANIFEST_SIZE).await?;
+            metrics.upstream_done(up.name(), Op::Manifest.as_str(), started);
             metrics
                 .upstream_bytes
                 .with_label_values(&[up.name()])
@@ -503,6 +506,7 @@ impl Mirror {
         }
         let up = &t.upstream;
         let accept = matches!(op, Op::Referrers).then(|| manifest::OCI_INDEX.to_owned());
+        let started = std::time::Instant::now();
         let resp = up
             .send(UpstreamRequest {
                 method: Method::GET,
@@ -519,6 +523,7 @@ impl Mirror {
         let headers = resp.headers().clone();
         let status = resp.status();
         let body = read_capped(up, resp.into_body(), MAX_PASSTHROUGH).await?;
+        self.metrics.upstream_done(up.name(), op.as_str(), started);
         let p = Arc::new(Passthrough {
             status,
             headers,
@@ -589,7 +594,9 @@ async fn run_fill(
     evict_wakeup: Arc<tokio::sync::Notify>,
 ) {
     metrics.fills_in_flight.inc();
+    let started = std::time::Instant::now();
     let result = fill_body(&t, &digest, writer, &guard, &store, &metrics).await;
+    metrics.upstream_done(t.upstream.name(), Op::Blob.as_str(), started);
     metrics.fills_in_flight.dec();
     match result {
         Ok(len) => {

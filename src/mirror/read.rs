@@ -94,7 +94,9 @@ impl BlobHandle {
     pub fn stream(self, start: u64, end: Option<u64>, metrics: Arc<Metrics>) -> Body {
         let (tx, rx) = mpsc::channel(2);
         let source = self.source();
+        let following = (source == Source::Fill).then(|| Following::new(&metrics));
         tokio::spawn(async move {
+            let _following = following;
             let sent = match pump(self, start, end, &tx).await {
                 Ok(n) => n,
                 Err((n, e)) => {
@@ -105,6 +107,23 @@ impl BlobHandle {
             metrics.served(source, sent);
         });
         body::from_channel(rx)
+    }
+}
+
+/// Counts a response in `cachalot_followers_waiting` for as long as it streams from a fill;
+/// a guard, so a panicking reader task still leaves the gauge right.
+struct Following(Arc<Metrics>);
+
+impl Following {
+    fn new(metrics: &Arc<Metrics>) -> Following {
+        metrics.followers_waiting.inc();
+        Following(metrics.clone())
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.followers_waiting.dec();
     }
 }
 

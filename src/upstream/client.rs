@@ -242,6 +242,12 @@ impl Upstream {
 
         let resp = self.send_following(&req, &url, &auth, 1).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
+            if req.method == Method::HEAD {
+                // A HEAD is over once its headers arrive; GET callers observe after the body.
+                self.inner
+                    .metrics
+                    .upstream_done(&self.inner.name, req.op.as_str(), started);
+            }
             return Ok(resp);
         }
         let challenges: Vec<auth::Challenge> = resp
@@ -328,7 +334,11 @@ impl Upstream {
     /// One token request: `GET realm?service=..&scope=..`, with Basic credentials if configured
     /// (unless that would send them in clear text to a realm when the upstream itself is https).
     async fn fetch_token(&self, ch: &BearerChallenge) -> crate::Result<Token> {
+        let started = Instant::now();
         let result = self.fetch_token_inner(ch).await;
+        self.inner
+            .metrics
+            .upstream_done(&self.inner.name, TOKEN_OP, started);
         let label = if result.is_ok() { "ok" } else { "error" };
         self.inner
             .metrics
@@ -474,26 +484,40 @@ impl Upstream {
         request: Request<Empty<Bytes>>,
     ) -> crate::Result<Response<Incoming>> {
         let m = &self.inner.metrics;
-        match tokio::time::timeout(
+        let name = self.inner.name.as_str();
+        let started = Instant::now();
+        // Only method and path: the query of a redirect target may be a signed credential.
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let outcome = tokio::time::timeout(
             self.inner.header_timeout,
             self.inner.client.request(request),
         )
-        .await
-        {
+        .await;
+        let elapsed = started.elapsed();
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        match outcome {
             Ok(Ok(resp)) => {
-                m.upstream_request(&self.inner.name, op, Some(resp.status().as_u16()));
-                tracing::debug!(status = resp.status().as_u16(), "upstream answered");
+                let status = resp.status();
+                m.upstream_request(name, op, Some(status.as_u16()));
+                m.upstream_first_byte
+                    .with_label_values(&[name, op])
+                    .observe(elapsed.as_secs_f64());
+                m.rate_limit_headers(name, resp.headers());
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    m.upstream_rate_limited.with_label_values(&[name]).inc();
+                }
+                tracing::info!(upstream = name, op, %method, path, status = status.as_u16(), duration_ms, "upstream call");
                 Ok(resp)
             }
             Ok(Err(e)) => {
-                m.upstream_request(&self.inner.name, op, None);
+                m.upstream_request(name, op, None);
                 let fault = classify(&e);
-                tracing::debug!(error = %fault, "upstream request failed");
+                tracing::warn!(upstream = name, op, %method, path, error = %fault, duration_ms, "upstream call failed");
                 Err(self.fault(fault))
             }
             Err(_) => {
-                m.upstream_request(&self.inner.name, op, None);
-                tracing::debug!("upstream timed out waiting for response headers");
+                m.upstream_request(name, op, None);
+                tracing::warn!(upstream = name, op, %method, path, duration_ms, "upstream call timed out waiting for response headers");
                 Err(self.fault(UpstreamFault::Timeout("waiting for response headers")))
             }
         }

@@ -323,6 +323,7 @@ struct State {
     redirect: Mutex<Option<String>>,
     token_seq: AtomicU64,
     manifest_delay: Mutex<Option<Duration>>,
+    extra_headers: Mutex<Vec<(String, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -358,6 +359,7 @@ impl FakeRegistry {
             private: Mutex::default(),
             redirect: Mutex::default(),
             token_seq: AtomicU64::new(1),
+            extra_headers: Mutex::new(Vec::new()),
             manifest_delay: Mutex::default(),
         });
         let server = ServerHandle::spawn(listener, registry_handler(state.clone()));
@@ -559,6 +561,14 @@ impl FakeRegistry {
         let m = Manifest::new(OCI_MANIFEST, serde_json::to_vec_pretty(&body).unwrap());
         self.push_manifest(repo, &m);
         m
+    }
+
+    /// Headers added to every response from now on (e.g. Docker Hub's `ratelimit-remaining`).
+    pub fn set_extra_headers(&self, headers: &[(&str, &str)]) {
+        *lock(&self.state.extra_headers) = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     // --- counters ---
@@ -918,7 +928,15 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<RespBody> {
         });
         log.len() - 1
     };
-    let resp = handle_inner(state, req).await;
+    let mut resp = handle_inner(state, req).await;
+    for (k, v) in lock(&state.extra_headers).iter() {
+        if let (Ok(k), Ok(v)) = (
+            header::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
     if let Some(r) = lock(&state.log).get_mut(index) {
         r.status = Some(resp.status().as_u16());
     }
