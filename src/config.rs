@@ -17,6 +17,30 @@ pub struct Config {
     /// The registries cachalot mirrors. Order does not matter; names must be unique.
     #[serde(default)]
     pub upstream: Vec<UpstreamConfig>,
+    /// Image lists the running server keeps warm (see `airgap::refresh`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<PrefetchConfig>,
+}
+
+/// One `[[prefetch]]` list: images the running server fetches at start and every `interval`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchConfig {
+    /// References as clients write them (`nginx:1.27`, `ghcr.io/org/app@sha256:...`).
+    pub images: Vec<String>,
+    /// `os/arch[/variant]` entries, or `["all"]`; empty: this machine's platform.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// How often the list is refreshed (tags revalidated, new content fetched).
+    #[serde(default = "default_prefetch_interval")]
+    pub interval: Dur,
+    /// Also fetch each image's referrers (signatures, SBOMs).
+    #[serde(default)]
+    pub with_referrers: bool,
+}
+
+fn default_prefetch_interval() -> Dur {
+    Dur(Duration::from_secs(6 * 3600))
 }
 
 /// `[server]`: where cachalot listens.
@@ -208,6 +232,7 @@ impl Config {
             server: ServerConfig::default(),
             cache: CacheConfig::default(),
             upstream,
+            prefetch: Vec::new(),
         }
     }
 
@@ -323,6 +348,27 @@ impl Config {
         }
         if defaults > 1 {
             return bad("upstream: more than one upstream has default = true".into());
+        }
+        for (i, p) in self.prefetch.iter().enumerate() {
+            let key = |k: &str| format!("prefetch[{i}].{k}");
+            for image in &p.images {
+                let r = crate::oci::ImageRef::parse(image)
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("images"))))?;
+                if !self.upstream.iter().any(|u| u.name == r.registry) {
+                    return bad(format!(
+                        "{}: {image:?} is on registry {:?}, which no [[upstream]] names",
+                        key("images"),
+                        r.registry
+                    ));
+                }
+            }
+            for platform in p.platforms.iter().filter(|p| p.as_str() != "all") {
+                crate::oci::PlatformSpec::parse(platform)
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("platforms"))))?;
+            }
+            if p.interval.0.is_zero() {
+                return bad(format!("{}: must be greater than zero", key("interval")));
+            }
         }
         Ok(())
     }

@@ -73,6 +73,7 @@ pub async fn spawn(config: Config) -> Result<Server, Error> {
         metrics,
     });
     let (stop, stopped) = watch::channel(false);
+    crate::airgap::spawn_refresh(&config, &mirror, stopped.clone());
     let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
     Ok(Server {
         addr,

@@ -46,12 +46,14 @@ impl Store {
             }
             Err(e) => return Err(e),
         }
+        // The metadata lock comes first: a second process on a cache in use (a prefetch beside
+        // a running server) must fail here, before it sweeps the live process's fills.
+        let meta = Meta::open(&root.join("meta.redb"))?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        let meta = Meta::open(&root.join("meta.redb"))?;
         Ok(Store {
             root: root.to_path_buf(),
             tmp,
@@ -65,9 +67,14 @@ impl Store {
 
     /// Where a committed object with this digest lives.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        Store::blob_path_in(&self.root, digest)
+    }
+
+    /// Where a committed object lives in the cache at `root`, for a process that cannot open
+    /// the cache because another one holds it (it may still read committed files).
+    pub fn blob_path_in(root: &Path, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root
-            .join("blobs")
+        root.join("blobs")
             .join(digest.algorithm().as_str())
             .join(&hex[..2])
             .join(hex)
@@ -129,6 +136,36 @@ impl Store {
             CommitError::Io(e) => e,
             other => io::Error::other(other.to_string()),
         })
+    }
+}
+
+impl Store {
+    /// A directory under `tmp/` for staging files, swept with the rest of `tmp/` at the next
+    /// start if the process dies before it commits them.
+    pub fn staging_dir(&self, name: &str) -> io::Result<PathBuf> {
+        let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = self
+            .tmp
+            .join(format!("{name}-{}-{seq}", std::process::id()));
+        std::fs::create_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Moves a staged file into place under `digest`. The caller must have hashed exactly these
+    /// bytes and found `digest` (the import path does, while writing the file); an object that
+    /// is already committed is kept and the staged file removed. Blocking.
+    pub fn commit_verified(&self, digest: &Digest, staged: &Path) -> io::Result<()> {
+        let dest = self.blob_path(digest);
+        if dest.exists() {
+            return std::fs::remove_file(staged);
+        }
+        File::open(staged)?.sync_all()?;
+        let dir = dest
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::rename(staged, &dest)?;
+        File::open(dir)?.sync_all()
     }
 }
 
