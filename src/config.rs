@@ -22,6 +22,9 @@ pub struct Config {
     pub pin: Vec<PinConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    /// Image lists the running server keeps warm (see `airgap::refresh`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<PrefetchConfig>,
 }
 
 /// `[log]`: how cachalot logs. `RUST_LOG`, when set, overrides `level`.
@@ -55,6 +58,27 @@ impl Default for LogConfig {
             level: default_log_level(),
         }
     }
+}
+
+/// One `[[prefetch]]` list: images the running server fetches at start and every `interval`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchConfig {
+    /// References as clients write them (`nginx:1.27`, `ghcr.io/org/app@sha256:...`).
+    pub images: Vec<String>,
+    /// `os/arch[/variant]` entries, or `["all"]`; empty: this machine's platform.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// How often the list is refreshed (tags revalidated, new content fetched).
+    #[serde(default = "default_prefetch_interval")]
+    pub interval: Dur,
+    /// Also fetch each image's referrers (signatures, SBOMs).
+    #[serde(default)]
+    pub with_referrers: bool,
+}
+
+fn default_prefetch_interval() -> Dur {
+    Dur(Duration::from_secs(6 * 3600))
 }
 
 /// `[server]`: where cachalot listens.
@@ -268,6 +292,7 @@ impl Config {
             upstream,
             pin: Vec::new(),
             log: LogConfig::default(),
+            prefetch: Vec::new(),
         }
     }
 
@@ -400,6 +425,27 @@ impl Config {
         }
         if defaults > 1 {
             return bad("upstream: more than one upstream has default = true".into());
+        }
+        for (i, p) in self.prefetch.iter().enumerate() {
+            let key = |k: &str| format!("prefetch[{i}].{k}");
+            for image in &p.images {
+                let r = crate::oci::ImageRef::parse(image)
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("images"))))?;
+                if !self.upstream.iter().any(|u| u.name == r.registry) {
+                    return bad(format!(
+                        "{}: {image:?} is on registry {:?}, which no [[upstream]] names",
+                        key("images"),
+                        r.registry
+                    ));
+                }
+            }
+            for platform in p.platforms.iter().filter(|p| p.as_str() != "all") {
+                crate::oci::PlatformSpec::parse(platform)
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("platforms"))))?;
+            }
+            if p.interval.0.is_zero() {
+                return bad(format!("{}: must be greater than zero", key("interval")));
+            }
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! A request flows `http::route` -> `http::handlers` -> `mirror`, which answers from `storage`
 //! or fills it once from `upstream`. See DESIGN.md for the invariants every module keeps.
 
+pub mod airgap;
 pub mod config;
 pub mod error;
 pub mod http;

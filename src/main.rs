@@ -39,6 +39,12 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Fetch images into the cache (through the running server if it holds the cache).
+    Prefetch(cachalot::airgap::cli::Selection),
+    /// Write images as an OCI image layout tar, fetching what is missing.
+    Export(cachalot::airgap::cli::ExportArgs),
+    /// Verify a bundle and load it into the cache.
+    Import(cachalot::airgap::cli::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +64,9 @@ fn main() -> ExitCode {
             Ok(c) => gc(&c, dry_run),
             Err(e) => fail(e),
         },
+        Command::Prefetch(args) => cachalot::airgap::cli::prefetch(args),
+        Command::Export(args) => cachalot::airgap::cli::export(args),
+        Command::Import(args) => cachalot::airgap::cli::import(args),
         Command::Serve { config, offline } => {
             let mut config = match config {
                 Some(path) => match Config::load(&path) {

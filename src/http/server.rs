@@ -96,6 +96,7 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         }
         None => None,
     };
+    crate::airgap::spawn_refresh(&config, &mirror, stopped.clone());
     let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
     Ok(Server {
         addr,

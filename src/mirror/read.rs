@@ -82,6 +82,40 @@ impl BlobHandle {
         }
     }
 
+    /// Waits until the blob is committed to the cache, calling `on_progress` with the bytes
+    /// written so far as the fill grows; for prefetch, which wants the blob cached, not its
+    /// bytes. Returns its length, or the error that ended the fill (nothing stored then).
+    pub async fn wait_cached(self, mut on_progress: impl FnMut(u64)) -> Result<u64, Error> {
+        let Some(mut rx) = self.progress else {
+            return Ok(self.len.unwrap_or(0));
+        };
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                FillState::Connecting => {}
+                FillState::Streaming { written, .. } => on_progress(written),
+                FillState::Done { len } => {
+                    on_progress(len);
+                    return Ok(len);
+                }
+                FillState::Failed(e) => return Err(e),
+                // The cache could not be written: nothing was stored.
+                FillState::Diverted { .. } => {
+                    return Err(Error::Internal(
+                        "the cache could not be written; blob not stored".into(),
+                    ));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return match &*rx.borrow() {
+                    FillState::Done { len } => Ok(*len),
+                    FillState::Failed(e) => Err(e.clone()),
+                    _ => Err(Error::Internal("fill ended without a result".into())),
+                };
+            }
+        }
+    }
+
     pub fn source(&self) -> Source {
         match (&self.progress, &self.upstream) {
             (_, Some(_)) => Source::Upstream,

@@ -1,12 +1,13 @@
 //! Pure OCI domain types: digests, names, manifests and the error envelope. No I/O here.
 
+pub mod descriptor;
 pub mod digest;
 pub mod errors;
+pub mod image_ref;
 pub mod manifest;
 pub mod name;
-pub mod reference;
 
 pub use digest::{Algorithm, Digest, Verifier};
 pub use errors::{ErrorCode, OciError};
+pub use image_ref::{ImageRef, PlatformSpec};
 pub use name::{Reference, RepoName, Tag};
-pub use reference::ImageRef;

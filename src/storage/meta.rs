@@ -56,7 +56,14 @@ pub(crate) fn millis(t: SystemTime) -> u64 {
 
 impl Meta {
     pub fn open(path: &Path) -> io::Result<Meta> {
-        let db = Database::create(path).map_err(|e| io_err(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| match e {
+            // Its own kind, so a second process can tell "in use" from "broken".
+            redb::DatabaseError::DatabaseAlreadyOpen => io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("{}: in use by another cachalot process", path.display()),
+            ),
+            e => io_err(format!("{}: {e}", path.display())),
+        })?;
         // Create the tables up front so read transactions never meet a missing table.
         let tx = db.begin_write().map_err(io_err)?;
         tx.open_table(TAGS).map_err(io_err)?;

@@ -134,9 +134,14 @@ impl Store {
 
     /// Where a committed object with this digest lives.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        Store::blob_path_in(&self.root, digest)
+    }
+
+    /// Where a committed object lives in the cache at `root`, for a process that cannot open
+    /// the cache because another one holds it (it may still read committed files).
+    pub fn blob_path_in(root: &Path, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root
-            .join("blobs")
+        root.join("blobs")
             .join(digest.algorithm().as_str())
             .join(&hex[..2])
             .join(hex)
@@ -235,16 +240,7 @@ impl Store {
         // The rename is durable only once the directory entry is.
         File::open(dir)?.sync_all()?;
         w.temp = PathBuf::new();
-        // `used` is the sum of the rows: add this one, less the one it replaced.
-        self.used.fetch_add(w.written, Ordering::Relaxed);
-        match replaced {
-            None => {
-                self.objects.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(old) => {
-                self.used.fetch_sub(old.min(self.used()), Ordering::Relaxed);
-            }
-        }
+        self.account(w.written, replaced);
         Ok(w.written)
     }
 
@@ -259,6 +255,19 @@ impl Store {
             CommitError::Io(e) => e,
             other => io::Error::other(other.to_string()),
         })
+    }
+
+    /// Keeps `used` the sum of the rows: adds a new row of `size`, less the one it replaced.
+    fn account(&self, size: u64, replaced: Option<u64>) {
+        self.used.fetch_add(size, Ordering::Relaxed);
+        match replaced {
+            None => {
+                self.objects.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(old) => {
+                self.used.fetch_sub(old.min(self.used()), Ordering::Relaxed);
+            }
+        }
     }
 
     /// Removes committed objects: files first (a reader with the file open keeps reading it),
@@ -292,6 +301,44 @@ fn crash_point(name: &str) {
     let point = POINT.get_or_init(|| std::env::var("CACHALOT_CRASH_POINT").ok());
     if point.as_deref() == Some(name) {
         std::process::abort();
+    }
+}
+
+impl Store {
+    /// A directory under `tmp/` for staging files, swept with the rest of `tmp/` at the next
+    /// start if the process dies before it commits them.
+    pub fn staging_dir(&self, name: &str) -> io::Result<PathBuf> {
+        let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = self
+            .tmp
+            .join(format!("{name}-{}-{seq}", std::process::id()));
+        std::fs::create_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Moves a staged file into place under `digest`, recording it like any commit (row
+    /// first, then rename). The caller must have hashed exactly these bytes and found `digest`
+    /// (the import path does, while writing the file); an object that is already committed is
+    /// kept and the staged file removed. Blocking.
+    pub fn commit_verified(&self, digest: &Digest, staged: &Path, repo: &str) -> io::Result<()> {
+        let dest = self.blob_path(digest);
+        if dest.exists() {
+            return std::fs::remove_file(staged);
+        }
+        File::open(staged)?.sync_all()?;
+        let size = std::fs::metadata(staged)?.len();
+        let dir = dest
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        std::fs::create_dir_all(dir)?;
+        let _guard = self.objects_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let replaced = self
+            .meta
+            .put_object(digest, size, repo, SystemTime::now())?;
+        std::fs::rename(staged, &dest)?;
+        File::open(dir)?.sync_all()?;
+        self.account(size, replaced);
+        Ok(())
     }
 }
 

@@ -1,0 +1,489 @@
+//! Bundles: an OCI image layout in a tar (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`),
+//! written from the cache and read back into one. Import stages and verifies everything before
+//! anything becomes visible.
+
+use super::prefetch::Prefetched;
+use crate::config::Config;
+use crate::oci::descriptor::{self, Descriptor, Refs};
+use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
+use crate::oci::{Digest, ImageRef, Reference, Verifier};
+use crate::storage::Store;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+/// The annotation that names an image in an OCI layout's `index.json`.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+// === export ===
+
+/// What an export wrote.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+/// Writes `images` (all cached, as prefetch left them) from the cache at `root` to `output`,
+/// through a temp file renamed at the end, so a failed export leaves no half bundle.
+/// Blocking.
+pub fn export(root: &Path, images: &[Prefetched], output: &Path) -> Result<Written, String> {
+    let name = output
+        .file_name()
+        .ok_or_else(|| format!("{}: not a file name", output.display()))?;
+    let temp = output.with_file_name(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = write_layout(root, images, &temp);
+    match result {
+        Ok(w) => {
+            std::fs::rename(&temp, output).map_err(|e| format!("{}: {e}", output.display()))?;
+            Ok(w)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+fn write_layout(root: &Path, images: &[Prefetched], temp: &Path) -> Result<Written, String> {
+    let out = |e: io::Error| format!("{}: {e}", temp.display());
+    let file = File::create(temp).map_err(out)?;
+    let mut tar = tar::Builder::new(BufWriter::new(file));
+    let mut entries = Vec::new();
+    let mut blobs: BTreeMap<Digest, u64> = BTreeMap::new();
+    for p in images {
+        let mut annotations = BTreeMap::new();
+        annotations.insert(REF_NAME.to_owned(), p.image.to_string());
+        entries.push(json!({
+            "mediaType": p.top.media_type,
+            "digest": p.top.digest.to_string(),
+            "size": p.top.size,
+            "annotations": annotations,
+        }));
+        for r in &p.referrers {
+            entries.push(json!({
+                "mediaType": r.media_type,
+                "digest": r.digest.to_string(),
+                "size": r.size,
+            }));
+        }
+        blobs.extend(p.manifests.iter().map(|(d, (_, size))| (d.clone(), *size)));
+        blobs.extend(p.blobs.iter().map(|(d, s)| (d.clone(), *s)));
+    }
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries});
+    let index = serde_json::to_vec_pretty(&index).map_err(|e| e.to_string())?;
+    append_bytes(&mut tar, "oci-layout", OCI_LAYOUT).map_err(out)?;
+    append_bytes(&mut tar, "index.json", &index).map_err(out)?;
+    append_dir(&mut tar, "blobs/").map_err(out)?;
+    let algorithms: BTreeSet<&str> = blobs.keys().map(|d| d.algorithm().as_str()).collect();
+    for a in algorithms {
+        append_dir(&mut tar, &format!("blobs/{a}/")).map_err(out)?;
+    }
+    let mut written = Written::default();
+    for (digest, size) in &blobs {
+        let path = Store::blob_path_in(root, digest);
+        let f = File::open(&path).map_err(|e| {
+            format!(
+                "{digest} is no longer in the cache ({}): {e}",
+                path.display()
+            )
+        })?;
+        let len = f.metadata().map_err(out)?.len();
+        if len != *size {
+            return Err(format!(
+                "{digest}: the cache holds {len} bytes, its descriptor says {size}"
+            ));
+        }
+        let mut h = header(tar::EntryType::Regular, len);
+        tar.append_data(
+            &mut h,
+            format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex()),
+            f,
+        )
+        .map_err(out)?;
+        written.blobs += 1;
+        written.bytes += len;
+    }
+    let w = tar.into_inner().map_err(out)?;
+    let f = w.into_inner().map_err(|e| out(e.into_error()))?;
+    f.sync_all().map_err(out)?;
+    Ok(written)
+}
+
+fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+    h.set_mtime(0);
+    h
+}
+
+fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, path: &str, bytes: &[u8]) -> io::Result<()> {
+    let mut h = header(tar::EntryType::Regular, bytes.len() as u64);
+    tar.append_data(&mut h, path, bytes)
+}
+
+fn append_dir<W: Write>(tar: &mut tar::Builder<W>, path: &str) -> io::Result<()> {
+    let mut h = header(tar::EntryType::Directory, 0);
+    tar.append_data(&mut h, path, io::empty())
+}
+
+// === import ===
+
+/// What an import loaded.
+#[derive(Debug, Default)]
+pub struct Imported {
+    pub blobs: usize,
+    /// Blobs that were not in the cache before.
+    pub new_blobs: usize,
+    pub bytes: u64,
+    pub manifests: usize,
+    pub tags: Vec<String>,
+    /// Names in `index.json` that could not become tags, and why.
+    pub warnings: Vec<String>,
+}
+
+/// A blob read out of the bundle into the staging directory, its digest checked.
+struct Staged {
+    path: PathBuf,
+    size: u64,
+}
+
+/// Removes the staging directory whatever way the import ends.
+struct StagingGuard(PathBuf);
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Loads `bundle` into `store`: every blob is written to a staging directory while hashed and
+/// checked against its name, `index.json` and every manifest reachable from it are checked for
+/// references that are neither in the bundle nor already cached, and only then are blobs
+/// renamed into place and manifests and tags recorded. Any error leaves the cache as it was.
+/// Blocking.
+pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported, String> {
+    let at = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", bundle.display());
+    let file = File::open(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let staging = store
+        .staging_dir("import")
+        .map_err(|e| at("staging directory", &e))?;
+    let _guard = StagingGuard(staging.clone());
+
+    let mut layout = None;
+    let mut index = None;
+    let mut staged: BTreeMap<Digest, Staged> = BTreeMap::new();
+    let mut archive = tar::Archive::new(BufReader::new(file));
+    let entries = archive.entries().map_err(|e| at("not a tar archive", &e))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| at("corrupt or truncated archive", &e))?;
+        let path = entry
+            .path()
+            .map_err(|e| at("entry with a bad name", &e))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        let kind = entry.header().entry_type();
+        if kind.is_dir() || path.is_empty() {
+            continue;
+        }
+        let declared = entry.header().size().unwrap_or(0);
+        match path.as_str() {
+            "oci-layout" => {
+                layout = Some(read_capped(&mut entry, 4096, declared).map_err(|e| at(&path, &e))?)
+            }
+            "index.json" => {
+                index = Some(
+                    read_capped(&mut entry, MAX_MANIFEST_SIZE, declared)
+                        .map_err(|e| at(&path, &e))?,
+                )
+            }
+            p if p.starts_with("blobs/") => {
+                if !kind.is_file() {
+                    return Err(at(&path, &"not a regular file"));
+                }
+                let digest = blob_name(p)
+                    .ok_or_else(|| at(&path, &"not named blobs/<algorithm>/<hex digest>"))?;
+                if staged.contains_key(&digest) {
+                    continue;
+                }
+                let dest =
+                    staging.join(format!("{}-{}", digest.algorithm().as_str(), digest.hex()));
+                let size =
+                    stage(&mut entry, &digest, &dest, declared).map_err(|e| at(&path, &e))?;
+                staged.insert(digest, Staged { path: dest, size });
+            }
+            _ => {}
+        }
+    }
+
+    let layout = layout.ok_or_else(|| at("oci-layout", &"missing: not an OCI image layout"))?;
+    let v: serde_json::Value = serde_json::from_slice(&layout).map_err(|e| at("oci-layout", &e))?;
+    if v["imageLayoutVersion"].as_str().is_none() {
+        return Err(at("oci-layout", &"no imageLayoutVersion"));
+    }
+    let index = index.ok_or_else(|| at("index.json", &"missing"))?;
+    let roots = match descriptor::parse_refs(OCI_INDEX, &index) {
+        Ok(Refs::Index(list)) => list,
+        Ok(_) => return Err(at("index.json", &"not an image index")),
+        Err(e) => return Err(at("index.json", &e)),
+    };
+    if roots.is_empty() {
+        return Err(at("index.json", &"names no image"));
+    }
+
+    // Verify the graph before anything is committed.
+    let mut check = Check {
+        store,
+        staged: &staged,
+        manifests: BTreeMap::new(),
+    };
+    for (i, root) in roots.iter().enumerate() {
+        let name = root
+            .annotations
+            .get(REF_NAME)
+            .cloned()
+            .unwrap_or_else(|| format!("manifests[{i}]"));
+        check
+            .walk(root, &format!("index.json {name}"), 0)
+            .map_err(|e| at("invalid bundle", &e))?;
+    }
+    let mut out = Imported::default();
+    let mut tags = Vec::new();
+    for root in &roots {
+        let Some(name) = root.annotations.get(REF_NAME) else {
+            continue;
+        };
+        if !ImageRef::is_fully_qualified(name) {
+            out.warnings.push(format!(
+                "{name:?} is not a full reference (registry/repository:tag); imported by digest only"
+            ));
+            continue;
+        }
+        let r = ImageRef::parse(name).map_err(|e| at("index.json", &e))?;
+        if !config.upstream.iter().any(|u| u.name == r.registry) {
+            return Err(at(
+                "index.json",
+                &format!(
+                    "{name:?} is on registry {:?}, which no [[upstream]] in the config names",
+                    r.registry
+                ),
+            ));
+        }
+        match &r.reference {
+            Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.clone())),
+            Reference::Digest(d) if *d == root.digest => {}
+            Reference::Digest(d) => {
+                return Err(at(
+                    "index.json",
+                    &format!("{name:?} names {d}, but its descriptor is {}", root.digest),
+                ));
+            }
+        }
+    }
+
+    // Commit: blobs first, then what refers to them.
+    for (digest, s) in &staged {
+        let existed = store.blob_path(digest).exists();
+        store
+            .commit_verified(digest, &s.path, "(imported)")
+            .map_err(|e| at(&format!("storing {digest}"), &e))?;
+        out.blobs += 1;
+        out.bytes += s.size;
+        if !existed {
+            out.new_blobs += 1;
+        }
+    }
+    for (digest, media_type) in &check.manifests {
+        store
+            .meta
+            .put_manifest(digest, media_type, None)
+            .map_err(|e| at("recording manifests", &e))?;
+    }
+    out.manifests = check.manifests.len();
+    for (r, tag, root) in tags {
+        let media_type = &check.manifests[&root.digest];
+        let known = store
+            .meta
+            .tags(&r.registry, r.repo.as_str(), &tag)
+            .map_err(|e| at("reading tags", &e))?;
+        // The bundle's word on a tag is older than any upstream check: record it as never
+        // checked, so an online mirror revalidates it, and keep an entry that already agrees.
+        if !known
+            .iter()
+            .any(|e| e.digest == root.digest && e.media_type == *media_type)
+        {
+            store
+                .meta
+                .put_manifest(
+                    &root.digest,
+                    media_type,
+                    Some((&r.registry, r.repo.as_str(), &tag, UNIX_EPOCH)),
+                )
+                .map_err(|e| at("recording tags", &e))?;
+        }
+        out.tags.push(r.to_string());
+    }
+    Ok(out)
+}
+
+/// `blobs/sha256/<hex>` -> the digest.
+fn blob_name(path: &str) -> Option<Digest> {
+    let mut parts = path.split('/');
+    let (_, alg, hex) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    format!("{alg}:{hex}").parse().ok()
+}
+
+fn read_capped(r: &mut impl Read, cap: usize, declared: u64) -> Result<Vec<u8>, String> {
+    if declared > cap as u64 {
+        return Err(format!("larger than {cap} bytes"));
+    }
+    let mut buf = Vec::new();
+    r.take(cap as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| e.to_string())?;
+    if (buf.len() as u64) < declared {
+        return Err(format!("truncated: {} of {declared} bytes", buf.len()));
+    }
+    Ok(buf)
+}
+
+/// Copies one entry to `dest`, hashing as it goes; the digest must match its name.
+fn stage(r: &mut impl Read, digest: &Digest, dest: &Path, declared: u64) -> Result<u64, String> {
+    let mut f = File::create_new(dest).map_err(|e| e.to_string())?;
+    let mut v = Verifier::new(digest.algorithm());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf).map_err(|e| e.to_string())?;
+        if k == 0 {
+            break;
+        }
+        v.update(&buf[..k]);
+        f.write_all(&buf[..k]).map_err(|e| e.to_string())?;
+        n += k as u64;
+    }
+    if n < declared {
+        return Err(format!("truncated: {n} of {declared} bytes"));
+    }
+    let actual = v.finish();
+    if actual != *digest {
+        return Err(format!(
+            "content does not match its digest (it hashes to {actual})"
+        ));
+    }
+    Ok(n)
+}
+
+/// The reference check over the staged bundle (and what the cache already holds).
+struct Check<'a> {
+    store: &'a Store,
+    staged: &'a BTreeMap<Digest, Staged>,
+    /// Manifests reached, with their media types.
+    manifests: BTreeMap<Digest, String>,
+}
+
+/// Deeper nesting than this is no image anyone builds; it bounds the walk.
+const MAX_DEPTH: usize = 8;
+
+impl Check<'_> {
+    /// The size of a blob in the bundle or the cache, if it is in either.
+    fn size(&self, d: &Digest) -> Option<u64> {
+        if let Some(s) = self.staged.get(d) {
+            return Some(s.size);
+        }
+        self.store.open_blob(d).ok().flatten().map(|(_, len)| len)
+    }
+
+    fn present(&self, d: &Descriptor, ctx: &str, what: &str) -> Result<(), String> {
+        match self.size(&d.digest) {
+            None => Err(format!(
+                "{ctx}: {what} {} is missing from the bundle",
+                d.digest
+            )),
+            Some(len) if len != d.size => Err(format!(
+                "{ctx}: {what} {} has {len} bytes, its descriptor says {}",
+                d.digest, d.size
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn read(&self, d: &Digest) -> Result<Vec<u8>, String> {
+        let bytes = match self.staged.get(d) {
+            Some(s) => std::fs::read(&s.path).map_err(|e| e.to_string())?,
+            None => self
+                .store
+                .read_small(d, MAX_MANIFEST_SIZE)
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default(),
+        };
+        Ok(bytes)
+    }
+
+    fn walk(&mut self, d: &Descriptor, ctx: &str, depth: usize) -> Result<(), String> {
+        self.present(d, ctx, "manifest")?;
+        if self.manifests.contains_key(&d.digest) {
+            return Ok(());
+        }
+        if depth > MAX_DEPTH {
+            return Err(format!("{ctx}: indexes nested deeper than {MAX_DEPTH}"));
+        }
+        if d.size > MAX_MANIFEST_SIZE as u64 {
+            return Err(format!(
+                "{ctx}: manifest {} is larger than {MAX_MANIFEST_SIZE} bytes",
+                d.digest
+            ));
+        }
+        let bytes = self.read(&d.digest)?;
+        let media_type = match d.media_type.as_str() {
+            "" | "application/json" => crate::oci::manifest::sniff_media_type(&bytes)
+                .ok_or_else(|| format!("{ctx}: manifest {} has no media type", d.digest))?,
+            m => m.to_owned(),
+        };
+        let refs = descriptor::parse_refs(&media_type, &bytes)
+            .map_err(|e| format!("{ctx}: manifest {}: {e}", d.digest))?;
+        self.manifests.insert(d.digest.clone(), media_type);
+        match refs {
+            Refs::Index(children) => {
+                // An export of some platforms carries the index whole, and only those
+                // platforms' manifests; the others are simply not in the bundle.
+                let present: Vec<&Descriptor> = children
+                    .iter()
+                    .filter(|c| self.size(&c.digest).is_some())
+                    .collect();
+                if present.is_empty() && !children.is_empty() {
+                    return Err(format!(
+                        "{ctx}: none of the {} manifests of index {} is in the bundle",
+                        children.len(),
+                        d.digest
+                    ));
+                }
+                for c in present {
+                    self.walk(c, ctx, depth + 1)?;
+                }
+            }
+            Refs::Image { config, layers } => {
+                self.present(&config, ctx, "config")?;
+                for l in &layers {
+                    self.present(l, ctx, "layer")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

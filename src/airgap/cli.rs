@@ -1,0 +1,289 @@
+//! The `prefetch`, `export` and `import` commands: argument parsing, the run, the summary and
+//! the exit code. Errors are one line naming the file, key or reference at fault.
+
+use super::bundle;
+use super::prefetch::{self, Display, Options, Platforms, Prefetched, Progress, human};
+use super::source::Source;
+use crate::config::Config;
+use crate::oci::ImageRef;
+use crate::storage::Store;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Which images, and how to fetch them (shared by `prefetch` and `export`).
+#[derive(clap::Args, Debug)]
+pub struct Selection {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Platforms to fetch from multi-platform images: os/arch[/variant], comma-separated
+    /// (default: this machine's).
+    #[arg(long, value_delimiter = ',', conflicts_with = "all_platforms")]
+    pub platform: Vec<String>,
+    /// Fetch every platform of multi-platform images.
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// Blob fetches at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// Also fetch the referrers (signatures, SBOMs) of each image.
+    #[arg(long)]
+    pub with_referrers: bool,
+    /// Read references from this file, one per line (# starts a comment).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Image references: nginx:1.27, ghcr.io/org/app@sha256:..., 127.0.0.1:5000/x/y:tag.
+    pub images: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub selection: Selection,
+    /// The bundle to write (a tar of an OCI image layout).
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The bundle to load.
+    pub bundle: PathBuf,
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("cachalot: {e}");
+    ExitCode::FAILURE
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Runtime::new().map_err(|e| format!("starting the runtime: {e}"))
+}
+
+/// The images named on the command line and in `--file`, every one checked before anything is
+/// fetched: a typo is reported, not half-run.
+fn resolve(config: &Config, sel: &Selection) -> Result<Vec<ImageRef>, Vec<String>> {
+    let mut named: Vec<(String, String)> =
+        sel.images.iter().map(|s| (s.clone(), s.clone())).collect();
+    if let Some(file) = &sel.file {
+        let text =
+            std::fs::read_to_string(file).map_err(|e| vec![format!("{}: {e}", file.display())])?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if !line.is_empty() {
+                named.push((format!("{}:{}", file.display(), i + 1), line.to_owned()));
+            }
+        }
+    }
+    if named.is_empty() {
+        return Err(vec![
+            "no images given (name them, or use --file LIST)".into(),
+        ]);
+    }
+    let mut images = Vec::new();
+    let mut errors = Vec::new();
+    for (at, s) in named {
+        let prefix = if at == s {
+            String::new()
+        } else {
+            format!("{at}: ")
+        };
+        match ImageRef::parse(&s) {
+            Ok(r) if config.upstream.iter().any(|u| u.name == r.registry) => {
+                if !images.contains(&r) {
+                    images.push(r)
+                }
+            }
+            Ok(r) => errors.push(format!(
+                "{prefix}{s:?}: registry {:?} is not configured (no [[upstream]] with name = {:?} in {})",
+                r.registry,
+                r.registry,
+                sel.config.display()
+            )),
+            Err(e) => errors.push(format!("{prefix}{e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(images)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Loads the config and runs the selection's prefetch; prints per-image lines and a summary.
+/// `Err` is a setup failure; image failures are in the results.
+async fn run_selection(
+    config: &Config,
+    sel: &Selection,
+) -> Result<(Arc<Source>, Vec<(ImageRef, Result<Prefetched, String>)>), String> {
+    let platforms = if sel.all_platforms {
+        Platforms::All
+    } else {
+        Platforms::parse(&sel.platform).map_err(|e| format!("--platform: {e}"))?
+    };
+    let images = resolve(config, sel).map_err(|errors| errors.join("\ncachalot: "))?;
+    let source = Arc::new(Source::open(config, |note| println!("{note}")).await?);
+    let opts = Options {
+        platforms,
+        jobs: sel.jobs as usize,
+        with_referrers: sel.with_referrers,
+    };
+    let progress = Arc::new(Progress::default());
+    let display = Display::start(progress.clone());
+    let started = Instant::now();
+    let results = prefetch::run(source.clone(), images, opts, progress.clone()).await;
+    display.finish().await;
+    for (image, r) in &results {
+        match r {
+            Ok(p) => println!(
+                "ok    {image}  {}  ({} platform{}, {} blobs)",
+                p.top.digest,
+                p.platforms,
+                if p.platforms == 1 { "" } else { "s" },
+                p.blobs.len()
+            ),
+            Err(e) => println!("FAIL  {image}  {e}"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let fetched = progress.fetched.load(std::sync::atomic::Ordering::Relaxed);
+    let ok = results.iter().filter(|(_, r)| r.is_ok()).count();
+    println!(
+        "prefetched {ok} of {} images: {} blobs fetched ({} in {secs:.1}s, {}/s), {} already cached",
+        results.len(),
+        progress
+            .blobs_fetched
+            .load(std::sync::atomic::Ordering::Relaxed),
+        human(fetched),
+        human((fetched as f64 / secs.max(0.001)) as u64),
+        progress
+            .blobs_cached
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    Ok((source, results))
+}
+
+fn report_failures(results: &[(ImageRef, Result<Prefetched, String>)]) -> bool {
+    let failed: Vec<_> = results
+        .iter()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
+        .collect();
+    if failed.is_empty() {
+        return false;
+    }
+    eprintln!("cachalot: {} image(s) failed:", failed.len());
+    for (image, e) in failed {
+        eprintln!("  {image}: {e}");
+    }
+    true
+}
+
+fn load(path: &Path) -> Result<Config, String> {
+    let c = Config::load(path).map_err(|e| e.to_string())?;
+    for u in &c.upstream {
+        u.password().map_err(|e| e.to_string())?;
+    }
+    Ok(c)
+}
+
+/// `cachalot prefetch`.
+pub fn prefetch(sel: Selection) -> ExitCode {
+    let config = match load(&sel.config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    match rt.block_on(run_selection(&config, &sel)) {
+        Err(e) => fail(e),
+        Ok((_, results)) if report_failures(&results) => ExitCode::FAILURE,
+        Ok(_) => ExitCode::SUCCESS,
+    }
+}
+
+/// `cachalot export`: prefetch (which fetches what is missing, unless offline), then write the
+/// bundle from the cache. Any failed image means no bundle.
+pub fn export(args: ExportArgs) -> ExitCode {
+    let config = match load(&args.selection.config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    let (source, results) = match rt.block_on(run_selection(&config, &args.selection)) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if report_failures(&results) {
+        return fail(format!(
+            "{}: not written, because some images could not be fetched",
+            args.output.display()
+        ));
+    }
+    let images: Vec<Prefetched> = results.into_iter().filter_map(|(_, r)| r.ok()).collect();
+    let root = source.root();
+    let output = args.output.clone();
+    let written = rt.block_on(async move {
+        tokio::task::spawn_blocking(move || bundle::export(&root, &images, &output))
+            .await
+            .map_err(|e| e.to_string())?
+    });
+    match written {
+        Ok(w) => {
+            println!(
+                "wrote {}: {} blobs, {}",
+                args.output.display(),
+                w.blobs,
+                human(w.bytes)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("export to {}: {e}", args.output.display())),
+    }
+}
+
+/// `cachalot import`. Needs the cache to itself: a running server holds its metadata.
+pub fn import(args: ImportArgs) -> ExitCode {
+    let config = match load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let store = match Store::open(&config.cache.dir) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+            return fail(format!(
+                "cache.dir {}: in use by a running cachalot; stop it, import, then start it again",
+                config.cache.dir.display()
+            ));
+        }
+        Err(e) => return fail(format!("cache.dir {}: {e}", config.cache.dir.display())),
+    };
+    match bundle::import(&store, &config, &args.bundle) {
+        Ok(i) => {
+            for w in &i.warnings {
+                eprintln!("cachalot: warning: {}: {w}", args.bundle.display());
+            }
+            for t in &i.tags {
+                println!("tagged {t}");
+            }
+            println!(
+                "imported {}: {} blobs ({} new, {}), {} manifests, {} tags",
+                args.bundle.display(),
+                i.blobs,
+                i.new_blobs,
+                human(i.bytes),
+                i.manifests,
+                i.tags.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("import rejected, nothing was loaded: {e}")),
+    }
+}

@@ -1,0 +1,530 @@
+//! Air-gapped sites against the in-process fake registry: platform selection counted at the
+//! upstream, repeat runs that fetch nothing, failures listed, prefetch through a running server
+//! (one upstream fetch shared with a client), export/import round trip, corrupt bundles
+//! rejected with the cache unchanged, and `[[prefetch]]` lists refreshed by the server.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn cachalot(args: &[&str]) -> Out {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("cachalot finished within 2 minutes")
+    .expect("run cachalot");
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A config file for a cache under `dir` in front of `fake` (upstream [`UP`]).
+fn write_config(dir: &Path, url: &str, offline: bool, listen: &str, extra: &str) -> PathBuf {
+    let cache = CacheSpec {
+        tag_ttl: "1h".into(),
+        offline,
+    };
+    let toml = config_toml(
+        &dir.join("cache"),
+        &cache,
+        &[UpstreamSpec::new(UP, url, true)],
+    )
+    .replace("listen = \"127.0.0.1:0\"", &format!("listen = {listen:?}"))
+        + extra;
+    let path = dir.join("cachalot.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every committed object in a cache, by file name.
+fn cached(dir: &Path) -> BTreeSet<String> {
+    fn walk(p: &Path, out: &mut BTreeSet<String>) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.insert(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(&dir.join("cache/blobs"), &mut out);
+    out
+}
+
+fn hex(d: &str) -> String {
+    d.trim_start_matches("sha256:").to_owned()
+}
+
+/// amd64 and arm64 images under one index tagged `multi`, and a single image tagged `single`.
+struct Seeded {
+    amd: Image,
+    arm: Image,
+    index: Manifest,
+    single: Image,
+}
+
+fn seed(fake: &FakeRegistry) -> Seeded {
+    let amd = fake.push_image("team/app", None, &[30_000, 5_000]);
+    let arm = fake.push_image("team/app", None, &[40_000, 7_000]);
+    let index = fake.push_index("team/app", Some("multi"), &[&amd, &arm], false);
+    let single = fake.push_image("team/app", Some("single"), &[20_000]);
+    Seeded {
+        amd,
+        arm,
+        index,
+        single,
+    }
+}
+
+fn blobs_of(i: &Image) -> Vec<String> {
+    std::iter::once(i.config.0.clone())
+        .chain(i.layers.iter().map(|(d, _)| d.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_selection_fetches_only_that_platform_and_a_second_run_nothing() {
+    let fake = FakeRegistry::start().await;
+    let img = seed(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &fake.url(), false, "127.0.0.1:0", "");
+    let reference = format!("{UP}/team/app:multi");
+
+    let r = cachalot(&[
+        "prefetch",
+        "--config",
+        s(&cfg),
+        "--platform",
+        "linux/arm64",
+        &reference,
+    ])
+    .await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("1 platform, 3 blobs"), "{}", r.stdout);
+    assert!(r.stdout.contains("3 blobs fetched"), "{}", r.stdout);
+    for d in blobs_of(&img.arm) {
+        assert_eq!(fake.blob_gets("team/app", &d), 1, "arm64 blob {d}");
+    }
+    for d in blobs_of(&img.amd) {
+        assert_eq!(
+            fake.blob_gets("team/app", &d),
+            0,
+            "amd64 blob {d} was fetched"
+        );
+    }
+    assert_eq!(fake.manifest_gets("team/app", &img.amd.manifest.digest), 0);
+    assert_eq!(fake.manifest_gets("team/app", &img.arm.manifest.digest), 1);
+    let have = cached(dir.path());
+    for d in blobs_of(&img.arm)
+        .into_iter()
+        .chain([img.arm.manifest.digest.clone(), img.index.digest.clone()])
+    {
+        assert!(have.contains(&hex(&d)), "{d} not cached");
+    }
+
+    fake.reset_counts();
+    let r = cachalot(&[
+        "prefetch",
+        "--config",
+        s(&cfg),
+        "--platform",
+        "linux/arm64",
+        &reference,
+    ])
+    .await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(fake.total(), 0, "second run: {:?}", fake.requests());
+    assert!(r.stdout.contains("0 blobs fetched"), "{}", r.stdout);
+    assert!(r.stdout.contains("3 already cached"), "{}", r.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_listed_and_successes_stay_cached() {
+    let fake = FakeRegistry::start().await;
+    let img = seed(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &fake.url(), false, "127.0.0.1:0", "");
+    let good = format!("{UP}/team/app:single");
+    let missing = format!("{UP}/team/nothing:1");
+
+    // A reference naming an unconfigured registry stops the run before any request.
+    let r = cachalot(&["prefetch", "--config", s(&cfg), &good, "quay.io/org/x:1"]).await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("\"quay.io\"") && r.stderr.contains("not configured"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fake.total(), 0);
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, format!("# base images\n{good}\n\nNot/A:Ref\n")).unwrap();
+    let r = cachalot(&["prefetch", "--config", s(&cfg), "--file", s(&list)]).await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("list.txt:4"), "{}", r.stderr);
+    assert_eq!(fake.total(), 0);
+
+    // A layer the upstream serves corrupted fails its image; the other image is cached.
+    fake.corrupt(&img.arm.layers[0].0, true);
+    let r = cachalot(&[
+        "prefetch",
+        "--config",
+        s(&cfg),
+        "--all-platforms",
+        &good,
+        &missing,
+        &format!("{UP}/team/app:multi"),
+    ])
+    .await;
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(r.stderr.contains("2 image(s) failed"), "{}", r.stderr);
+    assert!(r.stderr.contains(&missing), "{}", r.stderr);
+    assert!(r.stderr.contains(&img.arm.layers[0].0), "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("ok    {good}")), "{}", r.stdout);
+    assert!(!cached(dir.path()).contains(&hex(&img.arm.layers[0].0)));
+
+    fake.reset_counts();
+    let r = cachalot(&["prefetch", "--config", s(&cfg), &good]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(fake.total(), 0, "{:?}", fake.requests());
+    let _ = img.single;
+}
+
+/// Waits until something listens at `addr`.
+async fn wait_up(addr: &str) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} did not come up");
+}
+
+/// `http://127.0.0.1:<port>` where nothing listens.
+fn refused_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_drives_a_running_server_and_shares_its_fill() {
+    let fake = FakeRegistry::start().await;
+    let img = seed(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = write_config(dir.path(), &fake.url(), false, &listen, "");
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot"))
+        .args(["serve", "--config", s(&cfg)])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://{listen}");
+    wait_up(&listen).await;
+
+    // A client starts the big layer; it pauses upstream until the prefetch has joined.
+    let (layer, bytes) = img.single.layers[0].clone();
+    let gate = fake.pause_blob(&layer, 4096);
+    let client = TestClient::new();
+    let url = format!("{base}/v2/team/app/blobs/{layer}");
+    let pull = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(&url).await }
+    });
+    gate.reached().await;
+    let prefetch = tokio::spawn({
+        let cfg = cfg.clone();
+        async move {
+            cachalot(&[
+                "prefetch",
+                "--config",
+                s(&cfg),
+                &format!("{UP}/team/app:single"),
+            ])
+            .await
+        }
+    });
+    let metrics = format!("{base}/metrics");
+    let coalesced = |text: &str| {
+        metric_value(
+            text,
+            "cachalot_cache_lookups_total",
+            &[("kind", "blob"), ("result", "coalesced")],
+        )
+    };
+    let mut joined = false;
+    for _ in 0..400 {
+        if coalesced(&client.get(&metrics).await.text()) >= 1.0 {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    gate.release();
+    assert!(joined, "the prefetch never joined the server's fill");
+    let r = prefetch.await.unwrap();
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("in use by a running cachalot"),
+        "{}",
+        r.stdout
+    );
+    let pulled = pull.await.unwrap();
+    assert_eq!(pulled.status, 200);
+    assert!(pulled.body == bytes);
+    assert_eq!(
+        fake.blob_gets("team/app", &layer),
+        1,
+        "one upstream fetch for both"
+    );
+    assert!(cached(dir.path()).contains(&hex(&layer)));
+
+    // Import cannot share the cache with a running server, and says so.
+    let r = cachalot(&[
+        "import",
+        "--config",
+        s(&cfg),
+        s(&dir.path().join("none.tar")),
+    ])
+    .await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("in use by a running cachalot"),
+        "{}",
+        r.stderr
+    );
+    let _ = serve.kill().await;
+}
+
+/// Rewrites a tar, letting `f` change or drop each entry (path, bytes).
+fn rewrite(src: &Path, dst: &Path, mut f: impl FnMut(&str, Vec<u8>) -> Option<Vec<u8>>) {
+    let mut ar = tar::Archive::new(std::fs::File::open(src).unwrap());
+    let mut b = tar::Builder::new(std::fs::File::create(dst).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        let mut h = e.header().clone();
+        if let Some(data) = f(&path, data) {
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data.as_slice()).unwrap();
+        }
+    }
+    b.finish().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_import_round_trip_and_corrupt_bundles_change_nothing() {
+    let fake = FakeRegistry::start().await;
+    let img = seed(&fake);
+    let online = tempfile::tempdir().unwrap();
+    let cfg = write_config(online.path(), &fake.url(), false, "127.0.0.1:0", "");
+    let bundle = online.path().join("bundle.tar");
+    let multi = format!("{UP}/team/app:multi");
+    let single = format!("{UP}/team/app:single");
+    let r = cachalot(&[
+        "export",
+        "--config",
+        s(&cfg),
+        "--output",
+        s(&bundle),
+        "--all-platforms",
+        &multi,
+        &single,
+    ])
+    .await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    // 1 index + 2 manifests + 2x(config + 2 layers) + single (manifest + config + layer).
+    assert!(
+        r.stdout.contains("wrote") && r.stdout.contains("12 blobs"),
+        "{}",
+        r.stdout
+    );
+
+    let site = tempfile::tempdir().unwrap();
+    let site_cfg = write_config(site.path(), &refused_url(), true, "127.0.0.1:0", "");
+    let variants = site.path();
+    let arm_layer = img.arm.layers[1].0.clone();
+    let flipped = variants.join("flipped.tar");
+    rewrite(&bundle, &flipped, |p, mut d| {
+        if p.ends_with(&hex(&arm_layer)) {
+            d[100] ^= 1;
+        }
+        Some(d)
+    });
+    let missing = variants.join("missing.tar");
+    rewrite(&bundle, &missing, |p, d| {
+        (!p.ends_with(&hex(&arm_layer))).then_some(d)
+    });
+    let bad_index = variants.join("bad-index.tar");
+    rewrite(&bundle, &bad_index, |p, d| {
+        Some(if p == "index.json" {
+            br#"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"sha256:zz","size":1}]}"#.to_vec()
+        } else {
+            d
+        })
+    });
+    let truncated = variants.join("truncated.tar");
+    let all = std::fs::read(&bundle).unwrap();
+    std::fs::write(&truncated, &all[..all.len() - 30_000]).unwrap();
+
+    for (file, needle) in [
+        (
+            &flipped,
+            format!("{}: content does not match its digest", hex(&arm_layer)),
+        ),
+        (
+            &missing,
+            format!("layer {arm_layer} is missing from the bundle"),
+        ),
+        (&bad_index, "index.json".to_owned()),
+        (&truncated, "truncated".to_owned()),
+    ] {
+        let r = cachalot(&["import", "--config", s(&site_cfg), s(file)]).await;
+        assert!(!r.ok, "{} was accepted: {}", file.display(), r.stdout);
+        assert!(
+            r.stderr.contains(&needle),
+            "{}: {}",
+            file.display(),
+            r.stderr
+        );
+        assert!(r.stderr.contains("nothing was loaded"), "{}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+        assert!(
+            cached(site.path()).is_empty(),
+            "{} left {:?}",
+            file.display(),
+            cached(site.path())
+        );
+        let meta = cachalot::storage::Meta::open(&site.path().join("cache/meta.redb")).unwrap();
+        assert!(meta.tags(UP, "team/app", "multi").unwrap().is_empty());
+        assert!(
+            meta.manifest_type(&img.index.digest.parse().unwrap())
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    let r = cachalot(&["import", "--config", s(&site_cfg), s(&bundle)]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("12 blobs (12 new"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("tagged {multi}")),
+        "{}",
+        r.stdout
+    );
+    let r = cachalot(&["import", "--config", s(&site_cfg), s(&bundle)]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("12 blobs (0 new"), "{}", r.stdout);
+
+    // The site serves it offline, by tag, with no upstream at all.
+    fake.stop().await;
+    fake.reset_counts();
+    let toml = std::fs::read_to_string(&site_cfg).unwrap();
+    let mut proxy = Proxy::start(&toml).await;
+    let client = TestClient::new();
+    let v2 = |p: &str| format!("{}/v2/{p}", proxy.url());
+    let all_types = format!("{OCI_INDEX}, {OCI_MANIFEST}");
+    let r = client
+        .get_with(&v2("team/app/manifests/multi"), &[("accept", &all_types)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, img.index.bytes);
+    let r = client.get(&v2("team/app/manifests/single")).await;
+    assert_eq!(r.body, img.single.manifest.bytes);
+    for i in [&img.amd, &img.arm, &img.single] {
+        for (d, bytes) in &i.layers {
+            let r = client.get(&v2(&format!("team/app/blobs/{d}"))).await;
+            assert_eq!(r.status, 200);
+            assert!(r.body == *bytes);
+        }
+    }
+    let r = client.get(&v2("team/app/manifests/absent")).await;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.error_message().unwrap_or_default().contains("offline"),
+        "{}",
+        r.text()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refreshes_prefetch_lists_in_the_background() {
+    let fake = FakeRegistry::start().await;
+    let img = seed(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "\n[[prefetch]]\nimages = [\"{UP}/team/app:multi\"]\nplatforms = [\"linux/amd64\"]\ninterval = \"1h\"\n"
+    );
+    let cfg = write_config(dir.path(), &fake.url(), false, "127.0.0.1:0", &extra);
+    let mut proxy = Proxy::start(&std::fs::read_to_string(&cfg).unwrap()).await;
+    let want: Vec<String> = blobs_of(&img.amd);
+    let mut done = false;
+    for _ in 0..200 {
+        let have = cached(dir.path());
+        if want.iter().all(|d| have.contains(&hex(d))) {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        done,
+        "the [[prefetch]] list was not fetched: {:?}",
+        cached(dir.path())
+    );
+    for d in blobs_of(&img.arm) {
+        assert_eq!(fake.blob_gets("team/app", &d), 0);
+    }
+    proxy.shutdown().await;
+
+    // A bad [[prefetch]] entry is a config error naming it.
+    let bad = write_config(
+        dir.path(),
+        &fake.url(),
+        false,
+        "127.0.0.1:0",
+        "\n[[prefetch]]\nimages = [\"quay.io/x:1\"]\n",
+    );
+    let r = cachalot(&["check-config", "--config", s(&bad)]).await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("prefetch[0].images") && r.stderr.contains("quay.io"),
+        "{}",
+        r.stderr
+    );
+}
