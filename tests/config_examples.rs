@@ -46,6 +46,9 @@ fn the_full_example_sets_every_documented_key() {
         "password_file",
         "connect_timeout",
         "timeout",
+        "max_unused",
+        "pinned",
+        "image",
     ] {
         assert!(
             text.contains(&format!("{key} =")),
@@ -56,4 +59,8 @@ fn the_full_example_sets_every_documented_key() {
     assert_eq!(c.cache.tag_ttl.0, std::time::Duration::from_secs(300));
     assert_eq!(c.cache.max_size.0, 50 << 30);
     assert!(c.upstream.iter().filter(|u| u.default).count() == 1);
+    // Both ways of pinning reach the eviction policy.
+    let pins: Vec<String> = c.eviction_policy().pins.iter().map(|p| p.to_string()).collect();
+    assert!(pins.contains(&"docker.io/library/alpine:3.20".to_owned()), "{pins:?}");
+    assert!(pins.contains(&"registry.k8s.io/pause:3.10".to_owned()), "{pins:?}");
 }
