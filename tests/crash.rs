@@ -520,12 +520,10 @@ async fn crash_after_metadata_write_leaves_no_partial_blob() {
     crash_at("after-metadata", false).await;
 }
 
-/// After a crash between the object row and the rename, the refetch is counted a second time
-/// (`Store::commit` adds to `used`/`objects` when the *file* is new, but `Store::open` already
-/// counted the row): `cachalot_cache_objects` 2 and twice the bytes for one blob, until the
-/// next restart. Ignored until fixed in src/storage.
+/// After a crash between the object row and the rename, the refetch must not be counted a
+/// second time: `Store::open` already counted the surviving row (this once reported 2 objects
+/// and twice the bytes for one blob, when `Store::commit` counted by whether the file was new).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src bug: Store::commit double-counts an object whose row survived a crash"]
 async fn crash_after_metadata_write_keeps_size_accounting_exact() {
     crash_at("after-metadata", true).await;
 }
@@ -578,13 +576,9 @@ async fn a_fetched_tag_survives_kill_9() {
 
 /// `cachalot gc` against the cache of a running server must not sweep the server's fills: it
 /// cannot open the metadata the server holds, and it must not have touched `tmp/` by then.
-/// Today `Store::open` removes `tmp/` before it opens (and locks) `meta.redb`, so the gc fails
-/// on the lock only after deleting the running fill's temp file; the fill's rename then fails
-/// (ENOENT) after its object row was written: the blob is "served, not cached", a row without
-/// a file is left behind, and followers that open the temp path later cannot. Ignored until
-/// fixed in src/storage.
+/// (When `Store::open` removed `tmp/` before locking `meta.redb`, the gc failed on the lock
+/// only after deleting the fill's temp file, and the fill ended "served, not cached".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src bug: Store::open sweeps tmp/ before taking the metadata lock"]
 async fn gc_against_a_running_server_leaves_its_fill_alone() {
     let w = World::new().await;
     let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
