@@ -60,7 +60,18 @@ fn the_full_example_sets_every_documented_key() {
     assert_eq!(c.cache.max_size.0, 50 << 30);
     assert!(c.upstream.iter().filter(|u| u.default).count() == 1);
     // Both ways of pinning reach the eviction policy.
-    let pins: Vec<String> = c.eviction_policy().pins.iter().map(|p| p.to_string()).collect();
-    assert!(pins.contains(&"docker.io/library/alpine:3.20".to_owned()), "{pins:?}");
-    assert!(pins.contains(&"registry.k8s.io/pause:3.10".to_owned()), "{pins:?}");
+    let pins: Vec<String> = c
+        .eviction_policy()
+        .pins
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert!(
+        pins.contains(&"docker.io/library/alpine:3.20".to_owned()),
+        "{pins:?}"
+    );
+    assert!(
+        pins.contains(&"registry.k8s.io/pause:3.10".to_owned()),
+        "{pins:?}"
+    );
 }

@@ -294,11 +294,16 @@ async fn digest_mismatch_is_counted_once() {
     let blob = random_blob(5000);
     let d = env.fake.push_blob("app", blob);
     env.fake.corrupt(&d, true);
-    let (_, _, drained) = env
+    let (status, _, drained) = env
         .client
         .get_drained(&env.v2(&format!("app/blobs/{d}")))
         .await;
-    assert!(drained.error.is_some(), "a corrupt blob must not complete");
+    // Either the fill failed before headers went out (502), or the 200 is cut short.
+    assert!(
+        status == 502 || drained.error.is_some(),
+        "a corrupt blob must not complete: {status}, {} bytes",
+        drained.bytes.len()
+    );
     env.wait_no_fills().await;
     assert_eq!(
         env.metric("cachalot_digest_mismatches_total", &[("upstream", UP)])

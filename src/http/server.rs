@@ -197,7 +197,11 @@ async fn evict_loop(mirror: Arc<Mirror>, mut stopped: watch::Receiver<bool>) {
     }
     // Keep the last reads for the next start's eviction order.
     let m = mirror.clone();
-    let _ = tokio::task::spawn_blocking(move || m.store.flush_touches()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        m.store.flush_touches()?;
+        m.store.meta.sync()
+    })
+    .await;
 }
 
 pub(crate) fn record_evictions(metrics: &Metrics, report: &evict::Report) {

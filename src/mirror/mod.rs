@@ -46,6 +46,42 @@ pub struct Target {
     pub ns: Option<String>,
 }
 
+impl Target {
+    /// A GET or HEAD of one of this repository's blobs, from byte `range` on when given.
+    pub fn blob_request(
+        &self,
+        method: Method,
+        digest: &Digest,
+        range: Option<http::HeaderValue>,
+    ) -> UpstreamRequest<'_> {
+        UpstreamRequest {
+            method,
+            op: Op::Blob,
+            repo: &self.repo,
+            path_and_query: format!("/v2/{}/blobs/{}", self.repo, digest),
+            accept: None,
+            range,
+        }
+    }
+
+    /// A GET or HEAD of a manifest by tag or digest, accepting what the client accepts.
+    pub fn manifest_request(
+        &self,
+        method: Method,
+        reference: &str,
+        accept: &Accept,
+    ) -> UpstreamRequest<'_> {
+        UpstreamRequest {
+            method,
+            op: Op::Manifest,
+            repo: &self.repo,
+            path_and_query: format!("/v2/{}/manifests/{}", self.repo, reference),
+            accept: Some(accept.upstream_value()),
+            range: None,
+        }
+    }
+}
+
 /// An upstream answer passed through (tags list, referrers), body read whole.
 #[derive(Clone, Debug)]
 pub struct Passthrough {
@@ -258,14 +294,7 @@ impl Mirror {
             let up = &t.upstream;
             let started = std::time::Instant::now();
             let resp = up
-                .send(UpstreamRequest {
-                    method: Method::GET,
-                    op: Op::Manifest,
-                    repo: &t.repo,
-                    path_and_query: format!("/v2/{}/manifests/{}", t.repo, reference),
-                    accept: Some(accept.upstream_value()),
-                    range: None,
-                })
+                .send(t.manifest_request(Method::GET, &reference, &accept))
                 .await?;
             if !resp.status().is_success() {
                 return Err(up.status_error(&resp));
@@ -423,16 +452,7 @@ impl Mirror {
     /// GETs a blob from upstream for a client without caching it (the cache cannot be written).
     async fn pass_through(&self, t: &Target, digest: &Digest) -> Result<BlobHandle, Error> {
         let up = &t.upstream;
-        let resp = up
-            .send(UpstreamRequest {
-                method: Method::GET,
-                op: Op::Blob,
-                repo: &t.repo,
-                path_and_query: format!("/v2/{}/blobs/{}", t.repo, digest),
-                accept: None,
-                range: None,
-            })
-            .await?;
+        let resp = up.send(t.blob_request(Method::GET, digest, None)).await?;
         if !resp.status().is_success() {
             return Err(up.status_error(&resp));
         }
@@ -465,16 +485,7 @@ impl Mirror {
             return Err(self.offline_error(t));
         }
         let up = &t.upstream;
-        let resp = up
-            .send(UpstreamRequest {
-                method: Method::HEAD,
-                op: Op::Blob,
-                repo: &t.repo,
-                path_and_query: format!("/v2/{}/blobs/{}", t.repo, digest),
-                accept: None,
-                range: None,
-            })
-            .await?;
+        let resp = up.send(t.blob_request(Method::HEAD, digest, None)).await?;
         if !resp.status().is_success() {
             return Err(up.status_error(&resp));
         }
@@ -622,14 +633,7 @@ async fn fill_body(
     let up = &t.upstream;
     let failed = FillState::Failed;
     let resp = up
-        .send(UpstreamRequest {
-            method: Method::GET,
-            op: Op::Blob,
-            repo: &t.repo,
-            path_and_query: format!("/v2/{}/blobs/{}", t.repo, digest),
-            accept: None,
-            range: None,
-        })
+        .send(t.blob_request(Method::GET, digest, None))
         .await
         .map_err(failed)?;
     if !resp.status().is_success() {

@@ -9,7 +9,6 @@ use crate::error::{Error, UpstreamFault};
 use crate::http::body::{self, Body};
 use crate::metrics::{Metrics, Source};
 use crate::oci::{Digest, Verifier};
-use crate::upstream::{Op, UpstreamRequest};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
@@ -297,14 +296,7 @@ async fn ranged_get(t: &Target, digest: &Digest, at: u64) -> Result<(Incoming, u
     let up = &t.upstream;
     let range = (at > 0).then(|| HeaderValue::from_str(&format!("bytes={at}-")).expect("ascii"));
     let resp = up
-        .send(UpstreamRequest {
-            method: Method::GET,
-            op: Op::Blob,
-            repo: &t.repo,
-            path_and_query: format!("/v2/{}/blobs/{}", t.repo, digest),
-            accept: None,
-            range,
-        })
+        .send(t.blob_request(Method::GET, digest, range))
         .await
         .map_err(io::Error::other)?;
     match resp.status() {

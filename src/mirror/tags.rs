@@ -8,7 +8,6 @@ use crate::metrics::{Kind, Lookup};
 use crate::oci::manifest::Accept;
 use crate::oci::{Digest, Tag};
 use crate::storage::TagEntry;
-use crate::upstream::{Op, UpstreamRequest};
 use http::Method;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -172,14 +171,7 @@ impl Mirror {
         accept: &Accept,
     ) -> Result<Option<Digest>, Error> {
         let up = &t.upstream;
-        let head = up.send(UpstreamRequest {
-            method: Method::HEAD,
-            op: Op::Manifest,
-            repo: &t.repo,
-            path_and_query: format!("/v2/{}/manifests/{}", t.repo, tag),
-            accept: Some(accept.upstream_value()),
-            range: None,
-        });
+        let head = up.send(t.manifest_request(Method::HEAD, tag.as_str(), accept));
         let resp = tokio::time::timeout(REVALIDATE_DEADLINE.min(up.body_timeout()), head)
             .await
             .map_err(|_| {

@@ -207,6 +207,13 @@ impl Meta {
         tx.commit().map_err(io_err)
     }
 
+    /// Makes earlier non-durable writes (access times) durable, so the next open finds a cleanly
+    /// closed store instead of repairing one.
+    pub fn sync(&self) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        tx.commit().map_err(io_err)
+    }
+
     /// Every committed object.
     pub fn objects(&self) -> io::Result<Vec<ObjectRow>> {
         let tx = self.db.begin_read().map_err(io_err)?;
