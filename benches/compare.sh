@@ -65,6 +65,7 @@ command -v openssl >/dev/null || need sha256sum coreutils
 
 # ---------------------------------------------------------------- processes and cleanup
 PIDS=()
+declare -A PID_OF
 W=""
 cleanup() {
     local rc=$?
@@ -166,7 +167,7 @@ http:
   addr: 127.0.0.1:$UP_PORT
 EOF
 docker-registry serve "$W/upstream.yml" >"$W/logs/upstream-access.log" 2>"$W/logs/upstream.log" &
-UP_PID=$!; PIDS+=("$UP_PID")
+UP_PID=$!; PIDS+=("$UP_PID"); PID_OF[upstream]=$UP_PID
 wait_http upstream "$UP_PID" "$UP/v2/" || die "startup failed"
 [[ $(http_code "$UP/v2/") == 200 ]] || die "upstream /v2/ is not 200"
 log "upstream docker-registry on $UP (pid $UP_PID)"
@@ -276,7 +277,7 @@ http {
 }
 EOF
 nginx -p "$W/nginx" -e "$W/logs/nginx.log" -c "$W/nginx/nginx.conf" >>"$W/logs/nginx.log" 2>&1 &
-NG_PID=$!; PIDS+=("$NG_PID")
+NG_PID=$!; PIDS+=("$NG_PID"); PID_OF[nginx]=$NG_PID
 wait_http nginx "$NG_PID" "$NG/v2/$REPO/manifests/$TAG" || die "startup failed"
 log "nginx on $NG (pid $NG_PID)"
 
@@ -296,7 +297,7 @@ proxy:
   remoteurl: $UP
 EOF
 docker-registry serve "$W/peer.yml" >"$W/logs/peer.log" 2>&1 &
-PEER_PID=$!; PIDS+=("$PEER_PID")
+PEER_PID=$!; PIDS+=("$PEER_PID"); PID_OF[peer]=$PEER_PID
 wait_http peer "$PEER_PID" "$PEER/v2/" || die "startup failed"
 log "peer docker-registry proxy on $PEER (pid $PEER_PID)"
 
@@ -321,7 +322,7 @@ if ! "$BIN" check-config --config "$W/cachalot.toml" >"$W/logs/cachalot-check.lo
 fi
 if ((CA_OK)); then
     RUST_LOG=$CACHALOT_LOG "$BIN" serve --config "$W/cachalot.toml" >"$W/logs/cachalot.log" 2>&1 &
-    CA_PID=$!; PIDS+=("$CA_PID")
+    CA_PID=$!; PIDS+=("$CA_PID"); PID_OF[cachalot]=$CA_PID
     if wait_http cachalot "$CA_PID" "$CA/v2/"; then
         log "cachalot on $CA (pid $CA_PID)"
     else
@@ -363,14 +364,29 @@ streams() {
 
 # throughput NAME URL N: median MiB/s over ROUNDS rounds of `streams`.
 throughput() {
-    local name=$1 url=$2 n=$3 r v vals=()
+    local name=$1 url=$2 n=$3 r v vals=() c0 c1
+    c0=$(cpu_ticks "$name")
     for r in $(seq "$ROUNDS"); do
         v=$(streams "$url" "$n" "$BLOB_BYTES") || return 1
         vals+=("$v")
     done
+    c1=$(cpu_ticks "$name")
     v=$(printf '%s\n' "${vals[@]}" | median)
-    log "  $name, $n stream(s): ${vals[*]} MiB/s -> median $v MiB/s"
+    log "  $name, $n stream(s): ${vals[*]} MiB/s -> median $v MiB/s; server CPU $(calc "($c1 - $c0) / $CLK / ($ROUNDS * $n * $BLOB_MIB / 1024)") s per GiB sent"
     echo "$v"
+}
+
+# cpu_ticks NAME: user+system clock ticks used so far by that server's processes (nginx: master + workers).
+CLK=$(getconf CLK_TCK)
+cpu_ticks() {
+    local pids=${PID_OF[$1]:-} p t=0 v
+    [[ -n $pids ]] || { echo 0; return; }
+    [[ $1 == nginx ]] && pids="$pids $(pgrep -P "$pids" | tr '\n' ' ')"
+    for p in $pids; do
+        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
 }
 
 # rss_sampler PID OUT: sample VmRSS every 50 ms until killed, writing the max (KiB) to OUT.
@@ -531,18 +547,20 @@ fi
 
 # ---------------------------------------------------------------- 3. cold blob
 log "figure 3: cold ${BLOB_MIB} MiB blob, $COLD_REPS fresh blobs each (median)"
-DIRECT=(); CA_COLD=(); PEER_COLD=()
+DIRECT=(); CA_COLD=(); PEER_COLD=(); CA_COLD_CPU=()
 for r in $(seq "$COLD_REPS"); do
     dc=${COLD_C[$((r - 1))]}; dp=${COLD_P[$((r - 1))]}
     if t=$(fetch_check upstream "$UP/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then DIRECT+=("$t"); else stage_failed "direct cold $r"; fi
     if ((CA_OK)); then
+        c0=$(cpu_ticks cachalot)
         if t=$(fetch_check cachalot "$CA/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then CA_COLD+=("$t"); else stage_failed "cachalot cold $r"; fi
+        CA_COLD_CPU+=("$(calc "($(cpu_ticks cachalot) - $c0) / $CLK")")
     fi
     if ((PEER_OK)); then
         if t=$(fetch_check peer "$PEER/v2/$REPO/blobs/$dp" "$dp" "$BLOB_BYTES"); then PEER_COLD+=("$t"); else stage_failed "peer cold $r"; fi
     fi
 done
-log "  direct from upstream: ${DIRECT[*]:-} s; cachalot cold: ${CA_COLD[*]:-} s; peer cold: ${PEER_COLD[*]:-} s"
+log "  direct from upstream: ${DIRECT[*]:-} s; cachalot cold: ${CA_COLD[*]:-} s; peer cold: ${PEER_COLD[*]:-} s; cachalot CPU per cold fill: ${CA_COLD_CPU[*]:-} s"
 ((${#DIRECT[@]})) && R[direct_cold]=$(printf '%s\n' "${DIRECT[@]}" | median)
 ((${#CA_COLD[@]})) && R[ca_cold]=$(printf '%s\n' "${CA_COLD[@]}" | median)
 ((${#PEER_COLD[@]})) && R[peer_cold]=$(printf '%s\n' "${PEER_COLD[@]}" | median)
