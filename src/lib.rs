@@ -1,1 +1,20 @@
 //! cachalot: a pull-through caching proxy and mirror for OCI container registries.
+//!
+//! A request flows `http::route` -> `http::handlers` -> `mirror`, which answers from `storage`
+//! or fills it once from `upstream`. See DESIGN.md for the invariants every module keeps.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod mirror;
+pub mod oci;
+pub mod storage;
+pub mod upstream;
+
+pub use error::{Error, Result};
+
+/// Starting and stopping the server, for the binary and for tests.
+pub mod server {
+    pub use crate::http::server::{Server, spawn};
+}

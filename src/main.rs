@@ -1,1 +1,112 @@
-fn main() {}
+//! The `cachalot` command line: parse flags, load config, start telemetry, run.
+
+use cachalot::config::Config;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cachalot",
+    version,
+    about = "A pull-through caching proxy and mirror for OCI registries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the mirror (on the built-in default without --config).
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Never contact an upstream; serve only what is cached.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Parse and validate a config file and print the effective config.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => match check_credentials(&c) {
+                Ok(()) => {
+                    print!("{}", c.to_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            },
+            Err(e) => fail(e),
+        },
+        Command::Serve { config, offline } => {
+            let mut config = match config {
+                Some(path) => match Config::load(&path) {
+                    Ok(c) => c,
+                    Err(e) => return fail(e),
+                },
+                None => Config::builtin_default(),
+            };
+            config.cache.offline |= offline;
+            if let Err(e) = check_credentials(&config) {
+                return fail(e);
+            }
+            init_tracing();
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            rt.block_on(serve(config))
+        }
+    }
+}
+
+/// Reads every configured password now, so a missing variable or file fails at start with its
+/// key named, not at the first pull.
+fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
+    for u in &c.upstream {
+        u.password()?;
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let server = match cachalot::server::spawn(config).await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("cachalot: {e}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,513 @@
+//! The TOML configuration: typed, strict (unknown keys are errors), validated after parsing.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// The registries cachalot mirrors. Order does not matter; names must be unique.
+    #[serde(default)]
+    pub upstream: Vec<UpstreamConfig>,
+}
+
+/// `[server]`: where cachalot listens.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain; with `tls_key`, cachalot serves HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `[cache]`: where and how much to cache.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Directory for blobs, manifests and metadata.
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+    /// Disk bound for the cache.
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+    /// In-memory tier for manifests and tokens.
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// How long a tag's digest is trusted before it is revalidated with a HEAD.
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: Dur,
+    /// Never contact an upstream; serve only what is cached.
+    #[serde(default)]
+    pub offline: bool,
+}
+
+/// One `[[upstream]]` registry.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry host clients know (`docker.io`); used by `?ns=` and path-prefix routing.
+    pub name: String,
+    /// Where requests go (`https://registry-1.docker.io`).
+    pub url: String,
+    /// Unprefixed requests go to the default upstream.
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Name of the environment variable holding the password or token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// File holding the password or token (trailing newline ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Connect timeout for this upstream.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Response-header and idle-body timeout for this upstream.
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("default", &self.default)
+            .field("username", &self.username)
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_dir() -> PathBuf {
+    PathBuf::from("./cachalot-cache")
+}
+fn default_max_size() -> ByteSize {
+    ByteSize(50 << 30)
+}
+fn default_memory() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_tag_ttl() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: default_dir(),
+            max_size: default_max_size(),
+            memory: default_memory(),
+            tag_ttl: default_tag_ttl(),
+            offline: false,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn new(name: &str, url: &str) -> Self {
+        UpstreamConfig {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            default: false,
+            username: None,
+            password_env: None,
+            password_file: None,
+            connect_timeout: default_connect_timeout(),
+            timeout: default_timeout(),
+        }
+    }
+
+    /// The configured password, read from its environment variable or file.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map(Some).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "upstream {:?}: password_env: environment variable {var} is not set",
+                    self.name
+                ))
+            });
+        }
+        if let Some(path) = &self.password_file {
+            let s = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "upstream {:?}: password_file: cannot read {}: {e}",
+                    self.name,
+                    path.display()
+                ))
+            })?;
+            return Ok(Some(s.trim_end_matches(['\n', '\r']).to_owned()));
+        }
+        Ok(None)
+    }
+}
+
+/// A configuration error, as one line that names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {message}")]
+    Read { file: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The built-in default: Docker Hub as the default upstream, well-known registries by name.
+    pub fn builtin_default() -> Config {
+        let mut upstream = vec![UpstreamConfig::new(
+            "docker.io",
+            "https://registry-1.docker.io",
+        )];
+        upstream[0].default = true;
+        for (name, url) in [
+            ("ghcr.io", "https://ghcr.io"),
+            ("quay.io", "https://quay.io"),
+            ("registry.k8s.io", "https://registry.k8s.io"),
+            ("gcr.io", "https://gcr.io"),
+            ("mcr.microsoft.com", "https://mcr.microsoft.com"),
+            ("public.ecr.aws", "https://public.ecr.aws"),
+        ] {
+            upstream.push(UpstreamConfig::new(name, url));
+        }
+        Config {
+            server: ServerConfig::default(),
+            cache: CacheConfig::default(),
+            upstream,
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Self::parse(text, "config")
+    }
+
+    fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml's own message spans several lines with a snippet; keep it to one line
+            // that says where.
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let message = e.message().replace('\n', " ");
+            ConfigError::Read {
+                file: match line {
+                    Some(l) => format!("{file}:{l}"),
+                    None => file.to_owned(),
+                },
+                message,
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: cross-key rules, URLs, names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(_), None) => {
+                return bad("server.tls_key: required when server.tls_cert is set".into());
+            }
+            (None, Some(_)) => {
+                return bad("server.tls_cert: required when server.tls_key is set".into());
+            }
+            _ => {}
+        }
+        if self.cache.memory.0 < 1 << 20 {
+            return bad("cache.memory: must be at least 1MiB".into());
+        }
+        if self.cache.max_size.0 == 0 {
+            return bad("cache.max_size: must be greater than zero".into());
+        }
+        if self.cache.dir.as_os_str().is_empty() {
+            return bad("cache.dir: must not be empty".into());
+        }
+        let mut defaults = 0;
+        for (i, u) in self.upstream.iter().enumerate() {
+            let key = |k: &str| format!("upstream[{i}].{k}");
+            if u.name.is_empty()
+                || u.name.contains('/')
+                || u.name.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return bad(format!(
+                    "{}: {:?} is not a registry host name",
+                    key("name"),
+                    u.name
+                ));
+            }
+            if self.upstream[..i].iter().any(|o| o.name == u.name) {
+                return bad(format!("{}: {:?} is configured twice", key("name"), u.name));
+            }
+            let uri: http::Uri = match u.url.parse() {
+                Ok(uri) => uri,
+                Err(_) => return bad(format!("{}: {:?} is not a URL", key("url"), u.url)),
+            };
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return bad(format!(
+                    "{}: {:?} must be an http:// or https:// URL with a host",
+                    key("url"),
+                    u.url
+                ));
+            }
+            if uri.query().is_some() {
+                return bad(format!("{}: {:?} must not have a query", key("url"), u.url));
+            }
+            if u.default {
+                defaults += 1;
+            }
+            if u.password_env.is_some() && u.password_file.is_some() {
+                return bad(format!(
+                    "{}: set password_env or password_file, not both",
+                    key("password_env")
+                ));
+            }
+            if (u.password_env.is_some() || u.password_file.is_some()) && u.username.is_none() {
+                return bad(format!("{}: a password needs a username", key("username")));
+            }
+            if u.connect_timeout.0.is_zero() {
+                return bad(format!(
+                    "{}: must be greater than zero",
+                    key("connect_timeout")
+                ));
+            }
+            if u.timeout.0.is_zero() {
+                return bad(format!("{}: must be greater than zero", key("timeout")));
+            }
+        }
+        if defaults > 1 {
+            return bad("upstream: more than one upstream has default = true".into());
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config`. Passwords are never literal in
+    /// the file (only `password_env`/`password_file`), so nothing secret is printed.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+// === sizes and durations ===
+
+/// A byte count written as `512MiB`, `50GiB`, `1GB` or a plain number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+/// A duration written as `500ms`, `30s`, `5m`, `1h` or `7d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+fn split_unit(s: &str) -> (&str, &str) {
+    let s = s.trim();
+    let idx = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    (&s[..idx], s[idx..].trim())
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (num, unit) = split_unit(s);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like \"512MiB\""))?;
+        let mul: u64 = match unit {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown size unit {unit:?} (use B, KiB, MiB, GiB, TiB)"
+                ));
+            }
+        };
+        n.checked_mul(mul)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, m) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= m && self.0.is_multiple_of(m) {
+                return write!(f, "{}{unit}", self.0 / m);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (num, unit) = split_unit(s);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like \"30s\" or \"5m\""))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown duration unit {unit:?} (use ms, s, m, h, d)"
+                ));
+            }
+        };
+        Ok(Dur(d))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        for (unit, m) in [
+            ("d", 86_400_000u128),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms >= m && ms.is_multiple_of(m) {
+                return write!(f, "{}{unit}", ms / m);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+macro_rules! string_serde {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_string())
+            }
+        }
+    };
+}
+string_serde!(ByteSize);
+string_serde!(Dur);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("50GiB".parse::<ByteSize>().unwrap().0, 50 << 30);
+        assert_eq!("1024".parse::<ByteSize>().unwrap().0, 1024);
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
+        assert_eq!("5m".parse::<Dur>().unwrap().0, Duration::from_secs(300));
+        assert_eq!(
+            "500ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert!("soon".parse::<Dur>().is_err());
+        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+        assert_eq!(Dur(Duration::from_secs(300)).to_string(), "5m");
+    }
+
+    #[test]
+    fn builtin_default_is_valid() {
+        let c = Config::builtin_default();
+        c.validate().unwrap();
+        assert_eq!(c.server.listen.port(), 5000);
+        assert!(
+            c.upstream
+                .iter()
+                .any(|u| u.name == "docker.io" && u.default)
+        );
+        // The printed form parses back to the same thing.
+        let again = Config::from_toml_str(&c.to_toml()).unwrap();
+        assert_eq!(again.upstream.len(), c.upstream.len());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml_str("[cache]\ndir = \"/x\"\nmax_sise = \"1GiB\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("max_sise"), "{msg}");
+        assert!(msg.contains(":3"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::from_toml_str("[cache]\ntag_ttl = \"forever\"\n").unwrap_err();
+        assert!(e.to_string().contains("forever"), "{e}");
+        let e =
+            Config::from_toml_str("[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"\n").unwrap_err();
+        assert!(e.to_string().contains("upstream[0].url"), "{e}");
+        let two = "[[upstream]]\nname=\"a\"\nurl=\"http://a\"\ndefault=true\n[[upstream]]\nname=\"b\"\nurl=\"http://b\"\ndefault=true\n";
+        assert!(
+            Config::from_toml_str(two)
+                .unwrap_err()
+                .to_string()
+                .contains("default")
+        );
+        let e = Config::from_toml_str("[server]\ntls_cert = \"/c.pem\"\n").unwrap_err();
+        assert!(e.to_string().contains("server.tls_key"), "{e}");
+    }
+}

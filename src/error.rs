@@ -1,0 +1,204 @@
+//! The crate's error type, classified by whose fault it is, and its one mapping to an OCI error.
+
+use crate::config::ConfigError;
+use crate::oci::{ErrorCode, OciError};
+use http::{HeaderValue, StatusCode};
+use std::sync::Arc;
+
+/// Every failure cachalot can meet while serving. Cloneable, because one upstream failure is
+/// handed to every request that followed the same fill.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Error {
+    /// The client asked for something invalid or unknown; sent back as is.
+    #[error("{}", .0.message)]
+    Client(OciError),
+    /// An upstream registry failed us.
+    #[error("upstream {upstream}: {fault}")]
+    Upstream {
+        upstream: String,
+        fault: UpstreamFault,
+    },
+    /// The local cache could not be read or written.
+    #[error("storage: {0}")]
+    Storage(Arc<std::io::Error>),
+    #[error("{0}")]
+    Config(Arc<ConfigError>),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// How an upstream failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum UpstreamFault {
+    /// It answered, but not with success.
+    #[error("answered {status}")]
+    Status {
+        status: StatusCode,
+        retry_after: Option<HeaderValue>,
+    },
+    #[error("could not connect: {0}")]
+    Connect(String),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// It sent something that is not a valid answer (bad headers, oversized manifest, ...).
+    #[error("sent an invalid response: {0}")]
+    Protocol(String),
+    #[error("sent content that does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("body ended after {got} of {expected} bytes")]
+    Truncated { expected: u64, got: u64 },
+    /// The mirror runs offline and the content is not cached.
+    #[error("not contacted: the mirror is offline and this is not cached")]
+    Offline,
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Storage(Arc::new(e))
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(Arc::new(e))
+    }
+}
+
+impl From<OciError> for Error {
+    fn from(e: OciError) -> Self {
+        Error::Client(e)
+    }
+}
+
+impl Error {
+    pub fn client(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error::Client(OciError::new(code, message))
+    }
+
+    pub fn upstream(upstream: &str, fault: UpstreamFault) -> Self {
+        Error::Upstream {
+            upstream: upstream.to_owned(),
+            fault,
+        }
+    }
+
+    /// The upstream status, if this error is an upstream's non-success answer.
+    pub fn upstream_status(&self) -> Option<StatusCode> {
+        match self {
+            Error::Upstream {
+                fault: UpstreamFault::Status { status, .. },
+                ..
+            } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// `Retry-After` to pass on to the client, from an upstream 429 or 503.
+    pub fn retry_after(&self) -> Option<&HeaderValue> {
+        match self {
+            Error::Upstream {
+                fault: UpstreamFault::Status { retry_after, .. },
+                ..
+            } => retry_after.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The OCI error a client sees. `not_found` is the code for an upstream 404, which depends
+    /// on what was asked for (manifest, blob, repository).
+    pub fn to_oci(&self, not_found: ErrorCode) -> OciError {
+        match self {
+            Error::Client(e) => e.clone(),
+            Error::Upstream { upstream, fault } => match fault {
+                UpstreamFault::Status { status, .. } => match status.as_u16() {
+                    404 => OciError::new(not_found, format!("not found upstream at {upstream}")),
+                    401 => OciError::new(
+                        ErrorCode::Unauthorized,
+                        format!("upstream {upstream} requires authentication for this repository"),
+                    ),
+                    403 => OciError::new(
+                        ErrorCode::Denied,
+                        format!("upstream {upstream} denied access to this repository"),
+                    ),
+                    429 => OciError::new(
+                        ErrorCode::TooManyRequests,
+                        format!("upstream {upstream} is rate limiting and this is not cached"),
+                    ),
+                    _ => OciError::new(
+                        ErrorCode::Unavailable,
+                        format!("upstream {upstream} {fault}"),
+                    )
+                    .with_status(StatusCode::BAD_GATEWAY),
+                },
+                UpstreamFault::Timeout(_) => OciError::new(
+                    ErrorCode::Unavailable,
+                    format!("upstream {upstream} {fault}"),
+                )
+                .with_status(StatusCode::GATEWAY_TIMEOUT),
+                UpstreamFault::Offline => OciError::new(
+                    not_found,
+                    format!("not cached, and the mirror is offline ({upstream} not contacted)"),
+                ),
+                _ => OciError::new(
+                    ErrorCode::Unavailable,
+                    format!("upstream {upstream} {fault}"),
+                )
+                .with_status(StatusCode::BAD_GATEWAY),
+            },
+            // Details go to the log, not to the client.
+            Error::Storage(_) | Error::Config(_) | Error::Internal(_) => OciError::new(
+                ErrorCode::Unknown,
+                "internal error in the mirror; see its log",
+            ),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_statuses_map_to_oci_codes() {
+        let st = |s: u16| {
+            Error::upstream(
+                "docker.io",
+                UpstreamFault::Status {
+                    status: StatusCode::from_u16(s).unwrap(),
+                    retry_after: None,
+                },
+            )
+        };
+        assert_eq!(
+            st(404).to_oci(ErrorCode::BlobUnknown).code,
+            ErrorCode::BlobUnknown
+        );
+        assert_eq!(
+            st(401).to_oci(ErrorCode::BlobUnknown).status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            st(403).to_oci(ErrorCode::BlobUnknown).code,
+            ErrorCode::Denied
+        );
+        assert_eq!(
+            st(429).to_oci(ErrorCode::BlobUnknown).status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        let e = st(503).to_oci(ErrorCode::BlobUnknown);
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+        assert!(e.message.contains("docker.io"));
+        let t = Error::upstream("quay.io", UpstreamFault::Timeout("waiting for headers"))
+            .to_oci(ErrorCode::BlobUnknown);
+        assert_eq!(t.status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(t.message.contains("quay.io"));
+    }
+
+    #[test]
+    fn storage_details_stay_private() {
+        let e: Error = std::io::Error::other("/var/lib/secret/path").into();
+        assert!(!e.to_oci(ErrorCode::BlobUnknown).message.contains("secret"));
+    }
+}

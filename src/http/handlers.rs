@@ -1,0 +1,527 @@
+//! One function per route. Handlers parse at the edge into OCI types, ask the mirror, and set
+//! the headers clients rely on (Content-Length, Docker-Content-Digest, ETag, Content-Range).
+
+use super::body::{self, Body};
+use super::route::{Route, route};
+use crate::error::Error;
+use crate::metrics::{Metrics, Source};
+use crate::mirror::{Mirror, Target};
+use crate::oci::manifest::Accept;
+use crate::oci::{Digest, ErrorCode, OciError, Tag};
+use crate::upstream::Op;
+use futures_util::FutureExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{error, info};
+
+/// What every request handler shares.
+pub struct AppState {
+    pub mirror: Arc<Mirror>,
+    pub metrics: Arc<Metrics>,
+}
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+/// Sent with a 429 when the upstream gave no `Retry-After` of its own.
+const DEFAULT_RETRY_AFTER: HeaderValue = HeaderValue::from_static("60");
+
+type Reply = Result<Response<Body>, Error>;
+
+/// The service entry point: routes, runs the handler with panics caught, and records the
+/// request in metrics and the log.
+pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let r = route(&method, &path);
+    let label = r.label();
+    let not_found = match &r {
+        Route::Blob { .. } => ErrorCode::BlobUnknown,
+        Route::Manifest { .. } => ErrorCode::ManifestUnknown,
+        _ => ErrorCode::NameUnknown,
+    };
+    let outcome = AssertUnwindSafe(dispatch(&state, r, &req))
+        .catch_unwind()
+        .await;
+    let mut resp = match outcome {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            if matches!(e, Error::Storage(_) | Error::Internal(_) | Error::Config(_)) {
+                error!(error = %e, %method, path, "request failed");
+            }
+            error_response(&e, not_found)
+        }
+        Err(_) => {
+            error!(%method, path, "handler panicked");
+            oci_response(&OciError::new(
+                ErrorCode::Unknown,
+                "internal error in the mirror; see its log",
+            ))
+        }
+    };
+    resp.headers_mut()
+        .insert("docker-distribution-api-version", API_VERSION);
+    let status = resp.status();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[label, status.as_str()])
+        .inc();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[label])
+        .observe(elapsed.as_secs_f64());
+    info!(%method, route = label, path, status = status.as_u16(), duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    resp
+}
+
+async fn dispatch<B>(state: &AppState, r: Route, req: &Request<B>) -> Reply {
+    let head = req.method() == Method::HEAD;
+    let ns = query_param(req.uri().query(), "ns");
+    let mirror = &state.mirror;
+    match r {
+        Route::Base => Ok(json_ok(b"{}".to_vec(), head)),
+        Route::Manifest { name, reference } => {
+            let t = mirror.route(&name, ns.as_deref())?;
+            let accept = Accept::parse(
+                req.headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            manifest(mirror, &t, &reference, &accept, req, head).await
+        }
+        Route::Blob { name, digest } => {
+            let t = mirror.route(&name, ns.as_deref())?;
+            let digest = parse_digest(&digest)?;
+            blob(state, &t, &digest, req, head).await
+        }
+        Route::Tags { name } => {
+            let t = mirror.route(&name, ns.as_deref())?;
+            tags(mirror, &t, req.uri().query(), head).await
+        }
+        Route::Referrers { name, digest } => {
+            let t = mirror.route(&name, ns.as_deref())?;
+            let digest = parse_digest(&digest)?;
+            referrers(mirror, &t, &digest, req.uri().query(), head).await
+        }
+        Route::Metrics => Ok(Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(body::full(state.metrics.render()))
+            .expect("static response")),
+        Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
+        Route::Readyz => {
+            // Ready when the cache directory is usable: the upstreams are optional by design.
+            if mirror.store.root().join("tmp").is_dir() {
+                Ok(text(StatusCode::OK, "ready\n"))
+            } else {
+                Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cache directory unavailable\n",
+                ))
+            }
+        }
+        Route::Unsupported => Err(Error::client(
+            ErrorCode::Unsupported,
+            "this registry is a read-only pull-through mirror",
+        )),
+        Route::NotFound => Err(Error::client(ErrorCode::NameUnknown, "no such endpoint")),
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest, Error> {
+    s.parse().map_err(|e| {
+        Error::client(
+            ErrorCode::DigestInvalid,
+            format!("invalid digest {:?}: {e}", truncate(s)),
+        )
+    })
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+async fn manifest<B>(
+    mirror: &Arc<Mirror>,
+    t: &Target,
+    reference: &str,
+    accept: &Accept,
+    req: &Request<B>,
+    head: bool,
+) -> Reply {
+    let m = if reference.contains(':') {
+        let d = parse_digest(reference)?;
+        mirror.manifest_by_digest(t, &d).await?
+    } else {
+        let tag = Tag::parse(reference).map_err(|_| {
+            Error::client(
+                ErrorCode::TagInvalid,
+                format!("invalid tag {:?}", truncate(reference)),
+            )
+        })?;
+        mirror.manifest_by_tag(t, &tag, accept).await?
+    };
+    let etag = format!("\"{}\"", m.digest);
+    let not_modified = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim() == etag));
+    let builder = Response::builder()
+        .header(header::CONTENT_TYPE, &m.media_type)
+        .header("docker-content-digest", m.digest.to_string())
+        .header(header::ETAG, &etag);
+    if not_modified {
+        return Ok(builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(body::empty())
+            .expect("valid headers"));
+    }
+    let builder = builder.header(header::CONTENT_LENGTH, m.bytes.len());
+    let body = if head {
+        body::empty()
+    } else {
+        mirror.metrics.served(Source::Cache, m.bytes.len() as u64);
+        body::full(m.bytes.clone())
+    };
+    builder
+        .body(body)
+        .map_err(|e| Error::Internal(format!("manifest response: {e}")))
+}
+
+async fn blob<B>(
+    state: &AppState,
+    t: &Target,
+    digest: &Digest,
+    req: &Request<B>,
+    head: bool,
+) -> Reply {
+    let builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ACCEPT_RANGES, "bytes");
+    if head {
+        let len = state.mirror.blob_len(t, digest).await?;
+        return Ok(builder
+            .header(header::CONTENT_LENGTH, len)
+            .body(body::empty())
+            .expect("valid headers"));
+    }
+    let handle = state.mirror.blob(t, digest).await?;
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let Some(len) = handle.len else {
+        // Length unknown until the fill ends (upstream sent no Content-Length): a plain 200,
+        // which every client accepts in answer to a Range.
+        return Ok(builder
+            .body(handle.stream(0, None, state.metrics.clone()))
+            .expect("valid headers"));
+    };
+    match range.map(|r| parse_range(r, len)) {
+        Some(RangeAnswer::Unsatisfiable) => {
+            let e = OciError::new(
+                ErrorCode::RangeInvalid,
+                format!(
+                    "range {:?} is outside the blob's {len} bytes",
+                    truncate(range.unwrap_or(""))
+                ),
+            );
+            let mut resp = oci_response(&e);
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"),
+            );
+            Ok(resp)
+        }
+        Some(RangeAnswer::Partial(start, end)) => Ok(builder
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{len}", end - 1),
+            )
+            .header(header::CONTENT_LENGTH, end - start)
+            .body(handle.stream(start, Some(end), state.metrics.clone()))
+            .expect("valid headers")),
+        Some(RangeAnswer::Full) | None => Ok(builder
+            .header(header::CONTENT_LENGTH, len)
+            .body(handle.stream(0, Some(len), state.metrics.clone()))
+            .expect("valid headers")),
+    }
+}
+
+/// How to answer a `Range` header for a blob of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// Ignore it: serve the whole blob (syntax we do not serve, or several ranges).
+    Full,
+    /// Bytes `start..end`, end exclusive.
+    Partial(u64, u64),
+    Unsatisfiable,
+}
+
+/// Parses a single `bytes=` range (RFC 9110 14.1.2). Several ranges get the whole blob, which
+/// clients accept; a malformed header is ignored, as the RFC allows.
+pub fn parse_range(header: &str, len: u64) -> RangeAnswer {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeAnswer::Full;
+    };
+    if spec.contains(',') {
+        return RangeAnswer::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    match (a.is_empty(), num(a), num(b)) {
+        // bytes=-N: the last N bytes.
+        (true, _, Some(n)) => {
+            if n == 0 || len == 0 {
+                RangeAnswer::Unsatisfiable
+            } else {
+                RangeAnswer::Partial(len - n.min(len), len)
+            }
+        }
+        (false, Some(start), end) if b.is_empty() || end.is_some() => {
+            if start >= len {
+                return RangeAnswer::Unsatisfiable;
+            }
+            match end {
+                None => RangeAnswer::Partial(start, len),
+                Some(e) if e < start => RangeAnswer::Full,
+                Some(e) => RangeAnswer::Partial(start, e.min(len - 1) + 1),
+            }
+        }
+        _ => RangeAnswer::Full,
+    }
+}
+
+async fn tags(mirror: &Mirror, t: &Target, query: Option<&str>, head: bool) -> Reply {
+    let mut upstream_query = Vec::new();
+    if let Some(n) = query_param(query, "n") {
+        if n.parse::<u32>().is_err() {
+            return Err(Error::client(
+                ErrorCode::PaginationNumberInvalid,
+                format!("n={:?} is not a number", truncate(&n)),
+            ));
+        }
+        upstream_query.push(("n", n));
+    }
+    if let Some(last) = query_param(query, "last") {
+        upstream_query.push(("last", last));
+    }
+    let mut path = format!("/v2/{}/tags/list", t.repo);
+    if !upstream_query.is_empty() {
+        path.push('?');
+        path.push_str(
+            &form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(upstream_query)
+                .finish(),
+        );
+    }
+    let p = mirror.passthrough(t, Op::Tags, path).await?;
+    // The list names the repository as the upstream knows it; answer with the client's name.
+    let body = match serde_json::from_slice::<serde_json::Value>(&p.body) {
+        Ok(mut v) if v.get("name").is_some() => {
+            v["name"] = serde_json::Value::String(t.client_name.clone());
+            serde_json::to_vec(&v).unwrap_or_else(|_| p.body.to_vec())
+        }
+        _ => p.body.to_vec(),
+    };
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let Some(link) = p.headers.get(header::LINK).and_then(|v| v.to_str().ok())
+        && let Some(rewritten) = rewrite_link(link, &t.client_name, t.ns.as_deref())
+    {
+        builder = builder.header(header::LINK, rewritten);
+    }
+    mirror.metrics.served(Source::Upstream, body.len() as u64);
+    Ok(builder
+        .body(if head {
+            body::empty()
+        } else {
+            body::full(body)
+        })
+        .expect("valid headers"))
+}
+
+/// `</v2/library/nginx/tags/list?last=x&n=2>; rel="next"` as the client must follow it:
+/// its own repository name, and its `ns` when it routed with one.
+pub fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<String> {
+    let start = link.find('<')? + 1;
+    let end = start + link[start..].find('>')?;
+    let target = &link[start..end];
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k != "ns")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if let Some(ns) = ns {
+        pairs.push(("ns".into(), ns.into()));
+    }
+    let q = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    Some(format!(
+        "</v2/{client_name}/tags/list?{q}>{}",
+        &link[end + 1..]
+    ))
+}
+
+async fn referrers(
+    mirror: &Mirror,
+    t: &Target,
+    digest: &Digest,
+    query: Option<&str>,
+    head: bool,
+) -> Reply {
+    let mut path = format!("/v2/{}/referrers/{}", t.repo, digest);
+    if let Some(at) = query_param(query, "artifactType") {
+        path.push('?');
+        path.push_str(
+            &form_urlencoded::Serializer::new(String::new())
+                .append_pair("artifactType", &at)
+                .finish(),
+        );
+    }
+    let p = mirror.passthrough(t, Op::Referrers, path).await?;
+    let mut builder = Response::builder()
+        .status(p.status)
+        .header(header::CONTENT_LENGTH, p.body.len());
+    for name in [
+        header::CONTENT_TYPE,
+        header::LINK,
+        header::HeaderName::from_static("oci-filters-applied"),
+    ] {
+        if let Some(v) = p.headers.get(&name) {
+            builder = builder.header(name, v);
+        }
+    }
+    mirror.metrics.served(Source::Upstream, p.body.len() as u64);
+    Ok(builder
+        .body(if head {
+            body::empty()
+        } else {
+            body::full(p.body.clone())
+        })
+        .expect("valid headers"))
+}
+
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn json_ok(bytes: Vec<u8>, head: bool) -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(if head {
+            body::empty()
+        } else {
+            body::full(bytes)
+        })
+        .expect("static response")
+}
+
+fn text(status: StatusCode, s: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(body::full(s))
+        .expect("static response")
+}
+
+fn oci_response(e: &OciError) -> Response<Body> {
+    let body = e.body();
+    Response::builder()
+        .status(e.status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(body::full(body))
+        .expect("static response")
+}
+
+fn error_response(e: &Error, not_found: ErrorCode) -> Response<Body> {
+    let oci = e.to_oci(not_found);
+    let mut resp = oci_response(&oci);
+    if oci.status == StatusCode::TOO_MANY_REQUESTS || oci.status == StatusCode::SERVICE_UNAVAILABLE
+    {
+        let retry = e.retry_after().cloned().unwrap_or(DEFAULT_RETRY_AFTER);
+        resp.headers_mut().insert(header::RETRY_AFTER, retry);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), RangeAnswer::Partial(0, 10));
+        assert_eq!(parse_range("bytes=90-", 100), RangeAnswer::Partial(90, 100));
+        assert_eq!(
+            parse_range("bytes=90-500", 100),
+            RangeAnswer::Partial(90, 100)
+        );
+        assert_eq!(parse_range("bytes=-10", 100), RangeAnswer::Partial(90, 100));
+        assert_eq!(parse_range("bytes=-500", 100), RangeAnswer::Partial(0, 100));
+        assert_eq!(parse_range("bytes=100-", 100), RangeAnswer::Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), RangeAnswer::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeAnswer::Full);
+        assert_eq!(parse_range("items=0-1", 100), RangeAnswer::Full);
+        assert_eq!(parse_range("bytes=5-1", 100), RangeAnswer::Full);
+        assert_eq!(parse_range("bytes=x-1", 100), RangeAnswer::Full);
+    }
+
+    #[test]
+    fn links() {
+        let l = rewrite_link(
+            "</v2/library/nginx/tags/list?last=b&n=2>; rel=\"next\"",
+            "nginx",
+            None,
+        )
+        .unwrap();
+        assert_eq!(l, "</v2/nginx/tags/list?last=b&n=2>; rel=\"next\"");
+        let l = rewrite_link(
+            "<https://r.example/v2/o/a/tags/list?n=2&last=b>; rel=\"next\"",
+            "ghcr.io/o/a",
+            Some("ghcr.io"),
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            "</v2/ghcr.io/o/a/tags/list?n=2&last=b&ns=ghcr.io>; rel=\"next\""
+        );
+        assert_eq!(rewrite_link("garbage", "x", None), None);
+    }
+
+    proptest! {
+        #[test]
+        fn range_answers_stay_inside_the_blob(h in "bytes=[0-9]{0,5}-[0-9]{0,5}", len in 0u64..100_000) {
+            if let RangeAnswer::Partial(s, e) = parse_range(&h, len) {
+                prop_assert!(s < e && e <= len);
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Turns a request line into a typed `Route`. Pure: no I/O, no allocation beyond the names.
+//! Paths are matched from the right, because repository names contain `/`.
+
+use http::Method;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /v2/`
+    Base,
+    Manifest {
+        name: String,
+        reference: String,
+    },
+    Blob {
+        name: String,
+        digest: String,
+    },
+    Tags {
+        name: String,
+    },
+    Referrers {
+        name: String,
+        digest: String,
+    },
+    Metrics,
+    Healthz,
+    Readyz,
+    /// A write (push, delete, upload) or another method the mirror does not support.
+    Unsupported,
+    NotFound,
+}
+
+impl Route {
+    /// The `route` label value for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Manifest { .. } => "manifest",
+            Route::Blob { .. } => "blob",
+            Route::Tags { .. } => "tags",
+            Route::Referrers { .. } => "referrers",
+            _ => "other",
+        }
+    }
+}
+
+/// Routes a request by method and path (without the query).
+pub fn route(method: &Method, path: &str) -> Route {
+    let read = method == Method::GET || method == Method::HEAD;
+    match path {
+        "/metrics" if read => return Route::Metrics,
+        "/healthz" if read => return Route::Healthz,
+        "/readyz" if read => return Route::Readyz,
+        "/v2" | "/v2/" => {
+            return if read {
+                Route::Base
+            } else {
+                Route::Unsupported
+            };
+        }
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Route::NotFound;
+    };
+    let route = if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        Route::Manifest {
+            name: name.to_owned(),
+            reference: reference.to_owned(),
+        }
+    } else if rest.contains("/blobs/uploads") {
+        return Route::Unsupported;
+    } else if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        Route::Blob {
+            name: name.to_owned(),
+            digest: digest.to_owned(),
+        }
+    } else if let Some(name) = rest.strip_suffix("/tags/list") {
+        Route::Tags {
+            name: name.to_owned(),
+        }
+    } else if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
+        Route::Referrers {
+            name: name.to_owned(),
+            digest: digest.to_owned(),
+        }
+    } else if rest == "_catalog" {
+        // Listing every repository of every upstream is not something a mirror can answer.
+        return Route::Unsupported;
+    } else {
+        return Route::NotFound;
+    };
+    // PUT/POST/PATCH/DELETE on a pull path: the mirror is read-only.
+    if read { route } else { Route::Unsupported }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn routes() {
+        let g = Method::GET;
+        assert_eq!(route(&g, "/v2/"), Route::Base);
+        assert_eq!(route(&g, "/v2"), Route::Base);
+        assert_eq!(
+            route(&g, "/v2/library/nginx/manifests/latest"),
+            Route::Manifest {
+                name: "library/nginx".into(),
+                reference: "latest".into()
+            }
+        );
+        assert_eq!(
+            route(&Method::HEAD, "/v2/ghcr.io/o/a/blobs/sha256:ab"),
+            Route::Blob {
+                name: "ghcr.io/o/a".into(),
+                digest: "sha256:ab".into()
+            }
+        );
+        assert_eq!(
+            route(&g, "/v2/a/b/tags/list"),
+            Route::Tags { name: "a/b".into() }
+        );
+        assert_eq!(
+            route(&g, "/v2/a/referrers/sha256:x"),
+            Route::Referrers {
+                name: "a".into(),
+                digest: "sha256:x".into()
+            }
+        );
+        // A repository may itself be called "manifests": match from the right.
+        assert_eq!(
+            route(&g, "/v2/x/manifests/y/manifests/z"),
+            Route::Manifest {
+                name: "x/manifests/y".into(),
+                reference: "z".into()
+            }
+        );
+        assert_eq!(route(&g, "/metrics"), Route::Metrics);
+        assert_eq!(route(&g, "/nope"), Route::NotFound);
+        assert_eq!(route(&g, "/v2/x/unknown"), Route::NotFound);
+    }
+
+    #[test]
+    fn writes_are_unsupported() {
+        assert_eq!(
+            route(&Method::POST, "/v2/a/blobs/uploads/"),
+            Route::Unsupported
+        );
+        assert_eq!(
+            route(&Method::PATCH, "/v2/a/blobs/uploads/123"),
+            Route::Unsupported
+        );
+        assert_eq!(
+            route(&Method::PUT, "/v2/a/manifests/latest"),
+            Route::Unsupported
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/v2/a/blobs/sha256:ab"),
+            Route::Unsupported
+        );
+        assert_eq!(
+            route(&Method::GET, "/v2/a/blobs/uploads/123"),
+            Route::Unsupported
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(path in "/[a-z0-9/:._-]{0,80}") {
+            let _ = route(&Method::GET, &path);
+            let _ = route(&Method::DELETE, &path);
+        }
+    }
+}

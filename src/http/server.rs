@@ -1,0 +1,163 @@
+//! The accept loop: TCP, optional TLS (rustls), hyper-util's HTTP/1 + HTTP/2 builder.
+//! Sockets live only here; everything behind `handle` is a plain function of the request.
+
+use super::handlers::{AppState, handle};
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::storage::Store;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+/// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server. Dropping it does not stop it; call `shutdown`.
+pub struct Server {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    pub mirror: Arc<Mirror>,
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and closes every connection.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server stops (it only stops through `shutdown`).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Opens the cache, binds `server.listen` and starts serving; returns once bound.
+pub async fn spawn(config: Config) -> Result<Server, Error> {
+    let dir = config.cache.dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| Error::Internal(format!("cache.dir {}: {e}", config.cache.dir.display())))?;
+    let names: Vec<&str> = config.upstream.iter().map(|u| u.name.as_str()).collect();
+    let metrics = Arc::new(Metrics::new(&names));
+    let mirror = Arc::new(Mirror::new(&config, Arc::new(store), metrics.clone())?);
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| Error::Internal(format!("server.listen {}: {e}", config.server.listen)))?;
+    let addr = listener.local_addr()?;
+    info!(%addr, tls = tls.is_some(), upstreams = ?names, "cachalot listening");
+    let state = Arc::new(AppState {
+        mirror: mirror.clone(),
+        metrics,
+    });
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
+    Ok(Server {
+        addr,
+        stop,
+        task,
+        mirror,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<AppState>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stopped.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let tls = tls.clone();
+        conns.spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(state, req).await) }
+            });
+            let builder = Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), service).await,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    conns.abort_all();
+}
+
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, Error> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| Error::Internal(format!("server.tls_cert {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Internal(format!(
+            "server.tls_cert {}: no certificate found",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| Error::Internal(format!("server.tls_key {}: {e}", key.display())))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Internal(format!("TLS: {e}")))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| Error::Internal(format!("server.tls_cert/tls_key: {e}")))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}

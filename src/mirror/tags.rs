@@ -1,0 +1,199 @@
+//! Tag -> manifest resolution: trusted for `tag_ttl`, then revalidated with a HEAD (which
+//! Docker Hub does not count against rate limits); on any upstream failure the last known
+//! manifest is served and counted as stale.
+
+use super::{Manifest, Mirror, Target};
+use crate::error::Error;
+use crate::metrics::{Kind, Lookup};
+use crate::oci::manifest::Accept;
+use crate::oci::{Digest, Tag};
+use crate::storage::TagEntry;
+use crate::upstream::{Op, UpstreamRequest};
+use http::Method;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tracing::{debug, info};
+
+/// Upper bound on a revalidation HEAD: well under any client's own timeout, so a hung upstream
+/// costs a stale answer, not a failed pull.
+const REVALIDATE_DEADLINE: Duration = Duration::from_secs(5);
+
+impl Mirror {
+    /// The manifest a tag points at, for a client that accepts `accept`.
+    pub async fn manifest_by_tag(
+        self: &Arc<Self>,
+        t: &Target,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<Arc<Manifest>, Error> {
+        let entry = self.cached_tag(t, tag, accept)?;
+        if let Some(entry) = &entry {
+            let fresh = entry
+                .checked
+                .elapsed()
+                .map(|age| age < self.tag_ttl)
+                .unwrap_or(true);
+            if (fresh || self.offline)
+                && let Some(m) = self.cached_manifest(&entry.digest).await?
+            {
+                self.metrics.lookup(Kind::Manifest, Lookup::Hit);
+                return Ok(m);
+            }
+        }
+        if self.offline {
+            self.metrics.lookup(Kind::Manifest, Lookup::Miss);
+            return Err(self.offline_error(t));
+        }
+        let key = format!(
+            "t\0{}\0{}\0{}\0{}",
+            t.upstream.name(),
+            t.repo,
+            tag,
+            accept.upstream_value()
+        );
+        let this = self.clone();
+        let (t2, tag2, accept2) = (t.clone(), tag.clone(), accept.clone());
+        let (res, leader) = self
+            .manifest_flights
+            .run(key, move || async move {
+                this.resolve_tag(&t2, &tag2, &accept2, entry).await
+            })
+            .await;
+        let (m, result) = res?;
+        self.metrics.lookup(
+            Kind::Manifest,
+            if leader { result } else { Lookup::Coalesced },
+        );
+        Ok(m)
+    }
+
+    /// The cached entry for this tag whose media type the client accepts.
+    fn cached_tag(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<Option<TagEntry>, Error> {
+        let entries = self
+            .store
+            .meta
+            .tags(t.upstream.name(), t.repo.as_str(), tag.as_str())?;
+        Ok(entries.into_iter().find(|e| accept.allows(&e.media_type)))
+    }
+
+    /// Runs in its own task (single flight): revalidate a stale entry, or fetch a new one.
+    async fn resolve_tag(
+        self: Arc<Self>,
+        t: &Target,
+        tag: &Tag,
+        accept: &Accept,
+        entry: Option<TagEntry>,
+    ) -> Result<(Arc<Manifest>, Lookup), Error> {
+        let Some(entry) = entry else {
+            let m = self.fetch_by_tag(t, tag, accept).await?;
+            return Ok((m, Lookup::Miss));
+        };
+        let Some(cached) = self.cached_manifest(&entry.digest).await? else {
+            // The tag is known but its manifest is gone from disk: fetch afresh.
+            let m = self.fetch_by_tag(t, tag, accept).await?;
+            return Ok((m, Lookup::Miss));
+        };
+        match self.head_tag(t, tag, accept).await {
+            Ok(Some(digest)) if digest == entry.digest => {
+                let (store, key) = (
+                    self.store.clone(),
+                    (
+                        t.upstream.name().to_owned(),
+                        t.repo.to_string(),
+                        tag.to_string(),
+                    ),
+                );
+                let e = entry.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    store
+                        .meta
+                        .touch_tag(&key.0, &key.1, &key.2, &e, SystemTime::now())
+                })
+                .await;
+                debug!(tag = %tag, "tag revalidated");
+                Ok((cached, Lookup::Revalidated))
+            }
+            Ok(Some(digest)) => {
+                info!(tag = %tag, old = %entry.digest, new = %digest, "tag moved upstream");
+                let fetch = self.fetch_manifest_task(
+                    t,
+                    digest.to_string(),
+                    accept.clone(),
+                    Some(digest),
+                    Some(tag.to_string()),
+                );
+                match fetch.await {
+                    Ok(m) => Ok((m, Lookup::Miss)),
+                    Err(e) => {
+                        info!(error = %e, tag = %tag, "fetching the moved tag failed; serving the cached manifest");
+                        Ok((cached, Lookup::Stale))
+                    }
+                }
+            }
+            // HEAD answered without a digest: GET by tag instead.
+            Ok(None) => match self.fetch_by_tag(t, tag, accept).await {
+                Ok(m) => Ok((m, Lookup::Miss)),
+                Err(_) => Ok((cached, Lookup::Stale)),
+            },
+            Err(e) => {
+                info!(error = %e, tag = %tag, upstream = t.upstream.name(), "upstream failed revalidation; serving stale manifest");
+                Ok((cached, Lookup::Stale))
+            }
+        }
+    }
+
+    async fn fetch_by_tag(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<Arc<Manifest>, Error> {
+        self.fetch_manifest_task(
+            t,
+            tag.to_string(),
+            accept.clone(),
+            None,
+            Some(tag.to_string()),
+        )
+        .await
+    }
+
+    /// HEADs the tag upstream: `Some(digest)` from `Docker-Content-Digest`, `None` if absent.
+    async fn head_tag(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<Option<Digest>, Error> {
+        let up = &t.upstream;
+        let head = up.send(UpstreamRequest {
+            method: Method::HEAD,
+            op: Op::Manifest,
+            repo: &t.repo,
+            path_and_query: format!("/v2/{}/manifests/{}", t.repo, tag),
+            accept: Some(accept.upstream_value()),
+            range: None,
+        });
+        let resp = tokio::time::timeout(REVALIDATE_DEADLINE.min(up.body_timeout()), head)
+            .await
+            .map_err(|_| {
+                Error::upstream(
+                    up.name(),
+                    crate::error::UpstreamFault::Timeout("revalidating a tag"),
+                )
+            })??;
+        if !resp.status().is_success() {
+            return Err(up.status_error(&resp));
+        }
+        Ok(resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+}

@@ -1,0 +1,186 @@
+//! Content digests: canonical parsing, display, and a streaming verifier.
+
+use sha2::{Digest as _, Sha256, Sha512};
+use std::fmt;
+use std::str::FromStr;
+
+/// The hash algorithms cachalot can verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+}
+
+/// A validated digest: algorithm plus the raw hash bytes. Always printed as lowercase hex, so
+/// two spellings of one digest can never become two cache keys.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    algorithm: Algorithm,
+    bytes: Box<[u8]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    #[error("digest has no algorithm prefix")]
+    NoAlgorithm,
+    #[error("unsupported digest algorithm {0:?}")]
+    Unsupported(String),
+    #[error("digest encoding must be {0} lowercase hex characters")]
+    BadEncoding(usize),
+}
+
+impl Digest {
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(&self.bytes)
+    }
+
+    /// The digest of `data`, computed in one go (for small objects such as manifests).
+    pub fn sha256_of(data: &[u8]) -> Digest {
+        let mut v = Verifier::new(Algorithm::Sha256);
+        v.update(data);
+        v.finish()
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (alg, enc) = s.split_once(':').ok_or(DigestError::NoAlgorithm)?;
+        let algorithm = match alg {
+            "sha256" => Algorithm::Sha256,
+            "sha512" => Algorithm::Sha512,
+            other => return Err(DigestError::Unsupported(other.chars().take(32).collect())),
+        };
+        // Uppercase hex is rejected rather than folded: the spec's canonical form is lowercase,
+        // and accepting both would let a client address one blob under two names.
+        let valid = enc.len() == algorithm.hex_len()
+            && enc
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid {
+            return Err(DigestError::BadEncoding(algorithm.hex_len()));
+        }
+        let bytes = hex::decode(enc).map_err(|_| DigestError::BadEncoding(algorithm.hex_len()))?;
+        Ok(Digest {
+            algorithm,
+            bytes: bytes.into_boxed_slice(),
+        })
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm.as_str(), self.hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Hashes bytes as they stream past; the caller decides at end of stream whether they match.
+pub enum Verifier {
+    Sha256(Sha256),
+    Sha512(Sha512),
+}
+
+impl Verifier {
+    pub fn new(algorithm: Algorithm) -> Self {
+        match algorithm {
+            Algorithm::Sha256 => Verifier::Sha256(Sha256::new()),
+            Algorithm::Sha512 => Verifier::Sha512(Sha512::new()),
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Verifier::Sha256(h) => h.update(data),
+            Verifier::Sha512(h) => h.update(data),
+        }
+    }
+
+    pub fn finish(self) -> Digest {
+        match self {
+            Verifier::Sha256(h) => Digest {
+                algorithm: Algorithm::Sha256,
+                bytes: h.finalize().to_vec().into_boxed_slice(),
+            },
+            Verifier::Sha512(h) => Digest {
+                algorithm: Algorithm::Sha512,
+                bytes: h.finalize().to_vec().into_boxed_slice(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn parses_and_prints_canonically() {
+        let d: Digest = EMPTY.parse().unwrap();
+        assert_eq!(d.to_string(), EMPTY);
+        assert_eq!(Digest::sha256_of(b""), d);
+    }
+
+    #[test]
+    fn rejects_bad_digests() {
+        assert_eq!("sha256".parse::<Digest>(), Err(DigestError::NoAlgorithm));
+        assert!(matches!(
+            "md5:abcd".parse::<Digest>(),
+            Err(DigestError::Unsupported(_))
+        ));
+        assert!("sha256:totallywrong".parse::<Digest>().is_err());
+        assert!(
+            EMPTY
+                .to_uppercase()
+                .replace("SHA256", "sha256")
+                .parse::<Digest>()
+                .is_err()
+        );
+        assert!(format!("{EMPTY}0").parse::<Digest>().is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn streaming_equals_one_shot(data in proptest::collection::vec(any::<u8>(), 0..4096), cut in 0usize..4096) {
+            let cut = cut.min(data.len());
+            let mut v = Verifier::new(Algorithm::Sha256);
+            v.update(&data[..cut]);
+            v.update(&data[cut..]);
+            prop_assert_eq!(v.finish(), Digest::sha256_of(&data));
+        }
+
+        #[test]
+        fn parse_never_panics(s in ".{0,200}") {
+            let _ = s.parse::<Digest>();
+        }
+    }
+}

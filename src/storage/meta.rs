@@ -1,0 +1,184 @@
+//! Crash-safe metadata in redb: which digest each tag pointed at and when that was checked,
+//! and the media type of each cached manifest. Every write is one durable transaction.
+
+use crate::oci::Digest;
+use redb::{Database, TableDefinition};
+use std::io;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `"<upstream>\0<repo>\0<tag>\0<media type>"` -> (digest, checked at, ms since the epoch).
+/// Keyed by media type too, because what an upstream returns for a tag depends on `Accept`.
+const TAGS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
+/// digest -> media type of a cached manifest.
+const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
+
+pub struct Meta {
+    db: Database,
+}
+
+/// What the cache knows about one tag, for one media type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagEntry {
+    pub digest: Digest,
+    pub media_type: String,
+    /// When upstream last confirmed this digest for the tag.
+    pub checked: SystemTime,
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("metadata store: {e}"))
+}
+
+fn tag_prefix(upstream: &str, repo: &str, tag: &str) -> String {
+    format!("{upstream}\0{repo}\0{tag}\0")
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Meta {
+    pub fn open(path: &Path) -> io::Result<Meta> {
+        let db = Database::create(path).map_err(|e| io_err(format!("{}: {e}", path.display())))?;
+        // Create the tables up front so read transactions never meet a missing table.
+        let tx = db.begin_write().map_err(io_err)?;
+        tx.open_table(TAGS).map_err(io_err)?;
+        tx.open_table(MANIFESTS).map_err(io_err)?;
+        tx.commit().map_err(io_err)?;
+        Ok(Meta { db })
+    }
+
+    /// Every cached entry of one tag (one per media type seen).
+    pub fn tags(&self, upstream: &str, repo: &str, tag: &str) -> io::Result<Vec<TagEntry>> {
+        let prefix = tag_prefix(upstream, repo, tag);
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(TAGS).map_err(io_err)?;
+        let mut out = Vec::new();
+        for row in table.range(prefix.as_str()..).map_err(io_err)? {
+            let (k, v) = row.map_err(io_err)?;
+            let Some(media_type) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            let (digest, checked) = v.value();
+            if let Ok(digest) = digest.parse() {
+                out.push(TagEntry {
+                    digest,
+                    media_type: media_type.to_owned(),
+                    checked: UNIX_EPOCH + Duration::from_millis(checked),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a manifest's media type and, when it came by tag, the tag, in one transaction.
+    pub fn put_manifest(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        tag: Option<(&str, &str, &str, SystemTime)>,
+    ) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut manifests = tx.open_table(MANIFESTS).map_err(io_err)?;
+            manifests
+                .insert(digest.to_string().as_str(), media_type)
+                .map_err(io_err)?;
+            if let Some((upstream, repo, tag, checked)) = tag {
+                let mut tags = tx.open_table(TAGS).map_err(io_err)?;
+                let key = format!("{}{media_type}", tag_prefix(upstream, repo, tag));
+                tags.insert(key.as_str(), (digest.to_string().as_str(), millis(checked)))
+                    .map_err(io_err)?;
+            }
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    /// Marks a tag entry as confirmed by upstream now.
+    pub fn touch_tag(
+        &self,
+        upstream: &str,
+        repo: &str,
+        tag: &str,
+        entry: &TagEntry,
+        now: SystemTime,
+    ) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut tags = tx.open_table(TAGS).map_err(io_err)?;
+            let key = format!("{}{}", tag_prefix(upstream, repo, tag), entry.media_type);
+            tags.insert(
+                key.as_str(),
+                (entry.digest.to_string().as_str(), millis(now)),
+            )
+            .map_err(io_err)?;
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    pub fn manifest_type(&self, digest: &Digest) -> io::Result<Option<String>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(MANIFESTS).map_err(io_err)?;
+        Ok(table
+            .get(digest.to_string().as_str())
+            .map_err(io_err)?
+            .map(|v| v.value().to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_survive_reopen_and_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let d1 = Digest::sha256_of(b"one");
+        let d2 = Digest::sha256_of(b"two");
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        {
+            let m = Meta::open(&path).unwrap();
+            m.put_manifest(
+                &d1,
+                "application/a",
+                Some(("docker.io", "library/x", "1", t)),
+            )
+            .unwrap();
+            m.put_manifest(
+                &d2,
+                "application/b",
+                Some(("docker.io", "library/x", "1", t)),
+            )
+            .unwrap();
+            m.put_manifest(&d2, "application/b", Some(("ghcr.io", "library/x", "1", t)))
+                .unwrap();
+            m.put_manifest(
+                &d2,
+                "application/b",
+                Some(("docker.io", "library/x", "10", t)),
+            )
+            .unwrap();
+        }
+        let m = Meta::open(&path).unwrap();
+        let tags = m.tags("docker.io", "library/x", "1").unwrap();
+        assert_eq!(tags.len(), 2);
+        assert_eq!(tags[0].digest, d1);
+        assert_eq!(tags[0].checked, t);
+        assert_eq!(
+            m.manifest_type(&d2).unwrap().as_deref(),
+            Some("application/b")
+        );
+        let later = t + Duration::from_secs(5);
+        m.touch_tag("docker.io", "library/x", "1", &tags[1], later)
+            .unwrap();
+        assert_eq!(
+            m.tags("docker.io", "library/x", "1").unwrap()[1].checked,
+            later
+        );
+        assert!(m.tags("quay.io", "library/x", "1").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,613 @@
+//! One upstream registry: a pooled hyper-util client over hyper-rustls (webpki roots, http and
+//! https, HTTP/1.1 and HTTP/2), per-upstream timeouts, token and Basic auth, and redirects.
+//!
+//! Timeouts: the connect timeout lives in the connector; the response-header timeout wraps each
+//! request sent (each attempt, each redirect hop, each token fetch); the idle-body timeout is the
+//! caller's to apply between body frames ([`Upstream::body_timeout`]).
+//!
+//! Credentials go only where they belong (DESIGN.md invariant 6): the upstream's token or Basic
+//! credentials are dropped as soon as a redirect leaves the scheme, host and port they were
+//! sent to, and never come back within that request.
+
+use super::auth::{self, BearerChallenge, Credentials, Secret, Token, TokenCache};
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::error::{Error, UpstreamFault};
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use http::header::{
+    ACCEPT, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Redirects followed per request before giving up.
+pub const MAX_REDIRECTS: usize = 5;
+/// Largest token response read.
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+const USER_AGENT_VALUE: &str = concat!("cachalot/", env!("CARGO_PKG_VERSION"));
+
+/// What a request is for; the `op` label of `cachalot_upstream_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+    Ping,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Manifest => "manifest",
+            Op::Blob => "blob",
+            Op::Tags => "tags",
+            Op::Referrers => "referrers",
+            Op::Ping => "ping",
+        }
+    }
+}
+
+/// Label for token fetches in `cachalot_upstream_requests_total`.
+const TOKEN_OP: &str = "token";
+
+/// One request to an upstream. The caller's own headers are never part of it: only `Accept` and
+/// `Range` are forwarded.
+#[derive(Clone, Debug)]
+pub struct UpstreamRequest<'a> {
+    /// GET or HEAD.
+    pub method: Method,
+    pub op: Op,
+    /// The name as the upstream knows it (prefix stripped, `library/` added); the token scope is
+    /// `repository:<repo>:pull`. Ignored for [`Op::Ping`].
+    pub repo: &'a crate::oci::RepoName,
+    /// `/v2/...`; the configured url's path prefix, if any, is prepended.
+    pub path_and_query: String,
+    pub accept: Option<String>,
+    pub range: Option<HeaderValue>,
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// One configured upstream registry. Cheap to clone (an `Arc` inside).
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    /// Scheme and authority of the configured url.
+    base: Uri,
+    /// The configured url's path without its trailing `/` (often empty).
+    base_path: String,
+    client: HttpClient,
+    creds: Option<Credentials>,
+    header_timeout: Duration,
+    body_timeout: Duration,
+    tokens: TokenCache,
+    /// The last Bearer challenge seen, so later requests fetch a token before the first attempt
+    /// instead of collecting a 401 each time.
+    bearer: RwLock<Option<BearerChallenge>>,
+    /// The upstream challenged with Basic: send Basic credentials up front.
+    basic: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.inner.name)
+            .field("base", &self.inner.base)
+            .field("base_path", &self.inner.base_path)
+            .field("username", &self.inner.creds.as_ref().map(|c| &c.username))
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a request is authorized.
+#[derive(Clone)]
+enum Auth {
+    None,
+    Bearer(Token),
+    Basic,
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// Builds the client. Reads the password (env or file) now; fails on an invalid url or an
+    /// unreadable password.
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> crate::Result<Upstream> {
+        let url: Uri = cfg.url.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "upstream {:?}: url {:?} is not a URL",
+                cfg.name, cfg.url
+            ))
+        })?;
+        let (base, base_path) = split_base(&url).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "upstream {:?}: url {:?} must be http(s)://host[/path]",
+                cfg.name, cfg.url
+            ))
+        })?;
+        let creds = match &cfg.username {
+            Some(u) => Some(Credentials {
+                username: u.clone(),
+                password: Secret::new(cfg.password()?.unwrap_or_default()),
+            }),
+            None => None,
+        };
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout.0));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| Error::Internal(format!("TLS setup: {e}")))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+
+        Ok(Upstream {
+            inner: Arc::new(Inner {
+                name: cfg.name.clone(),
+                base,
+                base_path,
+                client,
+                creds,
+                header_timeout: cfg.timeout.0,
+                body_timeout: cfg.timeout.0,
+                tokens: TokenCache::default(),
+                bearer: RwLock::new(None),
+                basic: AtomicBool::new(false),
+                metrics,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Idle-body timeout the caller applies between body frames (`timeout` in the config).
+    pub fn body_timeout(&self) -> Duration {
+        self.inner.body_timeout
+    }
+
+    /// Response-header timeout applied to every request sent.
+    pub fn header_timeout(&self) -> Duration {
+        self.inner.header_timeout
+    }
+
+    /// The bearer token cache (for tests and diagnostics).
+    pub fn tokens(&self) -> &TokenCache {
+        &self.inner.tokens
+    }
+
+    /// Sends `req` with auth, following redirects, and returns the final response whatever its
+    /// status; the body streams.
+    ///
+    /// Auth: a cached bearer token for `repository:<repo>:pull` is sent up front (fetched up
+    /// front when this upstream has challenged with Bearer before). On a 401 with a Bearer
+    /// challenge, the rejected token is dropped from the cache, a fresh one fetched (concurrent
+    /// fetches of one scope coalesce), and the request retried once; on a Basic challenge it is
+    /// retried once with the configured credentials. A 401 is returned as is when retrying cannot
+    /// help (the token was fetched during this call for the same realm and scope, or there are
+    /// no credentials for Basic).
+    ///
+    /// Failures: connect errors -> [`UpstreamFault::Connect`]; connect or header timeouts ->
+    /// [`UpstreamFault::Timeout`]; other transport errors, bad redirects and more than
+    /// [`MAX_REDIRECTS`] redirects -> [`UpstreamFault::Protocol`]; a token endpoint that does
+    /// not answer 200 -> [`UpstreamFault::Status`] with its status.
+    pub async fn send(&self, req: UpstreamRequest<'_>) -> crate::Result<Response<Incoming>> {
+        let url = join_url(&self.inner.base, &self.inner.base_path, &req.path_and_query)
+            .map_err(|m| Error::Internal(format!("upstream path {m}")))?;
+        let scope = match req.op {
+            Op::Ping => None,
+            _ => Some(format!("repository:{}:pull", req.repo.as_str())),
+        };
+        let key = scope.as_deref().unwrap_or("");
+        let started = Instant::now();
+
+        let auth = if let Some(t) = self.inner.tokens.get(key).await {
+            Auth::Bearer(t)
+        } else if let Some(ch) = self.known_bearer() {
+            let ch = BearerChallenge {
+                scope: scope.clone(),
+                ..ch
+            };
+            Auth::Bearer(self.token(key, &ch).await?)
+        } else if self.inner.basic.load(Ordering::Relaxed) && self.inner.creds.is_some() {
+            Auth::Basic
+        } else {
+            Auth::None
+        };
+
+        let resp = self.send_following(&req, &url, &auth, 1).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let challenges: Vec<auth::Challenge> = resp
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .flat_map(|v| auth::parse_www_authenticate(&String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+
+        if let Some(mut ch) = challenges.iter().find_map(auth::Challenge::bearer) {
+            if ch.scope.is_none() {
+                ch.scope = scope.clone();
+            }
+            if let Auth::Bearer(used) = &auth {
+                let same = used.realm == ch.realm && used.scope == ch.scope;
+                if used.fetched_at >= started && same {
+                    // A token fetched just now for exactly this was refused: the account has no
+                    // access (or the repository does not exist). Another token will not help.
+                    return Ok(resp);
+                }
+                self.inner.tokens.invalidate_if(key, used).await;
+            }
+            self.remember_bearer(&ch);
+            drop(resp);
+            let token = self.token(key, &ch).await?;
+            return self
+                .send_following(&req, &url, &Auth::Bearer(token), 2)
+                .await;
+        }
+        let basic = challenges.iter().any(|c| c.scheme == auth::Scheme::Basic);
+        if basic && self.inner.creds.is_some() && !matches!(auth, Auth::Basic) {
+            self.inner.basic.store(true, Ordering::Relaxed);
+            drop(resp);
+            return self.send_following(&req, &url, &Auth::Basic, 2).await;
+        }
+        Ok(resp)
+    }
+
+    /// The error for a non-success response: a Status fault keeping `Retry-After`.
+    pub fn status_error(&self, resp: &Response<Incoming>) -> Error {
+        self.status_error_parts(resp.status(), resp.headers())
+    }
+
+    fn status_error_parts(&self, status: StatusCode, headers: &http::HeaderMap) -> Error {
+        Error::upstream(
+            &self.inner.name,
+            UpstreamFault::Status {
+                status,
+                retry_after: headers.get(RETRY_AFTER).cloned(),
+            },
+        )
+    }
+
+    fn fault(&self, fault: UpstreamFault) -> Error {
+        Error::upstream(&self.inner.name, fault)
+    }
+
+    fn known_bearer(&self) -> Option<BearerChallenge> {
+        self.inner
+            .bearer
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
+    fn remember_bearer(&self, ch: &BearerChallenge) {
+        if let Ok(mut g) = self.inner.bearer.write() {
+            *g = Some(BearerChallenge {
+                scope: None,
+                ..ch.clone()
+            });
+        }
+    }
+
+    /// The cached token for `key`, or one fetched for challenge `ch` (coalesced per key).
+    async fn token(&self, key: &str, ch: &BearerChallenge) -> crate::Result<Token> {
+        self.inner
+            .tokens
+            .get_or_fetch(key, self.fetch_token(ch))
+            .await
+    }
+
+    /// One token request: `GET realm?service=..&scope=..`, with Basic credentials if configured
+    /// (unless that would send them in clear text to a realm when the upstream itself is https).
+    async fn fetch_token(&self, ch: &BearerChallenge) -> crate::Result<Token> {
+        let result = self.fetch_token_inner(ch).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.inner
+            .metrics
+            .token_fetches
+            .with_label_values(&[self.inner.name.as_str(), label])
+            .inc();
+        result
+    }
+
+    async fn fetch_token_inner(&self, ch: &BearerChallenge) -> crate::Result<Token> {
+        let url: Uri = auth::token_url(&ch.realm, ch.service.as_deref(), ch.scope.as_deref())
+            .parse()
+            .ok()
+            .filter(|u: &Uri| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            })
+            .ok_or_else(|| {
+                self.fault(UpstreamFault::Protocol(
+                    "token realm is not an http(s) URL".into(),
+                ))
+            })?;
+        let mut builder = Request::get(url.clone()).header(USER_AGENT, USER_AGENT_VALUE);
+        if let Some(c) = &self.inner.creds {
+            if url.scheme_str() == Some("https") || self.inner.base.scheme_str() == Some("http") {
+                builder = builder.header(AUTHORIZATION, c.basic_header());
+            } else {
+                tracing::warn!(
+                    upstream = %self.inner.name,
+                    realm_host = url.host().unwrap_or(""),
+                    "token realm is plain http; not sending credentials to it"
+                );
+            }
+        }
+        let request = builder
+            .body(Empty::new())
+            .map_err(|e| Error::Internal(format!("token request: {e}")))?;
+        let span = tracing::debug_span!("upstream", op = TOKEN_OP, registry = %self.inner.name, attempt = 1);
+        let resp = self.request(TOKEN_OP, request).instrument(span).await?;
+        if resp.status() != StatusCode::OK {
+            tracing::debug!(status = resp.status().as_u16(), "token endpoint refused");
+            return Err(self.status_error_parts(resp.status(), resp.headers()));
+        }
+        let body = tokio::time::timeout(
+            self.inner.body_timeout,
+            Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE).collect(),
+        )
+        .await
+        .map_err(|_| self.fault(UpstreamFault::Timeout("reading the token response")))?
+        .map_err(|e| self.fault(UpstreamFault::Protocol(format!("token response: {e}"))))?
+        .to_bytes();
+        let (value, usable_for) = auth::parse_token_response(&body)
+            .map_err(|e| self.fault(UpstreamFault::Protocol(e.0.to_owned())))?;
+        Ok(Token {
+            value,
+            fetched_at: Instant::now(),
+            usable_for,
+            realm: ch.realm.clone(),
+            scope: ch.scope.clone(),
+        })
+    }
+
+    /// Sends one attempt, following up to [`MAX_REDIRECTS`] redirects. Authorization is dropped
+    /// for good as soon as a hop leaves the origin it was meant for.
+    async fn send_following(
+        &self,
+        req: &UpstreamRequest<'_>,
+        url: &Uri,
+        auth: &Auth,
+        attempt: u32,
+    ) -> crate::Result<Response<Incoming>> {
+        let span = tracing::debug_span!("upstream", op = req.op.as_str(), registry = %self.inner.name, attempt);
+        async {
+            let mut authorization = match auth {
+                Auth::None => None,
+                Auth::Bearer(t) => t.header(),
+                Auth::Basic => self.inner.creds.as_ref().map(Credentials::basic_header),
+            };
+            let mut url = url.clone();
+            for hop in 0..=MAX_REDIRECTS {
+                let mut b = Request::builder()
+                    .method(req.method.clone())
+                    .uri(url.clone())
+                    .header(USER_AGENT, USER_AGENT_VALUE);
+                if let Some(a) = &req.accept {
+                    b = b.header(ACCEPT, a.as_str());
+                }
+                if let Some(r) = &req.range {
+                    b = b.header(RANGE, r.clone());
+                }
+                if let Some(a) = &authorization {
+                    b = b.header(AUTHORIZATION, a.clone());
+                }
+                let request = b.body(Empty::new()).map_err(|e| {
+                    self.fault(UpstreamFault::Protocol(format!(
+                        "cannot build request: {e}"
+                    )))
+                })?;
+                let resp = self.request(req.op.as_str(), request).await?;
+                if !is_redirect(resp.status()) {
+                    return Ok(resp);
+                }
+                if hop == MAX_REDIRECTS {
+                    break;
+                }
+                let Some(location) = resp.headers().get(LOCATION) else {
+                    return Ok(resp); // a 3xx without a Location: nothing to follow
+                };
+                let next = location
+                    .to_str()
+                    .ok()
+                    .and_then(|l| resolve_location(&url, l))
+                    .ok_or_else(|| {
+                        self.fault(UpstreamFault::Protocol(
+                            "redirect with an invalid Location".into(),
+                        ))
+                    })?;
+                let cross = !same_origin(&url, &next);
+                if cross {
+                    authorization = None;
+                }
+                // The path only: signed CDN URLs carry credentials in their query.
+                tracing::debug!(
+                    status = resp.status().as_u16(),
+                    host = next.host().unwrap_or(""),
+                    path = next.path(),
+                    cross_origin = cross,
+                    "following redirect"
+                );
+                url = next;
+            }
+            Err(self.fault(UpstreamFault::Protocol(format!(
+                "more than {MAX_REDIRECTS} redirects"
+            ))))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends one request under the response-header timeout, and counts it.
+    async fn request(
+        &self,
+        op: &'static str,
+        request: Request<Empty<Bytes>>,
+    ) -> crate::Result<Response<Incoming>> {
+        let m = &self.inner.metrics;
+        match tokio::time::timeout(
+            self.inner.header_timeout,
+            self.inner.client.request(request),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => {
+                m.upstream_request(&self.inner.name, op, Some(resp.status().as_u16()));
+                tracing::debug!(status = resp.status().as_u16(), "upstream answered");
+                Ok(resp)
+            }
+            Ok(Err(e)) => {
+                m.upstream_request(&self.inner.name, op, None);
+                let fault = classify(&e);
+                tracing::debug!(error = %fault, "upstream request failed");
+                Err(self.fault(fault))
+            }
+            Err(_) => {
+                m.upstream_request(&self.inner.name, op, None);
+                tracing::debug!("upstream timed out waiting for response headers");
+                Err(self.fault(UpstreamFault::Timeout("waiting for response headers")))
+            }
+        }
+    }
+}
+
+/// Maps a client error to a fault: connect failures (refused, DNS, TLS) are Connect, a connect
+/// timeout is Timeout, anything after connecting is Protocol.
+fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamFault {
+    let mut msg = String::new();
+    let mut timed_out = false;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    if msg.is_empty() {
+        msg = e.to_string();
+    }
+    if e.is_connect() {
+        if timed_out {
+            UpstreamFault::Timeout("connecting")
+        } else {
+            UpstreamFault::Connect(msg)
+        }
+    } else {
+        UpstreamFault::Protocol(msg)
+    }
+}
+
+// === URLs ===
+
+fn is_redirect(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
+}
+
+/// Splits a configured url into scheme+authority and its path prefix without trailing `/`.
+fn split_base(url: &Uri) -> Option<(Uri, String)> {
+    let scheme = url.scheme_str()?;
+    if !matches!(scheme, "http" | "https") || url.host().is_none() || url.query().is_some() {
+        return None;
+    }
+    let base = Uri::builder()
+        .scheme(scheme)
+        .authority(url.authority()?.as_str())
+        .path_and_query("/")
+        .build()
+        .ok()?;
+    Some((base, url.path().trim_end_matches('/').to_owned()))
+}
+
+/// `base` (scheme and authority) + `prefix` (no trailing `/`) + `path_and_query` (starting with
+/// `/`).
+pub fn join_url(base: &Uri, prefix: &str, path_and_query: &str) -> Result<Uri, String> {
+    if !path_and_query.starts_with('/') {
+        return Err(format!("{path_and_query:?} does not start with '/'"));
+    }
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(
+        format!("{prefix}{path_and_query}")
+            .parse()
+            .map_err(|_| format!("{path_and_query:?} is not a valid path"))?,
+    );
+    Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
+/// Resolves a `Location` value against the URL that answered: absolute, scheme-relative
+/// (`//host/p`), absolute-path (`/p?q`) or relative-path (`p`) references. The fragment is
+/// dropped. `None` when the result is not an http(s) URL with a host.
+pub fn resolve_location(base: &Uri, location: &str) -> Option<Uri> {
+    let loc = location.trim();
+    let loc = loc.split_once('#').map_or(loc, |(l, _)| l);
+    let scheme = base.scheme_str()?;
+    let authority = base.authority()?.as_str();
+    let s = if loc.starts_with("//") {
+        format!("{scheme}:{loc}")
+    } else if loc.starts_with('/') {
+        format!("{scheme}://{authority}{loc}")
+    } else if loc.split_once(':').is_some_and(|(s, _)| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    }) {
+        loc.to_owned()
+    } else {
+        let dir = base.path().rsplit_once('/').map_or("", |(d, _)| d);
+        format!("{scheme}://{authority}{dir}/{loc}")
+    };
+    let uri: Uri = s.parse().ok()?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        return None;
+    }
+    Some(uri)
+}
+
+/// Same scheme, host and port (default ports filled in), compared case-insensitively: the test
+/// for keeping `Authorization` across a redirect.
+pub fn same_origin(a: &Uri, b: &Uri) -> bool {
+    fn origin(u: &Uri) -> Option<(String, String, u16)> {
+        let scheme = u.scheme_str()?.to_ascii_lowercase();
+        let port = u.port_u16().or(match scheme.as_str() {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        })?;
+        Some((scheme, u.host()?.to_ascii_lowercase(), port))
+    }
+    match (origin(a), origin(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}

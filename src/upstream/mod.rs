@@ -1,0 +1,7 @@
+//! Talking to upstream registries: one pooled HTTP client per configured upstream, with token
+//! auth, redirects and timeouts. The mirror calls [`Upstream::send`] and interprets the answer.
+
+pub mod auth;
+pub mod client;
+
+pub use client::{Op, Upstream, UpstreamRequest};
