@@ -20,7 +20,7 @@
 #         CACHALOT_BIN=path/to/cachalot benches/compare.sh
 # Knobs (env): BLOB_MIB=256 STREAMS=16 DURATION=10s (wrk) CONNS=64 (wrk) ROUNDS=3 (blob rounds, median)
 #              COLD_REPS=3 (cold blobs, median) HERD=20 HERD_MIB=64 KEEP=0 STRICT=0 (exit 1 if a target fails)
-#              CACHALOT_LOG=warn (RUST_LOG for cachalot)
+#              CACHALOT_LOG=warn (RUST_LOG for cachalot) PERF=0 (1: perf profile of cachalot, hottest symbols)
 # Needs: docker-registry, nginx, wrk, curl, awk, openssl or sha256sum.
 # Exit status: 0 when every stage ran (targets missed are reported, and fail the run only with STRICT=1).
 set -Eeuo pipefail
@@ -37,6 +37,7 @@ HERD_MIB=${HERD_MIB:-64}
 KEEP=${KEEP:-0}
 STRICT=${STRICT:-0}
 CACHALOT_LOG=${CACHALOT_LOG:-warn}
+PERF=${PERF:-0}
 REPO=bench/app
 TAG=v1
 MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
@@ -470,6 +471,24 @@ herd() {
     log "  $name: $HERD concurrent cold GETs in ${secs}s, $HERD_BAD bad; upstream saw $HERD_GETS GET and $(upstream_heads "$digest") HEAD for the blob"
 }
 
+# perf_start TAG / perf_stop TAG: with PERF=1, profile cachalot (perf record) between the two calls and print the
+# hottest symbols. Off by default: it costs CPU and needs perf.
+PERF_PID=""
+perf_start() {
+    [[ $PERF == 1 && $CA_OK == 1 ]] || return 0
+    perf record -F 499 -g -o "$W/perf.$1.data" -p "$CA_PID" >"$W/logs/perf.log" 2>&1 &
+    PERF_PID=$!
+    sleep 0.3
+}
+perf_stop() {
+    [[ -n $PERF_PID ]] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null; wait "$PERF_PID" 2>/dev/null || true
+    PERF_PID=""
+    log "  perf, cachalot during $1: hottest symbols (self time)"
+    perf report -i "$W/perf.$1.data" --stdio --no-children -g none --sort dso,sym --percent-limit 1.5 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -n 25 | sed 's/^/      /' >&2 || true
+}
+
 # ---------------------------------------------------------------- results
 declare -A R
 stage_failed() { FAILED_STAGES+=("$1"); log "stage failed: $1"; }
@@ -527,7 +546,9 @@ for n in 1 "$STREAMS"; do
     fi
     if ((CA_OK)); then
         if [[ $n == "$STREAMS" ]]; then
+            perf_start streams
             if rss_during cachalot "$CA_PID" "$CA/v2/$REPO/blobs/$MAIN" "$n"; then R[ca_$n]=$TP; R[ca_rss]=$RSS_MIB; else stage_failed "cachalot $n streams"; fi
+            perf_stop streams
         else
             measure "ca_$n" "cachalot $n streams" throughput cachalot "$CA/v2/$REPO/blobs/$MAIN" "$n" || true
         fi
@@ -541,7 +562,9 @@ if ((PEER_OK)); then
     measure peer_rps "peer wrk" wrk_rps peer "$PEER/v2/$REPO/manifests/$TAG" || true
 fi
 if ((CA_OK)); then
+    perf_start manifests
     measure ca_rps "cachalot wrk" wrk_rps cachalot "$CA/v2/$REPO/manifests/$TAG" || true
+    perf_stop manifests
     manifest_check cachalot "$CA" || stage_failed "cachalot manifest after wrk"
 fi
 
@@ -553,8 +576,10 @@ for r in $(seq "$COLD_REPS"); do
     if t=$(fetch_check upstream "$UP/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then DIRECT+=("$t"); else stage_failed "direct cold $r"; fi
     if ((CA_OK)); then
         c0=$(cpu_ticks cachalot)
+        if ((r == 1)); then perf_start cold; fi
         if t=$(fetch_check cachalot "$CA/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then CA_COLD+=("$t"); else stage_failed "cachalot cold $r"; fi
         CA_COLD_CPU+=("$(calc "($(cpu_ticks cachalot) - $c0) / $CLK")")
+        if ((r == 1)); then perf_stop cold; fi
     fi
     if ((PEER_OK)); then
         if t=$(fetch_check peer "$PEER/v2/$REPO/blobs/$dp" "$dp" "$BLOB_BYTES"); then PEER_COLD+=("$t"); else stage_failed "peer cold $r"; fi
