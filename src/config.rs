@@ -230,7 +230,12 @@ impl Config {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            let message = e.message().replace('\n', " ");
+            let mut message = e.message().replace('\n', " ");
+            if let Some(key) = line.and_then(|l| key_at_line(text, l))
+                && !message.contains(&key)
+            {
+                message = format!("{key}: {message}");
+            }
             ConfigError::Read {
                 file: match line {
                     Some(l) => format!("{file}:{l}"),
@@ -327,6 +332,27 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// The dotted key assigned on line `line` (1-based), with its table: `server.listen`.
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?;
+    let (key, _) = here.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 // === sizes and durations ===
@@ -497,6 +523,9 @@ mod tests {
     fn bad_values_are_named() {
         let e = Config::from_toml_str("[cache]\ntag_ttl = \"forever\"\n").unwrap_err();
         assert!(e.to_string().contains("forever"), "{e}");
+        assert!(e.to_string().contains("cache.tag_ttl"), "{e}");
+        let e = Config::from_toml_str("[server]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
         let e =
             Config::from_toml_str("[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"\n").unwrap_err();
         assert!(e.to_string().contains("upstream[0].url"), "{e}");

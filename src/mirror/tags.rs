@@ -59,12 +59,13 @@ impl Mirror {
                 this.resolve_tag(&t2, &tag2, &accept2, entry).await
             })
             .await;
-        let (m, result) = res?;
-        self.metrics.lookup(
-            Kind::Manifest,
-            if leader { result } else { Lookup::Coalesced },
-        );
-        Ok(m)
+        let result = match &res {
+            _ if !leader => Lookup::Coalesced,
+            Ok((_, result)) => *result,
+            Err(_) => Lookup::Miss,
+        };
+        self.metrics.lookup(Kind::Manifest, result);
+        res.map(|(m, _)| m)
     }
 
     /// The cached entry for this tag whose media type the client accepts.

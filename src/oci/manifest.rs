@@ -60,9 +60,15 @@ impl Accept {
                 .any(|t| t.eq_ignore_ascii_case(media_type))
     }
 
-    /// The header value forwarded upstream: the client's own list, or every manifest type.
+    /// The header value forwarded upstream: the client's own list, or every manifest type when
+    /// it named none but wildcards (an upstream given `*/*` may fall back to schema 1, or
+    /// refuse an OCI manifest, as distribution does).
     pub fn upstream_value(&self) -> String {
-        if self.types.is_empty() {
+        if self
+            .types
+            .iter()
+            .all(|t| t == "*/*" || t == "application/*")
+        {
             ALL_MANIFEST_TYPES.to_owned()
         } else {
             self.types.join(", ")
@@ -119,6 +125,7 @@ mod tests {
         assert!(Accept::parse(["*/*"]).allows(DOCKER_LIST));
         assert!(Accept::parse([]).allows(OCI_MANIFEST));
         assert_eq!(Accept::parse([]).upstream_value(), ALL_MANIFEST_TYPES);
+        assert_eq!(Accept::parse(["*/*"]).upstream_value(), ALL_MANIFEST_TYPES);
     }
 
     #[test]

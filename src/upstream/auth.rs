@@ -212,6 +212,12 @@ pub fn parse_www_authenticate(value: &str) -> Vec<Challenge> {
     out
 }
 
+/// [`parse_www_authenticate`] over raw header bytes (invalid UTF-8 replaced): the entry point
+/// for a fuzz target (`fuzz_target!(|data: &[u8]| { parse_www_authenticate_bytes(data); })`).
+pub fn parse_www_authenticate_bytes(value: &[u8]) -> Vec<Challenge> {
+    parse_www_authenticate(&String::from_utf8_lossy(value))
+}
+
 // === credentials ===
 
 /// A password or token: never shown by `Debug` or `Display`.
@@ -544,6 +550,11 @@ mod tests {
         #[test]
         fn parser_never_panics(s in "\\PC*") {
             let _ = parse_www_authenticate(&s);
+        }
+
+        #[test]
+        fn parser_never_panics_on_bytes(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = parse_www_authenticate_bytes(&b);
         }
 
         #[test]

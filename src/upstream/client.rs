@@ -248,7 +248,7 @@ impl Upstream {
             .headers()
             .get_all(WWW_AUTHENTICATE)
             .iter()
-            .flat_map(|v| auth::parse_www_authenticate(&String::from_utf8_lossy(v.as_bytes())))
+            .flat_map(|v| auth::parse_www_authenticate_bytes(v.as_bytes()))
             .collect();
 
         if let Some(mut ch) = challenges.iter().find_map(auth::Challenge::bearer) {
@@ -285,7 +285,8 @@ impl Upstream {
         self.status_error_parts(resp.status(), resp.headers())
     }
 
-    fn status_error_parts(&self, status: StatusCode, headers: &http::HeaderMap) -> Error {
+    /// [`Upstream::status_error`] from a status and headers (for a response already taken apart).
+    pub fn status_error_parts(&self, status: StatusCode, headers: &http::HeaderMap) -> Error {
         Error::upstream(
             &self.inner.name,
             UpstreamFault::Status {
@@ -609,5 +610,717 @@ pub fn same_origin(a: &Uri, b: &Uri) -> bool {
     match (origin(a), origin(b)) {
         (Some(x), Some(y)) => x == y,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+    use crate::oci::RepoName;
+    use http::header::HOST;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    // === URL helpers ===
+
+    fn uri(s: &str) -> Uri {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn joins_urls_with_and_without_prefix() {
+        let (base, prefix) = split_base(&uri("https://registry-1.docker.io")).unwrap();
+        assert_eq!(prefix, "");
+        assert_eq!(
+            join_url(&base, &prefix, "/v2/library/nginx/manifests/latest").unwrap(),
+            uri("https://registry-1.docker.io/v2/library/nginx/manifests/latest")
+        );
+        let (base, prefix) = split_base(&uri("http://127.0.0.1:5000/mirror/hub/")).unwrap();
+        assert_eq!(prefix, "/mirror/hub");
+        assert_eq!(
+            join_url(&base, &prefix, "/v2/a/tags/list?n=10&last=x").unwrap(),
+            uri("http://127.0.0.1:5000/mirror/hub/v2/a/tags/list?n=10&last=x")
+        );
+        assert!(join_url(&base, &prefix, "v2/x").is_err());
+        assert!(join_url(&base, &prefix, "/v2/a b").is_err());
+        assert!(split_base(&uri("ftp://x/")).is_none());
+        assert!(split_base(&uri("http://x/?q=1")).is_none());
+    }
+
+    #[test]
+    fn compares_origins_for_redirects() {
+        assert!(same_origin(
+            &uri("https://r.io/v2/"),
+            &uri("https://R.IO:443/other")
+        ));
+        assert!(same_origin(&uri("http://r.io/a"), &uri("http://r.io:80/b")));
+        assert!(!same_origin(&uri("https://r.io/a"), &uri("http://r.io/a")));
+        assert!(!same_origin(
+            &uri("https://r.io/a"),
+            &uri("https://r.io:8443/a")
+        ));
+        assert!(!same_origin(
+            &uri("https://r.io/a"),
+            &uri("https://cdn.r.io/a")
+        ));
+        assert!(!same_origin(
+            &uri("http://127.0.0.1:1/"),
+            &uri("http://127.0.0.1:2/")
+        ));
+        assert!(!same_origin(&uri("/relative"), &uri("/relative")));
+    }
+
+    #[test]
+    fn resolves_locations() {
+        let base = uri("https://r.io:8443/v2/foo/blobs/sha256:ab?x=1");
+        assert_eq!(
+            resolve_location(&base, "https://cdn.io/b?sig=1").unwrap(),
+            uri("https://cdn.io/b?sig=1")
+        );
+        assert_eq!(
+            resolve_location(&base, "//cdn.io/b").unwrap(),
+            uri("https://cdn.io/b")
+        );
+        assert_eq!(
+            resolve_location(&base, "/v2/other?y=2#frag").unwrap(),
+            uri("https://r.io:8443/v2/other?y=2")
+        );
+        assert_eq!(
+            resolve_location(&base, "sibling").unwrap(),
+            uri("https://r.io:8443/v2/foo/blobs/sibling")
+        );
+        assert!(resolve_location(&base, "ftp://x/y").is_none());
+        assert!(resolve_location(&base, "javascript:alert(1)").is_none());
+        assert!(resolve_location(&base, "https://").is_none());
+        assert!(resolve_location(&base, "/a b").is_none());
+    }
+
+    #[test]
+    fn op_labels() {
+        let all = [Op::Manifest, Op::Blob, Op::Tags, Op::Referrers, Op::Ping].map(Op::as_str);
+        assert_eq!(all, ["manifest", "blob", "tags", "referrers", "ping"]);
+    }
+
+    // === an in-test server ===
+
+    /// What the server saw: path and query, and the Authorization header.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        path: String,
+        auth: Option<String>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<Seen>>>);
+
+    impl Log {
+        fn record(&self, req: &Request<Incoming>) -> Seen {
+            let seen = Seen {
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned(),
+                auth: req
+                    .headers()
+                    .get(AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            };
+            self.0.lock().unwrap().push(seen.clone());
+            seen
+        }
+        fn all(&self) -> Vec<Seen> {
+            self.0.lock().unwrap().clone()
+        }
+        fn count(&self, prefix: &str) -> usize {
+            self.all()
+                .iter()
+                .filter(|s| s.path.starts_with(prefix))
+                .count()
+        }
+    }
+
+    type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
+
+    async fn serve(h: Handler) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let r = h(&req);
+                        async move { Ok::<_, std::convert::Infallible>(r) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn resp(status: u16, body: &str) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        r
+    }
+
+    fn with_header(
+        mut r: Response<Full<Bytes>>,
+        name: http::HeaderName,
+        value: &str,
+    ) -> Response<Full<Bytes>> {
+        r.headers_mut()
+            .insert(name, HeaderValue::from_str(value).unwrap());
+        r
+    }
+
+    /// The repository named by `/v2/<repo>/(manifests|blobs|tags)/...`.
+    fn repo_of(path: &str) -> String {
+        let rest = path.trim_start_matches("/v2/");
+        let end = ["/manifests/", "/blobs/", "/tags/"]
+            .iter()
+            .filter_map(|m| rest.find(m))
+            .min()
+            .unwrap_or(rest.len());
+        rest[..end].to_owned()
+    }
+
+    /// A registry that wants Bearer tokens `tok-N` issued by its own `/token` endpoint.
+    /// `check_token_auth` validates the token request's Authorization; `expires_in` is sent as is.
+    fn token_registry(
+        log: Log,
+        expires_in: u64,
+        check_token_auth: impl Fn(Option<&str>) -> bool + Send + Sync + 'static,
+    ) -> Handler {
+        let issued = Arc::new(AtomicUsize::new(0));
+        Arc::new(move |req| {
+            let seen = log.record(req);
+            let host = req.headers()[HOST].to_str().unwrap().to_owned();
+            if seen.path.starts_with("/token") {
+                if !check_token_auth(seen.auth.as_deref()) {
+                    return resp(401, r#"{"details":"bad credentials"}"#);
+                }
+                let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
+                return resp(
+                    200,
+                    &format!(r#"{{"token":"tok-{n}","expires_in":{expires_in}}}"#),
+                );
+            }
+            if seen
+                .auth
+                .as_deref()
+                .is_some_and(|a| a.starts_with("Bearer tok-"))
+            {
+                return resp(200, "ok");
+            }
+            let challenge = format!(
+                r#"Bearer realm="http://{host}/token",service="fake",scope="repository:{}:pull""#,
+                repo_of(&seen.path)
+            );
+            with_header(
+                resp(401, r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#),
+                WWW_AUTHENTICATE,
+                &challenge,
+            )
+        })
+    }
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&["fake"]))
+    }
+
+    fn upstream(url: &str, m: &Arc<Metrics>) -> Upstream {
+        Upstream::new(&UpstreamConfig::new("fake", url), m.clone()).unwrap()
+    }
+
+    fn get<'a>(repo: &'a RepoName, path: &str, op: Op) -> UpstreamRequest<'a> {
+        UpstreamRequest {
+            method: Method::GET,
+            op,
+            repo,
+            path_and_query: path.to_owned(),
+            accept: Some("application/vnd.oci.image.index.v1+json".into()),
+            range: None,
+        }
+    }
+
+    async fn body(r: Response<Incoming>) -> String {
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    fn count(m: &Metrics, op: &str, code: &str) -> u64 {
+        m.upstream_requests
+            .with_label_values(&["fake", op, code])
+            .get()
+    }
+
+    fn token_fetches(m: &Metrics, result: &str) -> u64 {
+        m.token_fetches.with_label_values(&["fake", result]).get()
+    }
+
+    // === auth ===
+
+    #[tokio::test]
+    async fn anonymous_token_flow_and_reuse() {
+        let log = Log::default();
+        let addr = serve(token_registry(log.clone(), 300, |auth| auth.is_none())).await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let baz = RepoName::parse("foo/baz").unwrap();
+
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/manifests/latest", Op::Manifest))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(body(r).await, "ok");
+        let seen = log.all();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[0].auth, None);
+        assert_eq!(
+            seen[1].path,
+            "/token?service=fake&scope=repository%3Afoo%2Fbar%3Apull"
+        );
+        assert_eq!(seen[1].auth, None);
+        assert_eq!(seen[2].auth.as_deref(), Some("Bearer tok-1"));
+
+        // The cached token is sent up front.
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/blobs/sha256:00", Op::Blob))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(log.all().len(), 4);
+        assert_eq!(log.all()[3].auth.as_deref(), Some("Bearer tok-1"));
+
+        // Another repository: the realm is known, so the token is fetched before the request.
+        let r = up
+            .send(get(&baz, "/v2/foo/baz/manifests/1", Op::Manifest))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = log.all();
+        assert_eq!(seen.len(), 6, "{seen:?}");
+        assert_eq!(
+            seen[4].path,
+            "/token?service=fake&scope=repository%3Afoo%2Fbaz%3Apull"
+        );
+        assert_eq!(seen[5].auth.as_deref(), Some("Bearer tok-2"));
+
+        // Metrics: every request sent, token fetches under op "token".
+        assert_eq!(count(&m, "manifest", "401"), 1);
+        assert_eq!(count(&m, "manifest", "200"), 2);
+        assert_eq!(count(&m, "blob", "200"), 1);
+        assert_eq!(count(&m, "token", "200"), 2);
+        assert_eq!(token_fetches(&m, "ok"), 2);
+        assert_eq!(token_fetches(&m, "error"), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_token_fetches_coalesce() {
+        let log = Log::default();
+        let addr = serve(token_registry(log.clone(), 300, |auth| auth.is_none())).await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        // Learn the realm first.
+        up.send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap();
+        let qux = RepoName::parse("foo/qux").unwrap();
+        let sends = (0..8).map(|_| up.send(get(&qux, "/v2/foo/qux/manifests/a", Op::Manifest)));
+        for r in futures_util::future::join_all(sends).await {
+            assert_eq!(r.unwrap().status(), 200);
+        }
+        assert_eq!(
+            log.count("/token?service=fake&scope=repository%3Afoo%2Fqux"),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn basic_credentials_go_to_the_token_endpoint_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let expected = format!("Basic {}", auth::base64_encode(b"user:s3cret"));
+        let log = Log::default();
+        let want = expected.clone();
+        let addr = serve(token_registry(log.clone(), 300, move |a| {
+            a == Some(want.as_str())
+        }))
+        .await;
+        let m = metrics();
+        let mut cfg = UpstreamConfig::new("fake", &format!("http://{addr}"));
+        cfg.username = Some("user".into());
+        cfg.password_file = Some(pw.clone());
+        let up = Upstream::new(&cfg, m.clone()).unwrap();
+        assert!(!format!("{up:?}").contains("s3cret"));
+        let bar = RepoName::parse("foo/bar").unwrap();
+
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/manifests/latest", Op::Manifest))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = log.all();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[1].auth.as_deref(), Some(expected.as_str()));
+        assert!(
+            seen.iter()
+                .filter(|s| s.path.starts_with("/v2/"))
+                .all(|s| s.auth.as_deref() != Some(expected.as_str()))
+        );
+
+        // Wrong password: the token endpoint's 401 comes back as a Status fault.
+        std::fs::write(&pw, "wrong").unwrap();
+        let bad = Upstream::new(&cfg, m.clone()).unwrap();
+        let err = bad
+            .send(get(&bar, "/v2/foo/bar/manifests/latest", Op::Manifest))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.upstream_status(),
+            Some(StatusCode::UNAUTHORIZED),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("wrong"));
+        assert_eq!(token_fetches(&m, "error"), 1);
+        assert_eq!(token_fetches(&m, "ok"), 1);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_fetched_again() {
+        let log = Log::default();
+        let addr = serve(token_registry(log.clone(), 1, |_| true)).await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                up.send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+                    .await
+                    .unwrap()
+                    .status(),
+                200
+            );
+        }
+        assert_eq!(log.count("/token"), 1);
+        // expires_in 1 s -> reused for 0.8 s.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(log.count("/token"), 2);
+        let last = log.all().pop().unwrap();
+        assert_eq!(last.auth.as_deref(), Some("Bearer tok-2"));
+        // Fetched up front (the realm was known), so no 401 this time.
+        assert_eq!(count(&m, "manifest", "401"), 1);
+    }
+
+    #[tokio::test]
+    async fn unauthorized_is_retried_once_only() {
+        let log = Log::default();
+        let l2 = log.clone();
+        let addr = serve(Arc::new(move |req| {
+            let seen = l2.record(req);
+            if seen.path.starts_with("/token") {
+                return resp(200, r#"{"token":"tok"}"#);
+            }
+            let host = req.headers()[HOST].to_str().unwrap().to_owned();
+            let ch = format!(
+                r#"Bearer realm="http://{host}/token",service="fake",error="insufficient_scope""#
+            );
+            with_header(resp(401, "{}"), WWW_AUTHENTICATE, &ch)
+        }))
+        .await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(matches!(
+            up.status_error(&r),
+            Error::Upstream {
+                fault: UpstreamFault::Status {
+                    status: StatusCode::UNAUTHORIZED,
+                    ..
+                },
+                ..
+            }
+        ));
+        assert_eq!(log.count("/v2/"), 2);
+        assert_eq!(log.count("/token"), 1);
+
+        // Now with a cached token that gets refused: dropped, fetched fresh, one retry.
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(log.count("/v2/"), 4);
+        assert_eq!(log.count("/token"), 2);
+        assert_eq!(count(&m, "manifest", "401"), 4);
+
+        // A token fetched up front during this call and refused is not fetched again.
+        let other = RepoName::parse("foo/other").unwrap();
+        let r = up
+            .send(get(&other, "/v2/foo/other/manifests/a", Op::Manifest))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(log.count("/v2/"), 5);
+        assert_eq!(log.count("/token"), 3);
+    }
+
+    #[tokio::test]
+    async fn basic_challenge_uses_configured_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "pw").unwrap();
+        let expected = format!("Basic {}", auth::base64_encode(b"u:pw"));
+        let log = Log::default();
+        let (l2, want) = (log.clone(), expected.clone());
+        let addr = serve(Arc::new(move |req| {
+            let seen = l2.record(req);
+            if seen.auth.as_deref() == Some(want.as_str()) {
+                resp(200, "ok")
+            } else {
+                with_header(
+                    resp(401, "{}"),
+                    WWW_AUTHENTICATE,
+                    r#"Basic realm="fake registry""#,
+                )
+            }
+        }))
+        .await;
+        let m = metrics();
+        let bar = RepoName::parse("foo/bar").unwrap();
+
+        // No credentials: the 401 is returned after one request.
+        let anon = upstream(&format!("http://{addr}"), &m);
+        let r = anon
+            .send(get(&bar, "/v2/foo/bar/tags/list", Op::Tags))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(log.count("/v2/"), 1);
+
+        let mut cfg = UpstreamConfig::new("fake", &format!("http://{addr}"));
+        cfg.username = Some("u".into());
+        cfg.password_file = Some(pw);
+        let up = Upstream::new(&cfg, m.clone()).unwrap();
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/tags/list", Op::Tags))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(log.count("/v2/"), 3);
+        // Then Basic goes up front.
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/tags/list", Op::Tags))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(log.count("/v2/"), 4);
+        assert_eq!(log.all()[3].auth.as_deref(), Some(expected.as_str()));
+        assert_eq!(count(&m, "tags", "401"), 2);
+        assert_eq!(count(&m, "tags", "200"), 2);
+    }
+
+    // === redirects ===
+
+    #[tokio::test]
+    async fn redirect_to_another_port_drops_authorization() {
+        let cdn_log = Log::default();
+        let cl = cdn_log.clone();
+        let cdn = serve(Arc::new(move |req| {
+            cl.record(req);
+            resp(200, "blob-bytes")
+        }))
+        .await;
+
+        let log = Log::default();
+        let inner = token_registry(log.clone(), 300, |_| true);
+        let addr = serve(Arc::new(move |req| {
+            let path = req.uri().path().to_owned();
+            let authed = req.headers().get(AUTHORIZATION).is_some();
+            if authed && path.ends_with("/blobs/sha256:cdn") {
+                log.record(req);
+                return with_header(
+                    resp(307, ""),
+                    LOCATION,
+                    &format!("http://127.0.0.1:{}/cdn/blob?sig=abc", cdn.port()),
+                );
+            }
+            if authed && path.ends_with("/blobs/sha256:here") {
+                log.record(req);
+                return with_header(resp(302, ""), LOCATION, "/v2/foo/bar/blobs/final");
+            }
+            inner(req)
+        }))
+        .await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/blobs/sha256:cdn", Op::Blob))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(body(r).await, "blob-bytes");
+        let cdn_seen = cdn_log.all();
+        assert_eq!(cdn_seen.len(), 1);
+        assert_eq!(cdn_seen[0].path, "/cdn/blob?sig=abc");
+        assert_eq!(
+            cdn_seen[0].auth, None,
+            "credentials leaked to another origin"
+        );
+
+        // A same-origin redirect (relative Location) keeps the token.
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/blobs/sha256:here", Op::Blob))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // (the token registry logged the final request; it answered 200 only because it had a token)
+        assert_eq!(count(&m, "blob", "307"), 1);
+        assert_eq!(count(&m, "blob", "302"), 1);
+        assert_eq!(count(&m, "blob", "200"), 2);
+    }
+
+    #[tokio::test]
+    async fn redirect_loops_stop_after_the_limit() {
+        let log = Log::default();
+        let l2 = log.clone();
+        let addr = serve(Arc::new(move |req| {
+            l2.record(req);
+            with_header(resp(302, ""), LOCATION, "/v2/foo/bar/manifests/loop")
+        }))
+        .await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let err = up
+            .send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Upstream { fault: UpstreamFault::Protocol(msg), .. } if msg.contains("redirects")),
+            "{err}"
+        );
+        assert_eq!(log.all().len(), MAX_REDIRECTS + 1);
+        assert_eq!(count(&m, "manifest", "302"), (MAX_REDIRECTS + 1) as u64);
+    }
+
+    #[tokio::test]
+    async fn path_prefix_is_prepended() {
+        let log = Log::default();
+        let l2 = log.clone();
+        let addr = serve(Arc::new(move |req| {
+            l2.record(req);
+            resp(200, "{}")
+        }))
+        .await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}/mirror/hub/"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let mut req = get(&bar, "/v2/", Op::Ping);
+        req.method = Method::HEAD;
+        assert_eq!(up.send(req).await.unwrap().status(), 200);
+        assert_eq!(log.all()[0].path, "/mirror/hub/v2/");
+        assert_eq!(count(&m, "ping", "200"), 1);
+    }
+
+    // === transport failures ===
+
+    #[tokio::test]
+    async fn connection_refused_is_a_connect_fault() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let m = metrics();
+        let up = upstream(&format!("http://127.0.0.1:{port}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let err = up
+            .send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Upstream {
+                    fault: UpstreamFault::Connect(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(count(&m, "manifest", "error"), 1);
+    }
+
+    #[tokio::test]
+    async fn silent_upstream_times_out_waiting_for_headers() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s); // accept, read nothing, answer nothing
+            }
+        });
+        let m = metrics();
+        let mut cfg = UpstreamConfig::new("fake", &format!("http://{addr}"));
+        cfg.timeout = Dur(Duration::from_millis(200));
+        let up = Upstream::new(&cfg, m.clone()).unwrap();
+        assert_eq!(up.body_timeout(), Duration::from_millis(200));
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let t0 = Instant::now();
+        let err = up
+            .send(get(&bar, "/v2/foo/bar/blobs/sha256:00", Op::Blob))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Upstream {
+                    fault: UpstreamFault::Timeout(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        assert_eq!(count(&m, "blob", "error"), 1);
+    }
+
+    #[test]
+    fn bad_password_source_fails_construction() {
+        let mut cfg = UpstreamConfig::new("fake", "https://r.io");
+        cfg.username = Some("u".into());
+        cfg.password_file = Some("/nonexistent/cachalot-test-pw".into());
+        assert!(matches!(
+            Upstream::new(&cfg, metrics()),
+            Err(Error::Config(_))
+        ));
     }
 }
