@@ -18,7 +18,7 @@
 #
 # Usage:  benches/compare.sh                      # builds cachalot (cargo build --release) first
 #         CACHALOT_BIN=path/to/cachalot benches/compare.sh
-# Knobs (env): BLOB_MIB=256 STREAMS=16 DURATION=10s (wrk) CONNS=64 (wrk) ROUNDS=3 (blob rounds, median)
+# Knobs (env): BLOB_MIB=256 STREAMS=16 DURATION=10s (wrk) CONNS=64 (wrk) ROUNDS=5 (blob rounds, median)
 #              COLD_REPS=3 (cold blobs, median) HERD=20 HERD_MIB=64 KEEP=0 STRICT=0 (exit 1 if a target fails)
 #              CACHALOT_LOG=warn (RUST_LOG for cachalot) PERF=0 (1: perf profile of cachalot, hottest symbols)
 # Needs: docker-registry, nginx, wrk, curl, awk, openssl or sha256sum.
@@ -30,7 +30,7 @@ BLOB_MIB=${BLOB_MIB:-256}
 STREAMS=${STREAMS:-16}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 COLD_REPS=${COLD_REPS:-3}
 HERD=${HERD:-20}
 HERD_MIB=${HERD_MIB:-64}
@@ -363,20 +363,6 @@ streams() {
     calc "$total / 1048576 / ($t1 - $t0)"
 }
 
-# throughput NAME URL N: median MiB/s over ROUNDS rounds of `streams`.
-throughput() {
-    local name=$1 url=$2 n=$3 r v vals=() c0 c1
-    c0=$(cpu_ticks "$name")
-    for r in $(seq "$ROUNDS"); do
-        v=$(streams "$url" "$n" "$BLOB_BYTES") || return 1
-        vals+=("$v")
-    done
-    c1=$(cpu_ticks "$name")
-    v=$(printf '%s\n' "${vals[@]}" | median)
-    log "  $name, $n stream(s): ${vals[*]} MiB/s -> median $v MiB/s; server CPU $(calc "($c1 - $c0) / $CLK / ($ROUNDS * $n * $BLOB_MIB / 1024)") s per GiB sent"
-    echo "$v"
-}
-
 # cpu_ticks NAME: user+system clock ticks used so far by that server's processes (nginx: master + workers).
 CLK=$(getconf CLK_TCK)
 cpu_ticks() {
@@ -403,20 +389,25 @@ hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 # reset_hwm PID: reset the peak-RSS counter (Linux clear_refs 5); returns non-zero if not permitted.
 reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null; }
 
-# rss_during NAME PID URL N: throughput of N streams while tracking PID's peak RSS. Sets RSS_MIB and TP.
-rss_during() {
-    local name=$1 pid=$2 url=$3 n=$4 spid reset=1
-    reset_hwm "$pid" || reset=0
-    echo 0 >"$W/rss.max"
-    rss_sampler "$pid" "$W/rss.max" &
-    spid=$!
-    TP=$(throughput "$name" "$url" "$n") || { kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null; return 1; }
-    kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null || true
-    local sampled hwm
-    sampled=$(cat "$W/rss.max")
+# rss_watch_start NAME PID / rss_watch_stop NAME PID: peak RSS of PID in between, in MiB, into R[NAME_rss].
+# The kernel's peak counter is reset first (clear_refs 5) and read after; VmRSS is also sampled every 50 ms.
+declare -A RSS_SAMPLER RSS_RESET
+rss_watch_start() {
+    local name=$1 pid=$2
+    RSS_RESET[$name]=1
+    reset_hwm "$pid" || RSS_RESET[$name]=0
+    echo 0 >"$W/rss.$name"
+    rss_sampler "$pid" "$W/rss.$name" &
+    RSS_SAMPLER[$name]=$!
+}
+rss_watch_stop() {
+    local name=$1 pid=$2 sampled hwm label=$1
+    [[ $name == ca ]] && label=cachalot
+    kill "${RSS_SAMPLER[$name]}" 2>/dev/null; wait "${RSS_SAMPLER[$name]}" 2>/dev/null || true
+    sampled=$(cat "$W/rss.$name")
     hwm=$(hwm_kib "$pid")
-    if ((reset)); then RSS_MIB=$(calc "$hwm / 1024"); else RSS_MIB=$(calc "$sampled / 1024"); fi
-    log "  $name peak RSS during $n streams: VmHWM $(calc "$hwm / 1024") MiB$( ((reset)) || echo ' (not reset: includes startup)'), max sampled VmRSS $(calc "$sampled / 1024") MiB"
+    if ((RSS_RESET[$name])); then R[${name}_rss]=$(calc "$hwm / 1024"); else R[${name}_rss]=$(calc "$sampled / 1024"); fi
+    log "  $label peak RSS during the $STREAMS-stream rounds: VmHWM $(calc "$hwm / 1024") MiB$( ((RSS_RESET[$name])) || echo ' (could not reset: includes startup)'), max sampled VmRSS $(calc "$sampled / 1024") MiB"
 }
 
 # wrk_rps NAME URL: requests/s of a manifest GET by tag (non-2xx responses make it fail).
@@ -534,25 +525,39 @@ if ((CA_OK)); then
 fi
 
 # ---------------------------------------------------------------- 1 + 5. cached blob throughput, peak RSS
-log "figure 1: cached ${BLOB_MIB} MiB blob, 1 and $STREAMS streams (median of $ROUNDS rounds)"
+log "figure 1: cached ${BLOB_MIB} MiB blob, 1 and $STREAMS streams (median of $ROUNDS rounds, servers interleaved)"
+F1_NAMES=(nginx); F1_KEYS=(ng); F1_URLS=("$NG/v2/$REPO/blobs/$MAIN")
+if ((PEER_OK)); then F1_NAMES+=(peer); F1_KEYS+=(peer); F1_URLS+=("$PEER/v2/$REPO/blobs/$MAIN"); fi
+if ((CA_OK)); then F1_NAMES+=(cachalot); F1_KEYS+=(ca); F1_URLS+=("$CA/v2/$REPO/blobs/$MAIN"); fi
 for n in 1 "$STREAMS"; do
-    measure "ng_$n" "nginx $n streams" throughput nginx "$NG/v2/$REPO/blobs/$MAIN" "$n" || true
-    if ((PEER_OK)); then
-        if [[ $n == "$STREAMS" ]]; then
-            if rss_during peer "$PEER_PID" "$PEER/v2/$REPO/blobs/$MAIN" "$n"; then R[peer_$n]=$TP; R[peer_rss]=$RSS_MIB; else stage_failed "peer $n streams"; fi
-        else
-            measure "peer_$n" "peer $n streams" throughput peer "$PEER/v2/$REPO/blobs/$MAIN" "$n" || true
-        fi
+    declare -A VALS=() CPU0=() BAD=()
+    if [[ $n == "$STREAMS" ]]; then
+        ((PEER_OK)) && rss_watch_start peer "$PEER_PID"
+        ((CA_OK)) && rss_watch_start ca "$CA_PID"
+        perf_start streams
     fi
-    if ((CA_OK)); then
-        if [[ $n == "$STREAMS" ]]; then
-            perf_start streams
-            if rss_during cachalot "$CA_PID" "$CA/v2/$REPO/blobs/$MAIN" "$n"; then R[ca_$n]=$TP; R[ca_rss]=$RSS_MIB; else stage_failed "cachalot $n streams"; fi
-            perf_stop streams
-        else
-            measure "ca_$n" "cachalot $n streams" throughput cachalot "$CA/v2/$REPO/blobs/$MAIN" "$n" || true
-        fi
+    for s in "${F1_NAMES[@]}"; do CPU0[$s]=$(cpu_ticks "$s"); done
+    for r in $(seq "$ROUNDS"); do
+        # rotate the order each round, so drifting background load hits every server alike
+        for k in "${!F1_NAMES[@]}"; do
+            i=$(((k + r - 1) % ${#F1_NAMES[@]}))
+            s=${F1_NAMES[i]}
+            [[ -n ${BAD[$s]:-} ]] && continue
+            if v=$(streams "${F1_URLS[i]}" "$n" "$BLOB_BYTES"); then VALS[$s]+="$v "; else BAD[$s]=1; fi
+        done
+    done
+    if [[ $n == "$STREAMS" ]]; then
+        perf_stop streams
+        ((PEER_OK)) && rss_watch_stop peer "$PEER_PID"
+        ((CA_OK)) && rss_watch_stop ca "$CA_PID"
     fi
+    for i in "${!F1_NAMES[@]}"; do
+        s=${F1_NAMES[i]}
+        if [[ -n ${BAD[$s]:-} ]]; then stage_failed "$s $n streams"; continue; fi
+        v=$(printf '%s\n' ${VALS[$s]} | median)
+        R[${F1_KEYS[i]}_$n]=$v
+        log "  $s, $n stream(s): ${VALS[$s]}MiB/s -> median $v MiB/s; server CPU $(calc "($(cpu_ticks "$s") - ${CPU0[$s]}) / $CLK / ($ROUNDS * $n * $BLOB_MIB / 1024)") s per GiB sent"
+    done
 done
 
 # ---------------------------------------------------------------- 2. manifest by tag with wrk
