@@ -66,6 +66,7 @@ command -v openssl >/dev/null || need sha256sum coreutils
 
 # ---------------------------------------------------------------- processes and cleanup
 PIDS=()
+FAILED_STAGES=()
 declare -A PID_OF
 W=""
 cleanup() {
@@ -94,14 +95,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# free_port: a loopback port nobody listens on, not handed out before in this run.
-FAILED_STAGES=()
+# free_port: a loopback port with no socket on it, below the kernel's ephemeral range (so that no outgoing
+# connection takes it before the server binds it), not handed out before in this run.
 USED_PORTS=" "
 free_port() {
-    local p
+    local p lo span
+    lo=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    if ((lo > 12000)); then span=$((lo - 10000)); lo=10000; else lo=20000; span=40000; fi
     for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((lo + RANDOM % span))
         [[ $USED_PORTS == *" $p "* ]] && continue
+        if command -v ss >/dev/null; then [[ -z $(ss -Htan "( sport = :$p )" 2>/dev/null) ]] || continue; fi
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             USED_PORTS+="$p "
             echo "$p"
@@ -109,6 +113,23 @@ free_port() {
         fi
     done
     die "no free port found"
+}
+
+# launch NAME PORTVAR PIDVAR PATH: run start_NAME and wait until PATH answers; if the port was taken in the
+# meantime (the server says "address already in use"), retry on another port, at most 3 times.
+launch() {
+    local name=$1 portvar=$2 pidvar=$3 path=$4 pid
+    for _ in 1 2 3; do
+        "start_$name"
+        pid=${!pidvar}
+        PIDS+=("$pid"); PID_OF[$name]=$pid
+        wait_http "$name" "$pid" "http://127.0.0.1:${!portvar}$path" && return 0
+        kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+        grep -qi 'address already in use' "$W/logs/$name.log" || return 1
+        printf -v "$portvar" '%s' "$(free_port)"
+        log "$name: its port was taken meanwhile; retrying on port ${!portvar}"
+    done
+    return 1
 }
 
 # wait_http NAME PID URL: wait until URL answers (any HTTP status) while PID lives.
@@ -145,13 +166,10 @@ log "work dir $W; cachalot $BIN"
 log "host: $(nproc) cores, $(awk '/MemTotal/ { printf "%d MiB", $2 / 1024 }' /proc/meminfo) RAM, kernel $(uname -r)"
 
 UP_PORT=$(free_port); NG_PORT=$(free_port); PEER_PORT=$(free_port); CA_PORT=$(free_port)
-UP=http://127.0.0.1:$UP_PORT
-NG=http://127.0.0.1:$NG_PORT
-PEER=http://127.0.0.1:$PEER_PORT
-CA=http://127.0.0.1:$CA_PORT
 
 # ---------------------------------------------------------------- upstream registry
 # Access log (Combined format) goes to stdout: one line per request, written when the response completes.
+start_upstream() {
 cat >"$W/upstream.yml" <<EOF
 version: 0.1
 log:
@@ -168,8 +186,10 @@ http:
   addr: 127.0.0.1:$UP_PORT
 EOF
 docker-registry serve "$W/upstream.yml" >"$W/logs/upstream-access.log" 2>"$W/logs/upstream.log" &
-UP_PID=$!; PIDS+=("$UP_PID"); PID_OF[upstream]=$UP_PID
-wait_http upstream "$UP_PID" "$UP/v2/" || die "startup failed"
+UP_PID=$!
+}
+launch upstream UP_PORT UP_PID /v2/ || die "the upstream did not start"
+UP=http://127.0.0.1:$UP_PORT
 [[ $(http_code "$UP/v2/") == 200 ]] || die "upstream /v2/ is not 200"
 log "upstream docker-registry on $UP (pid $UP_PID)"
 
@@ -252,6 +272,7 @@ mkdir -p "$W/www/v2/$REPO/blobs" "$W/www/v2/$REPO/manifests"
 ln "$MAIN_FILE" "$W/www/v2/$REPO/blobs/$MAIN" 2>/dev/null || cp "$MAIN_FILE" "$W/www/v2/$REPO/blobs/$MAIN"
 cp "$W/data/manifest.json" "$W/www/v2/$REPO/manifests/$TAG"
 chmod -R a+rX "$W/www" "$W/data"
+start_nginx() {
 cat >"$W/nginx/nginx.conf" <<EOF
 daemon off;
 worker_processes auto;
@@ -278,11 +299,14 @@ http {
 }
 EOF
 nginx -p "$W/nginx" -e "$W/logs/nginx.log" -c "$W/nginx/nginx.conf" >>"$W/logs/nginx.log" 2>&1 &
-NG_PID=$!; PIDS+=("$NG_PID"); PID_OF[nginx]=$NG_PID
-wait_http nginx "$NG_PID" "$NG/v2/$REPO/manifests/$TAG" || die "startup failed"
+NG_PID=$!
+}
+launch nginx NG_PORT NG_PID "/v2/$REPO/manifests/$TAG" || die "nginx did not start"
+NG=http://127.0.0.1:$NG_PORT
 log "nginx on $NG (pid $NG_PID)"
 
 # ---------------------------------------------------------------- docker-registry proxy (the peer)
+start_peer() {
 cat >"$W/peer.yml" <<EOF
 version: 0.1
 log:
@@ -298,11 +322,14 @@ proxy:
   remoteurl: $UP
 EOF
 docker-registry serve "$W/peer.yml" >"$W/logs/peer.log" 2>&1 &
-PEER_PID=$!; PIDS+=("$PEER_PID"); PID_OF[peer]=$PEER_PID
-wait_http peer "$PEER_PID" "$PEER/v2/" || die "startup failed"
+PEER_PID=$!
+}
+launch peer PEER_PORT PEER_PID /v2/ || die "the peer did not start"
+PEER=http://127.0.0.1:$PEER_PORT
 log "peer docker-registry proxy on $PEER (pid $PEER_PID)"
 
 # ---------------------------------------------------------------- cachalot (the subject)
+write_cachalot_config() {
 cat >"$W/cachalot.toml" <<EOF
 [server]
 listen = "127.0.0.1:$CA_PORT"
@@ -316,15 +343,21 @@ name = "upstream.bench"
 url = "$UP"
 default = true
 EOF
+}
+start_cachalot() {
+    write_cachalot_config
+    RUST_LOG=$CACHALOT_LOG "$BIN" serve --config "$W/cachalot.toml" >"$W/logs/cachalot.log" 2>&1 &
+    CA_PID=$!
+}
 CA_OK=1
+write_cachalot_config
 if ! "$BIN" check-config --config "$W/cachalot.toml" >"$W/logs/cachalot-check.log" 2>&1; then
     log "cachalot check-config rejected the config:"; sed 's/^/    /' "$W/logs/cachalot-check.log" >&2
     CA_OK=0; FAILED_STAGES+=("cachalot check-config")
 fi
 if ((CA_OK)); then
-    RUST_LOG=$CACHALOT_LOG "$BIN" serve --config "$W/cachalot.toml" >"$W/logs/cachalot.log" 2>&1 &
-    CA_PID=$!; PIDS+=("$CA_PID"); PID_OF[cachalot]=$CA_PID
-    if wait_http cachalot "$CA_PID" "$CA/v2/"; then
+    if launch cachalot CA_PORT CA_PID /v2/; then
+        CA=http://127.0.0.1:$CA_PORT
         log "cachalot on $CA (pid $CA_PID)"
     else
         CA_OK=0; FAILED_STAGES+=("cachalot startup")
