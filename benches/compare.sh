@@ -163,7 +163,8 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-bench.XXXXXX")
 chmod 755 "$W" # nginx workers run as nobody when started as root
 mkdir -p "$W/logs" "$W/data" "$W/www" "$W/nginx/tmp" "$W/upstream" "$W/peer" "$W/cachalot-cache"
 log "work dir $W; cachalot $BIN"
-log "host: $(nproc) cores, $(awk '/MemTotal/ { printf "%d MiB", $2 / 1024 }' /proc/meminfo) RAM, kernel $(uname -r)"
+LOAD0=$(cut -d' ' -f1 /proc/loadavg)
+log "host: load average $LOAD0, $(nproc) cores, $(awk '/MemTotal/ { printf "%d MiB", $2 / 1024 }' /proc/meminfo) RAM, kernel $(uname -r)"
 
 UP_PORT=$(free_port); NG_PORT=$(free_port); PEER_PORT=$(free_port); CA_PORT=$(free_port)
 
@@ -666,7 +667,7 @@ ratio_row() {
     line "$fig" "$ca" "$blabel $base" "$ratio" "$tv" "$res"
 }
 echo
-echo "cachalot benchmark: blob ${BLOB_MIB} MiB, $STREAMS streams, wrk -c$CONNS -d$DURATION, $(nproc) cores"
+echo "cachalot benchmark: blob ${BLOB_MIB} MiB, $STREAMS streams, wrk -c$CONNS -d$DURATION; $(nproc) cores, load average $LOAD0 at start, $(cut -d' ' -f1 /proc/loadavg) at end"
 line "figure" "cachalot" "baseline" "ratio" "target" "result"
 printf '%0.s-' $(seq 104); echo
 for n in 1 "$STREAMS"; do
