@@ -625,6 +625,13 @@ for r in $(seq "$COLD_REPS"); do
     fi
 done
 log "  direct from upstream: ${DIRECT[*]:-} s; cachalot cold: ${CA_COLD[*]:-} s; peer cold: ${PEER_COLD[*]:-} s; cachalot CPU per cold fill: ${CA_COLD_CPU[*]:-} s"
+sleep 1
+g_ca=""; g_peer=""
+for r in $(seq "$COLD_REPS"); do
+    g_ca+="$(($(upstream_gets "${COLD_C[$((r - 1))]}") - 1)) "  # minus the direct GET
+    g_peer+="$(upstream_gets "${COLD_P[$((r - 1))]}") "
+done
+log "  upstream GETs per cold GET: cachalot ${g_ca}; peer ${g_peer}(distribution 2.8 serves a cold client with its own upstream stream and fills the cache with another GET)"
 ((${#DIRECT[@]})) && R[direct_cold]=$(printf '%s\n' "${DIRECT[@]}" | median)
 ((${#CA_COLD[@]})) && R[ca_cold]=$(printf '%s\n' "${CA_COLD[@]}" | median)
 ((${#PEER_COLD[@]})) && R[peer_cold]=$(printf '%s\n' "${PEER_COLD[@]}" | median)
