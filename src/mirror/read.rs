@@ -76,7 +76,12 @@ fn available(h: &mut BlobHandle) -> Result<(u64, bool), io::Error> {
         None => Ok((h.len.unwrap_or(0), true)),
         Some(rx) => match &*rx.borrow_and_update() {
             FillState::Connecting => Ok((0, false)),
-            FillState::Streaming { written, .. } => Ok((*written, false)),
+            // The last byte waits for verification: a response that reached its
+            // Content-Length would count as a good download even if the digest then failed.
+            FillState::Streaming { written, len } => Ok((
+                len.map_or(*written, |l| (*written).min(l.saturating_sub(1))),
+                false,
+            )),
             FillState::Done { len } => Ok((*len, true)),
             FillState::Failed(e) => Err(io::Error::other(format!("upstream fill failed: {e}"))),
         },
