@@ -17,6 +17,9 @@ pub struct Config {
     /// The registries cachalot mirrors. Order does not matter; names must be unique.
     #[serde(default)]
     pub upstream: Vec<UpstreamConfig>,
+    /// Images never evicted (same as `cache.pinned`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<PinConfig>,
 }
 
 /// `[server]`: where cachalot listens.
@@ -53,6 +56,19 @@ pub struct CacheConfig {
     /// Never contact an upstream; serve only what is cached.
     #[serde(default)]
     pub offline: bool,
+    /// Content not read for this long is evicted even when the cache is under `max_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unused: Option<Dur>,
+    /// Images never evicted, as clients write them (`docker.io/library/nginx:1.27`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<String>,
+}
+
+/// One `[[pin]]`: an image whose manifests and blobs are never evicted.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinConfig {
+    pub image: String,
 }
 
 /// One `[[upstream]]` registry.
@@ -135,6 +151,8 @@ impl Default for CacheConfig {
             memory: default_memory(),
             tag_ttl: default_tag_ttl(),
             offline: false,
+            max_unused: None,
+            pinned: Vec::new(),
         }
     }
 }
@@ -208,6 +226,7 @@ impl Config {
             server: ServerConfig::default(),
             cache: CacheConfig::default(),
             upstream,
+            pin: Vec::new(),
         }
     }
 
@@ -269,6 +288,17 @@ impl Config {
         if self.cache.dir.as_os_str().is_empty() {
             return bad("cache.dir: must not be empty".into());
         }
+        for (i, p) in self.cache.pinned.iter().enumerate() {
+            crate::oci::ImageRef::parse(p)
+                .map_err(|e| ConfigError::Invalid(format!("cache.pinned[{i}]: {e}")))?;
+        }
+        for (i, p) in self.pin.iter().enumerate() {
+            crate::oci::ImageRef::parse(&p.image)
+                .map_err(|e| ConfigError::Invalid(format!("pin[{i}].image: {e}")))?;
+        }
+        if self.cache.max_unused.is_some_and(|d| d.0.is_zero()) {
+            return bad("cache.max_unused: must be greater than zero".into());
+        }
         let mut defaults = 0;
         for (i, u) in self.upstream.iter().enumerate() {
             let key = |k: &str| format!("upstream[{i}].{k}");
@@ -325,6 +355,22 @@ impl Config {
             return bad("upstream: more than one upstream has default = true".into());
         }
         Ok(())
+    }
+
+    /// What eviction keeps and removes. Pins were checked by `validate`.
+    pub fn eviction_policy(&self) -> crate::storage::evict::Policy {
+        let pins = self
+            .cache
+            .pinned
+            .iter()
+            .chain(self.pin.iter().map(|p| &p.image))
+            .filter_map(|p| crate::oci::ImageRef::parse(p).ok())
+            .collect();
+        crate::storage::evict::Policy {
+            max_size: self.cache.max_size.0,
+            max_unused: self.cache.max_unused.map(|d| d.0),
+            pins,
+        }
     }
 
     /// The effective configuration as TOML, for `check-config`. Passwords are never literal in

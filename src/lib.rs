@@ -16,5 +16,5 @@ pub use error::{Error, Result};
 
 /// Starting and stopping the server, for the binary and for tests.
 pub mod server {
-    pub use crate::http::server::{Server, spawn};
+    pub use crate::http::server::{Server, spawn, spawn_with};
 }

@@ -31,6 +31,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run one eviction pass over the cache and print what it removed.
+    Gc {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +52,10 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail(e),
             },
+            Err(e) => fail(e),
+        },
+        Command::Gc { config, dry_run } => match Config::load(&config) {
+            Ok(c) => gc(&c, dry_run),
             Err(e) => fail(e),
         },
         Command::Serve { config, offline } => {
@@ -95,6 +107,38 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
+}
+
+fn gc(config: &Config, dry_run: bool) -> ExitCode {
+    use cachalot::storage::{Store, evict};
+    let store = match Store::open(&config.cache.dir) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(format!(
+                "cache.dir {}: {e} (a running server holds the cache and evicts in the background)",
+                config.cache.dir.display()
+            ));
+        }
+    };
+    let report = match evict::run_pass(&store, &config.eviction_policy(), dry_run) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let verb = if dry_run { "would evict" } else { "evicted" };
+    println!(
+        "{verb} {} objects, {} bytes (size: {} bytes, unused: {} bytes); cache {} -> {} bytes, bound {}",
+        report.evicted.len(),
+        report.bytes(None),
+        report.bytes(Some(evict::Reason::Size)),
+        report.bytes(Some(evict::Reason::Unused)),
+        report.before,
+        report.after,
+        config.cache.max_size,
+    );
+    for (repo, bytes, count) in report.top_repositories(10) {
+        println!("  {repo}: {count} objects, {bytes} bytes");
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing() {

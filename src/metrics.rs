@@ -79,6 +79,10 @@ pub struct Metrics {
     pub token_fetches: IntCounterVec,
     pub fills_in_flight: IntGauge,
     pub cache_write_errors: prometheus::IntCounter,
+    pub cache_size_bytes: IntGauge,
+    pub cache_objects: IntGauge,
+    pub evictions: IntCounterVec,
+    pub evicted_bytes: IntCounterVec,
 }
 
 impl Metrics {
@@ -159,6 +163,36 @@ impl Metrics {
             .register(Box::new(cache_write_errors.clone()))
             .expect("metric registered once");
 
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let cache_size_bytes = gauge(
+            "cachalot_cache_size_bytes",
+            "Bytes of content in the cache.",
+        );
+        let cache_objects = gauge(
+            "cachalot_cache_objects",
+            "Objects (blobs and manifests) in the cache.",
+        );
+        let evictions = counter(
+            "cachalot_evictions_total",
+            "Objects evicted from the cache, by reason (size, unused).",
+            &["reason"],
+        );
+        let evicted_bytes = counter(
+            "cachalot_evicted_bytes_total",
+            "Bytes evicted from the cache, by reason (size, unused).",
+            &["reason"],
+        );
+        for r in ["size", "unused"] {
+            evictions.with_label_values(&[r]);
+            evicted_bytes.with_label_values(&[r]);
+        }
+
         // Pre-create the closed-set series at zero so dashboards see them before traffic.
         for kind in [Kind::Manifest, Kind::Blob] {
             for r in [
@@ -190,6 +224,10 @@ impl Metrics {
             token_fetches,
             fills_in_flight,
             cache_write_errors,
+            cache_size_bytes,
+            cache_objects,
+            evictions,
+            evicted_bytes,
         }
     }
 

@@ -108,13 +108,24 @@ async fn dispatch<B>(state: &AppState, r: Route, req: &Request<B>) -> Reply {
             let digest = parse_digest(&digest)?;
             referrers(mirror, &t, &digest, req.uri().query(), head).await
         }
-        Route::Metrics => Ok(Response::builder()
-            .header(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-            .body(body::full(state.metrics.render()))
-            .expect("static response")),
+        Route::Metrics => {
+            // Sizes are read at scrape time rather than kept in step at every commit.
+            state
+                .metrics
+                .cache_size_bytes
+                .set(mirror.store.used() as i64);
+            state
+                .metrics
+                .cache_objects
+                .set(mirror.store.object_count() as i64);
+            Ok(Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+                .body(body::full(state.metrics.render()))
+                .expect("static response"))
+        }
         Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
         Route::Readyz => {
             // Ready when the cache directory is usable: the upstreams are optional by design.

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::storage::Store;
+use crate::storage::{Disk, RealDisk, Store, evict};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
@@ -29,6 +29,7 @@ pub struct Server {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    housekeeping: tokio::task::JoinHandle<()>,
     pub mirror: Arc<Mirror>,
 }
 
@@ -41,6 +42,7 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let _ = self.housekeeping.await;
     }
 
     /// Waits until the server stops (it only stops through `shutdown`).
@@ -51,8 +53,13 @@ impl Server {
 
 /// Opens the cache, binds `server.listen` and starts serving; returns once bound.
 pub async fn spawn(config: Config) -> Result<Server, Error> {
+    spawn_with(config, Arc::new(RealDisk)).await
+}
+
+/// `spawn`, with cache writes going through `disk` (tests use it to make writes fail).
+pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, Error> {
     let dir = config.cache.dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&dir, disk))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
         .map_err(|e| Error::Internal(format!("cache.dir {}: {e}", config.cache.dir.display())))?;
@@ -73,11 +80,13 @@ pub async fn spawn(config: Config) -> Result<Server, Error> {
         metrics,
     });
     let (stop, stopped) = watch::channel(false);
+    let housekeeping = tokio::spawn(evict_loop(mirror.clone(), stopped.clone()));
     let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
     Ok(Server {
         addr,
         stop,
         task,
+        housekeeping,
         mirror,
     })
 }
@@ -136,6 +145,69 @@ async fn accept_loop(
         });
     }
     conns.abort_all();
+}
+
+/// How often reads are written to the metadata and an eviction pass runs when nothing
+/// else triggered one.
+const EVICT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Background cache housekeeping: a pass at start, after every commit that leaves the cache over
+/// its bound, and every `EVICT_INTERVAL`. Runs on the blocking pool; never stops the server.
+async fn evict_loop(mirror: Arc<Mirror>, mut stopped: watch::Receiver<bool>) {
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                _ = stopped.changed() => break,
+                _ = tokio::time::sleep(EVICT_INTERVAL) => {}
+                _ = mirror.evict_wakeup.notified() => {
+                    if mirror.store.used() <= mirror.eviction.max_size {
+                        continue;
+                    }
+                }
+            }
+        }
+        first = false;
+        let m = mirror.clone();
+        let report =
+            tokio::task::spawn_blocking(move || evict::run_pass(&m.store, &m.eviction, false))
+                .await;
+        match report {
+            Ok(Ok(report)) => record_evictions(&mirror.metrics, &report),
+            Ok(Err(e)) => warn!(error = %e, "eviction pass failed"),
+            Err(e) => warn!(error = %e, "eviction task failed"),
+        }
+    }
+    // Keep the last reads for the next start's eviction order.
+    let m = mirror.clone();
+    let _ = tokio::task::spawn_blocking(move || m.store.flush_touches()).await;
+}
+
+pub(crate) fn record_evictions(metrics: &Metrics, report: &evict::Report) {
+    for reason in [evict::Reason::Size, evict::Reason::Unused] {
+        let (count, bytes) = report
+            .evicted
+            .iter()
+            .filter(|e| e.reason == reason)
+            .fold((0, 0), |(c, b), e| (c + 1, b + e.row.size));
+        metrics
+            .evictions
+            .with_label_values(&[reason.as_str()])
+            .inc_by(count);
+        metrics
+            .evicted_bytes
+            .with_label_values(&[reason.as_str()])
+            .inc_by(bytes);
+    }
+    if !report.evicted.is_empty() {
+        info!(
+            objects = report.evicted.len(),
+            bytes = report.bytes(None),
+            before = report.before,
+            after = report.after,
+            "evicted"
+        );
+    }
 }
 
 fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, Error> {

@@ -21,6 +21,24 @@ pub enum FillState {
     Done { len: u64 },
     /// Nothing was stored; followers must abort their responses.
     Failed(Error),
+    /// A write to the cache failed after `at` bytes: nothing will be stored, but the upstream
+    /// is fine. Followers serve what the file holds, then fetch the rest themselves, carrying
+    /// on the hash from `hash` (the state after `at` bytes) so they still verify.
+    Diverted {
+        at: u64,
+        len: Option<u64>,
+        hash: HashState,
+    },
+}
+
+/// A digest computation in progress, shared with followers of a diverted fill.
+#[derive(Clone)]
+pub struct HashState(pub Box<crate::oci::Verifier>);
+
+impl std::fmt::Debug for HashState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HashState")
+    }
 }
 
 /// One fill in progress, shared by its followers.
@@ -44,6 +62,7 @@ impl Fill {
                 FillState::Connecting => {}
                 FillState::Streaming { len, .. } => return Ok(*len),
                 FillState::Done { len } => return Ok(Some(*len)),
+                FillState::Diverted { len, .. } => return Ok(*len),
                 FillState::Failed(e) => return Err(e.clone()),
             }
             if rx.changed().await.is_err() {

@@ -19,7 +19,7 @@ use futures_util::FutureExt;
 use http::{HeaderMap, Method, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use inflight::{FillGuard, FillState, Inflight};
+use inflight::{FillGuard, FillState, HashState, Inflight};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{Instrument, info_span, warn};
@@ -65,6 +65,9 @@ pub struct Mirror {
     manifest_flights: SingleFlight<String, (Arc<Manifest>, Lookup)>,
     tag_ttl: Duration,
     offline: bool,
+    /// Woken after each commit, so eviction runs as soon as the cache passes its bound.
+    pub evict_wakeup: Arc<tokio::sync::Notify>,
+    pub eviction: crate::storage::evict::Policy,
 }
 
 /// Cap on passthrough bodies (tags lists, referrer indexes), which are buffered.
@@ -111,6 +114,8 @@ impl Mirror {
             manifest_flights: SingleFlight::default(),
             tag_ttl: config.cache.tag_ttl.0,
             offline: config.cache.offline,
+            evict_wakeup: Arc::new(tokio::sync::Notify::new()),
+            eviction: config.eviction_policy(),
         })
     }
 
@@ -319,7 +324,7 @@ impl Mirror {
             let (st, m2) = (store.clone(), m.clone());
             let (upname, repo) = (up.name().to_owned(), t.repo.to_string());
             let saved = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                st.put_small(&m2.digest, &m2.bytes)?;
+                st.put_small(&m2.digest, &m2.bytes, &format!("{upname}/{repo}"))?;
                 let tag = tag.as_deref().map(|tag| {
                     (
                         upname.as_str(),
@@ -360,6 +365,7 @@ impl Mirror {
         let store = self.store.clone();
         let mut writer = None;
         let mut just_committed = None;
+        let mut cannot_write = None;
         let joined = self.fills.join_or_start(digest, || {
             // A fill may have committed and left the table since the lookup above; starting
             // another would fetch the blob twice.
@@ -367,14 +373,28 @@ impl Mirror {
                 just_committed = Some(BlobHandle::committed(file, len));
                 return Err(Error::Internal("already committed".into()));
             }
-            let w = store.writer(digest)?;
-            let paths = (w.temp_path().to_path_buf(), store.blob_path(digest));
-            writer = Some(w);
-            Ok(paths)
+            match store.writer(digest) {
+                Ok(w) => {
+                    let paths = (w.temp_path().to_path_buf(), store.blob_path(digest));
+                    writer = Some(w);
+                    Ok(paths)
+                }
+                Err(e) => {
+                    cannot_write = Some(e);
+                    Err(Error::Internal("cache not writable".into()))
+                }
+            }
         });
         if let Some(h) = just_committed {
             self.metrics.lookup(Kind::Blob, Lookup::Hit);
             return Ok(h);
+        }
+        if let Some(e) = cannot_write {
+            // A full or failing disk costs caching, not the pull.
+            self.metrics.lookup(Kind::Blob, Lookup::Miss);
+            self.metrics.cache_write_errors.inc();
+            warn!(error = %e, digest = %digest, "cannot write to the cache; passing the blob through");
+            return self.pass_through(t, digest).await;
         }
         let (fill, guard) = joined?;
         match (guard, writer) {
@@ -385,14 +405,36 @@ impl Mirror {
                     digest.clone(),
                     writer,
                     guard,
+                    self.store.clone(),
                     self.metrics.clone(),
+                    self.evict_wakeup.clone(),
                 );
                 tokio::spawn(task.instrument(info_span!("fill", digest = %digest)));
             }
             _ => self.metrics.lookup(Kind::Blob, Lookup::Coalesced),
         }
         let len = fill.started().await?;
-        BlobHandle::following(&fill, len)
+        BlobHandle::following(&fill, len, t, digest)
+    }
+
+    /// GETs a blob from upstream for a client without caching it (the cache cannot be written).
+    async fn pass_through(&self, t: &Target, digest: &Digest) -> Result<BlobHandle, Error> {
+        let up = &t.upstream;
+        let resp = up
+            .send(UpstreamRequest {
+                method: Method::GET,
+                op: Op::Blob,
+                repo: &t.repo,
+                path_and_query: format!("/v2/{}/blobs/{}", t.repo, digest),
+                accept: None,
+                range: None,
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(up.status_error(&resp));
+        }
+        let len = content_length(resp.headers());
+        Ok(BlobHandle::pass_through(resp.into_body(), len, t, digest))
     }
 
     fn committed_blob(&self, digest: &Digest) -> Result<Option<BlobHandle>, Error> {
@@ -536,22 +578,29 @@ async fn read_capped(up: &Upstream, mut body: Incoming, cap: usize) -> Result<By
 
 /// The fill task: GET the blob, stream it into the temp file while hashing, publish progress,
 /// and commit only a verified body. Runs detached from any client.
+#[allow(clippy::too_many_arguments)]
 async fn run_fill(
     t: Target,
     digest: Digest,
     writer: crate::storage::BlobWriter,
     guard: FillGuard,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
+    evict_wakeup: Arc<tokio::sync::Notify>,
 ) {
     metrics.fills_in_flight.inc();
-    let result = fill_body(&t, &digest, writer, &guard, &metrics).await;
+    let result = fill_body(&t, &digest, writer, &guard, &store, &metrics).await;
     metrics.fills_in_flight.dec();
     match result {
-        Ok(len) => guard.finish(FillState::Done { len }),
-        Err(e) => {
+        Ok(len) => {
+            guard.finish(FillState::Done { len });
+            evict_wakeup.notify_one();
+        }
+        Err(FillState::Failed(e)) => {
             warn!(error = %e, upstream = t.upstream.name(), "blob fill failed; nothing stored");
             guard.finish(FillState::Failed(e));
         }
+        Err(other) => guard.finish(other),
     }
 }
 
@@ -560,9 +609,11 @@ async fn fill_body(
     digest: &Digest,
     writer: crate::storage::BlobWriter,
     guard: &FillGuard,
+    store: &Arc<Store>,
     metrics: &Metrics,
-) -> Result<u64, Error> {
+) -> Result<u64, FillState> {
     let up = &t.upstream;
+    let failed = FillState::Failed;
     let resp = up
         .send(UpstreamRequest {
             method: Method::GET,
@@ -572,9 +623,10 @@ async fn fill_body(
             accept: None,
             range: None,
         })
-        .await?;
+        .await
+        .map_err(failed)?;
     if !resp.status().is_success() {
-        return Err(up.status_error(&resp));
+        return Err(failed(up.status_error(&resp)));
     }
     let len = content_length(resp.headers());
     guard
@@ -597,19 +649,19 @@ async fn fill_body(
         let first = tokio::time::timeout(up.body_timeout(), body.frame())
             .await
             .map_err(|_| {
-                Error::upstream(
+                failed(Error::upstream(
                     up.name(),
                     UpstreamFault::Timeout("waiting for the blob body"),
-                )
+                ))
             })?;
         match first {
             None => eof = true,
             Some(Err(e)) => {
-                return Err(count_bad(
+                return Err(failed(count_bad(
                     metrics,
                     up,
                     upstream_err(e, written + buf.len() as u64),
-                ));
+                )));
             }
             Some(Ok(f)) => {
                 if let Ok(d) = f.into_data() {
@@ -624,11 +676,11 @@ async fn fill_body(
                 None => break,
                 Some(None) => eof = true,
                 Some(Some(Err(e))) => {
-                    return Err(count_bad(
+                    return Err(failed(count_bad(
                         metrics,
                         up,
                         upstream_err(e, written + buf.len() as u64),
-                    ));
+                    )));
                 }
                 Some(Some(Ok(f))) => {
                     if let Ok(d) = f.into_data() {
@@ -643,7 +695,7 @@ async fn fill_body(
         if let Some(expected) = len
             && written + buf.len() as u64 > expected
         {
-            return Err(count_bad(
+            return Err(failed(count_bad(
                 metrics,
                 up,
                 Error::upstream(
@@ -652,18 +704,33 @@ async fn fill_body(
                         "body longer than its Content-Length {expected}"
                     )),
                 ),
-            ));
+            )));
         }
         let mut w = writer
             .take()
-            .ok_or_else(|| Error::Internal("writer lost".into()))?;
+            .ok_or_else(|| failed(Error::Internal("writer lost".into())))?;
         let chunk = std::mem::take(&mut buf);
         let n = chunk.len() as u64;
-        let (w, mut chunk) =
-            tokio::task::spawn_blocking(move || w.write(&chunk).map(|()| (w, chunk)))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .inspect_err(|_| metrics.cache_write_errors.inc())?;
+        let (w, wrote, mut chunk) = tokio::task::spawn_blocking(move || {
+            let wrote = w.write(&chunk);
+            (w, wrote, chunk)
+        })
+        .await
+        .map_err(|e| failed(Error::Internal(e.to_string())))?;
+        if let Err(e) = wrote {
+            // The upstream is fine; only the cache is not. Followers take it from here.
+            metrics.cache_write_errors.inc();
+            warn!(error = %e, digest = %digest, "cache write failed; followers continue from upstream");
+            let hash = w
+                .verifier()
+                .map(|v| HashState(Box::new(v)))
+                .ok_or_else(|| failed(Error::Internal("no hash state".into())))?;
+            return Err(FillState::Diverted {
+                at: w.written(),
+                len,
+                hash,
+            });
+        }
         metrics
             .upstream_bytes
             .with_label_values(&[up.name()])
@@ -676,33 +743,37 @@ async fn fill_body(
             .tx
             .send_replace(FillState::Streaming { len, written: now });
     }
-    let w = writer.ok_or_else(|| Error::Internal("writer lost".into()))?;
+    let w = writer.ok_or_else(|| failed(Error::Internal("writer lost".into())))?;
     let got = w.written();
     if let Some(expected) = len
         && got != expected
     {
-        return Err(count_bad(
+        return Err(failed(count_bad(
             metrics,
             up,
             Error::upstream(up.name(), UpstreamFault::Truncated { expected, got }),
-        ));
+        )));
     }
-    let committed = tokio::task::spawn_blocking(move || w.commit())
+    let repo = format!("{}/{}", up.name(), t.repo);
+    let st = store.clone();
+    let committed = tokio::task::spawn_blocking(move || st.commit(w, &repo))
         .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        .map_err(|e| failed(Error::Internal(e.to_string())))?;
     match committed {
         Ok(len) => Ok(len),
-        Err(CommitError::Mismatch { expected, actual }) => Err(count_bad(
+        Err(CommitError::Mismatch { expected, actual }) => Err(failed(count_bad(
             metrics,
             up,
             Error::upstream(
                 up.name(),
                 UpstreamFault::DigestMismatch { expected, actual },
             ),
-        )),
+        ))),
         Err(CommitError::Io(e)) => {
+            // Verified, but not stored: followers hold the whole file open and can finish.
             metrics.cache_write_errors.inc();
-            Err(e.into())
+            warn!(error = %e, digest = %digest, "could not commit a verified blob; served, not cached");
+            Err(FillState::Done { len: got })
         }
     }
 }

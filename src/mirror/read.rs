@@ -1,12 +1,19 @@
-//! Reading a blob for a response: from a committed file, or following a fill as it grows.
-//! A reader task per response feeds the body through a small channel, so memory per stream is
-//! a few chunks whatever the blob's size, and a slow client slows only itself.
+//! Reading a blob for a response: from a committed file, following a fill as it grows, or,
+//! when the cache cannot be written, straight from the upstream. A reader task per response
+//! feeds the body through a small channel, so memory per stream is a few chunks whatever the
+//! blob's size, and a slow client slows only itself.
 
-use super::inflight::{Fill, FillState};
-use crate::error::Error;
+use super::Target;
+use super::inflight::{Fill, FillState, HashState};
+use crate::error::{Error, UpstreamFault};
 use crate::http::body::{self, Body};
 use crate::metrics::{Metrics, Source};
-use bytes::BytesMut;
+use crate::oci::{Digest, Verifier};
+use crate::upstream::{Op, UpstreamRequest};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -15,40 +22,71 @@ use tokio::sync::{mpsc, watch};
 
 const READ_CHUNK: usize = 256 * 1024;
 
+type Tx = mpsc::Sender<Result<Bytes, io::Error>>;
+
 /// An open blob, ready to stream.
 pub struct BlobHandle {
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     /// The blob's length, when known (a fill from an upstream that sent no Content-Length
     /// does not know it until the end).
     pub len: Option<u64>,
     progress: Option<watch::Receiver<FillState>>,
+    /// Where the bytes come from when the cache cannot hold them.
+    origin: Option<(Target, Digest)>,
+    /// An upstream body already requested, for a pass-through from byte 0.
+    upstream: Option<Incoming>,
 }
 
 impl BlobHandle {
     pub fn committed(file: File, len: u64) -> BlobHandle {
         BlobHandle {
-            file: Arc::new(file),
+            file: Some(Arc::new(file)),
             len: Some(len),
             progress: None,
+            origin: None,
+            upstream: None,
         }
     }
 
-    pub fn following(fill: &Fill, len: Option<u64>) -> Result<BlobHandle, Error> {
+    pub fn following(
+        fill: &Fill,
+        len: Option<u64>,
+        t: &Target,
+        digest: &Digest,
+    ) -> Result<BlobHandle, Error> {
         // Subscribe before opening, so no progress published in between is missed.
         let progress = fill.subscribe();
         let file = fill.open()?;
         Ok(BlobHandle {
-            file: Arc::new(file),
+            file: Some(Arc::new(file)),
             len,
             progress: Some(progress),
+            origin: Some((t.clone(), digest.clone())),
+            upstream: None,
         })
     }
 
+    /// A blob the cache cannot store: the upstream's response, passed through and verified.
+    pub fn pass_through(
+        body: Incoming,
+        len: Option<u64>,
+        t: &Target,
+        digest: &Digest,
+    ) -> BlobHandle {
+        BlobHandle {
+            file: None,
+            len,
+            progress: None,
+            origin: Some((t.clone(), digest.clone())),
+            upstream: Some(body),
+        }
+    }
+
     pub fn source(&self) -> Source {
-        if self.progress.is_some() {
-            Source::Fill
-        } else {
-            Source::Cache
+        match (&self.progress, &self.upstream) {
+            (_, Some(_)) => Source::Upstream,
+            (Some(_), _) => Source::Fill,
+            _ => Source::Cache,
         }
     }
 
@@ -70,19 +108,29 @@ impl BlobHandle {
     }
 }
 
-/// How far the blob is readable now, and whether that is final.
-fn available(h: &mut BlobHandle) -> Result<(u64, bool), io::Error> {
+/// How far the file is readable now: `Ok((bytes, final))`, or the point where a diverted fill
+/// left off.
+enum Avail {
+    Upto(u64, bool),
+    Diverted { at: u64, hash: HashState },
+}
+
+fn available(h: &mut BlobHandle) -> Result<Avail, io::Error> {
     match &mut h.progress {
-        None => Ok((h.len.unwrap_or(0), true)),
+        None => Ok(Avail::Upto(h.len.unwrap_or(0), true)),
         Some(rx) => match &*rx.borrow_and_update() {
-            FillState::Connecting => Ok((0, false)),
+            FillState::Connecting => Ok(Avail::Upto(0, false)),
             // The last byte waits for verification: a response that reached its
             // Content-Length would count as a good download even if the digest then failed.
-            FillState::Streaming { written, len } => Ok((
+            FillState::Streaming { written, len } => Ok(Avail::Upto(
                 len.map_or(*written, |l| (*written).min(l.saturating_sub(1))),
                 false,
             )),
-            FillState::Done { len } => Ok((*len, true)),
+            FillState::Done { len } => Ok(Avail::Upto(*len, true)),
+            FillState::Diverted { at, hash, .. } => Ok(Avail::Diverted {
+                at: *at,
+                hash: hash.clone(),
+            }),
             FillState::Failed(e) => Err(io::Error::other(format!("upstream fill failed: {e}"))),
         },
     }
@@ -94,29 +142,52 @@ async fn pump(
     mut h: BlobHandle,
     mut pos: u64,
     end: Option<u64>,
-    tx: &mpsc::Sender<Result<bytes::Bytes, io::Error>>,
+    tx: &Tx,
 ) -> Result<u64, (u64, io::Error)> {
     let start = pos;
-    loop {
-        let (avail, last) = available(&mut h).map_err(|e| (pos - start, e))?;
-        let limit = end.map_or(avail, |e| e.min(avail));
-        while pos < limit {
-            let n = ((limit - pos) as usize).min(READ_CHUNK);
-            let file = h.file.clone();
-            let at = pos;
-            let chunk = tokio::task::spawn_blocking(move || -> io::Result<bytes::Bytes> {
-                let mut buf = BytesMut::zeroed(n);
-                file.read_exact_at(&mut buf, at)?;
-                Ok(buf.freeze())
-            })
+    if let Some(body) = h.upstream.take() {
+        let (t, digest) = h
+            .origin
+            .take()
+            .ok_or((0, io::Error::other("pass-through without origin")))?;
+        let hash = HashState(Box::new(Verifier::new(digest.algorithm())));
+        return relay(&t, &digest, body, 0, 0, hash, pos, end, h.len, tx)
             .await
-            .map_err(|e| (pos - start, io::Error::other(e)))?
-            .map_err(|e| (pos - start, e))?;
-            if tx.send(Ok(chunk)).await.is_err() {
-                // The client went away; the fill, if any, carries on without it.
-                return Ok(pos - start);
+            .map(|p| p - start)
+            .map_err(|(p, e)| (p - start, e));
+    }
+    loop {
+        let (avail, last) = match available(&mut h).map_err(|e| (pos - start, e))? {
+            Avail::Upto(a, last) => (a, last),
+            Avail::Diverted { at, hash } => {
+                // Serve what the file holds, then the rest from upstream.
+                pos = copy_file(&h, pos, end.map_or(at, |e| e.min(at)), tx)
+                    .await
+                    .map_err(|(p, e)| (p - start, e))?;
+                if end.is_some_and(|e| pos >= e) {
+                    return Ok(pos - start);
+                }
+                let (t, digest) = h
+                    .origin
+                    .take()
+                    .ok_or((pos - start, io::Error::other("fill without origin")))?;
+                let body = ranged_get(&t, &digest, at)
+                    .await
+                    .map_err(|e| (pos - start, e))?;
+                let (body, body_start) = body;
+                return relay(&t, &digest, body, body_start, at, hash, pos, end, h.len, tx)
+                    .await
+                    .map(|p| p - start)
+                    .map_err(|(p, e)| (p - start, e));
             }
-            pos += n as u64;
+        };
+        let limit = end.map_or(avail, |e| e.min(avail));
+        pos = copy_file(&h, pos, limit, tx)
+            .await
+            .map_err(|(p, e)| (p - start, e))?;
+        if tx.is_closed() {
+            // The client went away; the fill, if any, carries on without it.
+            return Ok(pos - start);
         }
         if end.is_some_and(|e| pos >= e) || (last && pos >= avail) {
             return Ok(pos - start);
@@ -135,4 +206,148 @@ async fn pump(
             }
         }
     }
+}
+
+/// Sends file bytes `pos..limit`; returns the new position.
+async fn copy_file(
+    h: &BlobHandle,
+    mut pos: u64,
+    limit: u64,
+    tx: &Tx,
+) -> Result<u64, (u64, io::Error)> {
+    let Some(file) = &h.file else {
+        return Ok(pos);
+    };
+    while pos < limit {
+        let n = ((limit - pos) as usize).min(READ_CHUNK);
+        let file = file.clone();
+        let at = pos;
+        let chunk = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+            let mut buf = BytesMut::zeroed(n);
+            file.read_exact_at(&mut buf, at)?;
+            Ok(buf.freeze())
+        })
+        .await
+        .map_err(|e| (pos, io::Error::other(e)))?
+        .map_err(|e| (pos, e))?;
+        if tx.send(Ok(chunk)).await.is_err() {
+            return Ok(pos);
+        }
+        pos += n as u64;
+    }
+    Ok(pos)
+}
+
+/// GETs the blob from `at` on. Returns the body and the offset of its first byte (0 when the
+/// upstream ignored the range).
+async fn ranged_get(t: &Target, digest: &Digest, at: u64) -> Result<(Incoming, u64), io::Error> {
+    let up = &t.upstream;
+    let range = (at > 0).then(|| HeaderValue::from_str(&format!("bytes={at}-")).expect("ascii"));
+    let resp = up
+        .send(UpstreamRequest {
+            method: Method::GET,
+            op: Op::Blob,
+            repo: &t.repo,
+            path_and_query: format!("/v2/{}/blobs/{}", t.repo, digest),
+            accept: None,
+            range,
+        })
+        .await
+        .map_err(io::Error::other)?;
+    match resp.status() {
+        StatusCode::PARTIAL_CONTENT => Ok((resp.into_body(), at)),
+        s if s.is_success() => Ok((resp.into_body(), 0)),
+        _ => Err(io::Error::other(up.status_error(&resp))),
+    }
+}
+
+/// Relays an upstream body whose first byte is blob offset `body_start`, hashing from offset
+/// `hashed` on (the bytes before it are already in `hash`) and sending what falls in
+/// `pos..end`. The blob's last byte is held back until the digest matches.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    t: &Target,
+    digest: &Digest,
+    mut body: Incoming,
+    body_start: u64,
+    hashed: u64,
+    hash: HashState,
+    mut pos: u64,
+    end: Option<u64>,
+    len: Option<u64>,
+    tx: &Tx,
+) -> Result<u64, (u64, io::Error)> {
+    let up = &t.upstream;
+    let mut hash = *hash.0;
+    let mut offset = body_start;
+    let mut held: Option<Bytes> = None;
+    loop {
+        let frame = tokio::time::timeout(up.body_timeout(), body.frame())
+            .await
+            .map_err(|_| {
+                (
+                    pos,
+                    io::Error::other(Error::upstream(
+                        up.name(),
+                        UpstreamFault::Timeout("waiting for the blob body"),
+                    )),
+                )
+            })?;
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err((
+                    pos,
+                    io::Error::other(format!("upstream {}: body: {e}", up.name())),
+                ));
+            }
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        let chunk_start = offset;
+        offset += data.len() as u64;
+        // Hash only what the shared state has not seen yet.
+        if offset > hashed {
+            let from = hashed.saturating_sub(chunk_start) as usize;
+            hash.update(&data[from..]);
+        }
+        // Send the part inside pos..end.
+        let lo = pos.max(chunk_start);
+        let hi = end.map_or(offset, |e| e.min(offset));
+        if lo < hi {
+            let mut part = data.slice((lo - chunk_start) as usize..(hi - chunk_start) as usize);
+            if let Some(prev) = held.take()
+                && tx.send(Ok(prev)).await.is_err()
+            {
+                return Ok(pos);
+            }
+            let reaches_end = end.is_none() || len.is_some_and(|l| hi >= l);
+            if reaches_end && !part.is_empty() {
+                // Keep the last byte back until the digest is known.
+                held = Some(part.split_off(part.len() - 1));
+            }
+            if !part.is_empty() && tx.send(Ok(part)).await.is_err() {
+                return Ok(pos);
+            }
+            pos = hi;
+        }
+        if end.is_some_and(|e| pos >= e) && held.is_none() {
+            return Ok(pos);
+        }
+    }
+    if len.is_some_and(|l| offset != l) || hash.finish() != *digest {
+        return Err((
+            pos.saturating_sub(held.is_some() as u64),
+            io::Error::other(format!(
+                "upstream {} sent a blob that does not match {digest}",
+                up.name()
+            )),
+        ));
+    }
+    if let Some(last) = held {
+        let _ = tx.send(Ok(last)).await;
+    }
+    Ok(pos)
 }

@@ -102,6 +102,7 @@ impl fmt::Debug for Digest {
 }
 
 /// Hashes bytes as they stream past; the caller decides at end of stream whether they match.
+#[derive(Clone)]
 pub enum Verifier {
     Sha256(Sha256),
     Sha512(Sha512),

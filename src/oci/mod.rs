@@ -4,7 +4,9 @@ pub mod digest;
 pub mod errors;
 pub mod manifest;
 pub mod name;
+pub mod reference;
 
 pub use digest::{Algorithm, Digest, Verifier};
 pub use errors::{ErrorCode, OciError};
 pub use name::{Reference, RepoName, Tag};
+pub use reference::ImageRef;

@@ -2,7 +2,7 @@
 //! and the media type of each cached manifest. Every write is one durable transaction.
 
 use crate::oci::Digest;
-use redb::{Database, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::io;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,6 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const TAGS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
 /// digest -> media type of a cached manifest.
 const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
+/// digest -> (size, last access in ms since the epoch, repository that last used it as
+/// `<upstream>/<repo>`): every committed object, blob or manifest. Eviction reads it; a row is
+/// written before its file is renamed into place, so no file is ever unaccounted for.
+const OBJECTS: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("objects");
 
 pub struct Meta {
     db: Database,
@@ -34,7 +38,17 @@ fn tag_prefix(upstream: &str, repo: &str, tag: &str) -> String {
     format!("{upstream}\0{repo}\0{tag}\0")
 }
 
-fn millis(t: SystemTime) -> u64 {
+/// One committed object as the metadata knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRow {
+    pub digest: Digest,
+    pub size: u64,
+    pub last_access: SystemTime,
+    /// `<upstream>/<repo>` that last fetched or read it.
+    pub repo: String,
+}
+
+pub(crate) fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
@@ -47,6 +61,7 @@ impl Meta {
         let tx = db.begin_write().map_err(io_err)?;
         tx.open_table(TAGS).map_err(io_err)?;
         tx.open_table(MANIFESTS).map_err(io_err)?;
+        tx.open_table(OBJECTS).map_err(io_err)?;
         tx.commit().map_err(io_err)?;
         Ok(Meta { db })
     }
@@ -117,6 +132,152 @@ impl Meta {
             .map_err(io_err)?;
         }
         tx.commit().map_err(io_err)
+    }
+
+    /// Records a committed object. Durable before the caller renames the file into place.
+    pub fn put_object(
+        &self,
+        digest: &Digest,
+        size: u64,
+        repo: &str,
+        now: SystemTime,
+    ) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            objects
+                .insert(digest.to_string().as_str(), (size, millis(now), repo))
+                .map_err(io_err)?;
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    /// Records many committed objects in one transaction (imports, benchmarks).
+    pub fn put_objects(&self, rows: &[(Digest, u64, String)], now: SystemTime) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            for (digest, size, repo) in rows {
+                objects
+                    .insert(
+                        digest.to_string().as_str(),
+                        (*size, millis(now), repo.as_str()),
+                    )
+                    .map_err(io_err)?;
+            }
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    /// Records reads. Access times steer eviction only, so they are written without an fsync:
+    /// a crash loses at most the last few, never consistency.
+    pub fn touch_objects(&self, touches: &[(Digest, SystemTime)]) -> io::Result<()> {
+        if touches.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(io_err)?;
+        tx.set_durability(Durability::Eventual);
+        {
+            let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            for (digest, at) in touches {
+                let key = digest.to_string();
+                let row = objects.get(key.as_str()).map_err(io_err)?.map(|v| {
+                    let (size, last, repo) = v.value();
+                    (size, last, repo.to_owned())
+                });
+                if let Some((size, last, repo)) = row {
+                    let at = millis(*at).max(last);
+                    objects
+                        .insert(key.as_str(), (size, at, repo.as_str()))
+                        .map_err(io_err)?;
+                }
+            }
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    /// Every committed object.
+    pub fn objects(&self) -> io::Result<Vec<ObjectRow>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(OBJECTS).map_err(io_err)?;
+        let mut out = Vec::with_capacity(table.len().map_err(io_err)? as usize);
+        for row in table.iter().map_err(io_err)? {
+            let (k, v) = row.map_err(io_err)?;
+            let (size, last, repo) = v.value();
+            if let Ok(digest) = k.value().parse() {
+                out.push(ObjectRow {
+                    digest,
+                    size,
+                    last_access: UNIX_EPOCH + Duration::from_millis(last),
+                    repo: repo.to_owned(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Total size and count of committed objects.
+    pub fn totals(&self) -> io::Result<(u64, u64)> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(OBJECTS).map_err(io_err)?;
+        let mut bytes = 0;
+        let mut count = 0;
+        for row in table.iter().map_err(io_err)? {
+            let (_, v) = row.map_err(io_err)?;
+            bytes += v.value().0;
+            count += 1;
+        }
+        Ok((bytes, count))
+    }
+
+    /// Forgets objects, and the tags that pointed at any of them (a tag whose manifest is gone
+    /// would only send every request upstream anyway).
+    pub fn remove_objects(&self, digests: &[Digest]) -> io::Result<()> {
+        let names: std::collections::HashSet<String> =
+            digests.iter().map(Digest::to_string).collect();
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            let mut manifests = tx.open_table(MANIFESTS).map_err(io_err)?;
+            for d in &names {
+                objects.remove(d.as_str()).map_err(io_err)?;
+                manifests.remove(d.as_str()).map_err(io_err)?;
+            }
+            let mut tags = tx.open_table(TAGS).map_err(io_err)?;
+            tags.retain(|_, (digest, _)| !names.contains(digest))
+                .map_err(io_err)?;
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    /// Every tag entry: (upstream, repo, tag, entry).
+    pub fn all_tags(&self) -> io::Result<Vec<(String, String, String, TagEntry)>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(TAGS).map_err(io_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io_err)? {
+            let (k, v) = row.map_err(io_err)?;
+            let mut parts = k.value().splitn(4, '\0');
+            let (Some(up), Some(repo), Some(tag), Some(mt)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (digest, checked) = v.value();
+            if let Ok(digest) = digest.parse() {
+                out.push((
+                    up.to_owned(),
+                    repo.to_owned(),
+                    tag.to_owned(),
+                    TagEntry {
+                        digest,
+                        media_type: mt.to_owned(),
+                        checked: UNIX_EPOCH + Duration::from_millis(checked),
+                    },
+                ));
+            }
+        }
+        Ok(out)
     }
 
     pub fn manifest_type(&self, digest: &Digest) -> io::Result<Option<String>> {

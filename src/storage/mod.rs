@@ -5,23 +5,66 @@
 //! `VERSION`, `blobs/<alg>/<2 hex>/<hex>` (blobs and manifests alike), `tmp/` (fills in
 //! progress; swept at start), `meta.redb` (tags and manifest media types).
 
+pub mod evict;
 pub mod meta;
 
 use crate::oci::{Digest, Verifier};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-pub use meta::{Meta, TagEntry};
+pub use meta::{Meta, ObjectRow, TagEntry};
 
 const LAYOUT_VERSION: &str = "1\n";
+
+/// The file operations a fill's writes go through. The real one is `RealDisk`; tests wrap it
+/// to make writes fail (a full disk, an I/O error) at chosen points.
+pub trait Disk: Send + Sync {
+    /// Creates a new file for writing (it must not exist).
+    fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+}
+
+/// A file being written.
+pub trait DiskFile: Write + Send {
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+/// The local filesystem.
+pub struct RealDisk;
+
+impl Disk for RealDisk {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        Ok(Box::new(File::create_new(path)?))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+}
+
+impl DiskFile for File {
+    fn sync_all(&mut self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
 
 /// The filesystem cache.
 pub struct Store {
     root: PathBuf,
     tmp: PathBuf,
     pub meta: Meta,
+    disk: Arc<dyn Disk>,
+    /// Bytes and objects committed, kept in step with the metadata's object rows.
+    used: AtomicU64,
+    objects: AtomicU64,
+    /// Reads not yet written to the metadata: flushed in batches, since a durable write per
+    /// cache hit would cost more than the hit.
+    touches: Mutex<HashMap<Digest, SystemTime>>,
 }
 
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -30,6 +73,11 @@ impl Store {
     /// Opens (creating if needed) the cache at `root`, and removes temp files left by fills that
     /// a crash or kill interrupted: they were never renamed, so nothing refers to them.
     pub fn open(root: &Path) -> io::Result<Store> {
+        Self::open_with(root, Arc::new(RealDisk))
+    }
+
+    /// `open`, with fill writes going through `disk`.
+    pub fn open_with(root: &Path, disk: Arc<dyn Disk>) -> io::Result<Store> {
         std::fs::create_dir_all(root.join("blobs"))?;
         let version = root.join("VERSION");
         match std::fs::read_to_string(&version) {
@@ -52,15 +100,30 @@ impl Store {
         }
         std::fs::create_dir_all(&tmp)?;
         let meta = Meta::open(&root.join("meta.redb"))?;
+        let (used, objects) = meta.totals()?;
         Ok(Store {
             root: root.to_path_buf(),
             tmp,
             meta,
+            disk,
+            used: AtomicU64::new(used),
+            objects: AtomicU64::new(objects),
+            touches: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Bytes of committed objects.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Number of committed objects.
+    pub fn object_count(&self) -> u64 {
+        self.objects.load(Ordering::Relaxed)
     }
 
     /// Where a committed object with this digest lives.
@@ -74,15 +137,32 @@ impl Store {
     }
 
     /// Opens a committed object: the file and its length, or `None` when it is not cached.
+    /// Counts as a read for eviction.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
         match File::open(self.blob_path(digest)) {
             Ok(f) => {
                 let len = f.metadata()?.len();
+                self.touch(digest);
                 Ok(Some((f, len)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Notes a read of `digest`, written to the metadata at the next `flush_touches`.
+    pub fn touch(&self, digest: &Digest) {
+        let mut touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+        touches.insert(digest.clone(), SystemTime::now());
+    }
+
+    /// Writes pending reads to the metadata. Blocking.
+    pub fn flush_touches(&self) -> io::Result<()> {
+        let pending: Vec<(Digest, SystemTime)> = {
+            let mut touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+            touches.drain().collect()
+        };
+        self.meta.touch_objects(&pending)
     }
 
     /// Reads a small committed object (a manifest) whole.
@@ -106,39 +186,111 @@ impl Store {
         let temp = self
             .tmp
             .join(format!("{}-{}-{seq}", digest.hex(), std::process::id()));
-        let file = File::create_new(&temp)?;
+        let file = self.disk.create(&temp)?;
         Ok(BlobWriter {
             file: Some(file),
             temp,
-            dest: self.blob_path(digest),
             expected: digest.clone(),
             verifier: Some(Verifier::new(digest.algorithm())),
             written: 0,
         })
     }
 
-    /// Writes a small object (a manifest) whose bytes are already in memory and verified by the
-    /// caller against `digest`. Blocking: call from a blocking context.
-    pub fn put_small(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
+    /// Verifies, syncs, records and renames into place. The object row is durable before the
+    /// rename, so a crash in between leaves a row without a file (a cache miss, fetched again),
+    /// never a file the size accounting does not know. On a mismatch nothing is stored and the
+    /// error says which digest was expected and which arrived. Blocking.
+    pub fn commit(&self, mut w: BlobWriter, repo: &str) -> Result<u64, CommitError> {
+        let actual = w.verifier.take().map(Verifier::finish);
+        if actual.as_ref() != Some(&w.expected) {
+            return Err(CommitError::Mismatch {
+                expected: w.expected.to_string(),
+                actual: actual.map(|d| d.to_string()).unwrap_or_default(),
+            });
+        }
+        let mut file = w
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("writer already closed"))?;
+        file.sync_all()?;
+        drop(file);
+        let dest = self.blob_path(&w.expected);
+        let dir = dest
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        std::fs::create_dir_all(dir)?;
+        let fresh = !dest.exists();
+        self.meta
+            .put_object(&w.expected, w.written, repo, SystemTime::now())?;
+        crash_point("after-metadata");
+        self.disk.rename(&w.temp, &dest)?;
+        crash_point("after-rename");
+        // The rename is durable only once the directory entry is.
+        File::open(dir)?.sync_all()?;
+        w.temp = PathBuf::new();
+        if fresh {
+            self.used.fetch_add(w.written, Ordering::Relaxed);
+            self.objects.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(w.written)
+    }
+
+    /// Writes a small object (a manifest) whose bytes are already in memory. Blocking.
+    pub fn put_small(&self, digest: &Digest, bytes: &[u8], repo: &str) -> io::Result<()> {
         if self.blob_path(digest).exists() {
             return Ok(());
         }
         let mut w = self.writer(digest)?;
         w.write(bytes)?;
-        w.commit().map(|_| ()).map_err(|e| match e {
+        self.commit(w, repo).map(|_| ()).map_err(|e| match e {
             CommitError::Io(e) => e,
             other => io::Error::other(other.to_string()),
         })
     }
+
+    /// Removes committed objects: files first (a reader with the file open keeps reading it),
+    /// then their rows. Returns the bytes freed. Blocking.
+    pub fn remove(&self, rows: &[ObjectRow]) -> io::Result<u64> {
+        let mut freed = 0;
+        let mut digests = Vec::with_capacity(rows.len());
+        for row in rows {
+            match std::fs::remove_file(self.blob_path(&row.digest)) {
+                Ok(()) => {}
+                // A row whose file a crash never renamed into place: only the row goes.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            freed += row.size;
+            digests.push(row.digest.clone());
+        }
+        self.meta.remove_objects(&digests)?;
+        self.used
+            .fetch_sub(freed.min(self.used()), Ordering::Relaxed);
+        self.objects.fetch_sub(
+            (rows.len() as u64).min(self.object_count()),
+            Ordering::Relaxed,
+        );
+        Ok(freed)
+    }
 }
 
-/// A blob being written. `commit` verifies the digest, fsyncs and renames into place; dropping
-/// an uncommitted writer removes its temp file, so a failed fill leaves nothing behind.
+/// Dies on the spot when `CACHALOT_CRASH_POINT` names this point: the crash-safety tests use
+/// it to kill the process at instants a `kill -9` cannot hit reliably (between the metadata
+/// write and the rename, between the rename and the directory sync).
+fn crash_point(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("CACHALOT_CRASH_POINT").ok());
+    if point.as_deref() == Some(name) {
+        std::process::abort();
+    }
+}
+
+/// A blob being written. `Store::commit` verifies and places it; dropping an uncommitted
+/// writer removes its temp file, so a failed fill leaves nothing behind.
 /// All methods block: call them from a blocking context.
 pub struct BlobWriter {
-    file: Option<File>,
+    file: Option<Box<dyn DiskFile>>,
     temp: PathBuf,
-    dest: PathBuf,
     expected: Digest,
     verifier: Option<Verifier>,
     written: u64,
@@ -154,6 +306,12 @@ impl BlobWriter {
         self.written
     }
 
+    /// The hash of everything written so far, for a follower that must carry on verifying
+    /// without the file (when a write failed).
+    pub fn verifier(&self) -> Option<Verifier> {
+        self.verifier.clone()
+    }
+
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         let file = self
             .file
@@ -165,34 +323,6 @@ impl BlobWriter {
         }
         self.written += data.len() as u64;
         Ok(())
-    }
-
-    /// Verifies, syncs and renames into place. On a mismatch nothing is stored and the error
-    /// says which digest was expected and which arrived.
-    pub fn commit(mut self) -> Result<u64, CommitError> {
-        let actual = self.verifier.take().map(Verifier::finish);
-        if actual.as_ref() != Some(&self.expected) {
-            return Err(CommitError::Mismatch {
-                expected: self.expected.to_string(),
-                actual: actual.map(|d| d.to_string()).unwrap_or_default(),
-            });
-        }
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("writer already closed"))?;
-        file.sync_all()?;
-        drop(file);
-        let dir = self
-            .dest
-            .parent()
-            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
-        std::fs::create_dir_all(dir)?;
-        std::fs::rename(&self.temp, &self.dest)?;
-        // The rename is durable only once the directory entry is.
-        File::open(dir)?.sync_all()?;
-        self.temp = PathBuf::new();
-        Ok(self.written)
     }
 }
 
@@ -226,7 +356,8 @@ mod tests {
         let temp = w.temp_path().to_path_buf();
         w.write(&data[..3]).unwrap();
         w.write(&data[3..]).unwrap();
-        assert_eq!(w.commit().unwrap(), data.len() as u64);
+        assert_eq!(store.commit(w, "docker.io/x").unwrap(), data.len() as u64);
+        assert_eq!((store.used(), store.object_count()), (data.len() as u64, 1));
         assert!(!temp.exists());
         let (_, len) = store.open_blob(&d).unwrap().unwrap();
         assert_eq!(len, data.len() as u64);
@@ -246,7 +377,7 @@ mod tests {
         let mut w = store.writer(&d).unwrap();
         let temp = w.temp_path().to_path_buf();
         w.write(b"something else").unwrap();
-        let e = w.commit().unwrap_err();
+        let e = store.commit(w, "docker.io/x").unwrap_err();
         assert!(e.to_string().contains(&d.to_string()), "{e}");
         assert!(store.open_blob(&d).unwrap().is_none());
         assert!(!temp.exists());

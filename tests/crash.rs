@@ -1,0 +1,631 @@
+//! Crash safety, end to end (DESIGN invariant 8, issue 3): the real binary is killed (`kill -9`)
+//! mid-fill or aborts at a crash point inside `Store::commit` (`CACHALOT_CRASH_POINT`), then is
+//! restarted on the same cache with the upstream down and again with it back. No partial blob
+//! may ever be served, `tmp/` must be swept, and what the metadata recorded must stay usable.
+//!
+//! The upstream is the in-process fake registry; cachalot runs as a child process, killed on
+//! drop of its guard whatever the test's outcome.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use sha2::{Digest as _, Sha256};
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cachalot");
+const REPO: &str = "crash/big";
+/// Large enough that a fill is many chunks long.
+const BIG: usize = 8 << 20;
+/// Where the fake pauses the body for the kill.
+const PAUSE_AT: usize = 3 << 20;
+/// Safety net for waits on processes and files (never a performance assertion).
+const SAFETY: Duration = Duration::from_secs(60);
+
+// === a cachalot child process ===
+
+/// Kills (SIGKILL) and reaps the child when dropped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One running `cachalot serve`.
+struct Cachalot {
+    child: ChildGuard,
+    addr: SocketAddr,
+    log: PathBuf,
+    config: PathBuf,
+}
+
+static RUN: AtomicU32 = AtomicU32::new(0);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The cache directory of a test's temp dir.
+fn cache_dir(dir: &Path) -> PathBuf {
+    dir.join("cache")
+}
+
+/// Writes the config for a cachalot on `port` (0: any) in front of `upstream_url`, with
+/// `max_size`; returns its path.
+fn write_config(dir: &Path, name: &str, upstream_url: &str, port: u16, max_size: &str) -> PathBuf {
+    let text = config_toml(
+        &cache_dir(dir),
+        &CacheSpec::default(),
+        &[UpstreamSpec::new(UP, upstream_url, true)],
+    );
+    let listen = "listen = \"127.0.0.1:0\"";
+    let size = "max_size = \"1GiB\"";
+    assert!(
+        text.contains(listen) && text.contains(size),
+        "config_toml changed shape:\n{text}"
+    );
+    let text = text
+        .replace(listen, &format!("listen = \"127.0.0.1:{port}\""))
+        .replace(size, &format!("max_size = {max_size:?}"));
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+impl Cachalot {
+    /// Starts `cachalot serve` on the cache in `dir`, on a free port (retried if another
+    /// process took it meanwhile), and waits until it accepts connections and /readyz is 200.
+    async fn start(dir: &Path, upstream_url: &str, crash_point: Option<&str>) -> Cachalot {
+        for attempt in 0.. {
+            let port = free_port();
+            let config = write_config(dir, "cachalot.toml", upstream_url, port, "1GiB");
+            let n = RUN.fetch_add(1, Ordering::Relaxed);
+            let log = dir.join(format!("cachalot-{n}.log"));
+            let out = std::fs::File::create(&log).expect("create log");
+            let mut cmd = Command::new(BIN);
+            cmd.args(["serve", "--config"])
+                .arg(&config)
+                .env_remove("CACHALOT_CRASH_POINT")
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out);
+            if let Some(p) = crash_point {
+                cmd.env("CACHALOT_CRASH_POINT", p);
+            }
+            let mut child = ChildGuard(cmd.spawn().expect("spawn cachalot"));
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let deadline = tokio::time::Instant::now() + SAFETY;
+            loop {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    let c = Cachalot {
+                        child,
+                        addr,
+                        log,
+                        config,
+                    };
+                    let r = TestClient::new().get(&c.url("/readyz")).await;
+                    assert_eq!(r.status, 200, "/readyz after start: {}", r.text());
+                    return c;
+                }
+                if let Some(status) = child.0.try_wait().expect("try_wait") {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    if text.contains("server.listen") && attempt < 5 {
+                        break; // the port was taken meanwhile: pick another
+                    }
+                    panic!("cachalot exited at start ({status}):\n{text}");
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "safety timeout: cachalot did not start listening"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        unreachable!()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn blob_url(&self, digest: &str) -> String {
+        self.url(&format!("/v2/{REPO}/blobs/{digest}"))
+    }
+
+    /// `kill -9`, and reap.
+    fn kill9(mut self) -> ExitStatus {
+        self.child.0.kill().expect("kill -9 cachalot");
+        self.child.0.wait().expect("wait for cachalot")
+    }
+
+    /// Waits for the process to exit by itself.
+    async fn exited(&mut self) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + SAFETY;
+        loop {
+            if let Some(s) = self.child.0.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "safety timeout: cachalot did not exit; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let r = TestClient::new().get(&self.url("/metrics")).await;
+        assert_eq!(r.status, 200, "/metrics");
+        metric_value(&r.text(), name, &[])
+    }
+}
+
+// === looking at the cache on disk ===
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Files in the cache's `tmp/`.
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(&cache_dir(dir).join("tmp"))
+}
+
+/// Files under the cache's `blobs/` named after `digest`.
+fn blob_files(dir: &Path, digest: &str) -> Vec<PathBuf> {
+    let hex = digest.trim_start_matches("sha256:");
+    files_under(&cache_dir(dir).join("blobs"))
+        .into_iter()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()) == Some(hex))
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// A file stored under a digest must hold exactly the bytes of that digest.
+fn assert_stored_files_verified(dir: &Path, digest: &str) {
+    for p in blob_files(dir, digest) {
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(&bytes)),
+            digest,
+            "{} holds {} bytes that do not match its digest",
+            p.display(),
+            bytes.len()
+        );
+    }
+}
+
+/// A response to a blob GET must never be a complete 200 with other bytes than the blob's.
+fn assert_not_partial(what: &str, status: u16, d: &client::Drained, blob: &Bytes) {
+    if status == 200 && d.error.is_none() {
+        assert!(
+            d.bytes.len() == blob.len() && d.bytes == *blob,
+            "{what}: a complete 200 with {} bytes (sha256 {}) for a {}-byte blob",
+            d.bytes.len(),
+            sha256_hex(&d.bytes),
+            blob.len()
+        );
+    }
+}
+
+/// GETs the blob through `c` and requires the whole, correct blob.
+async fn assert_serves_blob(c: &Cachalot, digest: &str, blob: &Bytes) {
+    let (status, _, d) = TestClient::new().get_drained(&c.blob_url(digest)).await;
+    assert_eq!(
+        status,
+        200,
+        "GET blob: {:?}",
+        String::from_utf8_lossy(&d.bytes)
+    );
+    assert!(
+        d.error.is_none(),
+        "GET blob ended with an error: {:?}",
+        d.error
+    );
+    assert_eq!(d.bytes.len(), blob.len(), "GET blob: length");
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&d.bytes)),
+        digest,
+        "GET blob: content"
+    );
+}
+
+// === gc on the stopped cache ===
+
+/// The figures of `cachalot gc`'s first line.
+#[derive(Debug, PartialEq, Eq)]
+struct GcLine {
+    objects: u64,
+    bytes: u64,
+    before: u64,
+    after: u64,
+}
+
+fn parse_gc(stdout: &str) -> GcLine {
+    let line = stdout.lines().next().unwrap_or_default();
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    // "would evict N objects, B bytes (size: S bytes, unused: U bytes); cache A -> C bytes, bound ..."
+    assert!(
+        line.starts_with("would evict ") && nums.len() >= 6,
+        "unexpected gc output: {stdout:?}"
+    );
+    assert_eq!(nums[1], nums[2] + nums[3], "size + unused = total: {line}");
+    GcLine {
+        objects: nums[0],
+        bytes: nums[1],
+        before: nums[4],
+        after: nums[5],
+    }
+}
+
+fn run_gc_dry(config: &Path) -> GcLine {
+    let out = Command::new(BIN)
+        .args(["gc", "--dry-run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cachalot gc");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "gc --dry-run failed ({}): {}{}",
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_gc(&stdout)
+}
+
+/// Runs `gc --dry-run` on the stopped cache twice: under a bound it is within (nothing to
+/// evict), and under a tiny bound (everything would go, including a row whose file a crash
+/// never renamed into place). Both must run and agree with `expected_bytes` of object rows.
+/// Dry runs change nothing, so the cache is left as it was.
+fn check_gc(dir: &Path, upstream_url: &str, expected_bytes: u64, expected_objects: u64) {
+    let roomy = write_config(dir, "gc-roomy.toml", upstream_url, 0, "1GiB");
+    let g = run_gc_dry(&roomy);
+    assert_eq!(
+        g,
+        GcLine {
+            objects: 0,
+            bytes: 0,
+            before: expected_bytes,
+            after: expected_bytes
+        },
+        "gc --dry-run within the bound"
+    );
+    let tight = write_config(dir, "gc-tight.toml", upstream_url, 0, "1KiB");
+    let g = run_gc_dry(&tight);
+    assert_eq!(
+        g.before, expected_bytes,
+        "gc --dry-run over the bound: {g:?}"
+    );
+    assert_eq!(g.before - g.bytes, g.after, "gc --dry-run figures: {g:?}");
+    if expected_bytes > 1024 {
+        assert_eq!(g.objects, expected_objects, "gc --dry-run: {g:?}");
+        assert_eq!(g.after, 0, "gc --dry-run: {g:?}");
+    }
+}
+
+// === the scenarios ===
+
+/// A test's world: a temp dir holding the cache and configs, and the fake upstream holding one
+/// big blob.
+struct World {
+    dir: tempfile::TempDir,
+    fake: FakeRegistry,
+    blob: Bytes,
+    digest: String,
+}
+
+impl World {
+    async fn new() -> World {
+        let fake = FakeRegistry::start().await;
+        let blob = random_blob(BIG);
+        let digest = fake.push_blob(REPO, blob.clone());
+        World {
+            dir: tempfile::tempdir().expect("tempdir"),
+            fake,
+            blob,
+            digest,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Restarts cachalot with the upstream down: the cache is swept and serves no partial
+    /// blob. Returns whether it served the blob (whole) from the cache.
+    async fn restart_upstream_down(&self) -> (Cachalot, bool) {
+        self.fake.stop().await;
+        let c = Cachalot::start(self.path(), &self.fake.url(), None).await;
+        assert_eq!(
+            temp_files(self.path()),
+            Vec::<PathBuf>::new(),
+            "tmp/ not swept at start"
+        );
+        assert_stored_files_verified(self.path(), &self.digest);
+        let (status, _, d) = TestClient::new()
+            .get_drained(&c.blob_url(&self.digest))
+            .await;
+        let status = status.as_u16();
+        assert_not_partial("upstream down", status, &d, &self.blob);
+        let served = status == 200 && d.error.is_none();
+        if !served {
+            assert!(
+                status >= 400,
+                "upstream down, blob not cached: expected an error status, got {status} with {} bytes (error {:?})",
+                d.bytes.len(),
+                d.error
+            );
+        }
+        assert_eq!(
+            temp_files(self.path()),
+            Vec::<PathBuf>::new(),
+            "a failed fill left a temp file"
+        );
+        assert_stored_files_verified(self.path(), &self.digest);
+        (c, served)
+    }
+
+    /// With the upstream back, a fresh cachalot serves the whole blob; with `accounting`, it
+    /// also reports exactly one object of the blob's size.
+    async fn upstream_back(&self, accounting: bool) {
+        self.fake.unpause_blob(&self.digest);
+        self.fake.restart().await;
+        let c = Cachalot::start(self.path(), &self.fake.url(), None).await;
+        assert_serves_blob(&c, &self.digest, &self.blob).await;
+        // A second read comes from the cache, whole.
+        assert_serves_blob(&c, &self.digest, &self.blob).await;
+        assert_eq!(blob_files(self.path(), &self.digest).len(), 1);
+        assert_stored_files_verified(self.path(), &self.digest);
+        if !accounting {
+            return;
+        }
+        assert_eq!(
+            (
+                c.metric("cachalot_cache_objects").await,
+                c.metric("cachalot_cache_size_bytes").await
+            ),
+            (1.0, self.blob.len() as f64),
+            "cache accounting after the refetch (objects, bytes)"
+        );
+        drop(c);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fill_leaves_no_partial_blob() {
+    let w = World::new().await;
+    let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
+    let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
+
+    // A client starts the pull; the upstream stops mid-body, the fill is in progress.
+    let url = c.blob_url(&w.digest);
+    let pull = tokio::spawn(async move { TestClient::new().get_drained(&url).await });
+    tokio::time::timeout(SAFETY, gate.reached())
+        .await
+        .expect("safety timeout: the pull never reached the pause point");
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    loop {
+        let grown = temp_files(w.path())
+            .iter()
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+        if grown {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "safety timeout: no temp file with bytes while the fill is paused; log:\n{}",
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let status = c.kill9();
+    assert_eq!(status.signal(), Some(9), "{status}");
+    let (st, _, d) = tokio::time::timeout(SAFETY, pull)
+        .await
+        .expect("safety timeout: the client did not notice the kill")
+        .expect("pull task");
+    assert!(
+        st != 200 || d.error.is_some(),
+        "the client of a killed fill got a complete 200 ({} bytes)",
+        d.bytes.len()
+    );
+    assert!(d.bytes.len() < w.blob.len());
+    assert_eq!(
+        blob_files(w.path(), &w.digest),
+        Vec::<PathBuf>::new(),
+        "a file for the digest exists after a kill mid-fill"
+    );
+
+    let (c, served) = w.restart_upstream_down().await;
+    assert!(!served, "a blob never completed was served");
+    assert_eq!(blob_files(w.path(), &w.digest), Vec::<PathBuf>::new());
+    drop(c);
+    check_gc(w.path(), &w.fake.url(), 0, 0);
+
+    w.upstream_back(true).await;
+}
+
+/// Aborts cachalot inside the first commit at `point`, then restarts it; with `accounting`,
+/// checks the cache's size figures after the refetch too.
+async fn crash_at(point: &str, accounting: bool) {
+    let w = World::new().await;
+    let mut c = Cachalot::start(w.path(), &w.fake.url(), Some(point)).await;
+    let url = c.blob_url(&w.digest);
+    let pull = tokio::spawn(async move { TestClient::new().get_drained(&url).await });
+    let status = c.exited().await;
+    assert!(
+        !status.success() && status.signal() == Some(6),
+        "cachalot should abort (SIGABRT) at crash point {point}, exited {status}; log:\n{}",
+        c.log_text()
+    );
+    let (st, _, d) = tokio::time::timeout(SAFETY, pull)
+        .await
+        .expect("safety timeout: the client did not notice the crash")
+        .expect("pull task");
+    assert_not_partial(point, st.as_u16(), &d, &w.blob);
+    drop(c);
+    assert_stored_files_verified(w.path(), &w.digest);
+
+    let (c, served) = w.restart_upstream_down().await;
+    eprintln!("crash point {point}: served from the cache after restart: {served}");
+    drop(c);
+    // The object row is written before the rename: both points leave it behind.
+    check_gc(w.path(), &w.fake.url(), w.blob.len() as u64, 1);
+
+    w.upstream_back(accounting).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_metadata_write_leaves_no_partial_blob() {
+    crash_at("after-metadata", false).await;
+}
+
+/// After a crash between the object row and the rename, the refetch is counted a second time
+/// (`Store::commit` adds to `used`/`objects` when the *file* is new, but `Store::open` already
+/// counted the row): `cachalot_cache_objects` 2 and twice the bytes for one blob, until the
+/// next restart. Ignored until fixed in src/storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "src bug: Store::commit double-counts an object whose row survived a crash"]
+async fn crash_after_metadata_write_keeps_size_accounting_exact() {
+    crash_at("after-metadata", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_rename_leaves_no_partial_blob() {
+    crash_at("after-rename", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_tag_survives_kill_9() {
+    let w = World::new().await;
+    let img = w.fake.push_image(REPO, Some("v1"), &[1000, 2000]);
+    let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
+    let url = c.url(&format!("/v2/{REPO}/manifests/v1"));
+    let accept = [("accept", OCI_MANIFEST)];
+    let r = TestClient::new().get_with(&url, &accept).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, img.manifest.bytes);
+    c.kill9();
+
+    w.fake.stop().await;
+    let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
+    let before = w.fake.total();
+    let r = TestClient::new()
+        .get_with(&c.url(&format!("/v2/{REPO}/manifests/v1")), &accept)
+        .await;
+    assert_eq!(
+        r.status,
+        200,
+        "tag after kill -9, upstream down: {}",
+        r.text()
+    );
+    assert_eq!(r.body, img.manifest.bytes);
+    assert_eq!(
+        r.header("docker-content-digest").as_deref(),
+        Some(img.manifest.digest.as_str())
+    );
+    let r = TestClient::new()
+        .get_with(
+            &c.url(&format!("/v2/{REPO}/manifests/{}", img.manifest.digest)),
+            &accept,
+        )
+        .await;
+    assert_eq!(r.status, 200, "manifest by digest: {}", r.text());
+    assert_eq!(r.body, img.manifest.bytes);
+    assert_eq!(w.fake.total(), before, "the stopped fake was reached");
+    assert_eq!(temp_files(w.path()), Vec::<PathBuf>::new());
+}
+
+/// `cachalot gc` against the cache of a running server must not sweep the server's fills: it
+/// cannot open the metadata the server holds, and it must not have touched `tmp/` by then.
+/// Today `Store::open` removes `tmp/` before it opens (and locks) `meta.redb`, so the gc fails
+/// on the lock only after deleting the running fill's temp file; the fill's rename then fails
+/// (ENOENT) after its object row was written: the blob is "served, not cached", a row without
+/// a file is left behind, and followers that open the temp path later cannot. Ignored until
+/// fixed in src/storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "src bug: Store::open sweeps tmp/ before taking the metadata lock"]
+async fn gc_against_a_running_server_leaves_its_fill_alone() {
+    let w = World::new().await;
+    let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
+    let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
+    let url = c.blob_url(&w.digest);
+    let pull = tokio::spawn(async move { TestClient::new().get_drained(&url).await });
+    tokio::time::timeout(SAFETY, gate.reached())
+        .await
+        .expect("safety timeout: the pull never reached the pause point");
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while temp_files(w.path()).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "safety timeout: no temp file while the fill is paused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = Command::new(BIN)
+        .args(["gc", "--dry-run", "--config"])
+        .arg(&c.config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cachalot gc");
+    eprintln!(
+        "gc against a running server: {} {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        temp_files(w.path()),
+        Vec::<PathBuf>::new(),
+        "gc swept the running server's fill from tmp/"
+    );
+    w.fake.unpause_blob(&w.digest);
+    let (st, _, d) = tokio::time::timeout(SAFETY, pull)
+        .await
+        .expect("safety timeout: pull")
+        .expect("pull task");
+    assert_eq!(st, 200);
+    assert!(d.error.is_none(), "the pull failed: {:?}", d.error);
+    assert_eq!(d.bytes, w.blob);
+    assert_serves_blob(&c, &w.digest, &w.blob).await;
+}
