@@ -164,7 +164,9 @@ BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-bench.XXXXXX")
 chmod 755 "$W" # nginx workers run as nobody when started as root
 mkdir -p "$W/logs" "$W/data" "$W/www" "$W/nginx/tmp" "$W/upstream" "$W/peer" "$W/cachalot-cache"
-log "work dir $W; cachalot $BIN"
+# A private copy: another build into the same target dir cannot swap the binary under the run.
+cp "$BIN" "$W/cachalot" && BIN_SRC=$BIN && BIN=$W/cachalot
+log "work dir $W; cachalot $BIN_SRC"
 LOAD0=$(cut -d' ' -f1 /proc/loadavg)
 log "host: load average $LOAD0, $(nproc) cores, $(awk '/MemTotal/ { printf "%d MiB", $2 / 1024 }' /proc/meminfo) RAM, kernel $(uname -r)"
 
