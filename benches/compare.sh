@@ -1,0 +1,712 @@
+#!/usr/bin/env bash
+# benches/compare.sh: side-by-side benchmark of cachalot (issue 2, "Performance").
+#
+# In one run it starts, all on loopback and all in front of the same upstream:
+#   upstream  Debian's `docker-registry` (plain HTTP, no auth, filesystem storage), seeded by this script
+#             with a random BLOB_MIB blob, a small config and an OCI image manifest tagged $TAG;
+#   limit     nginx (sendfile on) serving the same blob file and the manifest as static files;
+#   peer      `docker-registry` in proxy mode (proxy.remoteurl = the upstream);
+#   subject   `cachalot serve --config FILE` (one default [[upstream]] = the upstream).
+# and measures:
+#   1. a cached blob, 1 stream and $STREAMS concurrent streams (total bytes / wall time): cachalot vs nginx
+#      (target >= 0.7x), the peer for information;
+#   2. manifest GET by tag, cached, with wrk: cachalot vs the peer (target >= 20x), nginx for reference;
+#   3. a cold blob (empty cache): cachalot's time vs a GET straight from the upstream (target <= 1.2x);
+#   4. $HERD concurrent cold GETs of one fresh blob: GETs the upstream received (cachalot 1, the peer ~$HERD);
+#   5. cachalot's peak RSS while serving $STREAMS concurrent streams (target <= 64 MiB).
+# and prints a table. Every process it starts is stopped on exit and the temp dir is removed (KEEP=1 keeps it).
+#
+# Usage:  benches/compare.sh                      # builds cachalot (cargo build --release) first
+#         CACHALOT_BIN=path/to/cachalot benches/compare.sh
+# Knobs (env): BLOB_MIB=256 STREAMS=16 DURATION=10s (wrk) CONNS=64 (wrk) ROUNDS=5 (blob rounds, median)
+#              ONE_STREAM_GETS=4 (the 1-stream figure fetches the blob that many times in a row on one connection)
+#              COLD_REPS=3 (cold blobs, median) HERD=20 HERD_MIB=64 KEEP=0 STRICT=0 (exit 1 if a target fails)
+#              CACHALOT_LOG=warn (RUST_LOG for cachalot) PERF=0 (1: perf profile of cachalot, hottest symbols)
+# Needs: docker-registry, nginx, wrk, curl, awk, openssl or sha256sum.
+# Exit status: 0 when every stage ran (targets missed are reported, and fail the run only with STRICT=1).
+set -Eeuo pipefail
+umask 022
+
+BLOB_MIB=${BLOB_MIB:-256}
+STREAMS=${STREAMS:-16}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+ROUNDS=${ROUNDS:-5}
+ONE_STREAM_GETS=${ONE_STREAM_GETS:-4}
+COLD_REPS=${COLD_REPS:-3}
+HERD=${HERD:-20}
+HERD_MIB=${HERD_MIB:-64}
+KEEP=${KEEP:-0}
+STRICT=${STRICT:-0}
+CACHALOT_LOG=${CACHALOT_LOG:-warn}
+PERF=${PERF:-0}
+REPO=bench/app
+TAG=v1
+MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
+MT_CONFIG=application/vnd.oci.image.config.v1+json
+MT_LAYER=application/vnd.oci.image.layer.v1.tar
+ACCEPT="$MT_MANIFEST, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
+BLOB_BYTES=$((BLOB_MIB * 1048576))
+HERD_BYTES=$((HERD_MIB * 1048576))
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+T0=$(date +%s)
+
+log() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
+die() { log "FATAL: $*"; exit 2; }
+now() { date +%s.%N; }
+# calc EXPR: evaluate with awk, print with 2 decimals (numbers only are interpolated into EXPR).
+calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "nan"; exit } if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+need() { command -v "$1" >/dev/null || die "missing tool: $1 (apt-get install ${2:-$1})"; }
+sha256_of() {
+    if command -v openssl >/dev/null; then openssl dgst -sha256 -r "$@" | cut -d' ' -f1; else sha256sum "$@" | cut -d' ' -f1; fi
+}
+
+need curl; need awk; need wrk; need nginx; need docker-registry
+command -v openssl >/dev/null || need sha256sum coreutils
+
+# ---------------------------------------------------------------- processes and cleanup
+PIDS=()
+FAILED_STAGES=()
+declare -A PID_OF
+W=""
+cleanup() {
+    local rc=$?
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        local alive=0
+        for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.2
+    done
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+    if [[ -n $W && -d $W ]]; then
+        if ((rc != 0)); then
+            for f in "$W"/logs/*.log; do
+                [[ -s $f ]] || continue
+                printf '\n--- last lines of %s\n' "${f##*/}" >&2
+                tail -n 15 "$f" >&2
+            done
+        fi
+        if [[ $KEEP == 1 ]]; then log "kept work dir $W"; else rm -rf "$W"; fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# free_port: a loopback port with no socket on it, below the kernel's ephemeral range (so that no outgoing
+# connection takes it before the server binds it), not handed out before in this run.
+USED_PORTS=" "
+free_port() {
+    local p lo span
+    lo=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    if ((lo > 12000)); then span=$((lo - 10000)); lo=10000; else lo=20000; span=40000; fi
+    for _ in $(seq 200); do
+        p=$((lo + RANDOM % span))
+        [[ $USED_PORTS == *" $p "* ]] && continue
+        if command -v ss >/dev/null; then [[ -z $(ss -Htan "( sport = :$p )" 2>/dev/null) ]] || continue; fi
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            USED_PORTS+="$p "
+            echo "$p"
+            return
+        fi
+    done
+    die "no free port found"
+}
+
+# launch NAME PORTVAR PIDVAR PATH: run start_NAME and wait until PATH answers; if the port was taken in the
+# meantime (the server says "address already in use"), retry on another port, at most 3 times.
+launch() {
+    local name=$1 portvar=$2 pidvar=$3 path=$4 pid
+    for _ in 1 2 3; do
+        "start_$name"
+        pid=${!pidvar}
+        PIDS+=("$pid"); PID_OF[$name]=$pid
+        wait_http "$name" "$pid" "http://127.0.0.1:${!portvar}$path" && return 0
+        kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+        grep -qi 'address already in use' "$W/logs/$name.log" || return 1
+        printf -v "$portvar" '%s' "$(free_port)"
+        log "$name: its port was taken meanwhile; retrying on port ${!portvar}"
+    done
+    return 1
+}
+
+# wait_http NAME PID URL: wait until URL answers (any HTTP status) while PID lives.
+wait_http() {
+    local name=$1 pid=$2 url=$3 code
+    for _ in $(seq 150); do
+        kill -0 "$pid" 2>/dev/null || { log "$name exited during startup:"; tail -n 20 "$W/logs/$name.log" >&2; return 1; }
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)
+        [[ $code != 000 ]] && return 0
+        sleep 0.1
+    done
+    log "$name did not answer on $url within 15s"
+    return 1
+}
+
+# http_code ARGS...: curl and print only the status code.
+http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 60 "$@" || true; }
+
+# ---------------------------------------------------------------- build / locate cachalot
+if [[ -n ${CACHALOT_BIN:-} ]]; then
+    BIN=$CACHALOT_BIN
+else
+    log "building cachalot (cargo build --release) in $ROOT"
+    (cd "$ROOT" && cargo build --release --quiet --bin cachalot) || die "cargo build failed"
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cachalot
+fi
+[[ -x $BIN ]] || die "cachalot binary not found at $BIN"
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+
+W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-bench.XXXXXX")
+chmod 755 "$W" # nginx workers run as nobody when started as root
+mkdir -p "$W/logs" "$W/data" "$W/www" "$W/nginx/tmp" "$W/upstream" "$W/peer" "$W/cachalot-cache"
+# A private copy: another build into the same target dir cannot swap the binary under the run.
+cp "$BIN" "$W/cachalot" && BIN_SRC=$BIN && BIN=$W/cachalot
+log "work dir $W; cachalot $BIN_SRC"
+LOAD0=$(cut -d' ' -f1 /proc/loadavg)
+log "host: load average $LOAD0, $(nproc) cores, $(awk '/MemTotal/ { printf "%d MiB", $2 / 1024 }' /proc/meminfo) RAM, kernel $(uname -r)"
+
+UP_PORT=$(free_port); NG_PORT=$(free_port); PEER_PORT=$(free_port); CA_PORT=$(free_port)
+
+# ---------------------------------------------------------------- upstream registry
+# Access log (Combined format) goes to stdout: one line per request, written when the response completes.
+start_upstream() {
+cat >"$W/upstream.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $W/upstream
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:$UP_PORT
+EOF
+docker-registry serve "$W/upstream.yml" >"$W/logs/upstream-access.log" 2>"$W/logs/upstream.log" &
+UP_PID=$!
+}
+launch upstream UP_PORT UP_PID /v2/ || die "the upstream did not start"
+UP=http://127.0.0.1:$UP_PORT
+[[ $(http_code "$UP/v2/") == 200 ]] || die "upstream /v2/ is not 200"
+log "upstream docker-registry on $UP (pid $UP_PID)"
+
+# push_blob FILE DIGEST: monolithic upload (POST then PUT ?digest=), checked by a HEAD.
+push_blob() {
+    local file=$1 digest=$2 hdrs loc sep code
+    hdrs=$(curl -s -D - -o /dev/null --max-time 30 -X POST "$UP/v2/$REPO/blobs/uploads/") || die "upload POST failed"
+    [[ $hdrs == *" 202"* ]] || die "upload POST: expected 202, got: ${hdrs%%$'\r'*}"
+    loc=$(printf '%s\n' "$hdrs" | tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
+    [[ -n $loc ]] || die "upload POST: no Location"
+    [[ $loc == http* ]] || loc=$UP$loc
+    sep='&'; [[ $loc == *\?* ]] || sep='?'
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 300 -X PUT -H 'Expect:' \
+        -H 'Content-Type: application/octet-stream' -T "$file" "$loc${sep}digest=$digest" || true)
+    [[ $code == 201 ]] || die "upload PUT of $digest: expected 201, got $code"
+    [[ $(http_code -I "$UP/v2/$REPO/blobs/$digest") == 200 ]] || die "HEAD of pushed blob $digest is not 200"
+}
+
+# new_blob NAME MIB: random file, pushed; sets BLOB_FILE and BLOB_DIGEST. HASH_SECS: hashing time.
+new_blob() {
+    local name=$1 mib=$2 t
+    BLOB_FILE=$W/data/$name
+    head -c $((mib * 1048576)) /dev/urandom >"$BLOB_FILE"
+    t=$(now)
+    BLOB_DIGEST=sha256:$(sha256_of "$BLOB_FILE")
+    HASH_SECS=$(calc "$(now) - $t")
+    push_blob "$BLOB_FILE" "$BLOB_DIGEST"
+}
+
+# prep_blob NAME MIB: a fresh blob cheaply: the main blob's first bytes, then 64 random ones (urandom when larger),
+# written and hashed in one pass; the digest goes to NAME.digest. Run in the background while another pushes.
+prep_blob() {
+    local f=$W/data/$1 bytes=$(($2 * 1048576))
+    if ((bytes <= BLOB_BYTES && bytes > 64)); then
+        { head -c $((bytes - 64)) "$MAIN_FILE"; head -c 64 /dev/urandom; } | tee "$f" | sha256_of >"$f.digest"
+    else
+        head -c "$bytes" /dev/urandom | tee "$f" | sha256_of >"$f.digest"
+    fi
+}
+
+log "seeding the upstream: ${BLOB_MIB} MiB blob, config, manifest $REPO:$TAG"
+new_blob main.bin "$BLOB_MIB"
+MAIN_FILE=$BLOB_FILE; MAIN=$BLOB_DIGEST
+log "sha256 of ${BLOB_MIB} MiB took ${HASH_SECS}s here: $(calc "$BLOB_MIB / $HASH_SECS") MiB/s on one core (a lower bound for any verifying cache fill)"
+printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]},"config":{}}' "$MAIN" >"$W/data/config.json"
+CFG=sha256:$(sha256_of "$W/data/config.json")
+push_blob "$W/data/config.json" "$CFG"
+printf '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"%s","digest":"%s","size":%d},"layers":[{"mediaType":"%s","digest":"%s","size":%d}]}' \
+    "$MT_MANIFEST" "$MT_CONFIG" "$CFG" "$(stat -c %s "$W/data/config.json")" "$MT_LAYER" "$MAIN" "$BLOB_BYTES" >"$W/data/manifest.json"
+MANIFEST=sha256:$(sha256_of "$W/data/manifest.json")
+code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT -H "Content-Type: $MT_MANIFEST" \
+    --data-binary @"$W/data/manifest.json" "$UP/v2/$REPO/manifests/$TAG" || true)
+[[ $code == 201 ]] || die "manifest PUT: expected 201, got $code"
+
+# Fresh blobs for the cold figures, one per measurement so that no cache has seen them: the next one is
+# prepared while the current one is pushed.
+EXTRA=(); EXTRA_MIB=()
+for r in $(seq "$COLD_REPS"); do EXTRA+=("cold-c$r" "cold-p$r"); EXTRA_MIB+=("$BLOB_MIB" "$BLOB_MIB"); done
+EXTRA+=(herd-c herd-p); EXTRA_MIB+=("$HERD_MIB" "$HERD_MIB")
+declare -A DIGEST_OF
+prep_blob "${EXTRA[0]}" "${EXTRA_MIB[0]}"
+for i in "${!EXTRA[@]}"; do
+    prep_pid=""
+    if ((i + 1 < ${#EXTRA[@]})); then prep_blob "${EXTRA[i + 1]}" "${EXTRA_MIB[i + 1]}" & prep_pid=$!; fi
+    f=$W/data/${EXTRA[i]}
+    d=sha256:$(cat "$f.digest")
+    [[ $d =~ ^sha256:[0-9a-f]{64}$ ]] || die "could not prepare blob ${EXTRA[i]}"
+    push_blob "$f" "$d"
+    DIGEST_OF[${EXTRA[i]}]=$d
+    rm -f "$f" "$f.digest"
+    if [[ -n $prep_pid ]]; then wait "$prep_pid" || die "could not prepare blob ${EXTRA[i + 1]}"; fi
+done
+COLD_C=(); COLD_P=()
+for r in $(seq "$COLD_REPS"); do COLD_C+=("${DIGEST_OF[cold-c$r]}"); COLD_P+=("${DIGEST_OF[cold-p$r]}"); done
+HERD_C=${DIGEST_OF[herd-c]}; HERD_P=${DIGEST_OF[herd-p]}
+log "upstream seeded: blob $MAIN, manifest $MANIFEST, $((2 * COLD_REPS)) cold blobs, 2 herd blobs"
+
+# ---------------------------------------------------------------- nginx (the limit)
+mkdir -p "$W/www/v2/$REPO/blobs" "$W/www/v2/$REPO/manifests"
+ln "$MAIN_FILE" "$W/www/v2/$REPO/blobs/$MAIN" 2>/dev/null || cp "$MAIN_FILE" "$W/www/v2/$REPO/blobs/$MAIN"
+cp "$W/data/manifest.json" "$W/www/v2/$REPO/manifests/$TAG"
+chmod -R a+rX "$W/www" "$W/data"
+start_nginx() {
+cat >"$W/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes auto;
+pid $W/nginx/nginx.pid;
+error_log $W/logs/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path $W/nginx/tmp/body;
+    proxy_temp_path $W/nginx/tmp/proxy;
+    fastcgi_temp_path $W/nginx/tmp/fastcgi;
+    uwsgi_temp_path $W/nginx/tmp/uwsgi;
+    scgi_temp_path $W/nginx/tmp/scgi;
+    server {
+        listen 127.0.0.1:$NG_PORT;
+        root $W/www;
+        add_header Docker-Distribution-API-Version registry/2.0 always;
+        location /v2/$REPO/manifests/ { default_type $MT_MANIFEST; }
+    }
+}
+EOF
+nginx -p "$W/nginx" -e "$W/logs/nginx.log" -c "$W/nginx/nginx.conf" >>"$W/logs/nginx.log" 2>&1 &
+NG_PID=$!
+}
+launch nginx NG_PORT NG_PID "/v2/$REPO/manifests/$TAG" || die "nginx did not start"
+NG=http://127.0.0.1:$NG_PORT
+log "nginx on $NG (pid $NG_PID)"
+
+# ---------------------------------------------------------------- docker-registry proxy (the peer)
+start_peer() {
+cat >"$W/peer.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $W/peer
+http:
+  addr: 127.0.0.1:$PEER_PORT
+proxy:
+  remoteurl: $UP
+EOF
+docker-registry serve "$W/peer.yml" >"$W/logs/peer.log" 2>&1 &
+PEER_PID=$!
+}
+launch peer PEER_PORT PEER_PID /v2/ || die "the peer did not start"
+PEER=http://127.0.0.1:$PEER_PORT
+log "peer docker-registry proxy on $PEER (pid $PEER_PID)"
+
+# ---------------------------------------------------------------- cachalot (the subject)
+write_cachalot_config() {
+cat >"$W/cachalot.toml" <<EOF
+[server]
+listen = "127.0.0.1:$CA_PORT"
+
+[cache]
+dir = "$W/cachalot-cache"
+tag_ttl = "1h"
+
+[[upstream]]
+name = "upstream.bench"
+url = "$UP"
+default = true
+EOF
+}
+start_cachalot() {
+    write_cachalot_config
+    RUST_LOG=$CACHALOT_LOG "$BIN" serve --config "$W/cachalot.toml" >"$W/logs/cachalot.log" 2>&1 &
+    CA_PID=$!
+}
+CA_OK=1
+write_cachalot_config
+if ! "$BIN" check-config --config "$W/cachalot.toml" >"$W/logs/cachalot-check.log" 2>&1; then
+    log "cachalot check-config rejected the config:"; sed 's/^/    /' "$W/logs/cachalot-check.log" >&2
+    CA_OK=0; FAILED_STAGES+=("cachalot check-config")
+fi
+if ((CA_OK)); then
+    if launch cachalot CA_PORT CA_PID /v2/; then
+        CA=http://127.0.0.1:$CA_PORT
+        log "cachalot on $CA (pid $CA_PID)"
+    else
+        CA_OK=0; FAILED_STAGES+=("cachalot startup")
+    fi
+fi
+
+# ---------------------------------------------------------------- helpers for the measurements
+# fetch_check NAME URL DIGEST BYTES: one GET, status 200, size and sha256 checked. Prints seconds.
+fetch_check() {
+    local name=$1 url=$2 digest=$3 bytes=$4 out got sum
+    out=$(curl -s --max-time 300 -o "$W/fetch.tmp" -w '%{http_code} %{size_download} %{time_total}' "$url" || true)
+    read -r code got secs <<<"$out"
+    [[ $code == 200 ]] || { log "$name: GET $url -> ${code:-none}"; rm -f "$W/fetch.tmp"; return 1; }
+    [[ $got == "$bytes" ]] || { log "$name: GET $url -> $got bytes, want $bytes"; rm -f "$W/fetch.tmp"; return 1; }
+    sum=sha256:$(sha256_of "$W/fetch.tmp"); rm -f "$W/fetch.tmp"
+    [[ $sum == "$digest" ]] || { log "$name: GET $url -> body sha256 $sum, want $digest"; return 1; }
+    echo "$secs"
+}
+
+# streams URL N BYTES: N concurrent GETs; prints MiB/s = total bytes / wall time (all must be 200 + full size).
+streams() {
+    local url=$1 n=$2 bytes=$3 t0 t1 i k gets=1 args=() pids=() bad=0 total=0 code got
+    ((n == 1)) && gets=$ONE_STREAM_GETS
+    for k in $(seq "$gets"); do args+=(-o /dev/null "$url"); done
+    t0=$(now)
+    for i in $(seq "$n"); do
+        curl -s --max-time 600 -w '%{http_code} %{size_download}\n' "${args[@]}" >"$W/st.$i" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    t1=$(now)
+    for i in $(seq "$n"); do
+        while read -r code got; do
+            if [[ $code == 200 && $got == "$bytes" ]]; then total=$((total + got)); else bad=$((bad + 1)); fi
+        done <"$W/st.$i"
+    done
+    rm -f "$W"/st.*
+    ((bad == 0 && total == n * gets * bytes)) || { log "streams $url: $bad of $((n * gets)) GETs failed or were short"; return 1; }
+    calc "$total / 1048576 / ($t1 - $t0)"
+}
+
+# cpu_ticks NAME: user+system clock ticks used so far by that server's processes (nginx: master + workers).
+CLK=$(getconf CLK_TCK)
+cpu_ticks() {
+    local pids=${PID_OF[$1]:-} p t=0 v
+    [[ -n $pids ]] || { echo 0; return; }
+    [[ $1 == nginx ]] && pids="$pids $(pgrep -P "$pids" | tr '\n' ' ')"
+    for p in $pids; do
+        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+# rss_sampler PID OUT: sample VmRSS every 50 ms until killed, writing the max (KiB) to OUT.
+rss_sampler() {
+    local pid=$1 out=$2 max=0 v
+    while kill -0 "$pid" 2>/dev/null; do
+        v=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+        ((${v:-0} > max)) && { max=$v; echo "$max" >"$out"; }
+        sleep 0.05
+    done
+}
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+# reset_hwm PID: reset the peak-RSS counter (Linux clear_refs 5); returns non-zero if not permitted.
+reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null; }
+
+# rss_watch_start NAME PID / rss_watch_stop NAME PID: peak RSS of PID in between, in MiB, into R[NAME_rss].
+# The kernel's peak counter is reset first (clear_refs 5) and read after; VmRSS is also sampled every 50 ms.
+declare -A RSS_SAMPLER RSS_RESET
+rss_watch_start() {
+    local name=$1 pid=$2
+    RSS_RESET[$name]=1
+    reset_hwm "$pid" || RSS_RESET[$name]=0
+    echo 0 >"$W/rss.$name"
+    rss_sampler "$pid" "$W/rss.$name" &
+    RSS_SAMPLER[$name]=$!
+}
+rss_watch_stop() {
+    local name=$1 pid=$2 sampled hwm label=$1
+    [[ $name == ca ]] && label=cachalot
+    kill "${RSS_SAMPLER[$name]}" 2>/dev/null; wait "${RSS_SAMPLER[$name]}" 2>/dev/null || true
+    sampled=$(cat "$W/rss.$name")
+    hwm=$(hwm_kib "$pid")
+    if ((RSS_RESET[$name])); then R[${name}_rss]=$(calc "$hwm / 1024"); else R[${name}_rss]=$(calc "$sampled / 1024"); fi
+    log "  $label peak RSS during the $STREAMS-stream rounds: VmHWM $(calc "$hwm / 1024") MiB$( ((RSS_RESET[$name])) || echo ' (could not reset: includes startup)'), max sampled VmRSS $(calc "$sampled / 1024") MiB"
+}
+
+# wrk_rps NAME URL: requests/s of a manifest GET by tag (non-2xx responses make it fail).
+wrk_rps() {
+    local name=$1 url=$2 out rps bad
+    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --timeout 10s -H "Accept: $ACCEPT" "$url" 2>&1) || { log "$name: wrk failed: $out"; return 1; }
+    printf '%s\n' "$out" >>"$W/logs/wrk.log"
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+    bad=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' <<<"$out")
+    local errs; errs=$(awk '/Socket errors:/' <<<"$out")
+    [[ -n $rps ]] || { log "$name: no Requests/sec in wrk output"; return 1; }
+    [[ -z $bad ]] || { log "$name: wrk saw $bad non-2xx responses"; return 1; }
+    [[ -z $errs ]] || log "  $name: wrk: $errs"
+    log "  $name: $rps requests/s ($(awk '/Latency/ && !/Distribution/ { print "latency avg " $2 ", max " $4; exit }' <<<"$out"))"
+    echo "$rps"
+}
+
+# manifest_check NAME BASE: GET by tag returns 200 and the exact manifest bytes.
+manifest_check() {
+    local name=$1 base=$2 code sum
+    code=$(curl -s --max-time 30 -H "Accept: $ACCEPT" -o "$W/m.tmp" -w '%{http_code}' "$base/v2/$REPO/manifests/$TAG" || true)
+    [[ $code == 200 ]] || { log "$name: manifest GET -> $code"; return 1; }
+    sum=sha256:$(sha256_of "$W/m.tmp"); rm -f "$W/m.tmp"
+    [[ $sum == "$MANIFEST" ]] || { log "$name: manifest bytes differ (sha256 $sum, want $MANIFEST)"; return 1; }
+}
+
+upstream_gets() { grep -c "\"GET /v2/$REPO/blobs/$1 " "$W/logs/upstream-access.log" || true; }
+upstream_heads() { grep -c "\"HEAD /v2/$REPO/blobs/$1 " "$W/logs/upstream-access.log" || true; }
+
+# herd NAME BASE DIGEST: HERD concurrent cold GETs of DIGEST, all must be 200 with the full size and one body's
+# sha256 is checked. Sets HERD_GETS (GETs of DIGEST the upstream logged) and HERD_BAD.
+herd() {
+    local name=$1 base=$2 digest=$3 pids=() i code got sum t0 secs
+    HERD_BAD=0
+    t0=$(now)
+    for i in $(seq "$HERD"); do
+        local out=/dev/null
+        ((i == 1)) && out=$W/herd.body
+        curl -s --max-time 600 -o "$out" -w '%{http_code} %{size_download}\n' "$base/v2/$REPO/blobs/$digest" >"$W/herd.$i" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    secs=$(calc "$(now) - $t0")
+    for i in $(seq "$HERD"); do
+        read -r code got <"$W/herd.$i" || true
+        [[ ${code:-} == 200 && ${got:-} == "$HERD_BYTES" ]] || { HERD_BAD=$((HERD_BAD + 1)); log "  $name herd GET $i: ${code:-none} ${got:-0} bytes"; }
+    done
+    sum=sha256:$(sha256_of "$W/herd.body"); rm -f "$W"/herd.*
+    [[ $sum == "$digest" ]] || { log "  $name herd: body sha256 $sum, want $digest"; HERD_BAD=$((HERD_BAD + 1)); }
+    sleep 1 # the access log line is written when the upstream response completes
+    HERD_GETS=$(upstream_gets "$digest")
+    log "  $name: $HERD concurrent cold GETs in ${secs}s, $HERD_BAD bad; upstream saw $HERD_GETS GET and $(upstream_heads "$digest") HEAD for the blob"
+}
+
+# perf_start TAG / perf_stop TAG: with PERF=1, profile cachalot (perf record) between the two calls and print the
+# hottest symbols. Off by default: it costs CPU and needs perf.
+PERF_PID=""
+perf_start() {
+    [[ $PERF == 1 && $CA_OK == 1 ]] || return 0
+    perf record -F 499 -g -o "$W/perf.$1.data" -p "$CA_PID" >"$W/logs/perf.log" 2>&1 &
+    PERF_PID=$!
+    sleep 0.3
+}
+perf_stop() {
+    [[ -n $PERF_PID ]] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null; wait "$PERF_PID" 2>/dev/null || true
+    PERF_PID=""
+    log "  perf, cachalot during $1: hottest symbols (self time)"
+    perf report -i "$W/perf.$1.data" --stdio --no-children -g none --sort dso,sym --percent-limit 1.5 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -n 25 | sed 's/^/      /' >&2 || true
+}
+
+# ---------------------------------------------------------------- results
+declare -A R
+stage_failed() { FAILED_STAGES+=("$1"); log "stage failed: $1"; }
+# measure KEY STAGE CMD...: run CMD in a subshell, store its output as R[KEY], or record the failed stage.
+measure() {
+    local key=$1 stage=$2 v
+    shift 2
+    if v=$("$@"); then R[$key]=$v; else stage_failed "$stage"; return 1; fi
+}
+
+# ---------------------------------------------------------------- 0. correctness + warm-up
+log "checking every server (manifest bytes, blob sha256) and warming the caches"
+manifest_check nginx "$NG" || die "nginx does not serve the manifest"
+manifest_check upstream "$UP" || die "upstream does not serve the manifest"
+t=$(fetch_check nginx "$NG/v2/$REPO/blobs/$MAIN" "$MAIN" "$BLOB_BYTES") || die "nginx blob check failed"
+log "  nginx: manifest ok, blob ok (${t}s)"
+t=$(fetch_check upstream "$UP/v2/$REPO/blobs/$MAIN" "$MAIN" "$BLOB_BYTES") || die "upstream blob check failed"
+log "  upstream: manifest ok, blob ok (${t}s)"
+# warm NAME BASE: manifest, then the blob until a GET of it no longer reaches the upstream (cached).
+warm() {
+    local name=$1 base=$2 t g0 try
+    manifest_check "$name" "$base" || return 1
+    t=$(fetch_check "$name" "$base/v2/$REPO/blobs/$MAIN" "$MAIN" "$BLOB_BYTES") || return 1
+    log "  $name: manifest ok, blob ok, cold (${t}s)"
+    for try in 1 2 3 4 5; do
+        sleep 0.5
+        g0=$(upstream_gets "$MAIN")
+        t=$(fetch_check "$name" "$base/v2/$REPO/blobs/$MAIN" "$MAIN" "$BLOB_BYTES") || return 1
+        sleep 0.3
+        if [[ $(upstream_gets "$MAIN") == "$g0" ]]; then
+            log "  $name: blob ok, cached (${t}s, no upstream GET)"
+            return 0
+        fi
+        log "  $name: GET $try after the fill still reached the upstream; retrying"
+    done
+    log "  $name: the blob never got cached"
+    return 1
+}
+PEER_OK=1
+warm peer "$PEER" || { PEER_OK=0; stage_failed "peer warm-up"; }
+if ((CA_OK)); then
+    warm cachalot "$CA" || { CA_OK=0; stage_failed "cachalot warm-up"; }
+fi
+
+# ---------------------------------------------------------------- 1 + 5. cached blob throughput, peak RSS
+log "figure 1: cached ${BLOB_MIB} MiB blob, 1 and $STREAMS streams (median of $ROUNDS rounds, servers interleaved)"
+F1_NAMES=(nginx); F1_KEYS=(ng); F1_URLS=("$NG/v2/$REPO/blobs/$MAIN")
+if ((PEER_OK)); then F1_NAMES+=(peer); F1_KEYS+=(peer); F1_URLS+=("$PEER/v2/$REPO/blobs/$MAIN"); fi
+if ((CA_OK)); then F1_NAMES+=(cachalot); F1_KEYS+=(ca); F1_URLS+=("$CA/v2/$REPO/blobs/$MAIN"); fi
+for n in 1 "$STREAMS"; do
+    declare -A VALS=() CPU0=() BAD=()
+    if [[ $n == "$STREAMS" ]]; then
+        ((PEER_OK)) && rss_watch_start peer "$PEER_PID"
+        ((CA_OK)) && rss_watch_start ca "$CA_PID"
+        perf_start streams
+    fi
+    for s in "${F1_NAMES[@]}"; do CPU0[$s]=$(cpu_ticks "$s"); done
+    for r in $(seq "$ROUNDS"); do
+        # rotate the order each round, so drifting background load hits every server alike
+        for k in "${!F1_NAMES[@]}"; do
+            i=$(((k + r - 1) % ${#F1_NAMES[@]}))
+            s=${F1_NAMES[i]}
+            [[ -n ${BAD[$s]:-} ]] && continue
+            if v=$(streams "${F1_URLS[i]}" "$n" "$BLOB_BYTES"); then VALS[$s]+="$v "; else BAD[$s]=1; fi
+        done
+    done
+    if [[ $n == "$STREAMS" ]]; then
+        perf_stop streams
+        ((PEER_OK)) && rss_watch_stop peer "$PEER_PID"
+        ((CA_OK)) && rss_watch_stop ca "$CA_PID"
+    fi
+    for i in "${!F1_NAMES[@]}"; do
+        s=${F1_NAMES[i]}
+        if [[ -n ${BAD[$s]:-} ]]; then stage_failed "$s $n streams"; continue; fi
+        v=$(printf '%s\n' ${VALS[$s]} | median)
+        R[${F1_KEYS[i]}_$n]=$v
+        gets=$n; ((n == 1)) && gets=$ONE_STREAM_GETS
+        R[cpu_${F1_KEYS[i]}_$n]=$(calc "($(cpu_ticks "$s") - ${CPU0[$s]}) / $CLK / ($ROUNDS * $gets * $BLOB_MIB / 1024)")
+        log "  $s, $n stream(s): ${VALS[$s]}MiB/s -> median $v MiB/s; server CPU ${R[cpu_${F1_KEYS[i]}_$n]} s per GiB sent"
+    done
+done
+
+# ---------------------------------------------------------------- 2. manifest by tag with wrk
+log "figure 2: manifest GET by tag, cached, wrk -t2 -c$CONNS -d$DURATION"
+measure ng_rps "nginx wrk" wrk_rps nginx "$NG/v2/$REPO/manifests/$TAG" || true
+if ((PEER_OK)); then
+    measure peer_rps "peer wrk" wrk_rps peer "$PEER/v2/$REPO/manifests/$TAG" || true
+fi
+if ((CA_OK)); then
+    perf_start manifests
+    measure ca_rps "cachalot wrk" wrk_rps cachalot "$CA/v2/$REPO/manifests/$TAG" || true
+    perf_stop manifests
+    manifest_check cachalot "$CA" || stage_failed "cachalot manifest after wrk"
+fi
+
+# ---------------------------------------------------------------- 3. cold blob
+log "figure 3: cold ${BLOB_MIB} MiB blob, $COLD_REPS fresh blobs each (median)"
+DIRECT=(); CA_COLD=(); PEER_COLD=(); CA_COLD_CPU=()
+for r in $(seq "$COLD_REPS"); do
+    dc=${COLD_C[$((r - 1))]}; dp=${COLD_P[$((r - 1))]}
+    if t=$(fetch_check upstream "$UP/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then DIRECT+=("$t"); else stage_failed "direct cold $r"; fi
+    if ((CA_OK)); then
+        c0=$(cpu_ticks cachalot)
+        if ((r == 1)); then perf_start cold; fi
+        if t=$(fetch_check cachalot "$CA/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then CA_COLD+=("$t"); else stage_failed "cachalot cold $r"; fi
+        CA_COLD_CPU+=("$(calc "($(cpu_ticks cachalot) - $c0) / $CLK")")
+        if ((r == 1)); then perf_stop cold; fi
+    fi
+    if ((PEER_OK)); then
+        if t=$(fetch_check peer "$PEER/v2/$REPO/blobs/$dp" "$dp" "$BLOB_BYTES"); then PEER_COLD+=("$t"); else stage_failed "peer cold $r"; fi
+    fi
+done
+log "  direct from upstream: ${DIRECT[*]:-} s; cachalot cold: ${CA_COLD[*]:-} s; peer cold: ${PEER_COLD[*]:-} s; cachalot CPU per cold fill: ${CA_COLD_CPU[*]:-} s"
+sleep 1
+g_ca=""; g_peer=""
+for r in $(seq "$COLD_REPS"); do
+    g_ca+="$(($(upstream_gets "${COLD_C[$((r - 1))]}") - 1)) "  # minus the direct GET
+    g_peer+="$(upstream_gets "${COLD_P[$((r - 1))]}") "
+done
+log "  upstream GETs per cold GET: cachalot ${g_ca}; peer ${g_peer}(distribution 2.8 serves a cold client with its own upstream stream and fills the cache with another GET)"
+((${#DIRECT[@]})) && R[direct_cold]=$(printf '%s\n' "${DIRECT[@]}" | median)
+((${#CA_COLD[@]})) && R[ca_cold]=$(printf '%s\n' "${CA_COLD[@]}" | median)
+((${#PEER_COLD[@]})) && R[peer_cold]=$(printf '%s\n' "${PEER_COLD[@]}" | median)
+
+# ---------------------------------------------------------------- 4. thundering herd
+log "figure 4: $HERD concurrent cold GETs of one fresh ${HERD_MIB} MiB blob"
+if ((CA_OK)); then
+    herd cachalot "$CA" "$HERD_C"; R[ca_herd]=$HERD_GETS
+    ((HERD_BAD == 0)) || stage_failed "cachalot herd bodies"
+fi
+if ((PEER_OK)); then
+    herd peer "$PEER" "$HERD_P"; R[peer_herd]=$HERD_GETS
+    ((HERD_BAD == 0)) || stage_failed "peer herd bodies"
+fi
+
+if ((CA_OK)); then
+    kill -0 "$CA_PID" 2>/dev/null || stage_failed "cachalot died"
+    log "cachalot VmHWM since the reset before figure 5: $(calc "$(hwm_kib "$CA_PID") / 1024") MiB (covers figures 2-4 too)"
+    if [[ $(http_code "$CA/metrics") == 200 ]]; then
+        log "cachalot /metrics (cache lookups, upstream requests, bytes):"
+        curl -s "$CA/metrics" | grep -E '^cachalot_(cache_lookups|upstream_requests|served_bytes|digest_mismatches)' | sed 's/^/    /' >&2 || true
+    fi
+fi
+
+# ---------------------------------------------------------------- table
+ANY_MISS=0
+isnum() { [[ ${1:-} =~ ^[0-9]+([.][0-9]+)?$ ]]; }
+cmp() { awk "BEGIN { print ($1) ? 1 : 0 }"; }
+val() { echo "${R[$1]:-ERR}"; }
+line() { printf '%-44s %11s %20s %9s %9s  %s\n' "$@"; }
+# ratio_row FIGURE CACHALOT BASELINE_LABEL BASELINE OP TARGET: ratio = cachalot / baseline; OP empty = info row.
+ratio_row() {
+    local fig=$1 ca=$2 blabel=$3 base=$4 op=$5 tv=$6 ratio=- res=FAIL
+    if isnum "$ca" && isnum "$base" && [[ $(cmp "$base > 0") == 1 ]]; then
+        ratio=$(calc "$ca / $base")x
+        [[ -n $op && $(cmp "${ratio%x} $op $tv") == 1 ]] && res=PASS
+    fi
+    if [[ -z $op ]]; then res=info; tv=-; else tv="$op ${tv}x"; fi
+    [[ $res == FAIL ]] && ANY_MISS=1
+    line "$fig" "$ca" "$blabel $base" "$ratio" "$tv" "$res"
+}
+echo
+echo "cachalot benchmark: blob ${BLOB_MIB} MiB, $STREAMS streams, wrk -c$CONNS -d$DURATION; $(nproc) cores, load average $LOAD0 at start, $(cut -d' ' -f1 /proc/loadavg) at end"
+line "figure" "cachalot" "baseline" "ratio" "target" "result"
+printf '%0.s-' $(seq 104); echo
+for n in 1 "$STREAMS"; do
+    ratio_row "1. cached blob, $n stream(s), MiB/s" "$(val "ca_$n")" nginx "$(val "ng_$n")" '>=' 0.7
+    ratio_row "   peer, $n stream(s), MiB/s" "$(val "peer_$n")" nginx "$(val "ng_$n")" "" ""
+done
+ratio_row "   server CPU s per GiB sent, $STREAMS streams" "$(val "cpu_ca_$STREAMS")" nginx "$(val "cpu_ng_$STREAMS")" "" ""
+ratio_row "2. manifest by tag (wrk), req/s" "$(val ca_rps)" peer "$(val peer_rps)" '>=' 20
+ratio_row "   vs nginx static file, req/s" "$(val ca_rps)" nginx "$(val ng_rps)" "" ""
+ratio_row "3. cold ${BLOB_MIB} MiB blob, s" "$(val ca_cold)" direct "$(val direct_cold)" '<=' 1.2
+ratio_row "   peer cold, s" "$(val peer_cold)" direct "$(val direct_cold)" "" ""
+v=$(val ca_herd); res=FAIL; [[ $v == 1 ]] && res=PASS
+[[ $res == FAIL ]] && ANY_MISS=1
+line "4. $HERD concurrent cold GETs: upstream GETs" "$v" "peer $(val peer_herd)" - "= 1" "$res"
+v=$(val ca_rss); res=FAIL; isnum "$v" && [[ $(cmp "$v <= 64") == 1 ]] && res=PASS
+[[ $res == FAIL ]] && ANY_MISS=1
+line "5. peak RSS, $STREAMS streams, MiB" "$v" "peer $(val peer_rss)" - "<= 64" "$res"
+echo
+
+if ((${#FAILED_STAGES[@]})); then
+    log "stages that failed: ${FAILED_STAGES[*]}"
+    exit 1
+fi
+log "done in $(($(date +%s) - T0))s"
+if ((ANY_MISS)) && [[ $STRICT == 1 ]]; then exit 1; fi
+exit 0
