@@ -127,7 +127,7 @@ async fn run(ops: Vec<Op>) {
         // With no fill or pass running, the accounting equals the files.
         settle(&server).await;
         let mut stable = false;
-        for _ in 0..200 {
+        for _ in 0..1000 {
             if server.mirror.store.used() == bytes_on_disk(dir.path()) {
                 stable = true;
                 break;

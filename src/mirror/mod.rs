@@ -2,6 +2,7 @@
 //! serve. Handlers call this; it calls `storage` and `upstream`.
 
 pub mod flight;
+mod hasher;
 pub mod inflight;
 mod read;
 mod tags;
@@ -644,7 +645,10 @@ async fn fill_body(
         .tx
         .send_replace(FillState::Streaming { len, written: 0 });
     let mut body = resp.into_body();
+    let mut writer = writer;
+    writer.hash_elsewhere();
     let mut writer = Some(writer);
+    let hasher = hasher::Hasher::start(digest.algorithm());
     let mut buf = BytesMut::with_capacity(FILL_CHUNK);
     let mut eof = false;
     let upstream_err = |e: hyper::Error, got: u64| match len {
@@ -720,9 +724,10 @@ async fn fill_body(
         let mut w = writer
             .take()
             .ok_or_else(|| failed(Error::Internal("writer lost".into())))?;
-        let chunk = std::mem::take(&mut buf);
+        let chunk = std::mem::take(&mut buf).freeze();
+        buf = BytesMut::with_capacity(FILL_CHUNK);
         let n = chunk.len() as u64;
-        let (w, wrote, mut chunk) = tokio::task::spawn_blocking(move || {
+        let (w, wrote, chunk) = tokio::task::spawn_blocking(move || {
             let wrote = w.write(&chunk);
             (w, wrote, chunk)
         })
@@ -732,8 +737,9 @@ async fn fill_body(
             // The upstream is fine; only the cache is not. Followers take it from here.
             metrics.cache_write_errors.inc();
             warn!(error = %e, digest = %digest, "cache write failed; followers continue from upstream");
-            let hash = w
-                .verifier()
+            let hash = hasher
+                .snapshot()
+                .await
                 .map(|v| HashState(Box::new(v)))
                 .ok_or_else(|| failed(Error::Internal("no hash state".into())))?;
             return Err(FillState::Diverted {
@@ -742,14 +748,13 @@ async fn fill_body(
                 hash,
             });
         }
+        hasher.update(chunk).await;
         metrics
             .upstream_bytes
             .with_label_values(&[up.name()])
             .inc_by(n);
         let now = w.written();
         writer = Some(w);
-        chunk.clear();
-        buf = chunk;
         guard
             .tx
             .send_replace(FillState::Streaming { len, written: now });
@@ -765,6 +770,12 @@ async fn fill_body(
             Error::upstream(up.name(), UpstreamFault::Truncated { expected, got }),
         )));
     }
+    let mut w = w;
+    let actual = hasher
+        .finish()
+        .await
+        .ok_or_else(|| failed(Error::Internal("hash task failed".into())))?;
+    w.set_hashed(actual);
     let repo = format!("{}/{}", up.name(), t.repo);
     let st = store.clone();
     let committed = tokio::task::spawn_blocking(move || st.commit(w, &repo))

@@ -203,6 +203,7 @@ impl Store {
             temp,
             expected: digest.clone(),
             verifier: Some(Verifier::new(digest.algorithm())),
+            hashed: None,
             written: 0,
         })
     }
@@ -212,7 +213,7 @@ impl Store {
     /// never a file the size accounting does not know. On a mismatch nothing is stored and the
     /// error says which digest was expected and which arrived. Blocking.
     pub fn commit(&self, mut w: BlobWriter, repo: &str) -> Result<u64, CommitError> {
-        let actual = w.verifier.take().map(Verifier::finish);
+        let actual = w.verifier.take().map(Verifier::finish).or(w.hashed.take());
         if actual.as_ref() != Some(&w.expected) {
             return Err(CommitError::Mismatch {
                 expected: w.expected.to_string(),
@@ -350,10 +351,23 @@ pub struct BlobWriter {
     temp: PathBuf,
     expected: Digest,
     verifier: Option<Verifier>,
+    /// The digest computed by someone else, for a writer that does not hash (`hash_elsewhere`).
+    hashed: Option<Digest>,
     written: u64,
 }
 
 impl BlobWriter {
+    /// Stops hashing here: the caller hashes the same bytes itself (in parallel with the
+    /// writes) and hands the result to `set_hashed` before commit.
+    pub fn hash_elsewhere(&mut self) {
+        self.verifier = None;
+    }
+
+    /// The digest of every byte written, as computed by the caller.
+    pub fn set_hashed(&mut self, digest: Digest) {
+        self.hashed = Some(digest);
+    }
+
     /// The temp file that followers read while the fill grows it.
     pub fn temp_path(&self) -> &Path {
         &self.temp
