@@ -226,7 +226,16 @@ impl Store {
             .ok_or_else(|| io::Error::other("writer already closed"))?;
         file.sync_all()?;
         drop(file);
-        let dest = self.blob_path(&w.expected);
+        self.place(&w.expected, &w.temp, w.written, repo)?;
+        w.temp = PathBuf::new();
+        Ok(w.written)
+    }
+
+    /// Moves a synced, verified file into place: its row first (durably), then the rename and
+    /// the directory sync, under the lock eviction also takes. A crash in between leaves a row
+    /// without a file, which is a miss, never a file the accounting does not know.
+    fn place(&self, digest: &Digest, from: &Path, size: u64, repo: &str) -> io::Result<()> {
+        let dest = self.blob_path(digest);
         let dir = dest
             .parent()
             .ok_or_else(|| io::Error::other("blob path has no parent"))?;
@@ -234,15 +243,14 @@ impl Store {
         let _guard = self.objects_lock.lock().unwrap_or_else(|p| p.into_inner());
         let replaced = self
             .meta
-            .put_object(&w.expected, w.written, repo, SystemTime::now())?;
+            .put_object(digest, size, repo, SystemTime::now())?;
         crash_point("after-metadata");
-        self.disk.rename(&w.temp, &dest)?;
+        self.disk.rename(from, &dest)?;
         crash_point("after-rename");
         // The rename is durable only once the directory entry is.
         File::open(dir)?.sync_all()?;
-        w.temp = PathBuf::new();
-        self.account(w.written, replaced);
-        Ok(w.written)
+        self.account(size, replaced);
+        Ok(())
     }
 
     /// Writes a small object (a manifest) whose bytes are already in memory. Blocking.
@@ -328,18 +336,7 @@ impl Store {
         }
         File::open(staged)?.sync_all()?;
         let size = std::fs::metadata(staged)?.len();
-        let dir = dest
-            .parent()
-            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
-        std::fs::create_dir_all(dir)?;
-        let _guard = self.objects_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let replaced = self
-            .meta
-            .put_object(digest, size, repo, SystemTime::now())?;
-        std::fs::rename(staged, &dest)?;
-        File::open(dir)?.sync_all()?;
-        self.account(size, replaced);
-        Ok(())
+        self.place(digest, staged, size, repo)
     }
 }
 
