@@ -94,25 +94,6 @@ pub fn sniff_media_type(body: &[u8]) -> Option<String> {
     }
 }
 
-/// The digests a manifest refers to: an index's manifests, an image's config and layers.
-/// Unparseable bodies refer to nothing.
-pub fn references(body: &[u8]) -> Vec<crate::oci::Digest> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Vec::new();
-    };
-    let digest_of = |d: &serde_json::Value| d.get("digest")?.as_str()?.parse().ok();
-    let mut out = Vec::new();
-    for list in ["manifests", "layers", "blobs"] {
-        if let Some(items) = v.get(list).and_then(|l| l.as_array()) {
-            out.extend(items.iter().filter_map(digest_of));
-        }
-    }
-    if let Some(c) = v.get("config").and_then(digest_of) {
-        out.push(c);
-    }
-    out
-}
-
 /// Whether a `Content-Type` value names a manifest (rather than, say, an HTML error page).
 pub fn is_manifest_type(media_type: &str) -> bool {
     let t = media_type.split(';').next().unwrap_or("").trim();

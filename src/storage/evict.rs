@@ -4,6 +4,7 @@
 //! that moment keeps its open handle and finishes.
 
 use super::{ObjectRow, Store};
+use crate::oci::descriptor::{self, Refs};
 use crate::oci::{Digest, ImageRef, Reference, manifest};
 use std::collections::{BTreeMap, HashSet};
 use std::io;
@@ -151,10 +152,18 @@ pub fn pinned_digests(store: &Store, pins: &[ImageRef]) -> io::Result<HashSet<Di
         if !pinned.insert(d.clone()) {
             continue;
         }
-        if store.meta.manifest_type(&d)?.is_some()
+        if let Some(media_type) = store.meta.manifest_type(&d)?
             && let Some(bytes) = read_quietly(store, &d)
         {
-            todo.extend(manifest::references(&bytes));
+            match descriptor::parse_refs(&media_type, &bytes) {
+                Ok(Refs::Index(children)) => todo.extend(children.into_iter().map(|c| c.digest)),
+                Ok(Refs::Image { config, layers }) => {
+                    todo.push(config.digest);
+                    todo.extend(layers.into_iter().map(|l| l.digest));
+                }
+                // A manifest we cannot read pins only itself.
+                Err(_) => {}
+            }
         }
     }
     Ok(pinned)
