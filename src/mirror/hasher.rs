@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 /// Chunks waiting to be hashed, at most (each up to the fill's chunk size).
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
 
 enum Msg {
     Chunk(Bytes),
