@@ -85,6 +85,12 @@ impl Fill {
     }
 }
 
+/// What `join_or_start` found: a fill to follow, or a new one the caller must run.
+pub enum Joined<T> {
+    Follow(Arc<Fill>),
+    Started(Arc<Fill>, FillGuard, T),
+}
+
 /// Digest -> fill in progress.
 #[derive(Default)]
 pub struct Inflight {
@@ -116,18 +122,19 @@ impl FillGuard {
 }
 
 impl Inflight {
-    /// The fill for `digest`: an existing one (`None` guard: follow it), or a new one made by
-    /// `start`, which returns the temp and final paths (`Some` guard: the caller must run it).
-    pub fn join_or_start(
+    /// The fill for `digest`: an existing one to follow, or a new one made by `start` (which
+    /// returns the temp path, the final path and whatever the caller needs to run the fill). A
+    /// `start` that fails leaves the table as it was.
+    pub fn join_or_start<T, E>(
         self: &Arc<Self>,
         digest: &Digest,
-        start: impl FnOnce() -> Result<(PathBuf, PathBuf), Error>,
-    ) -> Result<(Arc<Fill>, Option<FillGuard>), Error> {
+        start: impl FnOnce() -> Result<(PathBuf, PathBuf, T), E>,
+    ) -> Result<Joined<T>, E> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(digest) {
-            return Ok((f.clone(), None));
+            return Ok(Joined::Follow(f.clone()));
         }
-        let (temp, dest) = start()?;
+        let (temp, dest, extra) = start()?;
         let (tx, rx) = watch::channel(FillState::Connecting);
         let fill = Arc::new(Fill {
             temp,
@@ -141,7 +148,7 @@ impl Inflight {
             fill: fill.clone(),
             tx,
         };
-        Ok((fill, Some(guard)))
+        Ok(Joined::Started(fill, guard, extra))
     }
 
     /// A fill in progress, if any.

@@ -20,7 +20,7 @@ use futures_util::FutureExt;
 use http::{HeaderMap, Method, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use inflight::{FillGuard, FillState, HashState, Inflight};
+use inflight::{FillGuard, FillState, HashState, Inflight, Joined};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{Instrument, info_span, warn};
@@ -154,10 +154,6 @@ impl Mirror {
             evict_wakeup: Arc::new(tokio::sync::Notify::new()),
             eviction: config.eviction_policy(),
         })
-    }
-
-    pub fn upstream_names(&self) -> Vec<&str> {
-        self.upstreams.iter().map(|u| u.name()).collect()
     }
 
     /// Picks the upstream: an `ns` naming one, else a first path component naming one, else
@@ -395,43 +391,35 @@ impl Mirror {
             self.metrics.lookup(Kind::Blob, Lookup::Miss);
             return Err(self.offline_error(t));
         }
-        let store = self.store.clone();
-        let mut writer = None;
-        let mut just_committed = None;
-        let mut cannot_write = None;
+        /// Why no fill was started.
+        enum NoFill {
+            /// A fill committed and left the table since the lookup above: starting another
+            /// would fetch the blob twice.
+            Committed(Box<BlobHandle>),
+            /// The cache cannot take a new file (full disk, I/O error).
+            CannotWrite(std::io::Error),
+            Failed(Error),
+        }
+        let store = &self.store;
         let joined = self.fills.join_or_start(digest, || {
-            // A fill may have committed and left the table since the lookup above; starting
-            // another would fetch the blob twice.
-            if let Some((file, len)) = store.open_blob(digest)? {
-                just_committed = Some(BlobHandle::committed(file, len));
-                return Err(Error::Internal("already committed".into()));
-            }
-            match store.writer(digest) {
-                Ok(w) => {
-                    let paths = (w.temp_path().to_path_buf(), store.blob_path(digest));
-                    writer = Some(w);
-                    Ok(paths)
+            match store.open_blob(digest) {
+                Ok(Some((file, len))) => {
+                    return Err(NoFill::Committed(Box::new(BlobHandle::committed(
+                        file, len,
+                    ))));
                 }
-                Err(e) => {
-                    cannot_write = Some(e);
-                    Err(Error::Internal("cache not writable".into()))
-                }
+                Ok(None) => {}
+                Err(e) => return Err(NoFill::Failed(e.into())),
             }
+            let w = store.writer(digest).map_err(NoFill::CannotWrite)?;
+            Ok((w.temp_path().to_path_buf(), store.blob_path(digest), w))
         });
-        if let Some(h) = just_committed {
-            self.metrics.lookup(Kind::Blob, Lookup::Hit);
-            return Ok(h);
-        }
-        if let Some(e) = cannot_write {
-            // A full or failing disk costs caching, not the pull.
-            self.metrics.lookup(Kind::Blob, Lookup::Miss);
-            self.metrics.cache_write_errors.inc();
-            warn!(error = %e, digest = %digest, "cannot write to the cache; passing the blob through");
-            return self.pass_through(t, digest).await;
-        }
-        let (fill, guard) = joined?;
-        match (guard, writer) {
-            (Some(guard), Some(writer)) => {
+        let fill = match joined {
+            Ok(Joined::Follow(fill)) => {
+                self.metrics.lookup(Kind::Blob, Lookup::Coalesced);
+                fill
+            }
+            Ok(Joined::Started(fill, guard, writer)) => {
                 self.metrics.lookup(Kind::Blob, Lookup::Miss);
                 let task = run_fill(
                     t.clone(),
@@ -443,9 +431,21 @@ impl Mirror {
                     self.evict_wakeup.clone(),
                 );
                 tokio::spawn(task.instrument(info_span!("fill", digest = %digest)));
+                fill
             }
-            _ => self.metrics.lookup(Kind::Blob, Lookup::Coalesced),
-        }
+            Err(NoFill::Committed(h)) => {
+                self.metrics.lookup(Kind::Blob, Lookup::Hit);
+                return Ok(*h);
+            }
+            Err(NoFill::CannotWrite(e)) => {
+                // A full or failing disk costs caching, not the pull.
+                self.metrics.lookup(Kind::Blob, Lookup::Miss);
+                self.metrics.cache_write_errors.inc();
+                warn!(error = %e, digest = %digest, "cannot write to the cache; passing the blob through");
+                return self.pass_through(t, digest).await;
+            }
+            Err(NoFill::Failed(e)) => return Err(e),
+        };
         let len = fill.started().await?;
         BlobHandle::following(&fill, len, t, digest)
     }

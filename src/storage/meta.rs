@@ -274,36 +274,6 @@ impl Meta {
         Ok((count, bytes))
     }
 
-    /// Every tag entry: (upstream, repo, tag, entry).
-    pub fn all_tags(&self) -> io::Result<Vec<(String, String, String, TagEntry)>> {
-        let tx = self.db.begin_read().map_err(io_err)?;
-        let table = tx.open_table(TAGS).map_err(io_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(io_err)? {
-            let (k, v) = row.map_err(io_err)?;
-            let mut parts = k.value().splitn(4, '\0');
-            let (Some(up), Some(repo), Some(tag), Some(mt)) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            else {
-                continue;
-            };
-            let (digest, checked) = v.value();
-            if let Ok(digest) = digest.parse() {
-                out.push((
-                    up.to_owned(),
-                    repo.to_owned(),
-                    tag.to_owned(),
-                    TagEntry {
-                        digest,
-                        media_type: mt.to_owned(),
-                        checked: UNIX_EPOCH + Duration::from_millis(checked),
-                    },
-                ));
-            }
-        }
-        Ok(out)
-    }
-
     pub fn manifest_type(&self, digest: &Digest) -> io::Result<Option<String>> {
         let tx = self.db.begin_read().map_err(io_err)?;
         let table = tx.open_table(MANIFESTS).map_err(io_err)?;

@@ -374,12 +374,6 @@ impl BlobWriter {
         self.written
     }
 
-    /// The hash of everything written so far, for a follower that must carry on verifying
-    /// without the file (when a write failed).
-    pub fn verifier(&self) -> Option<Verifier> {
-        self.verifier.clone()
-    }
-
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         let file = self
             .file
