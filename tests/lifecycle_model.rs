@@ -153,3 +153,27 @@ proptest! {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(run(ops));
     }
 }
+
+/// Found by the model: a background pass planned from a snapshot, blob 4 was read, and the pass
+/// then evicted it although it was the most recently read.
+#[test]
+fn a_read_between_plan_and_removal_keeps_the_blob() {
+    use Op::*;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(vec![
+            Pull(4),
+            Pull(0),
+            Pull(4),
+            Pull(1),
+            Pull(5),
+            Pull(4),
+            Evict,
+            Restart,
+            Pull(0),
+            Evict,
+        ]));
+}

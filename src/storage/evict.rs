@@ -181,10 +181,11 @@ pub fn run_pass(store: &Store, policy: &Policy, dry_run: bool) -> io::Result<Rep
     let rows = store.meta.objects()?;
     let before: u64 = rows.iter().map(|r| r.size).sum();
     let pinned = pinned_digests(store, &policy.pins)?;
-    let evicted = plan(rows, policy, &pinned, SystemTime::now());
+    let mut evicted = plan(rows, policy, &pinned, SystemTime::now());
     if !dry_run && !evicted.is_empty() {
         let victims: Vec<ObjectRow> = evicted.iter().map(|e| e.row.clone()).collect();
-        store.remove(&victims)?;
+        let removed: HashSet<Digest> = store.remove(&victims)?.into_iter().collect();
+        evicted.retain(|e| removed.contains(&e.row.digest));
     }
     let freed: u64 = evicted.iter().map(|e| e.row.size).sum();
     Ok(Report {

@@ -280,11 +280,19 @@ impl Store {
     }
 
     /// Removes committed objects: files first (a reader with the file open keeps reading it),
-    /// then their rows. Returns the bytes freed. Blocking.
-    pub fn remove(&self, rows: &[ObjectRow]) -> io::Result<u64> {
+    /// then their rows. An object read since `rows` was taken (its read not yet flushed) is
+    /// kept: eviction plans from a snapshot, and a read in between makes it recently used.
+    /// Returns the digests removed. Blocking.
+    pub fn remove(&self, rows: &[ObjectRow]) -> io::Result<Vec<Digest>> {
         let _guard = self.objects_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let read_since: Vec<bool> = {
+            let touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+            rows.iter()
+                .map(|r| touches.get(&r.digest).is_some_and(|t| *t > r.last_access))
+                .collect()
+        };
         let mut digests = Vec::with_capacity(rows.len());
-        for row in rows {
+        for (row, _) in rows.iter().zip(read_since).filter(|(_, read)| !read) {
             match std::fs::remove_file(self.blob_path(&row.digest)) {
                 Ok(()) => {}
                 // A row whose file a crash never renamed into place: only the row goes.
@@ -298,7 +306,7 @@ impl Store {
             .fetch_sub(freed.min(self.used()), Ordering::Relaxed);
         self.objects
             .fetch_sub(count.min(self.object_count()), Ordering::Relaxed);
-        Ok(freed)
+        Ok(digests)
     }
 }
 
@@ -429,6 +437,27 @@ mod tests {
                 .to_string_lossy()
                 .contains(&format!("blobs/sha256/{}/", &d.hex()[..2]))
         );
+    }
+
+    #[test]
+    fn removal_spares_what_was_read_after_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (b"first".to_vec(), b"second".to_vec());
+        for data in [&a, &b] {
+            let mut w = store.writer(&Digest::sha256_of(data)).unwrap();
+            w.write(data).unwrap();
+            store.commit(w, "docker.io/x").unwrap();
+        }
+        let planned = store.meta.objects().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // A read between the plan and the removal makes `a` recently used.
+        assert!(store.open_blob(&Digest::sha256_of(&a)).unwrap().is_some());
+        let removed = store.remove(&planned).unwrap();
+        assert_eq!(removed, vec![Digest::sha256_of(&b)]);
+        assert!(store.open_blob(&Digest::sha256_of(&a)).unwrap().is_some());
+        assert!(store.open_blob(&Digest::sha256_of(&b)).unwrap().is_none());
+        assert_eq!((store.used(), store.object_count()), (a.len() as u64, 1));
     }
 
     #[test]
