@@ -162,6 +162,9 @@ async fn accept_loop(
         });
     }
     conns.abort_all();
+    // Aborted tasks are dropped only when the runtime next polls them; wait for that, so that
+    // when `shutdown` returns no connection still holds the cache (its metadata lock included).
+    while conns.join_next().await.is_some() {}
 }
 
 /// How often reads are written to the metadata and an eviction pass runs when nothing

@@ -608,6 +608,9 @@ async fn run_fill(
     metrics.fills_in_flight.inc();
     let started = std::time::Instant::now();
     let result = fill_body(&t, &digest, writer, &guard, &store, &metrics).await;
+    // Let go of the cache before followers hear the end: a server shut down after its last
+    // pull must not find its metadata still held by a finishing fill.
+    drop(store);
     metrics.upstream_done(t.upstream.name(), Op::Blob.as_str(), started);
     metrics.fills_in_flight.dec();
     match result {

@@ -177,6 +177,7 @@ fn read_quietly(store: &Store, d: &Digest) -> Option<Vec<u8>> {
 
 /// One eviction pass. Blocking.
 pub fn run_pass(store: &Store, policy: &Policy, dry_run: bool) -> io::Result<Report> {
+    let _pass = store.pass_guard();
     store.flush_touches()?;
     let rows = store.meta.objects()?;
     let before: u64 = rows.iter().map(|r| r.size).sum();

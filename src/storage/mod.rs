@@ -68,6 +68,9 @@ pub struct Store {
     /// Held while an object's row and file change together (commit, removal), so the two never
     /// disagree because a commit and an eviction of one digest interleaved.
     objects_lock: Mutex<()>,
+    /// One eviction pass at a time: a second pass flushing reads between another's plan and
+    /// its removal would hide those reads from it.
+    pass_lock: Mutex<()>,
 }
 
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -115,6 +118,7 @@ impl Store {
             objects: AtomicU64::new(objects),
             touches: Mutex::new(HashMap::new()),
             objects_lock: Mutex::new(()),
+            pass_lock: Mutex::new(()),
         })
     }
 
@@ -165,6 +169,11 @@ impl Store {
     pub fn touch(&self, digest: &Digest) {
         let mut touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
         touches.insert(digest.clone(), SystemTime::now());
+    }
+
+    /// Held for the whole of an eviction pass (plan and removal). Blocking.
+    pub fn pass_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.pass_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes pending reads to the metadata. Blocking.
