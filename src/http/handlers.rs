@@ -3,14 +3,16 @@
 
 use super::body::{self, Body};
 use super::route::{Route, route};
+use super::sendfile::{FileBody, FileQueue};
 use crate::error::Error;
 use crate::metrics::{Metrics, Source};
-use crate::mirror::{Mirror, Target};
+use crate::mirror::{BlobHandle, Mirror, Target};
 use crate::oci::manifest::Accept;
 use crate::oci::{Digest, ErrorCode, OciError, Tag};
 use crate::upstream::Op;
 use futures_util::FutureExt;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::BodyExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -229,6 +231,24 @@ async fn blob<B>(
     }
     let handle = state.mirror.blob(t, digest).await?;
     let builder = builder.extension(handle.source());
+    // Plain HTTP/1 connections carry a sendfile queue; HTTP/2 frames its own body bytes.
+    let sendfile = req
+        .extensions()
+        .get::<Arc<FileQueue>>()
+        .filter(|_| req.version() <= Version::HTTP_11);
+    let stream = |handle: BlobHandle, start: u64, end: Option<u64>| -> Body {
+        match (sendfile, handle.committed_file(), end) {
+            (Some(queue), Some(file), Some(end)) => FileBody::new(
+                file.clone(),
+                start,
+                end,
+                queue.clone(),
+                state.metrics.clone(),
+            )
+            .boxed_unsync(),
+            _ => handle.stream(start, end, state.metrics.clone()),
+        }
+    };
     let range = req
         .headers()
         .get(header::RANGE)
@@ -237,7 +257,7 @@ async fn blob<B>(
         // Length unknown until the fill ends (upstream sent no Content-Length): a plain 200,
         // which every client accepts in answer to a Range.
         return Ok(builder
-            .body(handle.stream(0, None, state.metrics.clone()))
+            .body(stream(handle, 0, None))
             .expect("valid headers"));
     };
     match range.map(|r| parse_range(r, len)) {
@@ -263,11 +283,11 @@ async fn blob<B>(
                 format!("bytes {start}-{}/{len}", end - 1),
             )
             .header(header::CONTENT_LENGTH, end - start)
-            .body(handle.stream(start, Some(end), state.metrics.clone()))
+            .body(stream(handle, start, Some(end)))
             .expect("valid headers")),
         Some(RangeAnswer::Full) | None => Ok(builder
             .header(header::CONTENT_LENGTH, len)
-            .body(handle.stream(0, Some(len), state.metrics.clone()))
+            .body(stream(handle, 0, Some(len)))
             .expect("valid headers")),
     }
 }

@@ -4,4 +4,5 @@ pub mod body;
 pub mod handlers;
 pub mod metrics_listener;
 pub mod route;
+pub mod sendfile;
 pub mod server;

@@ -2,11 +2,14 @@
 //! Sockets live only here; everything behind `handle` is a plain function of the request.
 
 use super::handlers::{AppState, handle};
+use super::sendfile::SendfileStream;
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::storage::{Disk, RealDisk, Store, evict};
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
@@ -133,13 +136,27 @@ async fn accept_loop(
         let state = state.clone();
         let tls = tls.clone();
         conns.spawn(async move {
-            let service = service_fn(move |req| {
+            // Plain connections send cached blobs with sendfile; their bodies find the
+            // connection's queue of file ranges in the request's extensions.
+            let conn = match tls {
+                Some(acceptor) => Err((acceptor, stream)),
+                None => Ok(SendfileStream::new(stream)),
+            };
+            let queue = conn.as_ref().ok().map(SendfileStream::queue);
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                if let Some(q) = &queue {
+                    req.extensions_mut().insert(q.clone());
+                }
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(state, req).await) }
             });
-            let builder = Builder::new(TokioExecutor::new());
-            let result = match tls {
-                Some(acceptor) => {
+            let mut builder = Builder::new(TokioExecutor::new());
+            // Body chunks must reach the socket as the slices they were yielded as, never
+            // flattened into hyper's own buffer: sendfile placeholders depend on it.
+            builder.http1().writev(true);
+            let result = match conn {
+                Ok(plain) => builder.serve_connection(TokioIo::new(plain), service).await,
+                Err((acceptor, stream)) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), service).await,
@@ -149,11 +166,6 @@ async fn accept_loop(
                         }
                         Err(_) => return,
                     }
-                }
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
                 }
             };
             if let Err(e) = result {

@@ -115,6 +115,15 @@ impl BlobHandle {
         }
     }
 
+    /// The open file of a committed blob; `None` while it is still being filled or when it is
+    /// passed through.
+    pub fn committed_file(&self) -> Option<&Arc<File>> {
+        match (&self.file, &self.progress, &self.upstream) {
+            (Some(f), None, None) => Some(f),
+            _ => None,
+        }
+    }
+
     pub fn source(&self) -> Source {
         match (&self.progress, &self.upstream) {
             (_, Some(_)) => Source::Upstream,

@@ -1,0 +1,271 @@
+//! Zero-copy serving of committed blobs on plain-HTTP/1 connections, with sendfile(2).
+//!
+//! hyper writes response bodies itself, from the `Bytes` a body yields, and has no way to be
+//! told "send this file range". So a [`FileBody`] yields *placeholders* instead: slices of one
+//! static buffer whose contents are never read, each paired, in order, with the file range it
+//! stands for in the connection's [`FileQueue`]. hyper queues body chunks without copying them
+//! (its vectored write strategy, which the server forces for these connections) and hands them
+//! to the socket as they were given. The socket wrapper, [`SendfileStream`], recognises a
+//! placeholder by its address and sends the file range in its place; everything else (the
+//! response head, manifests, error bodies) it writes as usual.
+//!
+//! Only HTTP/1 over plain TCP takes this path: HTTP/2 and TLS copy body bytes into frames or
+//! records, where a placeholder would go out as zeros, so those responses read the file.
+//!
+//! The kernel copies from the page cache to the socket, so a cached blob costs no user-space
+//! copy, no read buffer and no blocking-pool hop: the cost nginx pays to serve a static file.
+
+use crate::metrics::{Metrics, Source};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The largest file range one placeholder stands for. The buffer is zero-initialised static
+/// memory that nothing reads, so it stays in untouched pages and costs no resident memory.
+const PLACEHOLDER_LEN: usize = 1 << 20;
+static PLACEHOLDER: [u8; PLACEHOLDER_LEN] = [0; PLACEHOLDER_LEN];
+
+/// Where in `PLACEHOLDER` a slice starts, if it is a (non-empty) placeholder.
+fn placeholder_offset(buf: &[u8]) -> Option<usize> {
+    let base = PLACEHOLDER.as_ptr() as usize;
+    let at = buf.as_ptr() as usize;
+    (!buf.is_empty() && at >= base && at < base + PLACEHOLDER_LEN).then(|| at - base)
+}
+
+/// A file range a placeholder chunk stands for.
+struct Job {
+    file: Arc<File>,
+    offset: u64,
+    len: usize,
+}
+
+/// The file ranges behind the placeholders a connection's bodies have yielded and its socket
+/// has not yet sent, in the order hyper writes them (HTTP/1 sends one response at a time).
+#[derive(Default)]
+pub struct FileQueue(Mutex<VecDeque<Job>>);
+
+impl FileQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        // A panic elsewhere while holding the lock leaves the queue consistent: every
+        // operation on it is a single push or pop.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A response body of file bytes `pos..end` sent by sendfile on the connection owning `queue`.
+pub struct FileBody {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+    queue: Arc<FileQueue>,
+    metrics: Arc<Metrics>,
+    sent: u64,
+}
+
+impl FileBody {
+    pub fn new(
+        file: Arc<File>,
+        start: u64,
+        end: u64,
+        queue: Arc<FileQueue>,
+        metrics: Arc<Metrics>,
+    ) -> FileBody {
+        FileBody {
+            file,
+            pos: start,
+            end,
+            queue,
+            metrics,
+            sent: 0,
+        }
+    }
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = super::body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.pos >= this.end {
+            return Poll::Ready(None);
+        }
+        let len = (this.end - this.pos).min(PLACEHOLDER_LEN as u64) as usize;
+        this.queue.lock().push_back(Job {
+            file: this.file.clone(),
+            offset: this.pos,
+            len,
+        });
+        this.pos += len as u64;
+        this.sent += len as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            &PLACEHOLDER[..len],
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.end.saturating_sub(self.pos))
+    }
+}
+
+impl Drop for FileBody {
+    fn drop(&mut self) {
+        self.metrics.served(Source::Cache, self.sent);
+    }
+}
+
+/// A plain TCP connection that sends placeholder chunks from their files.
+pub struct SendfileStream {
+    tcp: TcpStream,
+    queue: Arc<FileQueue>,
+}
+
+impl SendfileStream {
+    pub fn new(tcp: TcpStream) -> SendfileStream {
+        SendfileStream {
+            tcp,
+            queue: Arc::default(),
+        }
+    }
+
+    /// The queue bodies on this connection push their file ranges to.
+    pub fn queue(&self) -> Arc<FileQueue> {
+        self.queue.clone()
+    }
+
+    /// Sends the file range behind `buf`, a placeholder starting `at` bytes into the buffer.
+    fn poll_sendfile(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        at: usize,
+    ) -> Poll<io::Result<usize>> {
+        let (file, offset) = {
+            let queue = self.queue.lock();
+            // hyper advances through a chunk as it is written, so a placeholder slice always
+            // ends where its job does; anything else means the pairing is lost, and sending
+            // would put the wrong bytes on the wire.
+            match queue.front() {
+                Some(job) if at + buf.len() == job.len => {
+                    (job.file.clone(), job.offset + at as u64)
+                }
+                _ => {
+                    return Poll::Ready(Err(io::Error::other(
+                        "sendfile: body chunk without its file range",
+                    )));
+                }
+            }
+        };
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_io(Interest::WRITABLE, || {
+                sendfile(&self.tcp, &file, offset, buf.len())
+            }) {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "blob file shorter than its length",
+                    )));
+                }
+                Ok(n) => {
+                    if n == buf.len() {
+                        self.queue.lock().pop_front();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+fn sendfile(sock: &TcpStream, file: &File, offset: u64, count: usize) -> io::Result<usize> {
+    let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+    // SAFETY: both descriptors are open for the duration of the call (borrowed), and `off`
+    // is a valid pointer to a local.
+    let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, count) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+impl AsyncRead for SendfileStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendfileStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        // Write ordinary bytes up to the first placeholder, or the placeholder itself; a
+        // short write is fine, hyper calls again with the rest.
+        match bufs.iter().position(|b| placeholder_offset(b).is_some()) {
+            None => Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs),
+            Some(0) => {
+                let at = placeholder_offset(&bufs[0]).expect("checked");
+                self.poll_sendfile(cx, &bufs[0], at)
+            }
+            Some(i) => Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..i]),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_slices_of_the_placeholder_are_placeholders() {
+        assert_eq!(placeholder_offset(&PLACEHOLDER[..10]), Some(0));
+        assert_eq!(placeholder_offset(&PLACEHOLDER[5..]), Some(5));
+        assert_eq!(placeholder_offset(&PLACEHOLDER[3..3]), None);
+        let other = vec![0u8; 16];
+        assert_eq!(placeholder_offset(&other), None);
+    }
+}

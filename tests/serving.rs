@@ -1,0 +1,217 @@
+//! Serving cached blobs: plain HTTP/1 sends them with sendfile, HTTP/2 reads the file. Whatever
+//! the path, a client gets every byte of the blob, in order, on a keep-alive connection shared
+//! with other responses, however slowly it reads.
+
+mod common;
+
+use bytes::Bytes;
+use common::client::SAFETY;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Larger than one sendfile placeholder chunk (1 MiB), and not a multiple of it.
+const BIG: usize = 3 * 1024 * 1024 + 12_345;
+
+/// Fetches `path` once through the proxy so that it is cached, and waits for the fill.
+async fn warm(env: &Env, path: &str) {
+    let r = env.client.get(&env.v2(path)).await;
+    assert_eq!(r.status, 200, "warming {path}: {}", r.text());
+    env.wait_no_fills().await;
+}
+
+#[tokio::test]
+async fn one_keep_alive_connection_carries_blobs_ranges_and_manifests_in_order() {
+    let env = Env::start().await;
+    let img = env.fake.push_image("team/app", Some("v1"), &[BIG, 700]);
+    let (big, small) = (&img.layers[0], &img.layers[1]);
+    let big_path = format!("team/app/blobs/{}", big.0);
+    let small_path = format!("team/app/blobs/{}", small.0);
+    warm(&env, &big_path).await;
+    warm(&env, &small_path).await;
+    warm(&env, "team/app/manifests/v1").await;
+
+    let stream = TcpStream::connect(env.proxy.addr()).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let upstream_before = env.fake.total();
+    // A range across a chunk boundary, a whole blob after a HEAD, a manifest between blobs.
+    let tail = format!("bytes={}-", BIG - 10);
+    let steps: Vec<(&str, String, Option<&str>, Bytes)> = vec![
+        ("GET", big_path.clone(), None, big.1.clone()),
+        ("GET", small_path.clone(), None, small.1.clone()),
+        (
+            "GET",
+            "team/app/manifests/v1".into(),
+            None,
+            img.manifest.bytes.clone(),
+        ),
+        (
+            "GET",
+            big_path.clone(),
+            Some("bytes=1048000-2097999"),
+            big.1.slice(1_048_000..2_098_000),
+        ),
+        ("HEAD", big_path.clone(), None, Bytes::new()),
+        (
+            "GET",
+            big_path.clone(),
+            Some(&tail),
+            big.1.slice(BIG - 10..),
+        ),
+        ("GET", big_path.clone(), None, big.1.clone()),
+    ];
+    for (method, path, range, want) in steps {
+        send.ready().await.expect("the connection stays open");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("/v2/{path}"))
+            .header("host", env.proxy.addr().to_string());
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        let resp = send
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} {range:?}: {e}"));
+        let status = resp.status().as_u16();
+        assert_eq!(
+            status,
+            if range.is_some() { 206 } else { 200 },
+            "{method} {path}"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            body == want,
+            "{method} {path} {range:?}: got {} bytes, want {} (bytes differ: {})",
+            body.len(),
+            want.len(),
+            body.len() == want.len()
+        );
+    }
+    assert_eq!(
+        env.fake.total(),
+        upstream_before,
+        "every response came from the cache"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_reads_slowly_still_gets_every_byte() {
+    let env = Env::start().await;
+    let blob = random_blob(8 * 1024 * 1024 + 3);
+    let digest = env.fake.push_blob("slow/reader", blob.clone());
+    let path = format!("slow/reader/blobs/{digest}");
+    warm(&env, &path).await;
+
+    // Far more than the socket buffers hold, read in small sips, so the server's writes
+    // stop short and wait for room again and again.
+    let mut sock = TcpStream::connect(env.proxy.addr()).await.unwrap();
+    sock.write_all(format!("GET /v2/{path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before the head");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", blob.len())),
+        "{head}"
+    );
+    let mut body = got.split_off(head_end);
+    let mut sips = 0;
+    while body.len() < blob.len() {
+        let n = tokio::time::timeout(SAFETY, sock.read(&mut buf))
+            .await
+            .expect("safety timeout: body stalled")
+            .unwrap();
+        assert!(n > 0, "connection closed after {} bytes", body.len());
+        body.extend_from_slice(&buf[..n]);
+        sips += 1;
+        if sips % 8 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert_eq!(body.len(), blob.len(), "no bytes beyond Content-Length");
+    assert!(body == blob[..], "the bytes are the blob's");
+}
+
+#[tokio::test]
+async fn http2_reads_the_file_and_gets_the_real_bytes() {
+    let env = Env::start().await;
+    let blob = random_blob(BIG);
+    let digest = env.fake.push_blob("h2/app", blob.clone());
+    let path = format!("h2/app/blobs/{digest}");
+    warm(&env, &path).await;
+
+    // HTTP/2 with prior knowledge over plain TCP: the connection offers sendfile, the
+    // protocol cannot use it.
+    let stream = TcpStream::connect(env.proxy.addr()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for range in [None, Some("bytes=1048570-1048580")] {
+        let mut req = Request::builder()
+            .uri(format!("http://{}/v2/{path}", env.proxy.addr()))
+            .version(hyper::Version::HTTP_2);
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        let resp = send
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let want = match range {
+            None => blob.clone(),
+            Some(_) => blob.slice(1_048_570..1_048_581),
+        };
+        assert!(body == want, "HTTP/2 {range:?}: wrong bytes");
+    }
+}
+
+#[tokio::test]
+async fn bytes_sent_by_sendfile_are_counted_as_served_from_cache() {
+    let env = Env::start().await;
+    let blob = random_blob(BIG);
+    let digest = env.fake.push_blob("count/app", blob.clone());
+    let path = format!("count/app/blobs/{digest}");
+    warm(&env, &path).await;
+    let before = env
+        .metric("cachalot_served_bytes_total", &[("source", "cache")])
+        .await;
+    let r = env.client.get(&env.v2(&path)).await;
+    assert!(r.body == blob);
+    // The count lands when the body is dropped, just after the last byte is handed over.
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    loop {
+        let after = env
+            .metric("cachalot_served_bytes_total", &[("source", "cache")])
+            .await;
+        if after - before == BIG as f64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "served from cache went from {before} to {after}, want +{BIG}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
