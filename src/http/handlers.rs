@@ -3,7 +3,7 @@
 
 use super::body::{self, Body};
 use super::route::{Route, route};
-use super::sendfile::{FileBody, FileQueue};
+use super::sendfile::FileQueue;
 use crate::error::Error;
 use crate::metrics::{Metrics, Source};
 use crate::mirror::{BlobHandle, Mirror, Target};
@@ -12,7 +12,6 @@ use crate::oci::{Digest, ErrorCode, OciError, Tag};
 use crate::upstream::Op;
 use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
-use http_body_util::BodyExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -237,15 +236,10 @@ async fn blob<B>(
         .get::<Arc<FileQueue>>()
         .filter(|_| req.version() <= Version::HTTP_11);
     let stream = |handle: BlobHandle, start: u64, end: Option<u64>| -> Body {
-        match (sendfile, handle.committed_file(), end) {
-            (Some(queue), Some(file), Some(end)) => FileBody::new(
-                file.clone(),
-                start,
-                end,
-                queue.clone(),
-                state.metrics.clone(),
-            )
-            .boxed_unsync(),
+        match (sendfile, end) {
+            (Some(queue), Some(end)) => {
+                handle.send_file(start, end, queue.clone(), state.metrics.clone())
+            }
             _ => handle.stream(start, end, state.metrics.clone()),
         }
     };

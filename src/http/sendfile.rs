@@ -1,7 +1,8 @@
-//! Zero-copy serving of committed blobs on plain-HTTP/1 connections, with sendfile(2).
+//! Zero-copy serving of blob files on plain-HTTP/1 connections, with sendfile(2): committed
+//! blobs, and the growing file of a fill as its bytes arrive.
 //!
 //! hyper writes response bodies itself, from the `Bytes` a body yields, and has no way to be
-//! told "send this file range". So a [`FileBody`] yields *placeholders* instead: slices of one
+//! told "send this file range". So a blob's body yields *placeholders* instead: slices of one
 //! static buffer whose contents are never read, each paired, in order, with the file range it
 //! stands for in the connection's [`FileQueue`]. hyper queues body chunks without copying them
 //! (its vectored write strategy, which the server forces for these connections) and hands them
@@ -14,10 +15,10 @@
 //!
 //! The kernel copies from the page cache to the socket, so a cached blob costs no user-space
 //! copy, no read buffer and no blocking-pool hop: the cost nginx pays to serve a static file.
+//! (Like nginx without aio, a sendfile of pages not in memory waits for the disk on the worker
+//! thread; a blob just filled or often pulled is in the page cache.)
 
-use crate::metrics::{Metrics, Source};
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
@@ -32,6 +33,9 @@ use tokio::net::TcpStream;
 /// memory that nothing reads, so it stays in untouched pages and costs no resident memory.
 const PLACEHOLDER_LEN: usize = 1 << 20;
 static PLACEHOLDER: [u8; PLACEHOLDER_LEN] = [0; PLACEHOLDER_LEN];
+
+/// The most file bytes one placeholder chunk stands for.
+pub const MAX_CHUNK: usize = PLACEHOLDER_LEN;
 
 /// Where in `PLACEHOLDER` a slice starts, if it is a (non-empty) placeholder.
 fn placeholder_offset(buf: &[u8]) -> Option<usize> {
@@ -60,72 +64,17 @@ impl FileQueue {
     }
 }
 
-/// A response body of file bytes `pos..end` sent by sendfile on the connection owning `queue`.
-pub struct FileBody {
-    file: Arc<File>,
-    pos: u64,
-    end: u64,
-    queue: Arc<FileQueue>,
-    metrics: Arc<Metrics>,
-    sent: u64,
-}
-
-impl FileBody {
-    pub fn new(
-        file: Arc<File>,
-        start: u64,
-        end: u64,
-        queue: Arc<FileQueue>,
-        metrics: Arc<Metrics>,
-    ) -> FileBody {
-        FileBody {
-            file,
-            pos: start,
-            end,
-            queue,
-            metrics,
-            sent: 0,
-        }
-    }
-}
-
-impl http_body::Body for FileBody {
-    type Data = Bytes;
-    type Error = super::body::BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        if this.pos >= this.end {
-            return Poll::Ready(None);
-        }
-        let len = (this.end - this.pos).min(PLACEHOLDER_LEN as u64) as usize;
-        this.queue.lock().push_back(Job {
-            file: this.file.clone(),
-            offset: this.pos,
+impl FileQueue {
+    /// A body chunk standing for file bytes `offset..offset + len` (`len` at most
+    /// [`MAX_CHUNK`]), to be yielded by a response body on this queue's connection.
+    pub fn placeholder(&self, file: &Arc<File>, offset: u64, len: usize) -> Bytes {
+        let len = len.min(MAX_CHUNK);
+        self.lock().push_back(Job {
+            file: file.clone(),
+            offset,
             len,
         });
-        this.pos += len as u64;
-        this.sent += len as u64;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-            &PLACEHOLDER[..len],
-        )))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.pos >= self.end
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.end.saturating_sub(self.pos))
-    }
-}
-
-impl Drop for FileBody {
-    fn drop(&mut self) {
-        self.metrics.served(Source::Cache, self.sent);
+        Bytes::from_static(&PLACEHOLDER[..len])
     }
 }
 

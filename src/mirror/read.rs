@@ -7,11 +7,13 @@ use super::Target;
 use super::inflight::{Fill, FillState, HashState};
 use crate::error::{Error, UpstreamFault};
 use crate::http::body::{self, Body};
+use crate::http::sendfile::{FileQueue, MAX_CHUNK};
 use crate::metrics::{Metrics, Source};
 use crate::oci::{Digest, Verifier};
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use std::fs::File;
 use std::io;
@@ -115,21 +117,49 @@ impl BlobHandle {
         }
     }
 
-    /// The open file of a committed blob; `None` while it is still being filled or when it is
-    /// passed through.
-    pub fn committed_file(&self) -> Option<&Arc<File>> {
-        match (&self.file, &self.progress, &self.upstream) {
-            (Some(f), None, None) => Some(f),
-            _ => None,
-        }
-    }
-
     pub fn source(&self) -> Source {
         match (&self.progress, &self.upstream) {
             (_, Some(_)) => Source::Upstream,
             (Some(_), _) => Source::Fill,
             _ => Source::Cache,
         }
+    }
+
+    /// Sends bytes `start..end` of the blob's file with sendfile, on the plain-HTTP/1 connection
+    /// owning `queue`: all of it for a committed blob, and for a fill each part as it is
+    /// written, the last byte once the digest has matched. A fill that can no longer write its
+    /// file carries on the way [`stream`](Self::stream) does. A pass-through has no file and
+    /// is streamed.
+    pub fn send_file(
+        self,
+        start: u64,
+        end: u64,
+        queue: Arc<FileQueue>,
+        metrics: Arc<Metrics>,
+    ) -> Body {
+        let Some(file) = self.file.clone() else {
+            return self.stream(start, Some(end), metrics);
+        };
+        let source = self.source();
+        let state = SendState {
+            _following: (source == Source::Fill).then(|| Following::new(&metrics)),
+            served: Served {
+                metrics,
+                source,
+                bytes: 0,
+            },
+            h: Some(self),
+            pos: start,
+            rest: None,
+        };
+        let frames = futures_util::stream::unfold(state, move |mut st| {
+            let (file, queue) = (file.clone(), queue.clone());
+            async move {
+                let item = st.next(&file, &queue, end).await?;
+                Some((item, st))
+            }
+        });
+        http_body_util::StreamBody::new(frames).boxed_unsync()
     }
 
     /// Streams bytes `start..end` (end exclusive; `None`: to the end of the blob).
@@ -149,6 +179,78 @@ impl BlobHandle {
             metrics.served(source, sent);
         });
         body::from_channel(rx)
+    }
+}
+
+/// Where a [`BlobHandle::send_file`] body is.
+struct SendState {
+    /// `None` once the body has ended (with an error or handed over to `rest`).
+    h: Option<BlobHandle>,
+    pos: u64,
+    /// The rest of the body, streamed, after a fill could no longer write the file.
+    rest: Option<Body>,
+    served: Served,
+    _following: Option<Following>,
+}
+
+type FrameResult = Result<Frame<Bytes>, body::BodyError>;
+
+impl SendState {
+    async fn next(&mut self, file: &Arc<File>, queue: &FileQueue, end: u64) -> Option<FrameResult> {
+        if let Some(rest) = &mut self.rest {
+            return rest.frame().await;
+        }
+        loop {
+            let h = self.h.as_mut()?;
+            if self.pos >= end {
+                return None;
+            }
+            let ended = |st: &mut SendState, e: io::Error| {
+                st.h = None;
+                Some(Err(body::BodyError::from(e)))
+            };
+            let (avail, last) = match available(h) {
+                Err(e) => return ended(self, e),
+                Ok(Avail::Upto(a, last)) => (a, last),
+                Ok(Avail::Diverted { .. }) => {
+                    let h = self.h.take()?;
+                    let metrics = self.served.metrics.clone();
+                    self.rest = Some(h.stream(self.pos, Some(end), metrics));
+                    return self.rest.as_mut()?.frame().await;
+                }
+            };
+            let limit = avail.min(end);
+            if self.pos < limit {
+                let n = ((limit - self.pos) as usize).min(MAX_CHUNK);
+                let chunk = queue.placeholder(file, self.pos, n);
+                self.pos += n as u64;
+                self.served.bytes += n as u64;
+                return Some(Ok(Frame::data(chunk)));
+            }
+            if last {
+                return ended(self, io::Error::other("range beyond the end of the blob"));
+            }
+            let Some(rx) = &mut h.progress else {
+                return ended(self, io::Error::other("range beyond the end of the blob"));
+            };
+            if rx.changed().await.is_err() {
+                return ended(self, io::Error::other("fill ended without a result"));
+            }
+        }
+    }
+}
+
+/// Records the bytes a response sent in `cachalot_served_bytes_total` when it ends, however
+/// it ends.
+struct Served {
+    metrics: Arc<Metrics>,
+    source: Source,
+    bytes: u64,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.metrics.served(self.source, self.bytes);
     }
 }
 
