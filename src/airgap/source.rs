@@ -346,8 +346,8 @@ impl ServerClient {
         if !resp.status().is_success() {
             return Err(server_error(resp).await);
         }
-        // The server verifies and commits; reading to the end is what waits for that (it
-        // holds back the last byte until the digest matched).
+        // The server holds back the last byte until the digest matched, so a complete body is
+        // a verified one; the commit (fsync, rename) finishes just after, and is awaited below.
         let mut body = resp.into_body();
         let mut n = 0u64;
         loop {
@@ -366,6 +366,16 @@ impl ServerClient {
                     }
                 }
             }
+        }
+        let path = Store::blob_path_in(&self.root, digest);
+        let deadline = tokio::time::Instant::now() + self.client.body_timeout();
+        while !path.exists() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Internal(format!(
+                    "blob {digest}: the running cachalot served it but did not store it (see its log)"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         Ok(n)
     }

@@ -17,6 +17,9 @@ pub enum FillState {
     Connecting,
     /// Body arriving; `written` bytes are in the temp file and readable.
     Streaming { len: Option<u64>, written: u64 },
+    /// Every byte is in the temp file and matches the digest; the commit (fsync, rename) is
+    /// under way. Followers may finish: the bytes are right whether or not the commit works.
+    Verified { len: u64 },
     /// Verified and renamed into place.
     Done { len: u64 },
     /// Nothing was stored; followers must abort their responses.
@@ -61,7 +64,7 @@ impl Fill {
             match &*rx.borrow_and_update() {
                 FillState::Connecting => {}
                 FillState::Streaming { len, .. } => return Ok(*len),
-                FillState::Done { len } => return Ok(Some(*len)),
+                FillState::Verified { len } | FillState::Done { len } => return Ok(Some(*len)),
                 FillState::Diverted { len, .. } => return Ok(*len),
                 FillState::Failed(e) => return Err(e.clone()),
             }

@@ -95,6 +95,7 @@ impl BlobHandle {
             match state {
                 FillState::Connecting => {}
                 FillState::Streaming { written, .. } => on_progress(written),
+                FillState::Verified { len } => on_progress(len),
                 FillState::Done { len } => {
                     on_progress(len);
                     return Ok(len);
@@ -289,7 +290,7 @@ fn available(h: &mut BlobHandle) -> Result<Avail, io::Error> {
                 len.map_or(*written, |l| (*written).min(l.saturating_sub(1))),
                 false,
             )),
-            FillState::Done { len } => Ok(Avail::Upto(*len, true)),
+            FillState::Verified { len } | FillState::Done { len } => Ok(Avail::Upto(*len, true)),
             FillState::Diverted { at, hash, .. } => Ok(Avail::Diverted {
                 at: *at,
                 hash: hash.clone(),
