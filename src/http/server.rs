@@ -27,6 +27,9 @@ use tracing::{debug, info, warn};
 /// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long `shutdown` waits for verified blobs to be committed (an fsync and a rename each).
+const COMMIT_DRAIN: Duration = Duration::from_secs(10);
+
 /// A running server. Dropping it does not stop it; call `shutdown`.
 pub struct Server {
     addr: SocketAddr,
@@ -51,6 +54,7 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        self.mirror.finish_commits(COMMIT_DRAIN).await;
         let _ = self.housekeeping.await;
     }
 

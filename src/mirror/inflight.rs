@@ -163,6 +163,15 @@ impl Inflight {
             .cloned()
     }
 
+    /// Whether some fill has verified its blob and is committing it.
+    pub fn committing(&self) -> bool {
+        self.fills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|f| matches!(*f.state.borrow(), FillState::Verified { .. }))
+    }
+
     pub fn len(&self) -> usize {
         self.fills.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

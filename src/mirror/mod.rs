@@ -382,6 +382,16 @@ impl Mirror {
     // === blobs ===
 
     /// Opens a blob for reading: the committed file, or a fill (started now, or joined).
+    /// Waits, at most `limit`, for fills that have verified their blob to commit it: their
+    /// clients are already served, and stopping now would throw the blob away and keep the
+    /// cache busy for the next process.
+    pub async fn finish_commits(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.fills.committing() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     pub async fn blob(&self, t: &Target, digest: &Digest) -> Result<BlobHandle, Error> {
         if let Some(h) = self.committed_blob(digest)? {
             self.metrics.lookup(Kind::Blob, Lookup::Hit);
