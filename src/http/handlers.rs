@@ -80,6 +80,9 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
     crate::telemetry::finish_response(resp, span, started, state.metrics.clone())
 }
 
+/// The handlers that may go upstream (blobs, tags, referrers) run boxed: their futures are
+/// kilobytes large, and inline they would make every request's future as large, a cached
+/// manifest's included, to be copied on every request.
 async fn dispatch<B>(state: &AppState, r: Route, req: &Request<B>) -> Reply {
     let head = req.method() == Method::HEAD;
     let ns = query_param(req.uri().query(), "ns");
@@ -99,16 +102,16 @@ async fn dispatch<B>(state: &AppState, r: Route, req: &Request<B>) -> Reply {
         Route::Blob { name, digest } => {
             let t = mirror.route(&name, ns.as_deref())?;
             let digest = parse_digest(&digest)?;
-            blob(state, &t, &digest, req, head).await
+            Box::pin(blob(state, &t, &digest, req, head)).await
         }
         Route::Tags { name } => {
             let t = mirror.route(&name, ns.as_deref())?;
-            tags(mirror, &t, req.uri().query(), head).await
+            Box::pin(tags(mirror, &t, req.uri().query(), head)).await
         }
         Route::Referrers { name, digest } => {
             let t = mirror.route(&name, ns.as_deref())?;
             let digest = parse_digest(&digest)?;
-            referrers(mirror, &t, &digest, req.uri().query(), head).await
+            Box::pin(referrers(mirror, &t, &digest, req.uri().query(), head)).await
         }
         Route::Metrics => {
             // Sizes are read at scrape time rather than kept in step at every commit.

@@ -221,13 +221,14 @@ impl Mirror {
             return Err(self.offline_error(t));
         }
         let key = format!("d\0{}", digest);
-        let fetch = self.fetch_manifest_task(
+        // Boxed: the fetch is kilobytes large, and the cache hit above should not carry it.
+        let fetch = Box::pin(self.fetch_manifest_task(
             t,
             digest.to_string(),
             Accept::default(),
             Some(digest.clone()),
             None,
-        );
+        ));
         let (res, leader) = self
             .manifest_flights
             .run(key, || fetch.map(|r| r.map(|m| (m, Lookup::Miss))))
