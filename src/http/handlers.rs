@@ -34,8 +34,8 @@ type Reply = Result<Response<Body>, Error>;
 pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let r = route(&method, &path);
+    let path = req.uri().path();
+    let r = route(&method, path);
     let label = r.label();
     let not_found = match &r {
         Route::Blob { .. } => ErrorCode::BlobUnknown,
@@ -83,34 +83,34 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
 /// The handlers that may go upstream (blobs, tags, referrers) run boxed: their futures are
 /// kilobytes large, and inline they would make every request's future as large, a cached
 /// manifest's included, to be copied on every request.
-async fn dispatch<B>(state: &AppState, r: Route, req: &Request<B>) -> Reply {
+async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply {
     let head = req.method() == Method::HEAD;
     let ns = query_param(req.uri().query(), "ns");
     let mirror = &state.mirror;
     match r {
         Route::Base => Ok(json_ok(b"{}".to_vec(), head)),
         Route::Manifest { name, reference } => {
-            let t = mirror.route(&name, ns.as_deref())?;
+            let t = mirror.route(name, ns.as_deref())?;
             let accept = Accept::parse(
                 req.headers()
                     .get_all(header::ACCEPT)
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            manifest(mirror, &t, &reference, &accept, req, head).await
+            manifest(mirror, &t, reference, &accept, req, head).await
         }
         Route::Blob { name, digest } => {
-            let t = mirror.route(&name, ns.as_deref())?;
-            let digest = parse_digest(&digest)?;
+            let t = mirror.route(name, ns.as_deref())?;
+            let digest = parse_digest(digest)?;
             Box::pin(blob(state, &t, &digest, req, head)).await
         }
         Route::Tags { name } => {
-            let t = mirror.route(&name, ns.as_deref())?;
+            let t = mirror.route(name, ns.as_deref())?;
             Box::pin(tags(mirror, &t, req.uri().query(), head)).await
         }
         Route::Referrers { name, digest } => {
-            let t = mirror.route(&name, ns.as_deref())?;
-            let digest = parse_digest(&digest)?;
+            let t = mirror.route(name, ns.as_deref())?;
+            let digest = parse_digest(digest)?;
             Box::pin(referrers(mirror, &t, &digest, req.uri().query(), head)).await
         }
         Route::Metrics => {
