@@ -65,18 +65,7 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
     };
     resp.headers_mut()
         .insert("docker-distribution-api-version", API_VERSION);
-    let status = resp.status();
-    state
-        .metrics
-        .requests
-        .with_label_values(&[label, status.as_str()])
-        .inc();
-    let elapsed = started.elapsed();
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[label])
-        .observe(elapsed.as_secs_f64());
+    state.metrics.request(label, resp.status(), started);
     crate::telemetry::finish_response(resp, span, started, state.metrics.clone())
 }
 
