@@ -64,15 +64,15 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Route::NotFound;
     };
-    let route = if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+    let route = if let Some((name, reference)) = rsplit_once(rest, "/manifests/") {
         Route::Manifest { name, reference }
     } else if rest.contains("/blobs/uploads") {
         return Route::Unsupported;
-    } else if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+    } else if let Some((name, digest)) = rsplit_once(rest, "/blobs/") {
         Route::Blob { name, digest }
     } else if let Some(name) = rest.strip_suffix("/tags/list") {
         Route::Tags { name }
-    } else if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
+    } else if let Some((name, digest)) = rsplit_once(rest, "/referrers/") {
         Route::Referrers { name, digest }
     } else if rest == "_catalog" {
         // Listing every repository of every upstream is not something a mirror can answer.
@@ -82,6 +82,20 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
     };
     // PUT/POST/PATCH/DELETE on a pull path: the mirror is read-only.
     if read { route } else { Route::Unsupported }
+}
+
+/// `s.rsplit_once(sep)` for a `sep` that starts with `/`: tries each `/` from the right, which
+/// on a short path costs less than setting up the substring searcher.
+fn rsplit_once<'a>(s: &'a str, sep: &str) -> Option<(&'a str, &'a str)> {
+    debug_assert!(sep.starts_with('/'));
+    let mut end = s.len();
+    while let Some(i) = s[..end].rfind('/') {
+        if s[i..].starts_with(sep) {
+            return Some((&s[..i], &s[i + sep.len()..]));
+        }
+        end = i;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -154,6 +168,11 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn splits_like_str_rsplit_once(s in "[a/m]{0,30}", sep in "/[a/m]{0,4}") {
+            prop_assert_eq!(rsplit_once(&s, &sep), s.rsplit_once(sep.as_str()));
+        }
+
         #[test]
         fn never_panics(path in "/[a-z0-9/:._-]{0,80}") {
             let _ = route(&Method::GET, &path);
