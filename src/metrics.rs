@@ -2,9 +2,11 @@
 //! digest, so the series count stays bounded whatever clients ask for.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::OnceLock;
+use std::time::Instant;
 
 /// Routes, as counted in `cachalot_requests_total`.
 pub const ROUTES: [&str; 6] = ["manifest", "blob", "tags", "referrers", "base", "other"];
@@ -24,6 +26,15 @@ pub enum Lookup {
     Stale,
     Revalidated,
 }
+
+/// Every lookup result, in declaration order.
+const LOOKUPS: [Lookup; 5] = [
+    Lookup::Hit,
+    Lookup::Miss,
+    Lookup::Coalesced,
+    Lookup::Stale,
+    Lookup::Revalidated,
+];
 
 impl Kind {
     pub fn as_str(self) -> &'static str {
@@ -95,7 +106,18 @@ pub struct Metrics {
     pub ratelimit_remaining: IntGaugeVec,
     pub followers_waiting: IntGauge,
     pub cache_max_size: IntGauge,
+    /// The children of the closed-set series that every request touches, looked up once:
+    /// `with_label_values` hashes its labels and takes a lock on each call.
+    lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
+    served_series: [IntCounter; 3],
+    duration_series: [Histogram; ROUTES.len()],
+    /// `requests_total{route, code}` for the codes most answers carry, made on first use (so
+    /// that, as for every other code, a series appears with its first request).
+    request_series: [[OnceLock<IntCounter>; COMMON_CODES.len()]; ROUTES.len()],
 }
+
+/// Status codes whose `requests_total` children are kept at hand.
+const COMMON_CODES: [u16; 4] = [200, 206, 304, 404];
 
 /// Buckets for latencies from sub-millisecond cache hits to multi-second upstream fetches.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -270,26 +292,16 @@ impl Metrics {
         }
 
         // Pre-create the closed-set series at zero so dashboards see them before traffic.
-        for kind in [Kind::Manifest, Kind::Blob] {
-            for r in [
-                Lookup::Hit,
-                Lookup::Miss,
-                Lookup::Coalesced,
-                Lookup::Stale,
-                Lookup::Revalidated,
-            ] {
-                lookups.with_label_values(&[kind.as_str(), r.as_str()]);
-            }
-        }
-        for s in [Source::Cache, Source::Fill, Source::Upstream] {
-            served_bytes.with_label_values(&[s.as_str()]);
-        }
+        // Indexed by `Kind as usize` and `Lookup as usize`.
+        let lookup_series = [Kind::Manifest, Kind::Blob]
+            .map(|kind| LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()])));
+        // Indexed by `Source as usize`.
+        let served_series = [Source::Cache, Source::Fill, Source::Upstream]
+            .map(|s| served_bytes.with_label_values(&[s.as_str()]));
         for s in [Source::Cache, Source::Fill] {
             blob_first_byte.with_label_values(&[s.as_str()]);
         }
-        for route in ROUTES {
-            request_duration.with_label_values(&[route]);
-        }
+        let duration_series = ROUTES.map(|route| request_duration.with_label_values(&[route]));
         for u in upstreams {
             upstream_bytes.with_label_values(&[u]);
             digest_mismatches.with_label_values(&[u]);
@@ -331,14 +343,36 @@ impl Metrics {
             ratelimit_remaining,
             followers_waiting,
             cache_max_size,
+            lookup_series,
+            served_series,
+            duration_series,
+            request_series: Default::default(),
+        }
+    }
+
+    /// Counts one answered request of `route` (a `ROUTES` label) and observes its duration
+    /// since `started`.
+    pub fn request(&self, route: &'static str, status: http::StatusCode, started: Instant) {
+        let r = ROUTES.iter().position(|x| *x == route);
+        let code = COMMON_CODES.iter().position(|c| *c == status.as_u16());
+        let count = || self.requests.with_label_values(&[route, status.as_str()]);
+        match (r, code) {
+            (Some(r), Some(c)) => self.request_series[r][c].get_or_init(count).inc(),
+            _ => count().inc(),
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        match r {
+            Some(r) => self.duration_series[r].observe(seconds),
+            None => self
+                .request_duration
+                .with_label_values(&[route])
+                .observe(seconds),
         }
     }
 
     /// Counts a lookup, and records its result on the current request's span for the log line.
     pub fn lookup(&self, kind: Kind, result: Lookup) {
-        self.lookups
-            .with_label_values(&[kind.as_str(), result.as_str()])
-            .inc();
+        self.lookup_series[kind as usize][result as usize].inc();
         tracing::Span::current().record(crate::telemetry::CACHE_FIELD, result.as_str());
     }
 
@@ -370,9 +404,7 @@ impl Metrics {
     }
 
     pub fn served(&self, source: Source, bytes: u64) {
-        self.served_bytes
-            .with_label_values(&[source.as_str()])
-            .inc_by(bytes);
+        self.served_series[source as usize].inc_by(bytes);
     }
 
     /// Counts one upstream request; `code` is the HTTP status, or `None` when no answer came.

@@ -23,7 +23,11 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
 }
 
+const API_VERSION_HEADER: header::HeaderName =
+    header::HeaderName::from_static("docker-distribution-api-version");
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+const DOCKER_CONTENT_DIGEST: header::HeaderName =
+    header::HeaderName::from_static("docker-content-digest");
 /// Sent with a 429 when the upstream gave no `Retry-After` of its own.
 const DEFAULT_RETRY_AFTER: HeaderValue = HeaderValue::from_static("60");
 
@@ -34,8 +38,8 @@ type Reply = Result<Response<Body>, Error>;
 pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let r = route(&method, &path);
+    let path = req.uri().path();
+    let r = route(&method, path);
     let label = r.label();
     let not_found = match &r {
         Route::Blob { .. } => ErrorCode::BlobUnknown,
@@ -63,52 +67,43 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
             ))
         }
     };
-    resp.headers_mut()
-        .insert("docker-distribution-api-version", API_VERSION);
-    let status = resp.status();
-    state
-        .metrics
-        .requests
-        .with_label_values(&[label, status.as_str()])
-        .inc();
-    let elapsed = started.elapsed();
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[label])
-        .observe(elapsed.as_secs_f64());
+    resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
+    state.metrics.request(label, resp.status(), started);
     crate::telemetry::finish_response(resp, span, started, state.metrics.clone())
 }
 
-async fn dispatch<B>(state: &AppState, r: Route, req: &Request<B>) -> Reply {
+/// The handlers that may go upstream (blobs, tags, referrers) run boxed: their futures are
+/// kilobytes large, and inline they would make every request's future as large, a cached
+/// manifest's included, to be copied on every request.
+async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply {
     let head = req.method() == Method::HEAD;
     let ns = query_param(req.uri().query(), "ns");
     let mirror = &state.mirror;
     match r {
         Route::Base => Ok(json_ok(b"{}".to_vec(), head)),
         Route::Manifest { name, reference } => {
-            let t = mirror.route(&name, ns.as_deref())?;
+            let t = mirror.route(name, ns.as_deref())?;
             let accept = Accept::parse(
                 req.headers()
                     .get_all(header::ACCEPT)
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            manifest(mirror, &t, &reference, &accept, req, head).await
+            manifest(mirror, &t, reference, &accept, req, head).await
         }
         Route::Blob { name, digest } => {
-            let t = mirror.route(&name, ns.as_deref())?;
-            let digest = parse_digest(&digest)?;
-            blob(state, &t, &digest, req, head).await
+            let t = mirror.route(name, ns.as_deref())?;
+            let digest = parse_digest(digest)?;
+            Box::pin(blob(state, &t, &digest, req, head)).await
         }
         Route::Tags { name } => {
-            let t = mirror.route(&name, ns.as_deref())?;
-            tags(mirror, &t, req.uri().query(), head).await
+            let t = mirror.route(name, ns.as_deref())?;
+            Box::pin(tags(mirror, &t, req.uri().query(), head)).await
         }
         Route::Referrers { name, digest } => {
-            let t = mirror.route(&name, ns.as_deref())?;
-            let digest = parse_digest(&digest)?;
-            referrers(mirror, &t, &digest, req.uri().query(), head).await
+            let t = mirror.route(name, ns.as_deref())?;
+            let digest = parse_digest(digest)?;
+            Box::pin(referrers(mirror, &t, &digest, req.uri().query(), head)).await
         }
         Route::Metrics => {
             // Sizes are read at scrape time rather than kept in step at every commit.
@@ -181,32 +176,36 @@ async fn manifest<B>(
         })?;
         mirror.manifest_by_tag(t, &tag, accept).await?
     };
-    let etag = format!("\"{}\"", m.digest);
+    let h = &m.headers;
+    let content_type = h
+        .content_type
+        .clone()
+        .map_err(|e| Error::Internal(format!("manifest response: {e}")))?;
     let not_modified = req
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|e| e.trim() == etag));
-    let builder = Response::builder()
-        .header(header::CONTENT_TYPE, &m.media_type)
-        .header("docker-content-digest", m.digest.to_string())
-        .header(header::ETAG, &etag);
-    if not_modified {
-        return Ok(builder
-            .status(StatusCode::NOT_MODIFIED)
-            .body(body::empty())
-            .expect("valid headers"));
-    }
-    let builder = builder.header(header::CONTENT_LENGTH, m.bytes.len());
-    let body = if head {
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|e| e.trim().as_bytes() == h.etag.as_bytes())
+        });
+    let body = if head || not_modified {
         body::empty()
     } else {
         mirror.metrics.served(Source::Cache, m.bytes.len() as u64);
         body::full(m.bytes.clone())
     };
-    builder
-        .body(body)
-        .map_err(|e| Error::Internal(format!("manifest response: {e}")))
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(DOCKER_CONTENT_DIGEST, h.digest.clone());
+    headers.insert(header::ETAG, h.etag.clone());
+    if not_modified {
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    } else {
+        headers.insert(header::CONTENT_LENGTH, h.content_length.clone());
+    }
+    Ok(resp)
 }
 
 async fn blob<B>(

@@ -1,26 +1,27 @@
-//! Turns a request line into a typed `Route`. Pure: no I/O, no allocation beyond the names.
+//! Turns a request line into a typed `Route`. Pure: no I/O, no allocation (names are borrowed
+//! from the path).
 //! Paths are matched from the right, because repository names contain `/`.
 
 use http::Method;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// `GET /v2/`
     Base,
     Manifest {
-        name: String,
-        reference: String,
+        name: &'a str,
+        reference: &'a str,
     },
     Blob {
-        name: String,
-        digest: String,
+        name: &'a str,
+        digest: &'a str,
     },
     Tags {
-        name: String,
+        name: &'a str,
     },
     Referrers {
-        name: String,
-        digest: String,
+        name: &'a str,
+        digest: &'a str,
     },
     Metrics,
     Healthz,
@@ -30,7 +31,7 @@ pub enum Route {
     NotFound,
 }
 
-impl Route {
+impl Route<'_> {
     /// The `route` label value for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -45,7 +46,7 @@ impl Route {
 }
 
 /// Routes a request by method and path (without the query).
-pub fn route(method: &Method, path: &str) -> Route {
+pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
     let read = method == Method::GET || method == Method::HEAD;
     match path {
         "/metrics" if read => return Route::Metrics,
@@ -63,27 +64,16 @@ pub fn route(method: &Method, path: &str) -> Route {
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Route::NotFound;
     };
-    let route = if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
-        Route::Manifest {
-            name: name.to_owned(),
-            reference: reference.to_owned(),
-        }
+    let route = if let Some((name, reference)) = rsplit_once(rest, "/manifests/") {
+        Route::Manifest { name, reference }
     } else if rest.contains("/blobs/uploads") {
         return Route::Unsupported;
-    } else if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
-        Route::Blob {
-            name: name.to_owned(),
-            digest: digest.to_owned(),
-        }
+    } else if let Some((name, digest)) = rsplit_once(rest, "/blobs/") {
+        Route::Blob { name, digest }
     } else if let Some(name) = rest.strip_suffix("/tags/list") {
-        Route::Tags {
-            name: name.to_owned(),
-        }
-    } else if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
-        Route::Referrers {
-            name: name.to_owned(),
-            digest: digest.to_owned(),
-        }
+        Route::Tags { name }
+    } else if let Some((name, digest)) = rsplit_once(rest, "/referrers/") {
+        Route::Referrers { name, digest }
     } else if rest == "_catalog" {
         // Listing every repository of every upstream is not something a mirror can answer.
         return Route::Unsupported;
@@ -92,6 +82,20 @@ pub fn route(method: &Method, path: &str) -> Route {
     };
     // PUT/POST/PATCH/DELETE on a pull path: the mirror is read-only.
     if read { route } else { Route::Unsupported }
+}
+
+/// `s.rsplit_once(sep)` for a `sep` that starts with `/`: tries each `/` from the right, which
+/// on a short path costs less than setting up the substring searcher.
+fn rsplit_once<'a>(s: &'a str, sep: &str) -> Option<(&'a str, &'a str)> {
+    debug_assert!(sep.starts_with('/'));
+    let mut end = s.len();
+    while let Some(i) = s[..end].rfind('/') {
+        if s[i..].starts_with(sep) {
+            return Some((&s[..i], &s[i + sep.len()..]));
+        }
+        end = i;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -107,34 +111,31 @@ mod tests {
         assert_eq!(
             route(&g, "/v2/library/nginx/manifests/latest"),
             Route::Manifest {
-                name: "library/nginx".into(),
-                reference: "latest".into()
+                name: "library/nginx",
+                reference: "latest"
             }
         );
         assert_eq!(
             route(&Method::HEAD, "/v2/ghcr.io/o/a/blobs/sha256:ab"),
             Route::Blob {
-                name: "ghcr.io/o/a".into(),
-                digest: "sha256:ab".into()
+                name: "ghcr.io/o/a",
+                digest: "sha256:ab"
             }
         );
-        assert_eq!(
-            route(&g, "/v2/a/b/tags/list"),
-            Route::Tags { name: "a/b".into() }
-        );
+        assert_eq!(route(&g, "/v2/a/b/tags/list"), Route::Tags { name: "a/b" });
         assert_eq!(
             route(&g, "/v2/a/referrers/sha256:x"),
             Route::Referrers {
-                name: "a".into(),
-                digest: "sha256:x".into()
+                name: "a",
+                digest: "sha256:x"
             }
         );
         // A repository may itself be called "manifests": match from the right.
         assert_eq!(
             route(&g, "/v2/x/manifests/y/manifests/z"),
             Route::Manifest {
-                name: "x/manifests/y".into(),
-                reference: "z".into()
+                name: "x/manifests/y",
+                reference: "z"
             }
         );
         assert_eq!(route(&g, "/metrics"), Route::Metrics);
@@ -167,6 +168,11 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn splits_like_str_rsplit_once(s in "[a/m]{0,30}", sep in "/[a/m]{0,4}") {
+            prop_assert_eq!(rsplit_once(&s, &sep), s.rsplit_once(sep.as_str()));
+        }
+
         #[test]
         fn never_panics(path in "/[a-z0-9/:._-]{0,80}") {
             let _ = route(&Method::GET, &path);

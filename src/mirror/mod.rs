@@ -17,7 +17,7 @@ use crate::upstream::{Op, Upstream, UpstreamRequest};
 use bytes::{Bytes, BytesMut};
 use flight::SingleFlight;
 use futures_util::FutureExt;
-use http::{HeaderMap, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use inflight::{FillGuard, FillState, HashState, Inflight, Joined};
@@ -33,6 +33,40 @@ pub struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub bytes: Bytes,
+    /// Its response headers, made once rather than on every hit.
+    pub headers: ManifestHeaders,
+}
+
+/// The header values of a manifest response.
+#[derive(Debug)]
+pub struct ManifestHeaders {
+    /// `Content-Type`: the media type, unless it cannot be a header value (a sniffed
+    /// `mediaType` may hold anything).
+    pub content_type: Result<HeaderValue, String>,
+    /// `Docker-Content-Digest`: the digest.
+    pub digest: HeaderValue,
+    /// `ETag`: the digest, quoted.
+    pub etag: HeaderValue,
+    /// `Content-Length`.
+    pub content_length: HeaderValue,
+}
+
+impl Manifest {
+    pub fn new(digest: Digest, media_type: String, bytes: Bytes) -> Manifest {
+        let text = digest.to_string();
+        let headers = ManifestHeaders {
+            content_type: HeaderValue::from_str(&media_type).map_err(|e| e.to_string()),
+            etag: HeaderValue::try_from(format!("\"{text}\"")).expect("a digest is a header value"),
+            digest: HeaderValue::try_from(text).expect("a digest is a header value"),
+            content_length: HeaderValue::from(bytes.len()),
+        };
+        Manifest {
+            digest,
+            media_type,
+            bytes,
+            headers,
+        }
+    }
 }
 
 /// Which upstream a request is for, and the repository as that upstream names it.
@@ -221,13 +255,14 @@ impl Mirror {
             return Err(self.offline_error(t));
         }
         let key = format!("d\0{}", digest);
-        let fetch = self.fetch_manifest_task(
+        // Boxed: the fetch is kilobytes large, and the cache hit above should not carry it.
+        let fetch = Box::pin(self.fetch_manifest_task(
             t,
             digest.to_string(),
             Accept::default(),
             Some(digest.clone()),
             None,
-        );
+        ));
         let (res, leader) = self
             .manifest_flights
             .run(key, || fetch.map(|r| r.map(|m| (m, Lookup::Miss))))
@@ -264,11 +299,7 @@ impl Mirror {
         let Some((bytes, media_type)) = found else {
             return Ok(None);
         };
-        let m = Arc::new(Manifest {
-            digest: digest.clone(),
-            media_type,
-            bytes: bytes.into(),
-        });
+        let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes.into()));
         self.memory.insert(digest.clone(), m.clone()).await;
         Ok(Some(m))
     }
@@ -345,11 +376,7 @@ impl Mirror {
                     )
                 })?,
             };
-            let m = Arc::new(Manifest {
-                digest: digest.clone(),
-                media_type,
-                bytes,
-            });
+            let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
             let (st, m2) = (store.clone(), m.clone());
             let (upname, repo) = (up.name().to_owned(), t.repo.to_string());
             let saved = tokio::task::spawn_blocking(move || -> std::io::Result<()> {

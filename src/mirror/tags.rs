@@ -13,6 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tracing::{debug, info};
 
+/// One of a tag's entries, as the metadata shares them (not copied on a cache hit).
+struct Found(Arc<[TagEntry]>, usize);
+
+impl Found {
+    fn entry(&self) -> &TagEntry {
+        &self.0[self.1]
+    }
+}
+
 /// Upper bound on a revalidation HEAD: well under any client's own timeout, so a hung upstream
 /// costs a stale answer, not a failed pull.
 const REVALIDATE_DEADLINE: Duration = Duration::from_secs(5);
@@ -25,8 +34,8 @@ impl Mirror {
         tag: &Tag,
         accept: &Accept,
     ) -> Result<Arc<Manifest>, Error> {
-        let entry = self.cached_tag(t, tag, accept)?;
-        if let Some(entry) = &entry {
+        let found = self.cached_tag(t, tag, accept)?;
+        if let Some(entry) = found.as_ref().map(Found::entry) {
             let fresh = entry
                 .checked
                 .elapsed()
@@ -50,6 +59,7 @@ impl Mirror {
             tag,
             accept.upstream_value()
         );
+        let entry = found.map(|f| f.entry().clone());
         let this = self.clone();
         let (t2, tag2, accept2) = (t.clone(), tag.clone(), accept.clone());
         let (res, leader) = self
@@ -68,17 +78,15 @@ impl Mirror {
     }
 
     /// The cached entry for this tag whose media type the client accepts.
-    fn cached_tag(
-        &self,
-        t: &Target,
-        tag: &Tag,
-        accept: &Accept,
-    ) -> Result<Option<TagEntry>, Error> {
-        let entries = self
-            .store
-            .meta
-            .tags(t.upstream.name(), t.repo.as_str(), tag.as_str())?;
-        Ok(entries.into_iter().find(|e| accept.allows(&e.media_type)))
+    fn cached_tag(&self, t: &Target, tag: &Tag, accept: &Accept) -> Result<Option<Found>, Error> {
+        let entries =
+            self.store
+                .meta
+                .tags_shared(t.upstream.name(), t.repo.as_str(), tag.as_str())?;
+        Ok(entries
+            .iter()
+            .position(|e| accept.allows(&e.media_type))
+            .map(|i| Found(entries, i)))
     }
 
     /// Runs in its own task (single flight): revalidate a stale entry, or fetch a new one.

@@ -26,6 +26,9 @@ impl Algorithm {
     }
 }
 
+/// Hex characters of the longest digest (SHA-512).
+const MAX_HEX_LEN: usize = 128;
+
 /// A validated digest: algorithm plus the raw hash bytes. Always printed as lowercase hex, so
 /// two spellings of one digest can never become two cache keys.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,7 +53,18 @@ impl Digest {
     }
 
     pub fn hex(&self) -> String {
-        hex::encode(&self.bytes)
+        self.hex_in(&mut [0; MAX_HEX_LEN]).to_owned()
+    }
+
+    /// The hex encoding, written into `buf`: no allocation, for `Display`.
+    fn hex_in<'b>(&self, buf: &'b mut [u8; MAX_HEX_LEN]) -> &'b str {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let out = &mut buf[..self.bytes.len() * 2];
+        for (pair, b) in out.chunks_exact_mut(2).zip(self.bytes.iter()) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        std::str::from_utf8(out).expect("hex digits are ASCII")
     }
 
     /// The digest of `data`, computed in one go (for small objects such as manifests).
@@ -90,7 +104,9 @@ impl FromStr for Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm.as_str(), self.hex())
+        f.write_str(self.algorithm.as_str())?;
+        f.write_str(":")?;
+        f.write_str(self.hex_in(&mut [0; MAX_HEX_LEN]))
     }
 }
 
@@ -184,6 +200,18 @@ mod tests {
             let mut v = Verifier::new(Algorithm::Sha512);
             v.update(&data);
             prop_assert_eq!(v.finish().hex(), hex::encode(sha2::Sha512::digest(&data)));
+        }
+
+        #[test]
+        fn prints_what_it_parses(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+                let mut v = Verifier::new(alg);
+                v.update(&data);
+                let d = v.finish();
+                let text = d.to_string();
+                prop_assert_eq!(&text, &format!("{}:{}", alg.as_str(), hex::encode(&d.bytes)));
+                prop_assert_eq!(text.parse::<Digest>(), Ok(d));
+            }
         }
 
         #[test]

@@ -3,8 +3,10 @@
 
 use crate::oci::Digest;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::collections::HashMap;
 use std::io;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `"<upstream>\0<repo>\0<tag>\0<media type>"` -> (digest, checked at, ms since the epoch).
@@ -19,7 +21,22 @@ const OBJECTS: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("o
 
 pub struct Meta {
     db: Database,
+    tag_memo: Mutex<TagMemo>,
 }
+
+/// Tag rows as last read, so that a cached tag costs a map lookup rather than a read
+/// transaction. Sound because every write to the tags table goes through this `Meta` (redb lets
+/// one process hold the database), and each write, once committed, forgets the rows it changed
+/// and moves `generation` on: a read that began before the commit is then not remembered.
+#[derive(Default)]
+struct TagMemo {
+    generation: u64,
+    /// Keyed by `tag_prefix`.
+    rows: HashMap<String, Arc<[TagEntry]>>,
+}
+
+/// Tags remembered at most; past it the memo starts over (a read transaction per tag again).
+const TAG_MEMO_MAX: usize = 4096;
 
 /// What the cache knows about one tag, for one media type.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,8 +51,14 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("metadata store: {e}"))
 }
 
+/// `"<upstream>\0<repo>\0<tag>\0"`, built by hand: `format!` costs more than the lookup it keys.
 fn tag_prefix(upstream: &str, repo: &str, tag: &str) -> String {
-    format!("{upstream}\0{repo}\0{tag}\0")
+    let mut key = String::with_capacity(upstream.len() + repo.len() + tag.len() + 3);
+    for part in [upstream, repo, tag] {
+        key.push_str(part);
+        key.push('\0');
+    }
+    key
 }
 
 /// One committed object as the metadata knows it.
@@ -70,18 +93,67 @@ impl Meta {
         tx.open_table(MANIFESTS).map_err(io_err)?;
         tx.open_table(OBJECTS).map_err(io_err)?;
         tx.commit().map_err(io_err)?;
-        Ok(Meta { db })
+        Ok(Meta {
+            db,
+            tag_memo: Mutex::new(TagMemo::default()),
+        })
     }
 
     /// Every cached entry of one tag (one per media type seen).
     pub fn tags(&self, upstream: &str, repo: &str, tag: &str) -> io::Result<Vec<TagEntry>> {
+        Ok(self.tags_shared(upstream, repo, tag)?.to_vec())
+    }
+
+    /// `tags`, shared with the memo: no copy, and no read transaction when the tag was read
+    /// before and not written since.
+    pub fn tags_shared(
+        &self,
+        upstream: &str,
+        repo: &str,
+        tag: &str,
+    ) -> io::Result<Arc<[TagEntry]>> {
         let prefix = tag_prefix(upstream, repo, tag);
+        let generation = {
+            let memo = self.memo();
+            if let Some(rows) = memo.rows.get(&prefix) {
+                return Ok(rows.clone());
+            }
+            memo.generation
+        };
+        let rows: Arc<[TagEntry]> = self.read_tags(&prefix)?.into();
+        let mut memo = self.memo();
+        if memo.generation == generation {
+            if memo.rows.len() >= TAG_MEMO_MAX {
+                memo.rows.clear();
+            }
+            memo.rows.insert(prefix, rows.clone());
+        }
+        Ok(rows)
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, TagMemo> {
+        self.tag_memo.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a write to the tags table: forgets the rows of `prefix`, or all rows.
+    fn forget_tags(&self, prefix: Option<&str>) {
+        let mut memo = self.memo();
+        memo.generation += 1;
+        match prefix {
+            Some(p) => {
+                memo.rows.remove(p);
+            }
+            None => memo.rows.clear(),
+        }
+    }
+
+    fn read_tags(&self, prefix: &str) -> io::Result<Vec<TagEntry>> {
         let tx = self.db.begin_read().map_err(io_err)?;
         let table = tx.open_table(TAGS).map_err(io_err)?;
         let mut out = Vec::new();
-        for row in table.range(prefix.as_str()..).map_err(io_err)? {
+        for row in table.range(prefix..).map_err(io_err)? {
             let (k, v) = row.map_err(io_err)?;
-            let Some(media_type) = k.value().strip_prefix(prefix.as_str()) else {
+            let Some(media_type) = k.value().strip_prefix(prefix) else {
                 break;
             };
             let (digest, checked) = v.value();
@@ -116,7 +188,11 @@ impl Meta {
                     .map_err(io_err)?;
             }
         }
-        tx.commit().map_err(io_err)
+        let committed = tx.commit().map_err(io_err);
+        if let Some((upstream, repo, tag, _)) = tag {
+            self.forget_tags(Some(&tag_prefix(upstream, repo, tag)));
+        }
+        committed
     }
 
     /// Marks a tag entry as confirmed by upstream now.
@@ -138,7 +214,9 @@ impl Meta {
             )
             .map_err(io_err)?;
         }
-        tx.commit().map_err(io_err)
+        let committed = tx.commit().map_err(io_err);
+        self.forget_tags(Some(&tag_prefix(upstream, repo, tag)));
+        committed
     }
 
     /// Records a committed object. Durable before the caller renames the file into place.
@@ -270,7 +348,9 @@ impl Meta {
             tags.retain(|_, (digest, _)| !names.contains(digest))
                 .map_err(io_err)?;
         }
-        tx.commit().map_err(io_err)?;
+        let committed = tx.commit().map_err(io_err);
+        self.forget_tags(None);
+        committed?;
         Ok((count, bytes))
     }
 
@@ -335,5 +415,46 @@ mod tests {
             later
         );
         assert!(m.tags("quay.io", "library/x", "1").unwrap().is_empty());
+    }
+
+    /// Reads are remembered, so every write must show in the next read.
+    #[test]
+    fn remembered_tags_follow_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(&dir.path().join("meta.redb")).unwrap();
+        let (d1, d2) = (Digest::sha256_of(b"one"), Digest::sha256_of(b"two"));
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let tags = || m.tags_shared("docker.io", "library/x", "1").unwrap();
+        assert!(tags().is_empty());
+        m.put_manifest(
+            &d1,
+            "application/a",
+            Some(("docker.io", "library/x", "1", t)),
+        )
+        .unwrap();
+        assert_eq!(tags().len(), 1);
+        // A manifest recorded without its tag leaves the tag's rows alone.
+        m.put_manifest(&d2, "application/b", None).unwrap();
+        assert_eq!(tags().len(), 1);
+        m.put_manifest(
+            &d2,
+            "application/b",
+            Some(("docker.io", "library/x", "1", t)),
+        )
+        .unwrap();
+        assert_eq!(tags().len(), 2);
+        let later = t + Duration::from_secs(5);
+        m.touch_tag("docker.io", "library/x", "1", &tags()[0], later)
+            .unwrap();
+        assert_eq!(tags()[0].checked, later);
+        m.remove_objects(std::slice::from_ref(&d1)).unwrap();
+        let left = tags();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].digest, d2);
+        assert_eq!(
+            *left,
+            *m.read_tags(&tag_prefix("docker.io", "library/x", "1"))
+                .unwrap()
+        );
     }
 }
