@@ -216,6 +216,8 @@ impl SendState {
                 Ok(Avail::Diverted { .. }) => {
                     let h = self.h.take()?;
                     let metrics = self.served.metrics.clone();
+                    // The streamed rest counts itself as a follower and its own bytes.
+                    self._following = None;
                     self.rest = Some(h.stream(self.pos, Some(end), metrics));
                     return self.rest.as_mut()?.frame().await;
                 }
