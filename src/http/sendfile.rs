@@ -62,9 +62,7 @@ impl FileQueue {
         // operation on it is a single push or pop.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
 
-impl FileQueue {
     /// A body chunk standing for file bytes `offset..offset + len` (`len` at most
     /// [`MAX_CHUNK`]), to be yielded by a response body on this queue's connection.
     pub fn placeholder(&self, file: &Arc<File>, offset: u64, len: usize) -> Bytes {
