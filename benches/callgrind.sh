@@ -47,76 +47,14 @@ ACCEPT="$MT_MANIFEST"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 T0=$(date +%s)
-
-log() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-die() { log "FATAL: $*"; exit 2; }
-need() { command -v "$1" >/dev/null || die "missing tool: $1 (apt-get install ${2:-$1})"; }
-sha256_of() {
-    if command -v openssl >/dev/null; then openssl dgst -sha256 -r "$@" | cut -d' ' -f1; else sha256sum "$@" | cut -d' ' -f1; fi
-}
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 need curl; need awk; need valgrind; need callgrind_annotate valgrind; need docker-registry
 command -v openssl >/dev/null || need sha256sum coreutils
 ((N2 > N1 && N1 >= 0)) || die "need N2 > N1 >= 0"
 
-# ---------------------------------------------------------------- processes and cleanup
-PIDS=()
-W=""
-cleanup() {
-    local rc=$?
-    set +e
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    for _ in $(seq 50); do
-        local alive=0
-        for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.2
-    done
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
-    if [[ -n $W && -d $W ]]; then
-        if ((rc != 0)); then
-            for f in "$W"/logs/*.log; do
-                [[ -s $f ]] || continue
-                printf '\n--- last lines of %s\n' "${f##*/}" >&2
-                tail -n 15 "$f" >&2
-            done
-        fi
-        if [[ $KEEP == 1 ]]; then log "kept work dir $W"; else rm -rf "$W"; fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# free_port: a loopback port with no socket on it, below the kernel's ephemeral range, not used before.
-USED_PORTS=" "
-free_port() {
-    local p lo span
-    lo=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-    if ((lo > 12000)); then span=$((lo - 10000)); lo=10000; else lo=20000; span=40000; fi
-    for _ in $(seq 200); do
-        p=$((lo + RANDOM % span))
-        [[ $USED_PORTS == *" $p "* ]] && continue
-        listening "$p" && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            USED_PORTS+="$p "
-            echo "$p"
-            return
-        fi
-    done
-    die "no free port found"
-}
-
-# listening PORT: whether some socket listens on 127.0.0.1:PORT (or any address), read from /proc/net/tcp
-# so that the server under measurement sees no probe.
-listening() {
-    local hex
-    hex=$(printf '%04X' "$1")
-    awk -v h=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { found = 1 } END { exit !found }' \
-        /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
-
+# ---------------------------------------------------------------- processes
 # wait_listen NAME PID PORT SECS: wait until PORT listens while PID lives.
 wait_listen() {
     local name=$1 pid=$2 port=$3 secs=$4
@@ -182,19 +120,6 @@ PIDS+=("$UP_PID")
 wait_listen upstream "$UP_PID" "$UP_PORT" 15 || die "the upstream did not start"
 UP=http://127.0.0.1:$UP_PORT
 [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$UP/v2/") == 200 ]] || die "upstream /v2/ is not 200"
-
-# push_blob FILE DIGEST: monolithic upload (POST then PUT ?digest=).
-push_blob() {
-    local file=$1 digest=$2 hdrs loc sep code
-    hdrs=$(curl -s -D - -o /dev/null --max-time 30 -X POST "$UP/v2/$REPO/blobs/uploads/") || die "upload POST failed"
-    loc=$(printf '%s\n' "$hdrs" | tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
-    [[ -n $loc ]] || die "upload POST: no Location"
-    [[ $loc == http* ]] || loc=$UP$loc
-    sep='&'; [[ $loc == *\?* ]] || sep='?'
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 -X PUT -H 'Expect:' \
-        -H 'Content-Type: application/octet-stream' -T "$file" "$loc${sep}digest=$digest" || true)
-    [[ $code == 201 ]] || die "upload PUT of $digest: expected 201, got $code"
-}
 
 head -c 4096 /dev/urandom >"$W/data/layer.bin"
 LAYER=sha256:$(sha256_of "$W/data/layer.bin")

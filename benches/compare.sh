@@ -59,73 +59,16 @@ HERD_BYTES=$((HERD_MIB * 1048576))
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 T0=$(date +%s)
-
-log() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-die() { log "FATAL: $*"; exit 2; }
-now() { date +%s.%N; }
-# calc EXPR: evaluate with awk, print with 2 decimals (numbers only are interpolated into EXPR).
-calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "nan"; exit } if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-need() { command -v "$1" >/dev/null || die "missing tool: $1 (apt-get install ${2:-$1})"; }
-sha256_of() {
-    if command -v openssl >/dev/null; then openssl dgst -sha256 -r "$@" | cut -d' ' -f1; else sha256sum "$@" | cut -d' ' -f1; fi
-}
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 need curl; need awk; need wrk; need ab apache2-utils; need nginx; need docker-registry
 command -v openssl >/dev/null || need sha256sum coreutils
 if [[ $TLS == 1 ]]; then need openssl; fi
 
-# ---------------------------------------------------------------- processes and cleanup
-PIDS=()
+# ---------------------------------------------------------------- processes
 FAILED_STAGES=()
 declare -A PID_OF
-W=""
-cleanup() {
-    local rc=$?
-    set +e
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    for _ in 1 2 3 4 5 6 7 8 9 10; do
-        local alive=0
-        for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.2
-    done
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
-    if [[ -n $W && -d $W ]]; then
-        if ((rc != 0)); then
-            for f in "$W"/logs/*.log; do
-                [[ -s $f ]] || continue
-                printf '\n--- last lines of %s\n' "${f##*/}" >&2
-                tail -n 15 "$f" >&2
-            done
-        fi
-        if [[ $KEEP == 1 ]]; then log "kept work dir $W"; else rm -rf "$W"; fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# free_port: a loopback port with no socket on it, below the kernel's ephemeral range (so that no outgoing
-# connection takes it before the server binds it), not handed out before in this run.
-USED_PORTS=" "
-free_port() {
-    local p lo span
-    lo=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-    if ((lo > 12000)); then span=$((lo - 10000)); lo=10000; else lo=20000; span=40000; fi
-    for _ in $(seq 200); do
-        p=$((lo + RANDOM % span))
-        [[ $USED_PORTS == *" $p "* ]] && continue
-        if command -v ss >/dev/null; then [[ -z $(ss -Htan "( sport = :$p )" 2>/dev/null) ]] || continue; fi
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            USED_PORTS+="$p "
-            echo "$p"
-            return
-        fi
-    done
-    die "no free port found"
-}
-
 # launch NAME PORTVAR PIDVAR PATH [SCHEME]: run start_NAME and wait until PATH answers; if the port was taken in
 # the meantime (the server says "address already in use"), retry on another port, at most 3 times.
 launch() {
@@ -156,8 +99,6 @@ wait_http() {
     return 1
 }
 
-# http_code ARGS...: curl and print only the status code.
-http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 60 "$@" || true; }
 
 # ---------------------------------------------------------------- build / locate cachalot
 if [[ -n ${CACHALOT_BIN:-} ]]; then
@@ -207,21 +148,6 @@ launch upstream UP_PORT UP_PID /v2/ || die "the upstream did not start"
 UP=http://127.0.0.1:$UP_PORT
 [[ $(http_code "$UP/v2/") == 200 ]] || die "upstream /v2/ is not 200"
 log "upstream docker-registry on $UP (pid $UP_PID)"
-
-# push_blob FILE DIGEST: monolithic upload (POST then PUT ?digest=), checked by a HEAD.
-push_blob() {
-    local file=$1 digest=$2 hdrs loc sep code
-    hdrs=$(curl -s -D - -o /dev/null --max-time 30 -X POST "$UP/v2/$REPO/blobs/uploads/") || die "upload POST failed"
-    [[ $hdrs == *" 202"* ]] || die "upload POST: expected 202, got: ${hdrs%%$'\r'*}"
-    loc=$(printf '%s\n' "$hdrs" | tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
-    [[ -n $loc ]] || die "upload POST: no Location"
-    [[ $loc == http* ]] || loc=$UP$loc
-    sep='&'; [[ $loc == *\?* ]] || sep='?'
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 300 -X PUT -H 'Expect:' \
-        -H 'Content-Type: application/octet-stream' -T "$file" "$loc${sep}digest=$digest" || true)
-    [[ $code == 201 ]] || die "upload PUT of $digest: expected 201, got $code"
-    [[ $(http_code -I "$UP/v2/$REPO/blobs/$digest") == 200 ]] || die "HEAD of pushed blob $digest is not 200"
-}
 
 # new_blob NAME MIB: random file, pushed; sets BLOB_FILE and BLOB_DIGEST. HASH_SECS: hashing time.
 new_blob() {
