@@ -154,21 +154,34 @@ impl Store {
     /// Opens a committed object: the file and its length, or `None` when it is not cached.
     /// Counts as a read for eviction.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        // The read is noted before the open: `remove` checks reads and unlinks under the same
+        // lock, so an eviction either sees this read and keeps the file, or unlinks it before
+        // the open and the open misses. Noted after, a pass could unlink a file just opened
+        // and the most recently read object would be the one evicted.
+        let at = self.touch(digest);
         match File::open(self.blob_path(digest)) {
             Ok(f) => {
                 let len = f.metadata()?.len();
-                self.touch(digest);
                 Ok(Some((f, len)))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Not a read: a fill about to commit this digest must not look read since.
+                let mut touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+                if touches.get(digest) == Some(&at) {
+                    touches.remove(digest);
+                }
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
 
     /// Notes a read of `digest`, written to the metadata at the next `flush_touches`.
-    pub fn touch(&self, digest: &Digest) {
+    fn touch(&self, digest: &Digest) -> SystemTime {
+        let now = SystemTime::now();
         let mut touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
-        touches.insert(digest.clone(), SystemTime::now());
+        touches.insert(digest.clone(), now);
+        now
     }
 
     /// Held for the whole of an eviction pass (plan and removal). Blocking.
@@ -294,12 +307,13 @@ impl Store {
     /// Returns the digests removed. Blocking.
     pub fn remove(&self, rows: &[ObjectRow]) -> io::Result<Vec<Digest>> {
         let _guard = self.objects_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let read_since: Vec<bool> = {
-            let touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
-            rows.iter()
-                .map(|r| touches.get(&r.digest).is_some_and(|t| *t > r.last_access))
-                .collect()
-        };
+        // Held until the files are gone, so no read can slip between the check and the unlink
+        // (see `open_blob`). Opens wait for the unlinks of one pass, which are few and rare.
+        let touches = self.touches.lock().unwrap_or_else(|p| p.into_inner());
+        let read_since: Vec<bool> = rows
+            .iter()
+            .map(|r| touches.get(&r.digest).is_some_and(|t| *t > r.last_access))
+            .collect();
         let mut digests = Vec::with_capacity(rows.len());
         for (row, _) in rows.iter().zip(read_since).filter(|(_, read)| !read) {
             match std::fs::remove_file(self.blob_path(&row.digest)) {
@@ -310,6 +324,7 @@ impl Store {
             }
             digests.push(row.digest.clone());
         }
+        drop(touches);
         let (count, freed) = self.meta.remove_objects(&digests)?;
         self.used
             .fetch_sub(freed.min(self.used()), Ordering::Relaxed);
