@@ -687,8 +687,10 @@ async fn fill_body(
     let mut body = resp.into_body();
     let mut writer = writer;
     writer.hash_elsewhere();
+    let readback = std::fs::File::open(writer.temp_path())
+        .map_err(|e| failed(Error::Internal(format!("reopening the fill file: {e}"))))?;
+    let hasher = hasher::Hasher::start(digest.algorithm(), readback);
     let mut writer = Some(writer);
-    let hasher = hasher::Hasher::start(digest.algorithm());
     let mut buf = BytesMut::with_capacity(FILL_CHUNK);
     let mut eof = false;
     let upstream_err = |e: hyper::Error, got: u64| match len {
@@ -764,21 +766,23 @@ async fn fill_body(
         let mut w = writer
             .take()
             .ok_or_else(|| failed(Error::Internal("writer lost".into())))?;
-        let chunk = std::mem::take(&mut buf).freeze();
-        buf = BytesMut::with_capacity(FILL_CHUNK);
+        let chunk = std::mem::take(&mut buf);
         let n = chunk.len() as u64;
-        let (w, wrote, chunk) = tokio::task::spawn_blocking(move || {
+        let (w, wrote, mut chunk) = tokio::task::spawn_blocking(move || {
             let wrote = w.write(&chunk);
             (w, wrote, chunk)
         })
         .await
         .map_err(|e| failed(Error::Internal(e.to_string())))?;
+        // The hash reads the file, so the buffer is free again.
+        chunk.clear();
+        buf = chunk;
         if let Err(e) = wrote {
             // The upstream is fine; only the cache is not. Followers take it from here.
             metrics.cache_write_errors.inc();
             warn!(error = %e, digest = %digest, "cache write failed; followers continue from upstream");
             let hash = hasher
-                .snapshot()
+                .snapshot(w.written())
                 .await
                 .map(|v| HashState(Box::new(v)))
                 .ok_or_else(|| failed(Error::Internal("no hash state".into())))?;
@@ -788,7 +792,7 @@ async fn fill_body(
                 hash,
             });
         }
-        hasher.update(chunk).await;
+        hasher.written(w.written());
         metrics
             .upstream_bytes
             .with_label_values(&[up.name()])
@@ -814,7 +818,7 @@ async fn fill_body(
     let actual = hasher
         .finish()
         .await
-        .ok_or_else(|| failed(Error::Internal("hash task failed".into())))?;
+        .map_err(|e| failed(Error::Internal(format!("hashing the fill file: {e}"))))?;
     if actual == *digest {
         // Release the followers' last byte now: the commit's fsyncs take a while for a large
         // blob and add nothing to the client's bytes, which are already verified.
