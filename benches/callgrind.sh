@@ -38,17 +38,12 @@ REPS=${REPS:-1}
 TOP=${TOP:-30}
 CACHALOT_LOG=${CACHALOT_LOG:-warn}
 KEEP=${KEEP:-0}
-REPO=bench/app
-TAG=v1
-MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
-MT_CONFIG=application/vnd.oci.image.config.v1+json
-MT_LAYER=application/vnd.oci.image.layer.v1.tar
-ACCEPT="$MT_MANIFEST"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 T0=$(date +%s)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
+ACCEPT="$MT_MANIFEST"
 
 need curl; need awk; need valgrind; need callgrind_annotate valgrind; need docker-registry
 command -v openssl >/dev/null || need sha256sum coreutils
@@ -99,21 +94,7 @@ log "work dir $W; cachalot $BIN_SRC; $(valgrind --version)"
 
 # ---------------------------------------------------------------- upstream registry
 UP_PORT=$(free_port)
-cat >"$W/upstream.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $W/upstream
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:$UP_PORT
-EOF
+upstream_config "$W/upstream.yml" "$UP_PORT" "$W/upstream" 0
 docker-registry serve "$W/upstream.yml" >"$W/logs/upstream.log" 2>&1 &
 UP_PID=$!
 PIDS+=("$UP_PID")
@@ -124,16 +105,7 @@ UP=http://127.0.0.1:$UP_PORT
 head -c 4096 /dev/urandom >"$W/data/layer.bin"
 LAYER=sha256:$(sha256_of "$W/data/layer.bin")
 push_blob "$W/data/layer.bin" "$LAYER"
-printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]},"config":{}}' "$LAYER" >"$W/data/config.json"
-CFG=sha256:$(sha256_of "$W/data/config.json")
-push_blob "$W/data/config.json" "$CFG"
-printf '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"%s","digest":"%s","size":%d},"layers":[{"mediaType":"%s","digest":"%s","size":%d}]}' \
-    "$MT_MANIFEST" "$MT_CONFIG" "$CFG" "$(stat -c %s "$W/data/config.json")" "$MT_LAYER" "$LAYER" 4096 >"$W/data/manifest.json"
-MANIFEST=sha256:$(sha256_of "$W/data/manifest.json")
-MANIFEST_BYTES=$(stat -c %s "$W/data/manifest.json")
-code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT -H "Content-Type: $MT_MANIFEST" \
-    --data-binary @"$W/data/manifest.json" "$UP/v2/$REPO/manifests/$TAG" || true)
-[[ $code == 201 ]] || die "manifest PUT: expected 201, got $code"
+seed_image "$LAYER" 4096
 log "upstream docker-registry on $UP (pid $UP_PID), seeded with $REPO:$TAG = $MANIFEST ($MANIFEST_BYTES bytes)"
 
 # ---------------------------------------------------------------- one measured run

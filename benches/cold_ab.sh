@@ -10,7 +10,7 @@
 set -Eeuo pipefail
 REPS=${REPS:-5}
 MIB=${MIB:-256}
-REPO=bench/app
+KEEP=${KEEP:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 T0=$(date +%s)
 # shellcheck source=benches/lib.sh
@@ -20,12 +20,9 @@ need curl; need awk; need docker-registry; need sha256sum coreutils
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-cold-ab.XXXXXX")
 mkdir -p "$W/up" "$W/logs"
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
 
 UP_PORT=$(free_port)
-printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 127.0.0.1:%s}\n' \
-    "$W/up" "$UP_PORT" >"$W/up.yml"
+upstream_config "$W/up.yml" "$UP_PORT" "$W/up" 0
 docker-registry serve "$W/up.yml" >"$W/logs/upstream.log" 2>&1 &
 PIDS+=($!)
 UP=http://127.0.0.1:$UP_PORT

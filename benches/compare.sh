@@ -48,12 +48,6 @@ KEEP=${KEEP:-0}
 STRICT=${STRICT:-0}
 CACHALOT_LOG=${CACHALOT_LOG:-warn}
 PERF=${PERF:-0}
-REPO=bench/app
-TAG=v1
-MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
-MT_CONFIG=application/vnd.oci.image.config.v1+json
-MT_LAYER=application/vnd.oci.image.layer.v1.tar
-ACCEPT="$MT_MANIFEST, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
 BLOB_BYTES=$((BLOB_MIB * 1048576))
 HERD_BYTES=$((HERD_MIB * 1048576))
 
@@ -61,6 +55,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 T0=$(date +%s)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
+ACCEPT="$MT_MANIFEST, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
 
 need curl; need awk; need wrk; need ab apache2-utils; need nginx; need docker-registry
 command -v openssl >/dev/null || need sha256sum coreutils
@@ -126,21 +121,7 @@ NGS_PORT=$(free_port); CAS_PORT=$(free_port)
 # ---------------------------------------------------------------- upstream registry
 # Access log (Combined format) goes to stdout: one line per request, written when the response completes.
 start_upstream() {
-cat >"$W/upstream.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $W/upstream
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:$UP_PORT
-EOF
+upstream_config "$W/upstream.yml" "$UP_PORT" "$W/upstream" 1
 docker-registry serve "$W/upstream.yml" >"$W/logs/upstream-access.log" 2>"$W/logs/upstream.log" &
 UP_PID=$!
 }
@@ -176,15 +157,7 @@ new_blob main.bin "$BLOB_MIB"
 MAIN_FILE=$BLOB_FILE; MAIN=$BLOB_DIGEST
 HASH0_SECS=$HASH_SECS
 log "sha256 of ${BLOB_MIB} MiB took ${HASH_SECS}s here: $(calc "$BLOB_MIB / $HASH_SECS") MiB/s on one core (a lower bound for any verifying cache fill)"
-printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]},"config":{}}' "$MAIN" >"$W/data/config.json"
-CFG=sha256:$(sha256_of "$W/data/config.json")
-push_blob "$W/data/config.json" "$CFG"
-printf '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"%s","digest":"%s","size":%d},"layers":[{"mediaType":"%s","digest":"%s","size":%d}]}' \
-    "$MT_MANIFEST" "$MT_CONFIG" "$CFG" "$(stat -c %s "$W/data/config.json")" "$MT_LAYER" "$MAIN" "$BLOB_BYTES" >"$W/data/manifest.json"
-MANIFEST=sha256:$(sha256_of "$W/data/manifest.json")
-code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT -H "Content-Type: $MT_MANIFEST" \
-    --data-binary @"$W/data/manifest.json" "$UP/v2/$REPO/manifests/$TAG" || true)
-[[ $code == 201 ]] || die "manifest PUT: expected 201, got $code"
+seed_image "$MAIN" "$BLOB_BYTES"
 
 # Fresh blobs for the cold figures, one per measurement so that no cache has seen them: the next one is
 # prepared while the current one is pushed.

@@ -1,4 +1,4 @@
-# benches/lib.sh: what compare.sh and callgrind.sh share. Sourced, not run. The caller sets T0 (start
+# benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, cold_ab.sh) share. Sourced, not run. The caller sets T0 (start
 # time), KEEP, and, for push_blob, UP and REPO; it appends every process it starts to PIDS and sets W to its
 # work dir, which cleanup (on exit) stops and removes.
 
@@ -89,3 +89,48 @@ push_blob() {
     [[ $(http_code -I "$UP/v2/$REPO/blobs/$digest") == 200 ]] || die "HEAD of pushed blob $digest is not 200"
 }
 
+
+# The image every script seeds the upstream with: one layer, its config, and a manifest tagged $TAG in $REPO.
+REPO=bench/app
+TAG=v1
+MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
+MT_CONFIG=application/vnd.oci.image.config.v1+json
+MT_LAYER=application/vnd.oci.image.layer.v1.tar
+
+# upstream_config FILE PORT ROOT ACCESSLOG: a docker-registry config serving ROOT on 127.0.0.1:PORT, plain
+# HTTP, no auth; ACCESSLOG=1 logs one line per request to stdout (for counting upstream GETs).
+upstream_config() {
+    local disabled=true
+    [[ $4 == 1 ]] && disabled=false
+    cat >"$1" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: $disabled
+storage:
+  filesystem:
+    rootdirectory: $3
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:$2
+EOF
+}
+
+# seed_image LAYER_DIGEST LAYER_BYTES: pushes a config naming the (already pushed) layer and a manifest of
+# both, tagged $TAG; the manifest is left in $W/data/manifest.json. Sets CFG, MANIFEST and MANIFEST_BYTES.
+seed_image() {
+    local layer=$1 layer_bytes=$2 code
+    printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]},"config":{}}' "$layer" >"$W/data/config.json"
+    CFG=sha256:$(sha256_of "$W/data/config.json")
+    push_blob "$W/data/config.json" "$CFG"
+    printf '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"%s","digest":"%s","size":%d},"layers":[{"mediaType":"%s","digest":"%s","size":%d}]}' \
+        "$MT_MANIFEST" "$MT_CONFIG" "$CFG" "$(stat -c %s "$W/data/config.json")" "$MT_LAYER" "$layer" "$layer_bytes" >"$W/data/manifest.json"
+    MANIFEST=sha256:$(sha256_of "$W/data/manifest.json")
+    MANIFEST_BYTES=$(stat -c %s "$W/data/manifest.json")
+    code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT -H "Content-Type: $MT_MANIFEST" \
+        --data-binary @"$W/data/manifest.json" "$UP/v2/$REPO/manifests/$TAG" || true)
+    [[ $code == 201 ]] || die "manifest PUT: expected 201, got $code"
+}
