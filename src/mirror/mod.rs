@@ -408,7 +408,6 @@ impl Mirror {
 
     // === blobs ===
 
-    /// Opens a blob for reading: the committed file, or a fill (started now, or joined).
     /// Waits, at most `limit`, for fills that have verified their blob to commit it: their
     /// clients are already served, and stopping now would throw the blob away and keep the
     /// cache busy for the next process.
@@ -419,6 +418,7 @@ impl Mirror {
         }
     }
 
+    /// Opens a blob for reading: the committed file, or a fill (started now, or joined).
     pub async fn blob(&self, t: &Target, digest: &Digest) -> Result<BlobHandle, Error> {
         if let Some(h) = self.committed_blob(digest)? {
             self.metrics.lookup(Kind::Blob, Lookup::Hit);
