@@ -76,15 +76,7 @@ stop() {
 }
 
 # ---------------------------------------------------------------- build / locate cachalot
-if [[ -n ${CACHALOT_BIN:-} ]]; then
-    BIN=$CACHALOT_BIN
-else
-    log "building cachalot (cargo build --release) in $ROOT"
-    (cd "$ROOT" && cargo build --release --quiet --bin cachalot) || die "cargo build failed"
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cachalot
-fi
-[[ -x $BIN ]] || die "cachalot binary not found at $BIN"
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+locate_cachalot
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-callgrind.XXXXXX")
 mkdir -p "$W/logs" "$W/data" "$W/upstream" "$W/cg"

@@ -96,15 +96,7 @@ wait_http() {
 
 
 # ---------------------------------------------------------------- build / locate cachalot
-if [[ -n ${CACHALOT_BIN:-} ]]; then
-    BIN=$CACHALOT_BIN
-else
-    log "building cachalot (cargo build --release) in $ROOT"
-    (cd "$ROOT" && cargo build --release --quiet --bin cachalot) || die "cargo build failed"
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cachalot
-fi
-[[ -x $BIN ]] || die "cachalot binary not found at $BIN"
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+locate_cachalot
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-bench.XXXXXX")
 chmod 755 "$W" # nginx workers run as nobody when started as root

@@ -134,3 +134,17 @@ seed_image() {
         --data-binary @"$W/data/manifest.json" "$UP/v2/$REPO/manifests/$TAG" || true)
     [[ $code == 201 ]] || die "manifest PUT: expected 201, got $code"
 }
+
+# locate_cachalot: sets BIN to $CACHALOT_BIN, or builds cachalot (cargo build --release) in $ROOT and
+# sets BIN to the result; an absolute path either way.
+locate_cachalot() {
+    if [[ -n ${CACHALOT_BIN:-} ]]; then
+        BIN=$CACHALOT_BIN
+    else
+        log "building cachalot (cargo build --release) in $ROOT"
+        (cd "$ROOT" && cargo build --release --quiet --bin cachalot) || die "cargo build failed"
+        BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cachalot
+    fi
+    [[ -x $BIN ]] || die "cachalot binary not found at $BIN"
+    BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+}
