@@ -128,19 +128,7 @@ run() {
     port=$(free_port)
     dir=$W/cache-$method-$n-$rep
     out=$W/cg/callgrind.$method.$n.$rep.out
-    cat >"$W/cachalot.toml" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-
-[cache]
-dir = "$dir"
-tag_ttl = "1h"
-
-[[upstream]]
-name = "upstream.bench"
-url = "$UP"
-default = true
-EOF
+    cachalot_config "$W/cachalot.toml" "$port" "$dir"
     RUST_LOG=$CACHALOT_LOG valgrind --tool=callgrind --callgrind-out-file="$out" \
         "$BIN" serve --config "$W/cachalot.toml" >"$W/logs/cachalot-$method-$n-$rep.log" 2>&1 &
     pid=$!

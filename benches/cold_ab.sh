@@ -45,8 +45,7 @@ for i in $(seq 0 $(($# - 1))); do
     bin=${*:$((i + 1)):1}
     port=$(free_port)
     mkdir -p "$W/cache$i"
-    printf '[server]\nlisten = "127.0.0.1:%s"\n[cache]\ndir = "%s"\n[[upstream]]\nname = "up"\nurl = "%s"\ndefault = true\n' \
-        "$port" "$W/cache$i" "$UP" >"$W/c$i.toml"
+    cachalot_config "$W/c$i.toml" "$port" "$W/cache$i"
     RUST_LOG=warn "$bin" serve --config "$W/c$i.toml" >"$W/logs/c$i.log" 2>&1 &
     PIDS+=($!); CPIDS+=($!); PORTS+=("$port")
     for _ in $(seq 100); do [[ $(http_code "http://127.0.0.1:$port/v2/") == 200 ]] && break; sleep 0.1; done

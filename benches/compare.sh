@@ -256,25 +256,12 @@ log "peer docker-registry proxy on $PEER (pid $PEER_PID)"
 # ---------------------------------------------------------------- cachalot (the subject)
 # write_cachalot_config [tls]: the plain instance's config, or with "tls" the HTTPS one's.
 write_cachalot_config() {
-local file=$W/cachalot.toml port=$CA_PORT dir=$W/cachalot-cache tls=""
-if [[ ${1:-} == tls ]]; then
-    file=$W/cachalot-tls.toml port=$CAS_PORT dir=$W/cachalot-tls-cache
-    tls=$'tls_cert = "'"$W/tls.crt"$'"\ntls_key = "'"$W/tls.key"'"'
-fi
-cat >"$file" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-$tls
-
-[cache]
-dir = "$dir"
-tag_ttl = "1h"
-
-[[upstream]]
-name = "upstream.bench"
-url = "$UP"
-default = true
-EOF
+    local file=$W/cachalot.toml port=$CA_PORT dir=$W/cachalot-cache tls=""
+    if [[ ${1:-} == tls ]]; then
+        file=$W/cachalot-tls.toml port=$CAS_PORT dir=$W/cachalot-tls-cache
+        tls=$'tls_cert = "'"$W/tls.crt"$'"\ntls_key = "'"$W/tls.key"'"'
+    fi
+    cachalot_config "$file" "$port" "$dir" "$tls"
 }
 start_cachalot() {
     write_cachalot_config

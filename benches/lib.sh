@@ -148,3 +148,22 @@ locate_cachalot() {
     [[ -x $BIN ]] || die "cachalot binary not found at $BIN"
     BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
 }
+
+# cachalot_config FILE PORT DIR [SERVER_LINES]: a cachalot config listening on 127.0.0.1:PORT with its cache in
+# DIR and $UP as the one, default upstream; SERVER_LINES (for example the TLS keys) go into [server].
+cachalot_config() {
+    cat >"$1" <<EOF
+[server]
+listen = "127.0.0.1:$2"
+${4:-}
+
+[cache]
+dir = "$3"
+tag_ttl = "1h"
+
+[[upstream]]
+name = "upstream.bench"
+url = "$UP"
+default = true
+EOF
+}
