@@ -1,6 +1,6 @@
-# benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, cold_ab.sh) share. Sourced, not run. The caller sets T0 (start
-# time), KEEP, and, for push_blob, UP and REPO; it appends every process it starts to PIDS and sets W to its
-# work dir, which cleanup (on exit) stops and removes.
+# benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, cold_ab.sh) share. Sourced, not run.
+# The caller sets T0 (start time), KEEP, ROOT (for locate_cachalot) and, before seeding, UP; it appends every
+# process it starts to PIDS and sets W to its work dir, which cleanup (on exit) stops and removes.
 
 log() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 die() { log "FATAL: $*"; exit 2; }
