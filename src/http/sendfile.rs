@@ -13,6 +13,12 @@
 //! Only HTTP/1 over plain TCP takes this path: HTTP/2 and TLS copy body bytes into frames or
 //! records, where a placeholder would go out as zeros, so those responses read the file.
 //!
+//! While a body has more file bytes ready behind the chunk being sent, the socket is corked
+//! (`TCP_CORK`, what nginx's `tcp_nopush` does), and the response head is held back with its
+//! first chunk: the kernel then sends full segments only, rather than a short one at the end of
+//! every sendfile call. The socket is uncorked once a chunk with nothing ready behind it has gone,
+//! so the end of a body, or of what a fill has written so far, is never held back.
+//!
 //! The kernel copies from the page cache to the socket, so a cached blob costs no user-space
 //! copy, no read buffer and no blocking-pool hop: the cost nginx pays to serve a static file.
 //! (Like nginx without aio, a sendfile of pages not in memory waits for the disk on the worker
@@ -49,6 +55,8 @@ struct Job {
     file: Arc<File>,
     offset: u64,
     len: usize,
+    /// More of the body's file bytes are ready to follow this range at once.
+    more: bool,
 }
 
 /// The file ranges behind the placeholders a connection's bodies have yielded and its socket
@@ -64,13 +72,16 @@ impl FileQueue {
     }
 
     /// A body chunk standing for file bytes `offset..offset + len` (`len` at most
-    /// [`MAX_CHUNK`]), to be yielded by a response body on this queue's connection.
-    pub fn placeholder(&self, file: &Arc<File>, offset: u64, len: usize) -> Bytes {
+    /// [`MAX_CHUNK`]), to be yielded by a response body on this queue's connection. `more`:
+    /// the body has further file bytes ready to send right after these, so the socket may hold
+    /// back a partial segment for them.
+    pub fn placeholder(&self, file: &Arc<File>, offset: u64, len: usize, more: bool) -> Bytes {
         let len = len.min(MAX_CHUNK);
         self.lock().push_back(Job {
             file: file.clone(),
             offset,
             len,
+            more,
         });
         Bytes::from_static(&PLACEHOLDER[..len])
     }
@@ -80,6 +91,7 @@ impl FileQueue {
 pub struct SendfileStream {
     tcp: TcpStream,
     queue: Arc<FileQueue>,
+    corked: bool,
 }
 
 impl SendfileStream {
@@ -87,6 +99,27 @@ impl SendfileStream {
         SendfileStream {
             tcp,
             queue: Arc::default(),
+            corked: false,
+        }
+    }
+
+    /// Corks or uncorks the socket. Corking only saves segments, so a failure changes nothing
+    /// else and is not an error; uncorking pushes out whatever was held back.
+    fn cork(&mut self, on: bool) {
+        if self.corked != on {
+            let v = libc::c_int::from(on);
+            // SAFETY: the descriptor is open (borrowed from `tcp`), and `v` is a valid
+            // c_int whose size is passed with it.
+            unsafe {
+                libc::setsockopt(
+                    self.tcp.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CORK,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            self.corked = on;
         }
     }
 
@@ -102,14 +135,14 @@ impl SendfileStream {
         buf: &[u8],
         at: usize,
     ) -> Poll<io::Result<usize>> {
-        let (file, offset) = {
+        let (file, offset, more) = {
             let queue = self.queue.lock();
             // hyper advances through a chunk as it is written, so a placeholder slice always
             // ends where its job does; anything else means the pairing is lost, and sending
             // would put the wrong bytes on the wire.
             match queue.front() {
                 Some(job) if at + buf.len() == job.len => {
-                    (job.file.clone(), job.offset + at as u64)
+                    (job.file.clone(), job.offset + at as u64, job.more)
                 }
                 _ => {
                     return Poll::Ready(Err(io::Error::other(
@@ -118,6 +151,9 @@ impl SendfileStream {
                 }
             }
         };
+        if more {
+            self.cork(true);
+        }
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
             match self.tcp.try_io(Interest::WRITABLE, || {
@@ -132,6 +168,9 @@ impl SendfileStream {
                 Ok(n) => {
                     if n == buf.len() {
                         self.queue.lock().pop_front();
+                        if !more {
+                            self.cork(false);
+                        }
                     }
                     return Poll::Ready(Ok(n));
                 }
@@ -186,7 +225,12 @@ impl AsyncWrite for SendfileStream {
                 let at = placeholder_offset(&bufs[0]).expect("checked");
                 self.poll_sendfile(cx, &bufs[0], at)
             }
-            Some(i) => Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..i]),
+            // A response head with its first file chunk behind it: hold the head back to go
+            // out in the chunk's first segment.
+            Some(i) => {
+                self.cork(true);
+                Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..i])
+            }
         }
     }
 
@@ -214,5 +258,64 @@ mod tests {
         assert_eq!(placeholder_offset(&PLACEHOLDER[3..3]), None);
         let other = vec![0u8; 16];
         assert_eq!(placeholder_offset(&other), None);
+    }
+
+    fn corked(tcp: &TcpStream) -> bool {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is open, and `v`/`len` are valid locals of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt TCP_CORK: {}", io::Error::last_os_error());
+        v != 0
+    }
+
+    /// A body's head and chunks go out corked while more is ready behind them, and the socket
+    /// is uncorked once the last chunk has gone: a response's tail is never held back.
+    #[tokio::test]
+    async fn corks_while_more_is_ready_and_uncorks_after_the_last_chunk() {
+        use std::io::Write;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.set_nodelay(true).unwrap();
+        let mut stream = SendfileStream::new(server);
+        let queue = stream.queue();
+
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut tmp = tempfile::tempfile().unwrap();
+        tmp.write_all(&data).unwrap();
+        let file = Arc::new(tmp);
+        let first = queue.placeholder(&file, 0, 1000, true);
+        let last = queue.placeholder(&file, 1000, 2000, false);
+
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n";
+        assert!(!corked(&stream.tcp));
+        let n = stream
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(&first)])
+            .await
+            .unwrap();
+        assert_eq!(n, head.len(), "the head is written up to the placeholder");
+        assert!(corked(&stream.tcp), "the head waits for the first chunk");
+        stream.write_all(&first).await.unwrap();
+        assert!(corked(&stream.tcp), "more is ready behind the first chunk");
+        stream.write_all(&last).await.unwrap();
+        assert!(!corked(&stream.tcp), "the last chunk is not held back");
+
+        let mut got = vec![0u8; head.len() + data.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..head.len()], head);
+        assert_eq!(&got[head.len()..], &data[..]);
     }
 }

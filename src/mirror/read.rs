@@ -225,7 +225,8 @@ impl SendState {
             let limit = avail.min(end);
             if self.pos < limit {
                 let n = ((limit - self.pos) as usize).min(MAX_CHUNK);
-                let chunk = queue.placeholder(file, self.pos, n);
+                let more = self.pos + (n as u64) < limit;
+                let chunk = queue.placeholder(file, self.pos, n, more);
                 self.pos += n as u64;
                 self.served.bytes += n as u64;
                 return Some(Ok(Frame::data(chunk)));
