@@ -23,7 +23,8 @@
 # Usage:  benches/compare.sh                      # builds cachalot (cargo build --release) first
 #         CACHALOT_BIN=path/to/cachalot benches/compare.sh
 # Knobs (env): BLOB_MIB=256 STREAMS=16 RSS_STREAMS=64 DURATION=4s (wrk) CONNS=64 (wrk) ROUNDS=5 (rounds of the
-#              blob and wrk figures, median) ONE_STREAM_GETS=4 (the 1-stream figure fetches the blob that many times
+#              blob and wrk figures, median) ONE_STREAM_ROUNDS=15 (rounds of the 1-stream figure, which is cheap
+#              and the noisiest) ONE_STREAM_GETS=4 (the 1-stream figure fetches the blob that many times
 #              in a row on one connection) COLD_REPS=5 (cold blobs, median) HERD=50 HERD_MIB=64 HERD_REPS=5
 #              TLS=1 (0: skip the TLS figure) KEEP=0 STRICT=0 (exit 1 if a target fails)
 #              CACHALOT_LOG=warn (RUST_LOG for cachalot) PERF=0 (1: perf profile of cachalot, hottest symbols)
@@ -38,6 +39,7 @@ RSS_STREAMS=${RSS_STREAMS:-64}
 DURATION=${DURATION:-4s}
 CONNS=${CONNS:-64}
 ROUNDS=${ROUNDS:-5}
+ONE_STREAM_ROUNDS=${ONE_STREAM_ROUNDS:-15}
 ONE_STREAM_GETS=${ONE_STREAM_GETS:-4}
 COLD_REPS=${COLD_REPS:-5}
 HERD=${HERD:-50}
@@ -105,6 +107,10 @@ mkdir -p "$W/logs" "$W/data" "$W/www" "$W/nginx/tmp" "$W/upstream" "$W/peer" "$W
 cp "$BIN" "$W/cachalot" && BIN_SRC=$BIN && BIN=$W/cachalot
 log "work dir $W; cachalot $BIN_SRC"
 LOAD0=$(cut -d' ' -f1 /proc/loadavg)
+# steal_ticks: "steal total" jiffies of all CPUs so far. On a shared VM the host takes CPU time away from this
+# machine (steal), which is most of the round-to-round noise; the table reports its share over the run.
+steal_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat; }
+STEAL0=$(steal_ticks)
 log "host: load average $LOAD0, $(nproc) cores, $(awk '/MemTotal/ { printf "%d MiB", $2 / 1024 }' /proc/meminfo) RAM, kernel $(uname -r)"
 
 UP_PORT=$(free_port); NG_PORT=$(free_port); PEER_PORT=$(free_port); CA_PORT=$(free_port)
@@ -516,14 +522,15 @@ if ((CA_OK)); then
     warm cachalot "$CA" || { CA_OK=0; stage_failed "cachalot warm-up"; }
 fi
 
-# blob_rounds N: ROUNDS rounds of N concurrent streams against each server of F1_NAMES/F1_KEYS/F1_URLS, the order
+# blob_rounds N: ROUNDS (1 stream: ONE_STREAM_ROUNDS) rounds of N concurrent streams against each server of F1_NAMES/F1_KEYS/F1_URLS, the order
 # rotated each round so drifting background load hits every server alike. Stores R[KEY_N] (median MiB/s) and
 # R[cpu_KEY_N] (server CPU seconds per GiB sent).
 blob_rounds() {
-    local n=$1 r k i s v gets
+    local n=$1 r k i s v gets rounds=$ROUNDS
     declare -A VALS=() CPU0=() BAD=()
+    ((n == 1)) && rounds=$ONE_STREAM_ROUNDS
     for s in "${F1_NAMES[@]}"; do CPU0[$s]=$(cpu_ticks "$s"); done
-    for r in $(seq "$ROUNDS"); do
+    for r in $(seq "$rounds"); do
         for k in "${!F1_NAMES[@]}"; do
             i=$(((k + r - 1) % ${#F1_NAMES[@]}))
             s=${F1_NAMES[i]}
@@ -537,13 +544,13 @@ blob_rounds() {
         v=$(printf '%s\n' ${VALS[$s]} | median)
         R[${F1_KEYS[i]}_$n]=$v
         gets=$n; ((n == 1)) && gets=$ONE_STREAM_GETS
-        R[cpu_${F1_KEYS[i]}_$n]=$(calc "($(cpu_ticks "$s") - ${CPU0[$s]}) / $CLK / ($ROUNDS * $gets * $BLOB_MIB / 1024)")
+        R[cpu_${F1_KEYS[i]}_$n]=$(calc "($(cpu_ticks "$s") - ${CPU0[$s]}) / $CLK / ($rounds * $gets * $BLOB_MIB / 1024)")
         log "  $s, $n stream(s): ${VALS[$s]}MiB/s -> median $v MiB/s; server CPU ${R[cpu_${F1_KEYS[i]}_$n]} s per GiB sent"
     done
 }
 
 # ---------------------------------------------------------------- 1 + 5. cached blob throughput, peak RSS
-log "figure 1: cached ${BLOB_MIB} MiB blob, 1 and $STREAMS streams (median of $ROUNDS rounds, servers interleaved)"
+log "figure 1: cached ${BLOB_MIB} MiB blob, 1 and $STREAMS streams (median of $ONE_STREAM_ROUNDS and $ROUNDS rounds, servers interleaved)"
 F1_NAMES=(nginx); F1_KEYS=(ng); F1_URLS=("$NG/v2/$REPO/blobs/$MAIN")
 if ((PEER_OK)); then F1_NAMES+=(peer); F1_KEYS+=(peer); F1_URLS+=("$PEER/v2/$REPO/blobs/$MAIN"); fi
 if ((CA_OK)); then F1_NAMES+=(cachalot); F1_KEYS+=(ca); F1_URLS+=("$CA/v2/$REPO/blobs/$MAIN"); fi
@@ -694,7 +701,8 @@ ratio_row() {
     line "$fig" "$ca" "$blabel $base" "$ratio" "$tv" "$res"
 }
 echo
-echo "cachalot benchmark: blob ${BLOB_MIB} MiB, $STREAMS streams, wrk -c$CONNS -d$DURATION, medians of $ROUNDS rounds ($COLD_REPS cold, $HERD_REPS herds); $(nproc) cores, load average $LOAD0 at start, $(cut -d' ' -f1 /proc/loadavg) at end"
+read -r st0 tt0 <<<"$STEAL0"; read -r st1 tt1 <<<"$(steal_ticks)"
+echo "cachalot benchmark: blob ${BLOB_MIB} MiB, $STREAMS streams, wrk -c$CONNS -d$DURATION, medians of $ROUNDS rounds ($ONE_STREAM_ROUNDS for 1 stream, $COLD_REPS cold, $HERD_REPS herds); $(nproc) cores, load average $LOAD0 at start, $(cut -d' ' -f1 /proc/loadavg) at end, CPU steal $(calc "100 * ($st1 - $st0) / ($tt1 - $tt0 + 1)")% of the run"
 line "figure" "cachalot" "baseline" "ratio" "target" "result"
 printf '%0.s-' $(seq 104); echo
 for n in 1 "$STREAMS"; do
