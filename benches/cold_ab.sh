@@ -19,14 +19,7 @@ source "$ROOT/benches/lib.sh"
 need curl; need awk; need docker-registry; need sha256sum coreutils
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-cold-ab.XXXXXX")
-mkdir -p "$W/up" "$W/logs"
-
-UP_PORT=$(free_port)
-upstream_config "$W/up.yml" "$UP_PORT" "$W/up" 0
-docker-registry serve "$W/up.yml" >"$W/logs/upstream.log" 2>&1 &
-PIDS+=($!)
-UP=http://127.0.0.1:$UP_PORT
-for _ in $(seq 100); do [[ $(http_code "$UP/v2/") == 200 ]] && break; sleep 0.1; done
+serve_upstream
 
 # Fresh blobs: one random base, each a copy with its last 64 bytes new.
 log "pushing $((REPS * ($# + 1))) blobs of $MIB MiB"
@@ -43,13 +36,9 @@ rm -f "$W/base" "$W/blob"
 PORTS=(); CPIDS=()
 for i in $(seq 0 $(($# - 1))); do
     bin=${*:$((i + 1)):1}
-    port=$(free_port)
-    mkdir -p "$W/cache$i"
-    cachalot_config "$W/c$i.toml" "$port" "$W/cache$i"
-    RUST_LOG=warn "$bin" serve --config "$W/c$i.toml" >"$W/logs/c$i.log" 2>&1 &
-    PIDS+=($!); CPIDS+=($!); PORTS+=("$port")
-    for _ in $(seq 100); do [[ $(http_code "http://127.0.0.1:$port/v2/") == 200 ]] && break; sleep 0.1; done
-    log "bin$i = $bin on port $port"
+    serve_cachalot "$bin" "$i"
+    CPIDS+=("$CA_PID"); PORTS+=("$CA_PORT")
+    log "bin$i = $bin on port $CA_PORT"
 done
 
 # schedstat PID: "tid cpu_ms runqueue_ms" per thread.

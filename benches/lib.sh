@@ -1,4 +1,4 @@
-# benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, cold_ab.sh) share. Sourced, not run.
+# benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, cold_ab.sh, one_stream_ab.sh) share. Sourced, not run.
 # The caller sets T0 (start time), KEEP, ROOT (for locate_cachalot) and, before seeding, UP; it appends every
 # process it starts to PIDS and sets W to its work dir, which cleanup (on exit) stops and removes.
 
@@ -166,4 +166,32 @@ name = "upstream.bench"
 url = "$UP"
 default = true
 EOF
+}
+
+# serve_upstream: a docker-registry (no access log) with its storage in $W/up on a free port, waited for; sets
+# UP. For the A/B scripts (compare.sh starts its own, with an access log and port-clash retries).
+serve_upstream() {
+    local port
+    port=$(free_port)
+    mkdir -p "$W/up" "$W/logs"
+    upstream_config "$W/up.yml" "$port" "$W/up" 0
+    docker-registry serve "$W/up.yml" >"$W/logs/upstream.log" 2>&1 &
+    PIDS+=($!)
+    UP=http://127.0.0.1:$port
+    for _ in $(seq 100); do [[ $(http_code "$UP/v2/") == 200 ]] && return 0; sleep 0.1; done
+    die "the upstream did not answer on $UP"
+}
+
+# serve_cachalot BIN N: cachalot BIN in front of $UP, its cache in $W/cacheN, on a free port, waited for; sets
+# CA_PORT and CA_PID.
+serve_cachalot() {
+    local bin=$1 n=$2
+    CA_PORT=$(free_port)
+    mkdir -p "$W/cache$n" "$W/logs"
+    cachalot_config "$W/c$n.toml" "$CA_PORT" "$W/cache$n"
+    RUST_LOG=warn "$bin" serve --config "$W/c$n.toml" >"$W/logs/c$n.log" 2>&1 &
+    CA_PID=$!
+    PIDS+=("$CA_PID")
+    for _ in $(seq 100); do [[ $(http_code "http://127.0.0.1:$CA_PORT/v2/") == 200 ]] && return 0; sleep 0.1; done
+    die "cachalot $bin did not answer on port $CA_PORT"
 }
