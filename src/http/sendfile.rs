@@ -107,18 +107,7 @@ impl SendfileStream {
     /// else and is not an error; uncorking pushes out whatever was held back.
     fn cork(&mut self, on: bool) {
         if self.corked != on {
-            let v = libc::c_int::from(on);
-            // SAFETY: the descriptor is open (borrowed from `tcp`), and `v` is a valid
-            // c_int whose size is passed with it.
-            unsafe {
-                libc::setsockopt(
-                    self.tcp.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_CORK,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
+            let _ = socket2::SockRef::from(&self.tcp).set_tcp_cork(on);
             self.corked = on;
         }
     }
@@ -261,20 +250,7 @@ mod tests {
     }
 
     fn corked(tcp: &TcpStream) -> bool {
-        let mut v: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the descriptor is open, and `v`/`len` are valid locals of the sizes given.
-        let rc = unsafe {
-            libc::getsockopt(
-                tcp.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "getsockopt TCP_CORK: {}", io::Error::last_os_error());
-        v != 0
+        socket2::SockRef::from(tcp).tcp_cork().unwrap()
     }
 
     /// A body's head and chunks go out corked while more is ready behind them, and the socket
