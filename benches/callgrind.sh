@@ -37,10 +37,8 @@ WARM=${WARM:-20}
 REPS=${REPS:-1}
 TOP=${TOP:-30}
 CACHALOT_LOG=${CACHALOT_LOG:-warn}
-KEEP=${KEEP:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-T0=$(date +%s)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 ACCEPT="$MT_MANIFEST"

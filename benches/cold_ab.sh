@@ -10,9 +10,7 @@
 set -Eeuo pipefail
 REPS=${REPS:-5}
 MIB=${MIB:-256}
-KEEP=${KEEP:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-T0=$(date +%s)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 (($#)) || die "usage: $0 CACHALOT_BIN [CACHALOT_BIN ...]"

@@ -46,7 +46,6 @@ HERD=${HERD:-50}
 HERD_MIB=${HERD_MIB:-64}
 HERD_REPS=${HERD_REPS:-5}
 TLS=${TLS:-1}
-KEEP=${KEEP:-0}
 STRICT=${STRICT:-0}
 CACHALOT_LOG=${CACHALOT_LOG:-warn}
 PERF=${PERF:-0}
@@ -54,7 +53,6 @@ BLOB_BYTES=$((BLOB_MIB * 1048576))
 HERD_BYTES=$((HERD_MIB * 1048576))
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-T0=$(date +%s)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 ACCEPT="$MT_MANIFEST, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
@@ -102,7 +100,7 @@ locate_cachalot
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-bench.XXXXXX")
 chmod 755 "$W" # nginx workers run as nobody when started as root
-mkdir -p "$W/logs" "$W/data" "$W/www" "$W/nginx/tmp" "$W/upstream" "$W/peer" "$W/cachalot-cache"
+mkdir -p "$W/logs" "$W/data" "$W/www" "$W/upstream" "$W/peer" "$W/cachalot-cache"
 # A private copy: another build into the same target dir cannot swap the binary under the run.
 cp "$BIN" "$W/cachalot" && BIN_SRC=$BIN && BIN=$W/cachalot
 log "work dir $W; cachalot $BIN_SRC"
@@ -201,34 +199,9 @@ cp "$W/data/manifest.json" "$W/www/v2/$REPO/manifests/$TAG"
 head -c "$HERD_BYTES" "$MAIN_FILE" >"$W/www/herd.bin"
 chmod -R a+rX "$W/www" "$W/data"
 start_nginx() {
-cat >"$W/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes auto;
-pid $W/nginx/nginx.pid;
-error_log $W/logs/nginx.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path $W/nginx/tmp/body;
-    proxy_temp_path $W/nginx/tmp/proxy;
-    fastcgi_temp_path $W/nginx/tmp/fastcgi;
-    uwsgi_temp_path $W/nginx/tmp/uwsgi;
-    scgi_temp_path $W/nginx/tmp/scgi;
-    server {
-        listen 127.0.0.1:$NG_PORT;
-        root $W/www;
-        add_header Docker-Distribution-API-Version registry/2.0 always;
-        location /v2/$REPO/manifests/ { default_type $MT_MANIFEST; }
-    }
-    $NG_TLS_BLOCK
-}
-EOF
-nginx -p "$W/nginx" -e "$W/logs/nginx.log" -c "$W/nginx/nginx.conf" >>"$W/logs/nginx.log" 2>&1 &
-NG_PID=$!
+    nginx_config "$NG_PORT" "$W/www" "add_header Docker-Distribution-API-Version registry/2.0 always;
+        location /v2/$REPO/manifests/ { default_type $MT_MANIFEST; }" "$NG_TLS_BLOCK"
+    run_nginx
 }
 launch nginx NG_PORT NG_PID "/v2/$REPO/manifests/$TAG" || die "nginx did not start"
 NG=http://127.0.0.1:$NG_PORT

@@ -1,6 +1,9 @@
 # benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, cold_ab.sh, one_stream_ab.sh) share. Sourced, not run.
-# The caller sets T0 (start time), KEEP, ROOT (for locate_cachalot) and, before seeding, UP; it appends every
-# process it starts to PIDS and sets W to its work dir, which cleanup (on exit) stops and removes.
+# The caller sets ROOT (for locate_cachalot) and, before seeding, UP; it appends every process it starts to
+# PIDS and sets W to its work dir, which cleanup (on exit) stops and removes (KEEP=1 keeps the dir).
+
+T0=${T0:-$(date +%s)}
+KEEP=${KEEP:-0}
 
 log() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 die() { log "FATAL: $*"; exit 2; }
@@ -194,4 +197,42 @@ serve_cachalot() {
     PIDS+=("$CA_PID")
     for _ in $(seq 100); do [[ $(http_code "http://127.0.0.1:$CA_PORT/v2/") == 200 ]] && return 0; sleep 0.1; done
     die "cachalot $bin did not answer on port $CA_PORT"
+}
+
+# nginx_config PORT WWW [SERVER_LINES] [HTTP_LINES]: $W/nginx/nginx.conf for nginx serving WWW on 127.0.0.1:PORT
+# with sendfile and tcp_nopush, its pid and temp files under $W/nginx, its errors in $W/logs/nginx.log.
+# SERVER_LINES go into the server block, HTTP_LINES (for example another server) into http.
+nginx_config() {
+    mkdir -p "$W/nginx/tmp" "$W/logs"
+    cat >"$W/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes auto;
+pid $W/nginx/nginx.pid;
+error_log $W/logs/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path $W/nginx/tmp/body;
+    proxy_temp_path $W/nginx/tmp/proxy;
+    fastcgi_temp_path $W/nginx/tmp/fastcgi;
+    uwsgi_temp_path $W/nginx/tmp/uwsgi;
+    scgi_temp_path $W/nginx/tmp/scgi;
+    server {
+        listen 127.0.0.1:$1;
+        root $2;
+        ${3:-}
+    }
+    ${4:-}
+}
+EOF
+}
+
+# run_nginx: starts nginx on $W/nginx/nginx.conf in the foreground of a background job; sets NG_PID.
+run_nginx() {
+    nginx -p "$W/nginx" -e "$W/logs/nginx.log" -c "$W/nginx/nginx.conf" >>"$W/logs/nginx.log" 2>&1 &
+    NG_PID=$!
 }

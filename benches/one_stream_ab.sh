@@ -11,9 +11,7 @@ set -Eeuo pipefail
 ROUNDS=${ROUNDS:-31}
 GETS=${GETS:-4}
 MIB=${MIB:-256}
-KEEP=${KEEP:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-T0=$(date +%s)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 (($#)) || die "usage: $0 CACHALOT_BIN [CACHALOT_BIN ...]"
@@ -21,7 +19,7 @@ need curl; need awk; need nginx; need docker-registry; need sha256sum coreutils
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-one-ab.XXXXXX")
 chmod 755 "$W" # nginx workers run as nobody when started as root
-mkdir -p "$W/www/b" "$W/nginx/tmp"
+mkdir -p "$W/www/b"
 serve_upstream
 head -c $((MIB * 1048576)) /dev/urandom >"$W/blob"
 D=sha256:$(sha256sum "$W/blob" | cut -d' ' -f1)
@@ -43,18 +41,9 @@ ln "$f" "$W/www/b/blob"
 chmod -R a+rX "$W/www"
 
 NG_PORT=$(free_port)
-cat >"$W/nginx/nginx.conf" <<NG
-daemon off; worker_processes auto; pid $W/nginx/nginx.pid; error_log $W/logs/nginx.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off; sendfile on; tcp_nopush on;
-    client_body_temp_path $W/nginx/tmp/body; proxy_temp_path $W/nginx/tmp/proxy;
-    fastcgi_temp_path $W/nginx/tmp/fastcgi; uwsgi_temp_path $W/nginx/tmp/uwsgi; scgi_temp_path $W/nginx/tmp/scgi;
-    server { listen 127.0.0.1:$NG_PORT; root $W/www; }
-}
-NG
-nginx -p "$W/nginx" -e "$W/logs/nginx.log" -c "$W/nginx/nginx.conf" >>"$W/logs/nginx.log" 2>&1 &
-PIDS+=($!)
+nginx_config "$NG_PORT" "$W/www"
+run_nginx
+PIDS+=("$NG_PID")
 URLS=("http://127.0.0.1:$NG_PORT/b/blob" "${URLS[@]}")
 for _ in $(seq 100); do [[ $(http_code -I "${URLS[0]}") == 200 ]] && break; sleep 0.1; done
 
