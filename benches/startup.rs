@@ -17,7 +17,7 @@
 //! exists, the bench says so and skips.
 
 use cachalot::oci::Digest;
-use cachalot::storage::Store;
+use cachalot::storage::{FsStore, Store};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -132,7 +132,7 @@ fn build_cache(cache: &Path, n: usize) -> Digest {
     for i in 0..n {
         let content = format!("cachalot startup bench blob {i}\n");
         let digest = Digest::sha256_of(content.as_bytes());
-        let path = store.blob_path(&digest);
+        let path = FsStore::blob_path_in(cache, &digest);
         std::fs::create_dir_all(path.parent().unwrap()).expect("create blob dir");
         std::fs::write(&path, &content).expect("write blob");
         if i == n / 2 {
@@ -140,12 +140,12 @@ fn build_cache(cache: &Path, n: usize) -> Digest {
         }
         batch.push((digest, content.len() as u64, format!("bench.local/{REPO}")));
         if batch.len() == BATCH {
-            store.meta.put_objects(&batch, now).expect("put_objects");
+            store.meta().put_objects(&batch, now).expect("put_objects");
             batch.clear();
         }
     }
     if !batch.is_empty() {
-        store.meta.put_objects(&batch, now).expect("put_objects");
+        store.meta().put_objects(&batch, now).expect("put_objects");
     }
     probe.expect("at least one blob")
 }

@@ -125,6 +125,11 @@ pub struct CacheConfig {
     /// Images never evicted, as clients write them (`docker.io/library/nginx:1.27`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pinned: Vec<String>,
+    /// The slowest a blob fill may be: one that has not finished within the upstream's
+    /// `timeout` plus its size at this rate fails like a timeout, so a trickling upstream
+    /// cannot hold the clients following it forever.
+    #[serde(default = "default_fill_min_rate")]
+    pub fill_min_rate: Rate,
 }
 
 /// One `[[pin]]`: an image whose manifests and blobs are never evicted.
@@ -186,6 +191,9 @@ fn default_max_size() -> ByteSize {
 fn default_memory() -> ByteSize {
     ByteSize(256 << 20)
 }
+fn default_fill_min_rate() -> Rate {
+    Rate(100 << 10)
+}
 fn default_tag_ttl() -> Dur {
     Dur(Duration::from_secs(300))
 }
@@ -217,6 +225,7 @@ impl Default for CacheConfig {
             offline: false,
             max_unused: None,
             pinned: Vec::new(),
+            fill_min_rate: default_fill_min_rate(),
         }
     }
 }
@@ -595,6 +604,30 @@ impl fmt::Display for Dur {
     }
 }
 
+/// Bytes per second, written as a size per second: `100KiB/s`, `64MiB/s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rate(pub u64);
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let size = s
+            .trim()
+            .strip_suffix("/s")
+            .ok_or_else(|| format!("{s:?} is not a rate like \"100KiB/s\""))?;
+        match size.parse::<ByteSize>()? {
+            ByteSize(0) => Err(format!("{s:?}: a rate must be greater than zero")),
+            ByteSize(n) => Ok(Rate(n)),
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/s", ByteSize(self.0))
+    }
+}
+
 macro_rules! string_serde {
     ($t:ty) => {
         impl<'de> Deserialize<'de> for $t {
@@ -612,10 +645,21 @@ macro_rules! string_serde {
 }
 string_serde!(ByteSize);
 string_serde!(Dur);
+string_serde!(Rate);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!("100KiB/s".parse::<Rate>().unwrap().0, 100 << 10);
+        assert_eq!(Rate(64 << 20).to_string(), "64MiB/s");
+        assert!("100KiB".parse::<Rate>().is_err());
+        assert!("0B/s".parse::<Rate>().is_err());
+        let e = Config::from_toml_str("[cache]\nfill_min_rate = \"fast\"\n").unwrap_err();
+        assert!(e.to_string().contains("cache.fill_min_rate"), "{e}");
+    }
 
     #[test]
     fn sizes_and_durations() {

@@ -78,6 +78,26 @@ impl Source {
     }
 }
 
+/// Why an upstream body was discarded other than for a digest mismatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFault {
+    /// It ended short of its declared length.
+    Truncated,
+    /// It broke off, or ran past its declared length.
+    Protocol,
+}
+
+impl BodyFault {
+    pub const ALL: [BodyFault; 2] = [BodyFault::Truncated, BodyFault::Protocol];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyFault::Truncated => "truncated",
+            BodyFault::Protocol => "protocol",
+        }
+    }
+}
+
 /// The metrics registry and its series.
 pub struct Metrics {
     registry: Registry,
@@ -88,6 +108,7 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     pub upstream_bytes: IntCounterVec,
     pub digest_mismatches: IntCounterVec,
+    pub upstream_body_errors: IntCounterVec,
     pub token_fetches: IntCounterVec,
     pub fills_in_flight: IntGauge,
     pub cache_write_errors: prometheus::IntCounter,
@@ -168,8 +189,13 @@ impl Metrics {
         );
         let digest_mismatches = counter(
             "cachalot_digest_mismatches_total",
-            "Upstream bodies discarded because they did not match their digest or were truncated.",
+            "Upstream bodies discarded because they did not match their digest.",
             &["upstream"],
+        );
+        let upstream_body_errors = counter(
+            "cachalot_upstream_body_errors_total",
+            "Upstream blob bodies discarded because they were truncated or broken (reason: truncated, protocol).",
+            &["upstream", "reason"],
         );
         let token_fetches = counter(
             "cachalot_token_fetches_total",
@@ -305,6 +331,9 @@ impl Metrics {
         for u in upstreams {
             upstream_bytes.with_label_values(&[u]);
             digest_mismatches.with_label_values(&[u]);
+            for f in BodyFault::ALL {
+                upstream_body_errors.with_label_values(&[u, f.as_str()]);
+            }
             upstream_rate_limited.with_label_values(&[u]);
             for result in ["ok", "error"] {
                 token_fetches.with_label_values(&[u, result]);
@@ -328,6 +357,7 @@ impl Metrics {
             upstream_requests,
             upstream_bytes,
             digest_mismatches,
+            upstream_body_errors,
             token_fetches,
             fills_in_flight,
             cache_write_errors,
@@ -374,6 +404,13 @@ impl Metrics {
     pub fn lookup(&self, kind: Kind, result: Lookup) {
         self.lookup_series[kind as usize][result as usize].inc();
         tracing::Span::current().record(crate::telemetry::CACHE_FIELD, result.as_str());
+    }
+
+    /// Counts an upstream body discarded for `fault`.
+    pub fn upstream_body_error(&self, upstream: &str, fault: BodyFault) {
+        self.upstream_body_errors
+            .with_label_values(&[upstream, fault.as_str()])
+            .inc();
     }
 
     /// Observes a whole upstream operation that started at `started`.

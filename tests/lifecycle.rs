@@ -84,9 +84,7 @@ impl Rig {
     }
 
     fn pass(&self, max_size: u64) -> evict::Report {
-        let mut policy = self.server().mirror.eviction.clone();
-        policy.max_size = max_size;
-        evict::run_pass(&self.server().mirror.store, &policy, false).unwrap()
+        self.server().mirror.evict_now(Some(max_size)).unwrap()
     }
 
     async fn restart(&mut self) {
@@ -137,17 +135,17 @@ async fn eviction_keeps_the_cache_under_its_bound_and_keeps_the_recent() {
         rig.wait_no_fills().await;
     }
     // Commits wake the background pass; give it a moment, with a safety net.
-    let store = &rig.server().mirror.store;
+    let mirror = &rig.server().mirror;
     for _ in 0..500 {
-        if store.used() <= 1 << 20 {
+        if mirror.usage().bytes <= 1 << 20 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        store.used() <= 1 << 20,
+        mirror.usage().bytes <= 1 << 20,
         "cache holds {} bytes, bound 1MiB",
-        store.used()
+        mirror.usage().bytes
     );
     assert!(
         bytes_on_disk(rig.dir.path()) <= 1 << 20,
@@ -228,7 +226,7 @@ async fn pinned_images_survive_eviction_pressure() {
         rig.wait_no_fills().await;
     }
     let report = rig.pass(1 << 20);
-    assert!(rig.server().mirror.store.used() <= 1 << 20 || report.after > 0);
+    assert!(rig.server().mirror.usage().bytes <= 1 << 20 || report.after > 0);
     for (d, _) in image.layers.iter().chain(std::iter::once(&image.config)) {
         assert!(stored(rig.dir.path(), d).exists(), "pinned {d} was evicted");
     }
@@ -282,7 +280,7 @@ async fn reads_order_eviction_across_a_restart() {
     rig.pull("team/app", &da, &a).await;
     rig.restart().await;
     assert_eq!(
-        rig.server().mirror.store.used(),
+        rig.server().mirror.usage().bytes,
         100_000,
         "size accounting recomputed at start"
     );

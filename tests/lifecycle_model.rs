@@ -6,7 +6,6 @@
 mod common;
 
 use bytes::Bytes;
-use cachalot::storage::evict;
 use common::*;
 use proptest::prelude::*;
 use std::path::Path;
@@ -96,14 +95,11 @@ async fn run(ops: Vec<Op>) {
             }
             Op::Evict => {
                 settle(&server).await;
-                let store = server.mirror.store.clone();
-                let policy = server.mirror.eviction.clone();
-                tokio::task::spawn_blocking(move || {
-                    evict::run_pass(&store, &policy, false).unwrap()
-                })
-                .await
-                .unwrap();
-                let used = server.mirror.store.used();
+                let mirror = server.mirror.clone();
+                tokio::task::spawn_blocking(move || mirror.evict_now(None).unwrap())
+                    .await
+                    .unwrap();
+                let used = server.mirror.usage().bytes;
                 assert!(used <= MAX, "after a pass the cache holds {used} > {MAX}");
                 // The blob pulled last is the most recently used: it stays.
                 if let Some(i) = last_pulled {
@@ -128,7 +124,7 @@ async fn run(ops: Vec<Op>) {
         settle(&server).await;
         let mut stable = false;
         for _ in 0..1000 {
-            if server.mirror.store.used() == bytes_on_disk(dir.path()) {
+            if server.mirror.usage().bytes == bytes_on_disk(dir.path()) {
                 stable = true;
                 break;
             }
@@ -138,7 +134,7 @@ async fn run(ops: Vec<Op>) {
         assert!(
             stable,
             "accounting {} != files {}",
-            server.mirror.store.used(),
+            server.mirror.usage().bytes,
             bytes_on_disk(dir.path())
         );
     }

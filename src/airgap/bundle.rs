@@ -6,13 +6,14 @@ use super::prefetch::Prefetched;
 use crate::config::Config;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
-use crate::oci::{Digest, ImageRef, Reference, Verifier};
-use crate::storage::Store;
+use crate::oci::{Digest, ImageRef, Reference, Verified, Verifier};
+use crate::storage::{Access, Blob, BlobWriter, FsStore, ReadAt, Store};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 /// The annotation that names an image in an OCI layout's `index.json`.
@@ -90,7 +91,7 @@ fn write_layout(root: &Path, images: &[Prefetched], temp: &Path) -> Result<Writt
     }
     let mut written = Written::default();
     for (digest, size) in &blobs {
-        let path = Store::blob_path_in(root, digest);
+        let path = FsStore::blob_path_in(root, digest);
         let f = File::open(&path).map_err(|e| {
             format!(
                 "{digest} is no longer in the cache ({}): {e}",
@@ -153,22 +154,16 @@ pub struct Imported {
     pub warnings: Vec<String>,
 }
 
-/// A blob read out of the bundle into the staging directory, its digest checked.
+/// A blob read out of the bundle into an uncommitted writer, its digest checked. Dropped
+/// uncommitted, it leaves nothing behind.
 struct Staged {
-    path: PathBuf,
+    writer: Box<dyn BlobWriter>,
+    proof: Verified,
+    reader: Arc<dyn ReadAt>,
     size: u64,
 }
 
-/// Removes the staging directory whatever way the import ends.
-struct StagingGuard(PathBuf);
-
-impl Drop for StagingGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Loads `bundle` into `store`: every blob is written to a staging directory while hashed and
+/// Loads `bundle` into `store`: every blob is written to an uncommitted writer while hashed and
 /// checked against its name, `index.json` and every manifest reachable from it are checked for
 /// references that are neither in the bundle nor already cached, and only then are blobs
 /// renamed into place and manifests and tags recorded. Any error leaves the cache as it was.
@@ -176,10 +171,6 @@ impl Drop for StagingGuard {
 pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported, String> {
     let at = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", bundle.display());
     let file = File::open(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
-    let staging = store
-        .staging_dir("import")
-        .map_err(|e| at("staging directory", &e))?;
-    let _guard = StagingGuard(staging.clone());
 
     let mut layout = None;
     let mut index = None;
@@ -218,11 +209,8 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
                 if staged.contains_key(&digest) {
                     continue;
                 }
-                let dest =
-                    staging.join(format!("{}-{}", digest.algorithm().as_str(), digest.hex()));
-                let size =
-                    stage(&mut entry, &digest, &dest, declared).map_err(|e| at(&path, &e))?;
-                staged.insert(digest, Staged { path: dest, size });
+                let s = stage(&mut entry, store, &digest, declared).map_err(|e| at(&path, &e))?;
+                staged.insert(digest, s);
             }
             _ => {}
         }
@@ -294,28 +282,33 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
     }
 
     // Commit: blobs first, then what refers to them.
-    for (digest, s) in &staged {
-        let existed = store.blob_path(digest).exists();
-        store
-            .commit_verified(digest, &s.path, "(imported)")
-            .map_err(|e| at(&format!("storing {digest}"), &e))?;
+    let manifests = check.manifests;
+    for (digest, s) in staged {
         out.blobs += 1;
         out.bytes += s.size;
+        let existed = store
+            .blobs()
+            .stat(&digest)
+            .map_err(|e| at(&format!("storing {digest}"), &e))?
+            .is_some();
         if !existed {
+            s.writer
+                .commit(s.proof, "(imported)")
+                .map_err(|e| at(&format!("storing {digest}"), &e))?;
             out.new_blobs += 1;
         }
     }
-    for (digest, media_type) in &check.manifests {
+    for (digest, media_type) in &manifests {
         store
-            .meta
+            .meta()
             .put_manifest(digest, media_type, None)
             .map_err(|e| at("recording manifests", &e))?;
     }
-    out.manifests = check.manifests.len();
+    out.manifests = manifests.len();
     for (r, tag, root) in tags {
-        let media_type = &check.manifests[&root.digest];
+        let media_type = &manifests[&root.digest];
         let known = store
-            .meta
+            .meta()
             .tags(&r.registry, r.repo.as_str(), &tag)
             .map_err(|e| at("reading tags", &e))?;
         // The bundle's word on a tag is older than any upstream check: record it as never
@@ -325,7 +318,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
             .any(|e| e.digest == root.digest && e.media_type == *media_type)
         {
             store
-                .meta
+                .meta()
                 .put_manifest(
                     &root.digest,
                     media_type,
@@ -362,31 +355,43 @@ fn read_capped(r: &mut impl Read, cap: usize, declared: u64) -> Result<Vec<u8>, 
     Ok(buf)
 }
 
-/// Copies one entry to `dest`, hashing as it goes; the digest must match its name.
-fn stage(r: &mut impl Read, digest: &Digest, dest: &Path, declared: u64) -> Result<u64, String> {
-    let mut f = File::create_new(dest).map_err(|e| e.to_string())?;
+/// Copies one entry into a new writer, hashing as it goes; the digest must match its name.
+fn stage(
+    r: &mut impl Read,
+    store: &Store,
+    digest: &Digest,
+    declared: u64,
+) -> Result<Staged, String> {
+    let mut w = store.blobs().begin(digest).map_err(|e| e.to_string())?;
+    let reader = w.reader().map_err(|e| e.to_string())?;
     let mut v = Verifier::new(digest.algorithm());
     let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
     loop {
         let k = r.read(&mut buf).map_err(|e| e.to_string())?;
         if k == 0 {
             break;
         }
         v.update(&buf[..k]);
-        f.write_all(&buf[..k]).map_err(|e| e.to_string())?;
-        n += k as u64;
+        w.write(&buf[..k]).map_err(|e| e.to_string())?;
     }
-    if n < declared {
-        return Err(format!("truncated: {n} of {declared} bytes"));
+    let size = w.written();
+    if size < declared {
+        return Err(format!("truncated: {size} of {declared} bytes"));
     }
-    let actual = v.finish();
-    if actual != *digest {
-        return Err(format!(
-            "content does not match its digest (it hashes to {actual})"
-        ));
-    }
-    Ok(n)
+    let proof = v.verify(digest).map_err(|m| {
+        format!(
+            "content does not match its digest (it hashes to {})",
+            m.actual
+        )
+    })?;
+    // Many blobs wait for the whole bundle to check out: none of them holds a descriptor.
+    w.seal().map_err(|e| e.to_string())?;
+    Ok(Staged {
+        writer: w,
+        proof,
+        reader,
+        size,
+    })
 }
 
 /// The reference check over the staged bundle (and what the cache already holds).
@@ -406,7 +411,7 @@ impl Check<'_> {
         if let Some(s) = self.staged.get(d) {
             return Some(s.size);
         }
-        self.store.open_blob(d).ok().flatten().map(|(_, len)| len)
+        self.store.blobs().stat(d).ok().flatten()
     }
 
     fn present(&self, d: &Descriptor, ctx: &str, what: &str) -> Result<(), String> {
@@ -424,15 +429,18 @@ impl Check<'_> {
     }
 
     fn read(&self, d: &Digest) -> Result<Vec<u8>, String> {
-        let bytes = match self.staged.get(d) {
-            Some(s) => std::fs::read(&s.path).map_err(|e| e.to_string())?,
-            None => self
-                .store
-                .read_small(d, MAX_MANIFEST_SIZE)
-                .map_err(|e| e.to_string())?
-                .unwrap_or_default(),
+        let blob = match self.staged.get(d) {
+            Some(s) => Blob {
+                reader: s.reader.clone(),
+                len: s.size,
+            },
+            None => match self.store.blobs().open(d, Access::Quiet) {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(Vec::new()),
+                Err(e) => return Err(e.to_string()),
+            },
         };
-        Ok(bytes)
+        blob.read_all(MAX_MANIFEST_SIZE).map_err(|e| e.to_string())
     }
 
     fn walk(&mut self, d: &Descriptor, ctx: &str, depth: usize) -> Result<(), String> {

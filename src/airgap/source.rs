@@ -9,7 +9,7 @@ use crate::mirror::Mirror;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{self, ALL_MANIFEST_TYPES, Accept, MAX_MANIFEST_SIZE};
 use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName, Verifier};
-use crate::storage::Store;
+use crate::storage::{FsStore, Store};
 use crate::upstream::{Op, Upstream, UpstreamRequest};
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, header};
@@ -80,14 +80,14 @@ impl Source {
     /// The cache directory.
     pub fn root(&self) -> PathBuf {
         match self {
-            Source::Local(m) => m.store.root().to_path_buf(),
+            Source::Local(m) => m.cache_dir().to_path_buf(),
             Source::Server(s) => s.root.clone(),
         }
     }
 
     /// Whether a blob or manifest is committed in the cache.
     pub fn is_cached(&self, digest: &Digest) -> bool {
-        Store::blob_path_in(&self.root(), digest).exists()
+        FsStore::blob_path_in(&self.root(), digest).exists()
     }
 
     pub async fn manifest(
@@ -127,11 +127,7 @@ impl Source {
         match self {
             Source::Local(mirror) => {
                 let t = mirror.route(repo.as_str(), Some(upstream))?;
-                mirror
-                    .blob(&t, digest)
-                    .await?
-                    .wait_cached(on_progress)
-                    .await
+                mirror.cache_blob(&t, digest, on_progress).await
             }
             Source::Server(s) => s.blob(upstream, repo, digest, on_progress).await,
         }
@@ -367,7 +363,7 @@ impl ServerClient {
                 }
             }
         }
-        let path = Store::blob_path_in(&self.root, digest);
+        let path = FsStore::blob_path_in(&self.root, digest);
         let deadline = tokio::time::Instant::now() + self.client.body_timeout();
         while !path.exists() {
             if tokio::time::Instant::now() >= deadline {

@@ -6,7 +6,7 @@ use super::route::{Route, route};
 use super::sendfile::FileQueue;
 use crate::error::Error;
 use crate::metrics::{Metrics, Source};
-use crate::mirror::{BlobHandle, Mirror, Target};
+use crate::mirror::{BlobSource, Mirror, Target};
 use crate::oci::manifest::Accept;
 use crate::oci::{Digest, ErrorCode, OciError, Tag};
 use crate::upstream::Op;
@@ -89,7 +89,7 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            manifest(mirror, &t, reference, &accept, req, head).await
+            manifest(state, &t, reference, &accept, req, head).await
         }
         Route::Blob { name, digest } => {
             let t = mirror.route(name, ns.as_deref())?;
@@ -98,23 +98,18 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         }
         Route::Tags { name } => {
             let t = mirror.route(name, ns.as_deref())?;
-            Box::pin(tags(mirror, &t, req.uri().query(), head)).await
+            Box::pin(tags(state, &t, req.uri().query(), head)).await
         }
         Route::Referrers { name, digest } => {
             let t = mirror.route(name, ns.as_deref())?;
             let digest = parse_digest(digest)?;
-            Box::pin(referrers(mirror, &t, &digest, req.uri().query(), head)).await
+            Box::pin(referrers(state, &t, &digest, req.uri().query(), head)).await
         }
         Route::Metrics => {
             // Sizes are read at scrape time rather than kept in step at every commit.
-            state
-                .metrics
-                .cache_size_bytes
-                .set(mirror.store.used() as i64);
-            state
-                .metrics
-                .cache_objects
-                .set(mirror.store.object_count() as i64);
+            let usage = mirror.usage();
+            state.metrics.cache_size_bytes.set(usage.bytes as i64);
+            state.metrics.cache_objects.set(usage.objects as i64);
             Ok(Response::builder()
                 .header(
                     header::CONTENT_TYPE,
@@ -126,7 +121,7 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
         Route::Readyz => {
             // Ready when the cache directory is usable: the upstreams are optional by design.
-            if mirror.store.root().join("tmp").is_dir() {
+            if mirror.ready() {
                 Ok(text(StatusCode::OK, "ready\n"))
             } else {
                 Ok(text(
@@ -157,13 +152,14 @@ fn truncate(s: &str) -> String {
 }
 
 async fn manifest<B>(
-    mirror: &Arc<Mirror>,
+    state: &AppState,
     t: &Target,
     reference: &str,
     accept: &Accept,
     req: &Request<B>,
     head: bool,
 ) -> Reply {
+    let mirror = &state.mirror;
     let m = if reference.contains(':') {
         let d = parse_digest(reference)?;
         mirror.manifest_by_digest(t, &d).await?
@@ -192,7 +188,7 @@ async fn manifest<B>(
     let body = if head || not_modified {
         body::empty()
     } else {
-        mirror.metrics.served(Source::Cache, m.bytes.len() as u64);
+        state.metrics.served(Source::Cache, m.bytes.len() as u64);
         body::full(m.bytes.clone())
     };
     let mut resp = Response::new(body);
@@ -227,31 +223,25 @@ async fn blob<B>(
             .body(body::empty())
             .expect("valid headers"));
     }
-    let handle = state.mirror.blob(t, digest).await?;
-    let builder = builder.extension(handle.source());
+    let source = state.mirror.blob(t, digest).await?;
+    let builder = builder.extension(source.origin());
     // Plain HTTP/1 connections carry a sendfile queue; HTTP/2 frames its own body bytes.
     let sendfile = req
         .extensions()
         .get::<Arc<FileQueue>>()
-        .filter(|_| req.version() <= Version::HTTP_11);
-    let stream = |handle: BlobHandle, start: u64, end: Option<u64>| -> Body {
-        match (sendfile, end) {
-            (Some(queue), Some(end)) => {
-                handle.send_file(start, end, queue.clone(), state.metrics.clone())
-            }
-            _ => handle.stream(start, end, state.metrics.clone()),
-        }
+        .filter(|_| req.version() <= Version::HTTP_11)
+        .cloned();
+    let body = |source: BlobSource, start: u64, end: Option<u64>| {
+        body::blob(source.range(start, end), sendfile, state.metrics.clone())
     };
     let range = req
         .headers()
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok());
-    let Some(len) = handle.len else {
+    let Some(len) = source.blob_len() else {
         // Length unknown until the fill ends (upstream sent no Content-Length): a plain 200,
         // which every client accepts in answer to a Range.
-        return Ok(builder
-            .body(stream(handle, 0, None))
-            .expect("valid headers"));
+        return Ok(builder.body(body(source, 0, None)).expect("valid headers"));
     };
     match range.map(|r| parse_range(r, len)) {
         Some(RangeAnswer::Unsatisfiable) => {
@@ -276,11 +266,11 @@ async fn blob<B>(
                 format!("bytes {start}-{}/{len}", end - 1),
             )
             .header(header::CONTENT_LENGTH, end - start)
-            .body(stream(handle, start, Some(end)))
+            .body(body(source, start, Some(end)))
             .expect("valid headers")),
         Some(RangeAnswer::Full) | None => Ok(builder
             .header(header::CONTENT_LENGTH, len)
-            .body(stream(handle, 0, Some(len)))
+            .body(body(source, 0, Some(len)))
             .expect("valid headers")),
     }
 }
@@ -338,7 +328,8 @@ pub fn parse_range(header: &str, len: u64) -> RangeAnswer {
     }
 }
 
-async fn tags(mirror: &Mirror, t: &Target, query: Option<&str>, head: bool) -> Reply {
+async fn tags(state: &AppState, t: &Target, query: Option<&str>, head: bool) -> Reply {
+    let mirror = &state.mirror;
     let mut upstream_query = Vec::new();
     if let Some(n) = query_param(query, "n") {
         if n.parse::<u32>().is_err() {
@@ -378,7 +369,7 @@ async fn tags(mirror: &Mirror, t: &Target, query: Option<&str>, head: bool) -> R
     {
         builder = builder.header(header::LINK, rewritten);
     }
-    mirror.metrics.served(Source::Upstream, body.len() as u64);
+    state.metrics.served(Source::Upstream, body.len() as u64);
     Ok(builder
         .body(if head {
             body::empty()
@@ -412,12 +403,13 @@ pub fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<S
 }
 
 async fn referrers(
-    mirror: &Mirror,
+    state: &AppState,
     t: &Target,
     digest: &Digest,
     query: Option<&str>,
     head: bool,
 ) -> Reply {
+    let mirror = &state.mirror;
     let mut path = format!("/v2/{}/referrers/{}", t.repo, digest);
     if let Some(at) = query_param(query, "artifactType") {
         path.push('?');
@@ -440,7 +432,7 @@ async fn referrers(
             builder = builder.header(name, v);
         }
     }
-    mirror.metrics.served(Source::Upstream, p.body.len() as u64);
+    state.metrics.served(Source::Upstream, p.body.len() as u64);
     Ok(builder
         .body(if head {
             body::empty()

@@ -25,12 +25,12 @@
 //! thread; a blob just filled or often pulled is in the page cache.)
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -65,10 +65,8 @@ struct Job {
 pub struct FileQueue(Mutex<VecDeque<Job>>);
 
 impl FileQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
-        // A panic elsewhere while holding the lock leaves the queue consistent: every
-        // operation on it is a single push or pop.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, VecDeque<Job>> {
+        self.0.lock()
     }
 
     /// A body chunk standing for file bytes `offset..offset + len` (`len` at most
@@ -171,15 +169,8 @@ impl SendfileStream {
 }
 
 fn sendfile(sock: &TcpStream, file: &File, offset: u64, count: usize) -> io::Result<usize> {
-    let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
-    // SAFETY: both descriptors are open for the duration of the call (borrowed), and `off`
-    // is a valid pointer to a local.
-    let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, count) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    let mut off = offset;
+    Ok(rustix::fs::sendfile(sock, file, Some(&mut off), count)?)
 }
 
 impl AsyncRead for SendfileStream {

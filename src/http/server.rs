@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::storage::{Disk, RealDisk, Store, evict};
+use crate::storage::{Disk, RealDisk, Store};
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -96,7 +96,7 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         metrics,
     });
     let (stop, stopped) = watch::channel(false);
-    let housekeeping = tokio::spawn(evict_loop(mirror.clone(), stopped.clone()));
+    let housekeeping = tokio::spawn(mirror.clone().housekeeping(stopped.clone()));
     let metrics_addr = match config.server.metrics_listen {
         Some(a) => {
             Some(super::metrics_listener::spawn(a, state.metrics.clone(), stopped.clone()).await?)
@@ -181,73 +181,6 @@ async fn accept_loop(
     // Aborted tasks are dropped only when the runtime next polls them; wait for that, so that
     // when `shutdown` returns no connection still holds the cache (its metadata lock included).
     while conns.join_next().await.is_some() {}
-}
-
-/// How often reads are written to the metadata and an eviction pass runs when nothing
-/// else triggered one.
-const EVICT_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Background cache housekeeping: a pass at start, after every commit that leaves the cache over
-/// its bound, and every `EVICT_INTERVAL`. Runs on the blocking pool; never stops the server.
-async fn evict_loop(mirror: Arc<Mirror>, mut stopped: watch::Receiver<bool>) {
-    let mut first = true;
-    loop {
-        if !first {
-            tokio::select! {
-                _ = stopped.changed() => break,
-                _ = tokio::time::sleep(EVICT_INTERVAL) => {}
-                _ = mirror.evict_wakeup.notified() => {
-                    if mirror.store.used() <= mirror.eviction.max_size {
-                        continue;
-                    }
-                }
-            }
-        }
-        first = false;
-        let m = mirror.clone();
-        let report =
-            tokio::task::spawn_blocking(move || evict::run_pass(&m.store, &m.eviction, false))
-                .await;
-        match report {
-            Ok(Ok(report)) => record_evictions(&mirror.metrics, &report),
-            Ok(Err(e)) => warn!(error = %e, "eviction pass failed"),
-            Err(e) => warn!(error = %e, "eviction task failed"),
-        }
-    }
-    // Keep the last reads for the next start's eviction order.
-    let m = mirror.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        m.store.flush_touches()?;
-        m.store.meta.sync()
-    })
-    .await;
-}
-
-pub(crate) fn record_evictions(metrics: &Metrics, report: &evict::Report) {
-    for reason in [evict::Reason::Size, evict::Reason::Unused] {
-        let (count, bytes) = report
-            .evicted
-            .iter()
-            .filter(|e| e.reason == reason)
-            .fold((0, 0), |(c, b), e| (c + 1, b + e.row.size));
-        metrics
-            .evictions
-            .with_label_values(&[reason.as_str()])
-            .inc_by(count);
-        metrics
-            .evicted_bytes
-            .with_label_values(&[reason.as_str()])
-            .inc_by(bytes);
-    }
-    if !report.evicted.is_empty() {
-        info!(
-            objects = report.evicted.len(),
-            bytes = report.bytes(None),
-            before = report.before,
-            after = report.after,
-            "evicted"
-        );
-    }
 }
 
 fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, Error> {

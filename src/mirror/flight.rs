@@ -3,12 +3,27 @@
 //! goes away, and its result lands in the cache for the next one.
 
 use crate::error::Error;
+use crate::oci::{Digest, RepoName, Tag};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+/// What a manifest fetch is for: by digest (the same everywhere), or a tag of one upstream's
+/// repository as one `Accept` asks for it (what a tag names depends on `Accept`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FlightKey {
+    Digest(Digest),
+    Tag {
+        upstream: String,
+        repo: RepoName,
+        tag: Tag,
+        accept: String,
+    },
+}
 
 type SharedResult<V> = Shared<BoxFuture<'static, Result<V, Error>>>;
 
@@ -37,7 +52,7 @@ where
         Fut: Future<Output = Result<V, Error>> + Send + 'static,
     {
         let (shared, leader) = {
-            let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut runs = self.runs.lock();
             match runs.get(&key) {
                 Some(s) => (s.clone(), false),
                 None => {
@@ -46,7 +61,7 @@ where
                     let k = key.clone();
                     let handle = tokio::spawn(async move {
                         let out = fut.await;
-                        table.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                        table.lock().remove(&k);
                         out
                     });
                     let shared = async move {

@@ -1,32 +1,35 @@
 //! The single-flight table for blob fills: one writer per digest, every client a follower that
-//! reads the growing temp file as the fill publishes progress on a `watch` channel.
+//! reads the growing object as the fill publishes its progress on a `watch` channel.
+//!
+//! [`FillState`] is published by the fill task through a [`FillGuard`] and read only through a
+//! [`Progress`]: this file is the one place that knows what each state means.
 
 use crate::error::Error;
-use crate::oci::Digest;
+use crate::oci::{Digest, Verifier};
+use crate::storage::ReadAt;
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::fs::File;
-use std::io;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// Where a fill is.
 #[derive(Clone, Debug)]
-pub enum FillState {
+enum FillState {
     /// Waiting for the upstream's response headers.
     Connecting,
-    /// Body arriving; `written` bytes are in the temp file and readable.
+    /// Body arriving; `written` bytes are stored and readable.
     Streaming { len: Option<u64>, written: u64 },
-    /// Every byte is in the temp file and matches the digest; the commit (fsync, rename) is
-    /// under way. Followers may finish: the bytes are right whether or not the commit works.
+    /// Every byte is stored and matches the digest; the commit (fsync, rename) is under way.
+    /// Followers may finish: the bytes are right whether or not the commit works.
     Verified { len: u64 },
-    /// Verified and renamed into place.
-    Done { len: u64 },
+    /// Verified and committed (or verified and not committed, when the store failed at the
+    /// last step: the bytes were right all the same).
+    Done { len: u64, committed: bool },
     /// Nothing was stored; followers must abort their responses.
     Failed(Error),
-    /// A write to the cache failed after `at` bytes: nothing will be stored, but the upstream
-    /// is fine. Followers serve what the file holds, then fetch the rest themselves, carrying
-    /// on the hash from `hash` (the state after `at` bytes) so they still verify.
+    /// A write to the store failed after `at` bytes: nothing will be stored, but the upstream
+    /// is fine. Followers serve what was stored, then fetch the rest themselves, carrying on
+    /// the hash from `hash` (the state after `at` bytes) so they still verify.
     Diverted {
         at: u64,
         len: Option<u64>,
@@ -36,7 +39,7 @@ pub enum FillState {
 
 /// A digest computation in progress, shared with followers of a diverted fill.
 #[derive(Clone)]
-pub struct HashState(pub Box<crate::oci::Verifier>);
+pub struct HashState(pub Box<Verifier>);
 
 impl std::fmt::Debug for HashState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,47 +47,123 @@ impl std::fmt::Debug for HashState {
     }
 }
 
+/// How much of a fill a follower may read now.
+pub enum Readable {
+    /// Bytes `0..end` are stored and may be sent; `last`: no more will come. The last byte of
+    /// the blob is held back until the digest matched.
+    Upto { end: u64, last: bool },
+    /// The store failed after `at` bytes: read those, then take the rest from the upstream.
+    Diverted { at: u64, hash: HashState },
+    /// The fill failed: the response must be cut short.
+    Failed(Error),
+}
+
 /// One fill in progress, shared by its followers.
 pub struct Fill {
-    temp: PathBuf,
-    dest: PathBuf,
+    /// Reads the growing object, and the committed one after it.
+    reader: Arc<dyn ReadAt>,
     state: watch::Receiver<FillState>,
 }
 
 impl Fill {
-    pub fn subscribe(&self) -> watch::Receiver<FillState> {
-        self.state.clone()
+    /// What a follower needs: the bytes, and the fill's progress.
+    pub fn follow(&self) -> (Arc<dyn ReadAt>, Progress) {
+        (self.reader.clone(), Progress(self.state.clone()))
     }
 
+    pub fn progress(&self) -> Progress {
+        Progress(self.state.clone())
+    }
+}
+
+/// A follower's view of a fill.
+#[derive(Clone)]
+pub struct Progress(watch::Receiver<FillState>);
+
+impl Progress {
     /// Waits until the upstream answered: the blob's length if it declared one, or the error
-    /// that ended the fill before any body arrived.
-    pub async fn started(&self) -> Result<Option<u64>, Error> {
-        let mut rx = self.subscribe();
+    /// that ended the fill before any body arrived (the upstream's own: a 502 or 504 to the
+    /// client, never a 500).
+    pub async fn started(&mut self) -> Result<Option<u64>, Error> {
         loop {
-            match &*rx.borrow_and_update() {
+            match &*self.0.borrow_and_update() {
                 FillState::Connecting => {}
-                FillState::Streaming { len, .. } => return Ok(*len),
-                FillState::Verified { len } | FillState::Done { len } => return Ok(Some(*len)),
-                FillState::Diverted { len, .. } => return Ok(*len),
+                FillState::Streaming { len, .. } | FillState::Diverted { len, .. } => {
+                    return Ok(*len);
+                }
+                FillState::Verified { len } | FillState::Done { len, .. } => {
+                    return Ok(Some(*len));
+                }
                 FillState::Failed(e) => return Err(e.clone()),
             }
-            if rx.changed().await.is_err() {
-                return Err(Error::Internal("fill task ended without a result".into()));
-            }
+            self.changed().await?;
         }
     }
 
-    /// Opens the growing file. A fill that finished between lookup and open has renamed it, so
-    /// fall back to the committed path; an open handle stays valid across that rename.
-    pub fn open(&self) -> Result<File, Error> {
-        match File::open(&self.temp) {
-            Ok(f) => Ok(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match &*self.state.borrow() {
-                FillState::Failed(err) => Err(err.clone()),
-                _ => File::open(&self.dest).map_err(Error::from),
+    /// How much may be read now.
+    pub fn readable(&mut self) -> Readable {
+        match &*self.0.borrow_and_update() {
+            FillState::Connecting => Readable::Upto {
+                end: 0,
+                last: false,
             },
-            Err(e) => Err(e.into()),
+            // The last byte waits for verification: a response that reached its
+            // Content-Length would count as a good download even if the digest then failed.
+            FillState::Streaming { written, len } => Readable::Upto {
+                end: len.map_or(*written, |l| (*written).min(l.saturating_sub(1))),
+                last: false,
+            },
+            FillState::Verified { len } | FillState::Done { len, .. } => Readable::Upto {
+                end: *len,
+                last: true,
+            },
+            FillState::Diverted { at, hash, .. } => Readable::Diverted {
+                at: *at,
+                hash: hash.clone(),
+            },
+            FillState::Failed(e) => Readable::Failed(e.clone()),
         }
+    }
+
+    /// Waits for the next change. A fill task that ended without a word (it panicked) is an
+    /// error.
+    pub async fn changed(&mut self) -> Result<(), Error> {
+        self.0
+            .changed()
+            .await
+            .map_err(|_| Error::Internal("fill task ended without a result".into()))
+    }
+
+    /// Waits until the blob is committed, calling `on_progress` with the bytes stored so far
+    /// as the fill grows (prefetch, which wants the blob cached, not its bytes). Returns its
+    /// length, or why nothing was stored.
+    pub async fn committed(&mut self, mut on_progress: impl FnMut(u64)) -> Result<u64, Error> {
+        loop {
+            match &*self.0.borrow_and_update() {
+                FillState::Connecting => {}
+                FillState::Streaming { written, .. } => on_progress(*written),
+                FillState::Verified { len } => on_progress(*len),
+                FillState::Done {
+                    len,
+                    committed: true,
+                } => {
+                    on_progress(*len);
+                    return Ok(*len);
+                }
+                FillState::Done { .. } | FillState::Diverted { .. } => {
+                    return Err(Error::Internal(
+                        "the cache could not be written; blob not stored".into(),
+                    ));
+                }
+                FillState::Failed(e) => return Err(e.clone()),
+            }
+            self.changed().await?;
+        }
+    }
+
+    /// Whether the fill has verified its blob and is committing it.
+    fn committing(&self) -> bool {
+        matches!(*self.0.borrow(), FillState::Verified { .. })
     }
 }
 
@@ -100,13 +179,14 @@ pub struct Inflight {
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
 }
 
-/// Held by the fill task; removes the table entry when dropped, whatever way the task ends,
-/// so a panicking or failed fill never blocks later requests for the digest.
+/// Held by the fill task, the one publisher of its state. Removes the table entry when
+/// dropped, whatever way the task ends, so a panicking or failed fill never blocks later
+/// requests for the digest.
 pub struct FillGuard {
     table: Arc<Inflight>,
     digest: Digest,
     fill: Arc<Fill>,
-    pub tx: watch::Sender<FillState>,
+    tx: watch::Sender<FillState>,
 }
 
 impl Drop for FillGuard {
@@ -116,9 +196,32 @@ impl Drop for FillGuard {
 }
 
 impl FillGuard {
-    /// Ends the fill. The entry leaves the table before the state is published, so a request
-    /// that sees the end (e.g. a client retrying after a failure) never joins this fill again.
-    pub fn finish(self, state: FillState) {
+    /// `written` bytes of a blob of `len` (when declared) are stored.
+    pub fn streaming(&self, len: Option<u64>, written: u64) {
+        self.tx.send_replace(FillState::Streaming { len, written });
+    }
+
+    /// Every byte is stored and verified; the commit follows.
+    pub fn verified(&self, len: u64) {
+        self.tx.send_replace(FillState::Verified { len });
+    }
+
+    /// Ends the fill: done (committed or not), failed, or diverted. The entry leaves the table
+    /// before the state is published, so a request that sees the end (e.g. a client retrying
+    /// after a failure) never joins this fill again.
+    pub fn done(self, len: u64, committed: bool) {
+        self.finish(FillState::Done { len, committed });
+    }
+
+    pub fn failed(self, e: Error) {
+        self.finish(FillState::Failed(e));
+    }
+
+    pub fn diverted(self, at: u64, len: Option<u64>, hash: HashState) {
+        self.finish(FillState::Diverted { at, len, hash });
+    }
+
+    fn finish(self, state: FillState) {
         self.table.remove(&self.digest, &self.fill);
         self.tx.send_replace(state);
     }
@@ -126,24 +229,20 @@ impl FillGuard {
 
 impl Inflight {
     /// The fill for `digest`: an existing one to follow, or a new one made by `start` (which
-    /// returns the temp path, the final path and whatever the caller needs to run the fill). A
-    /// `start` that fails leaves the table as it was.
+    /// returns the reader of the object it will write and whatever the caller needs to run
+    /// the fill). A `start` that fails leaves the table as it was.
     pub fn join_or_start<T, E>(
         self: &Arc<Self>,
         digest: &Digest,
-        start: impl FnOnce() -> Result<(PathBuf, PathBuf, T), E>,
+        start: impl FnOnce() -> Result<(Arc<dyn ReadAt>, T), E>,
     ) -> Result<Joined<T>, E> {
-        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fills = self.fills.lock();
         if let Some(f) = fills.get(digest) {
             return Ok(Joined::Follow(f.clone()));
         }
-        let (temp, dest, extra) = start()?;
+        let (reader, extra) = start()?;
         let (tx, rx) = watch::channel(FillState::Connecting);
-        let fill = Arc::new(Fill {
-            temp,
-            dest,
-            state: rx,
-        });
+        let fill = Arc::new(Fill { reader, state: rx });
         fills.insert(digest.clone(), fill.clone());
         let guard = FillGuard {
             table: self.clone(),
@@ -156,33 +255,24 @@ impl Inflight {
 
     /// A fill in progress, if any.
     pub fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
-        self.fills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-            .cloned()
+        self.fills.lock().get(digest).cloned()
     }
 
     /// Whether some fill has verified its blob and is committing it.
     pub fn committing(&self) -> bool {
         self.fills
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .values()
-            .any(|f| matches!(*f.state.borrow(), FillState::Verified { .. }))
+            .any(|f| f.progress().committing())
     }
 
     pub fn len(&self) -> usize {
-        self.fills.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.fills.lock().len()
     }
 
     /// Removes `fill`'s entry, and only it: a newer fill for the same digest may stand there.
     fn remove(&self, digest: &Digest, fill: &Arc<Fill>) {
-        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fills = self.fills.lock();
         if fills.get(digest).is_some_and(|f| Arc::ptr_eq(f, fill)) {
             fills.remove(digest);
         }

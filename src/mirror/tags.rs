@@ -52,13 +52,12 @@ impl Mirror {
             self.metrics.lookup(Kind::Manifest, Lookup::Miss);
             return Err(self.offline_error(t));
         }
-        let key = format!(
-            "t\0{}\0{}\0{}\0{}",
-            t.upstream.name(),
-            t.repo,
-            tag,
-            accept.upstream_value()
-        );
+        let key = super::FlightKey::Tag {
+            upstream: t.upstream.name().to_owned(),
+            repo: t.repo.clone(),
+            tag: tag.clone(),
+            accept: accept.upstream_value(),
+        };
         let entry = found.map(|f| f.entry().clone());
         let this = self.clone();
         let (t2, tag2, accept2) = (t.clone(), tag.clone(), accept.clone());
@@ -81,7 +80,7 @@ impl Mirror {
     fn cached_tag(&self, t: &Target, tag: &Tag, accept: &Accept) -> Result<Option<Found>, Error> {
         let entries =
             self.store
-                .meta
+                .meta()
                 .tags_shared(t.upstream.name(), t.repo.as_str(), tag.as_str())?;
         Ok(entries
             .iter()
@@ -119,7 +118,7 @@ impl Mirror {
                 let e = entry.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     store
-                        .meta
+                        .meta()
                         .touch_tag(&key.0, &key.1, &key.2, &e, SystemTime::now())
                 })
                 .await;

@@ -123,6 +123,38 @@ impl fmt::Debug for Digest {
 pub struct Verifier {
     algorithm: Algorithm,
     context: ring::digest::Context,
+    len: u64,
+}
+
+/// Proof that a body of `len()` bytes hashed to `digest()`. Only [`Verifier::verify`] makes
+/// one, and committing a blob to storage requires it, so nothing can be stored under a digest
+/// its bytes were not checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    digest: Digest,
+    len: u64,
+}
+
+impl Verified {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A body that did not hash to the digest it was checked against.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("content does not match its digest: expected {expected}, got {actual}")]
+pub struct Mismatch {
+    pub expected: Digest,
+    pub actual: Digest,
 }
 
 impl Verifier {
@@ -134,11 +166,40 @@ impl Verifier {
         Verifier {
             algorithm,
             context: ring::digest::Context::new(alg),
+            len: 0,
         }
     }
 
     pub fn update(&mut self, data: &[u8]) {
         self.context.update(data);
+        self.len += data.len() as u64;
+    }
+
+    /// Bytes hashed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The proof that the bytes hashed are `expected`, or the mismatch. The only way to make
+    /// a [`Verified`].
+    pub fn verify(self, expected: &Digest) -> Result<Verified, Mismatch> {
+        let len = self.len;
+        let actual = self.finish();
+        if actual == *expected {
+            Ok(Verified {
+                digest: actual,
+                len,
+            })
+        } else {
+            Err(Mismatch {
+                expected: expected.clone(),
+                actual,
+            })
+        }
     }
 
     pub fn finish(self) -> Digest {
@@ -161,6 +222,20 @@ mod tests {
         let d: Digest = EMPTY.parse().unwrap();
         assert_eq!(d.to_string(), EMPTY);
         assert_eq!(Digest::sha256_of(b""), d);
+    }
+
+    #[test]
+    fn only_matching_bytes_are_verified() {
+        let want = Digest::sha256_of(b"hello");
+        let mut v = Verifier::new(Algorithm::Sha256);
+        v.update(b"hel");
+        v.update(b"lo");
+        let proof = v.clone().verify(&want).unwrap();
+        assert_eq!((proof.digest(), proof.len()), (&want, 5));
+        v.update(b"!");
+        let e = v.verify(&want).unwrap_err();
+        assert_eq!(e.expected, want);
+        assert_eq!(e.actual, Digest::sha256_of(b"hello!"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub mod image_ref;
 pub mod manifest;
 pub mod name;
 
-pub use digest::{Algorithm, Digest, Verifier};
+pub use digest::{Algorithm, Digest, Mismatch, Verified, Verifier};
 pub use errors::{ErrorCode, OciError};
 pub use image_ref::{ImageRef, PlatformSpec};
 pub use name::{Reference, RepoName, Tag};

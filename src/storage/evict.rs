@@ -3,7 +3,7 @@
 //! Pinned images are never removed. Removal unlinks files, so a response streaming a file at
 //! that moment keeps its open handle and finishes.
 
-use super::{ObjectRow, Store};
+use super::{Access, ObjectRow, Store};
 use crate::oci::descriptor::{self, Refs};
 use crate::oci::{Digest, ImageRef, Reference, manifest};
 use std::collections::{BTreeMap, HashSet};
@@ -140,7 +140,7 @@ pub fn pinned_digests(store: &Store, pins: &[ImageRef]) -> io::Result<HashSet<Di
             Reference::Digest(d) => todo.push(d.clone()),
             Reference::Tag(t) => {
                 for entry in store
-                    .meta
+                    .meta()
                     .tags(&pin.registry, pin.repo.as_str(), t.as_str())?
                 {
                     todo.push(entry.digest);
@@ -152,7 +152,7 @@ pub fn pinned_digests(store: &Store, pins: &[ImageRef]) -> io::Result<HashSet<Di
         if !pinned.insert(d.clone()) {
             continue;
         }
-        if let Some(media_type) = store.meta.manifest_type(&d)?
+        if let Some(media_type) = store.meta().manifest_type(&d)?
             && let Some(bytes) = read_quietly(store, &d)
         {
             match descriptor::parse_refs(&media_type, &bytes) {
@@ -171,21 +171,20 @@ pub fn pinned_digests(store: &Store, pins: &[ImageRef]) -> io::Result<HashSet<Di
 
 /// A manifest's bytes without counting it as a read (pin resolution must not keep things warm).
 fn read_quietly(store: &Store, d: &Digest) -> Option<Vec<u8>> {
-    let bytes = std::fs::read(store.blob_path(d)).ok()?;
-    (bytes.len() <= manifest::MAX_MANIFEST_SIZE).then_some(bytes)
+    let blob = store.blobs().open(d, Access::Quiet).ok()??;
+    blob.read_all(manifest::MAX_MANIFEST_SIZE).ok()
 }
 
 /// One eviction pass. Blocking.
 pub fn run_pass(store: &Store, policy: &Policy, dry_run: bool) -> io::Result<Report> {
     let _pass = store.pass_guard();
-    store.flush_touches()?;
-    let rows = store.meta.objects()?;
+    let rows = store.blobs().objects()?;
     let before: u64 = rows.iter().map(|r| r.size).sum();
     let pinned = pinned_digests(store, &policy.pins)?;
     let mut evicted = plan(rows, policy, &pinned, SystemTime::now());
     if !dry_run && !evicted.is_empty() {
         let victims: Vec<ObjectRow> = evicted.iter().map(|e| e.row.clone()).collect();
-        let removed: HashSet<Digest> = store.remove(&victims)?.into_iter().collect();
+        let removed: HashSet<Digest> = store.blobs().remove(&victims)?.into_iter().collect();
         evicted.retain(|e| removed.contains(&e.row.digest));
     }
     let freed: u64 = evicted.iter().map(|e| e.row.size).sum();

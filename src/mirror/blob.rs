@@ -1,0 +1,331 @@
+//! Blobs for a request: the committed object, a fill to follow (started now or joined), or,
+//! when the store cannot take the blob, the upstream relayed. A response gets a [`BlobSource`]:
+//! a transport-neutral cursor over the bytes it may send, which the server turns into a body.
+
+use super::fill::FillTask;
+use super::inflight::{Joined, Progress, Readable};
+use super::relay::Relay;
+use super::{Mirror, Target};
+use crate::error::Error;
+use crate::metrics::{Kind, Lookup, Metrics, Source};
+use crate::oci::Digest;
+use crate::storage::{Access, Blob, ReadAt};
+use bytes::Bytes;
+use http::Method;
+use std::sync::Arc;
+use tracing::{Instrument, info_span, warn};
+
+/// The next piece of a blob a response may send.
+pub enum Piece {
+    /// `len` stored bytes at `offset` of `reader`. `more`: further bytes are ready right behind
+    /// these (a sender may hold back a partial segment for them).
+    Stored {
+        reader: Arc<dyn ReadAt>,
+        offset: u64,
+        len: usize,
+        more: bool,
+    },
+    /// Bytes relayed from the upstream.
+    Relayed(Bytes),
+}
+
+/// The bytes of one blob response, from `pos` to the end of its range: from the store, from a
+/// fill as it grows (waiting for it, the last byte only once verified), or from the upstream.
+pub struct BlobSource {
+    len: Option<u64>,
+    origin: Source,
+    state: State,
+    pos: u64,
+    /// End of the range, exclusive; `None`: the end of the blob.
+    end: Option<u64>,
+    _following: Option<Following>,
+}
+
+enum State {
+    Stored(Blob),
+    Growing {
+        reader: Arc<dyn ReadAt>,
+        progress: Progress,
+        /// Where the rest comes from if the fill's store fails midway.
+        t: Target,
+        digest: Digest,
+    },
+    Relay(Box<Relay>),
+}
+
+impl BlobSource {
+    fn stored(blob: Blob) -> BlobSource {
+        BlobSource {
+            len: Some(blob.len),
+            origin: Source::Cache,
+            state: State::Stored(blob),
+            pos: 0,
+            end: None,
+            _following: None,
+        }
+    }
+
+    /// The blob's length, when known (a fill from an upstream that sent no Content-Length does
+    /// not know it until the end).
+    pub fn blob_len(&self) -> Option<u64> {
+        self.len
+    }
+
+    /// Where the bytes come from, for metrics.
+    pub fn origin(&self) -> Source {
+        self.origin
+    }
+
+    /// Limits the response to bytes `start..end` (end exclusive; `None`: to the end).
+    pub fn range(mut self, start: u64, end: Option<u64>) -> BlobSource {
+        self.pos = start;
+        self.end = end;
+        if let State::Relay(r) = &mut self.state {
+            r.set_range(start, end);
+        }
+        self
+    }
+
+    /// The next piece, at most `max` stored bytes; `None` when the range is complete, or the
+    /// error that must cut the response short (a failed fill, a mismatch, a short file).
+    pub async fn next(&mut self, max: usize) -> Result<Option<Piece>, Error> {
+        loop {
+            if self.end.is_some_and(|e| self.pos >= e) {
+                return Ok(None);
+            }
+            let (reader, avail, last) = match &mut self.state {
+                State::Stored(b) => (b.reader.clone(), b.len, true),
+                State::Relay(r) => {
+                    let chunk = r.next().await?;
+                    if let Some(c) = &chunk {
+                        self.pos += c.len() as u64;
+                    }
+                    return Ok(chunk.map(Piece::Relayed));
+                }
+                State::Growing {
+                    reader,
+                    progress,
+                    t,
+                    digest,
+                } => match progress.readable() {
+                    Readable::Upto { end, last } => (reader.clone(), end, last),
+                    Readable::Failed(e) => return Err(e),
+                    Readable::Diverted { at, .. } if self.pos < at => (reader.clone(), at, false),
+                    Readable::Diverted { at, hash } => {
+                        let relay = Relay::resume(
+                            t.clone(),
+                            digest.clone(),
+                            at,
+                            hash,
+                            self.len,
+                            self.pos,
+                            self.end,
+                        );
+                        self.state = State::Relay(Box::new(relay));
+                        continue;
+                    }
+                },
+            };
+            let limit = self.end.map_or(avail, |e| e.min(avail));
+            if self.pos < limit {
+                let n = ((limit - self.pos) as usize).min(max);
+                let offset = self.pos;
+                self.pos += n as u64;
+                return Ok(Some(Piece::Stored {
+                    reader,
+                    offset,
+                    len: n,
+                    more: self.pos < limit,
+                }));
+            }
+            if last && self.end.is_none() {
+                return Ok(None);
+            }
+            match &mut self.state {
+                State::Growing { progress, .. } if !last => progress.changed().await?,
+                _ => return Err(Error::Internal("range beyond the end of the blob".into())),
+            }
+        }
+    }
+}
+
+/// Counts a response in `cachalot_followers_waiting` for as long as it streams from a fill; a
+/// guard, so a response dropped anywhere leaves the gauge right.
+struct Following(Arc<Metrics>);
+
+impl Following {
+    fn new(metrics: &Arc<Metrics>) -> Following {
+        metrics.followers_waiting.inc();
+        Following(metrics.clone())
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.followers_waiting.dec();
+    }
+}
+
+/// Why no fill was started.
+enum NoFill {
+    /// A fill committed and left the table since the first lookup: starting another would
+    /// fetch the blob twice.
+    Committed(Blob),
+    /// The store cannot take a new object (full disk, I/O error).
+    CannotWrite(std::io::Error),
+    Failed(Error),
+}
+
+impl Mirror {
+    /// Opens a blob for a response: the committed object, or a fill (started now, or joined).
+    pub async fn blob(&self, t: &Target, digest: &Digest) -> Result<BlobSource, Error> {
+        let blobs = self.store.blobs();
+        if let Some(b) = blobs.open(digest, Access::Read)? {
+            self.lookup(Kind::Blob, Lookup::Hit);
+            return Ok(BlobSource::stored(b));
+        }
+        if self.offline {
+            self.lookup(Kind::Blob, Lookup::Miss);
+            return Err(self.offline_error(t));
+        }
+        let joined = self.fills.join_or_start(digest, || {
+            match blobs.open(digest, Access::Read) {
+                Ok(Some(b)) => return Err(NoFill::Committed(b)),
+                Ok(None) => {}
+                Err(e) => return Err(NoFill::Failed(e.into())),
+            }
+            let writer = blobs.begin(digest).map_err(NoFill::CannotWrite)?;
+            let reader = writer.reader().map_err(NoFill::CannotWrite)?;
+            Ok((reader.clone(), (writer, reader)))
+        });
+        let fill = match joined {
+            Ok(Joined::Follow(fill)) => {
+                self.lookup(Kind::Blob, Lookup::Coalesced);
+                fill
+            }
+            Ok(Joined::Started(fill, guard, (writer, reader))) => {
+                self.lookup(Kind::Blob, Lookup::Miss);
+                let task = FillTask {
+                    t: t.clone(),
+                    digest: digest.clone(),
+                    writer,
+                    reader,
+                    guard,
+                    metrics: self.metrics.clone(),
+                    evict_wakeup: self.evict_wakeup.clone(),
+                    min_rate: self.fill_min_rate,
+                };
+                tokio::spawn(task.run().instrument(info_span!("fill", digest = %digest)));
+                fill
+            }
+            Err(NoFill::Committed(b)) => {
+                self.lookup(Kind::Blob, Lookup::Hit);
+                return Ok(BlobSource::stored(b));
+            }
+            Err(NoFill::CannotWrite(e)) => {
+                // A full or failing disk costs caching, not the pull.
+                self.lookup(Kind::Blob, Lookup::Miss);
+                self.metrics.cache_write_errors.inc();
+                warn!(error = %e, digest = %digest, "cannot write to the cache; passing the blob through");
+                return self.pass_through(t, digest).await;
+            }
+            Err(NoFill::Failed(e)) => return Err(e),
+        };
+        let (reader, mut progress) = fill.follow();
+        let len = progress.started().await?;
+        Ok(BlobSource {
+            len,
+            origin: Source::Fill,
+            state: State::Growing {
+                reader,
+                progress,
+                t: t.clone(),
+                digest: digest.clone(),
+            },
+            pos: 0,
+            end: None,
+            _following: Some(Following::new(&self.metrics)),
+        })
+    }
+
+    /// Makes sure a blob is committed to the cache, fetching it if needed; `on_progress` hears
+    /// the bytes stored so far. Returns its length, or why it was not stored.
+    pub async fn cache_blob(
+        &self,
+        t: &Target,
+        digest: &Digest,
+        on_progress: impl FnMut(u64),
+    ) -> Result<u64, Error> {
+        let source = self.blob(t, digest).await?;
+        match source.state {
+            State::Stored(b) => Ok(b.len),
+            State::Growing { mut progress, .. } => progress.committed(on_progress).await,
+            State::Relay(_) => Err(Error::Internal(
+                "the cache could not be written; blob not stored".into(),
+            )),
+        }
+    }
+
+    /// GETs a blob from upstream for a client without caching it (the cache cannot be written).
+    async fn pass_through(&self, t: &Target, digest: &Digest) -> Result<BlobSource, Error> {
+        let up = &t.upstream;
+        let resp = up.send(t.blob_request(Method::GET, digest, None)).await?;
+        if !resp.status().is_success() {
+            return Err(up.status_error(&resp));
+        }
+        let len = super::content_length(resp.headers());
+        let relay = Relay::pass_through(t.clone(), digest.clone(), resp.into_body(), len);
+        Ok(BlobSource {
+            len,
+            origin: Source::Upstream,
+            state: State::Relay(Box::new(relay)),
+            pos: 0,
+            end: None,
+            _following: None,
+        })
+    }
+
+    /// The length of a blob for HEAD: from the cache or a fill when possible, else an upstream
+    /// HEAD (which fetches nothing).
+    pub async fn blob_len(&self, t: &Target, digest: &Digest) -> Result<u64, Error> {
+        if let Some(b) = self.store.blobs().open(digest, Access::Read)? {
+            self.lookup(Kind::Blob, Lookup::Hit);
+            return Ok(b.len);
+        }
+        if let Some(fill) = self.fills.get(digest)
+            && let Ok(Some(len)) = fill.progress().started().await
+        {
+            self.lookup(Kind::Blob, Lookup::Coalesced);
+            return Ok(len);
+        }
+        self.lookup(Kind::Blob, Lookup::Miss);
+        if self.offline {
+            return Err(self.offline_error(t));
+        }
+        let up = &t.upstream;
+        let resp = up.send(t.blob_request(Method::HEAD, digest, None)).await?;
+        if !resp.status().is_success() {
+            return Err(up.status_error(&resp));
+        }
+        super::content_length(resp.headers()).ok_or_else(|| {
+            Error::upstream(
+                up.name(),
+                crate::error::UpstreamFault::Protocol("blob HEAD without Content-Length".into()),
+            )
+        })
+    }
+
+    /// Waits, at most `limit`, for fills that have verified their blob to commit it: their
+    /// clients are already served, and stopping now would throw the blob away and keep the
+    /// cache busy for the next process.
+    pub async fn finish_commits(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.fills.committing() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.len()
+    }
+}

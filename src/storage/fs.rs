@@ -1,0 +1,423 @@
+//! The filesystem blob store: content-addressed files under the cache directory, written
+//! two-phase (temp file, fsync, rename, directory fsync), with an object row per file in the
+//! metadata store.
+//!
+//! Layout under `cache.dir`: `VERSION`, `blobs/<alg>/<2 hex>/<hex>` (blobs and manifests
+//! alike), `tmp/` (fills in progress and import staging; swept at start), `meta.redb`.
+//!
+//! Atomicity comes from the rename: a fill writes `tmp/<hex>-<pid>-<seq>` and only a verified
+//! one is renamed into `blobs/`. The object row is written (durably) before the rename, so a
+//! crash in between leaves a row without a file (a miss, fetched again), never a file the size
+//! accounting does not know.
+
+use super::{
+    Access, Blob, BlobStore, BlobWriter, CommitError, FileReader, Meta, ObjectRow, ReadAt, Usage,
+    check_proof,
+};
+use crate::oci::{Digest, Verified};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+const LAYOUT_VERSION: &str = "1\n";
+
+/// The file operations a fill's writes go through. The real one is `RealDisk`; tests wrap it
+/// to make writes fail (a full disk, an I/O error) at chosen points.
+pub trait Disk: Send + Sync {
+    /// Creates a new file for writing (it must not exist).
+    fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+}
+
+/// A file being written.
+pub trait DiskFile: Write + Send {
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+/// The local filesystem.
+pub struct RealDisk;
+
+impl Disk for RealDisk {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        Ok(Box::new(File::create_new(path)?))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+}
+
+impl DiskFile for File {
+    fn sync_all(&mut self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
+/// Blobs as files in the cache directory.
+pub struct FsStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    tmp: PathBuf,
+    meta: Arc<Meta>,
+    disk: Arc<dyn Disk>,
+    /// Bytes and objects committed, kept in step with the metadata's object rows.
+    used: AtomicU64,
+    objects: AtomicU64,
+    /// Reads not yet written to the metadata: flushed in batches, since a durable write per
+    /// cache hit would cost more than the hit.
+    touches: Mutex<HashMap<Digest, SystemTime>>,
+    /// Held while an object's row and file change together (commit, removal), so the two never
+    /// disagree because a commit and an eviction of one digest interleaved.
+    objects_lock: Mutex<()>,
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl FsStore {
+    /// Opens (creating if needed) the cache at `root` and its metadata, and removes temp files
+    /// left by fills that a crash or kill interrupted: they were never renamed, so nothing
+    /// refers to them.
+    pub fn open(root: &Path, disk: Arc<dyn Disk>) -> io::Result<(FsStore, Arc<Meta>)> {
+        std::fs::create_dir_all(root.join("blobs"))?;
+        let version = root.join("VERSION");
+        match std::fs::read_to_string(&version) {
+            Ok(v) if v == LAYOUT_VERSION => {}
+            Ok(v) => {
+                return Err(io::Error::other(format!(
+                    "{}: cache layout version {:?} is not supported by this cachalot",
+                    version.display(),
+                    v.trim()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::write(&version, LAYOUT_VERSION)?
+            }
+            Err(e) => return Err(e),
+        }
+        // Take the metadata lock first: a second process opening a cache in use must fail
+        // before it sweeps the temp files of the running server's fills.
+        let meta = Arc::new(Meta::open(&root.join("meta.redb"))?);
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        let (used, objects) = meta.totals()?;
+        let store = FsStore {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                tmp,
+                meta: meta.clone(),
+                disk,
+                used: AtomicU64::new(used),
+                objects: AtomicU64::new(objects),
+                touches: Mutex::new(HashMap::new()),
+                objects_lock: Mutex::new(()),
+            }),
+        };
+        Ok((store, meta))
+    }
+
+    /// Where a committed object lives in the cache at `root`, for a process that cannot open
+    /// the cache because another one holds it (it may still read committed files).
+    pub fn blob_path_in(root: &Path, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        root.join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+}
+
+impl Inner {
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        FsStore::blob_path_in(&self.root, digest)
+    }
+
+    /// Notes a read of `digest`, written to the metadata at the next flush.
+    fn touch(&self, digest: &Digest) -> SystemTime {
+        let now = SystemTime::now();
+        self.touches.lock().insert(digest.clone(), now);
+        now
+    }
+
+    /// Writes pending reads to the metadata.
+    fn flush_touches(&self) -> io::Result<()> {
+        let pending: Vec<(Digest, SystemTime)> = self.touches.lock().drain().collect();
+        self.meta.touch_objects(&pending)
+    }
+
+    /// Moves a synced, verified file into place: its row first (durably), then the rename and
+    /// the directory sync, under the lock eviction also takes.
+    fn place(&self, digest: &Digest, from: &Path, size: u64, repo: &str) -> io::Result<()> {
+        let dest = self.blob_path(digest);
+        let dir = dest
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        std::fs::create_dir_all(dir)?;
+        let _guard = self.objects_lock.lock();
+        let replaced = self
+            .meta
+            .put_object(digest, size, repo, SystemTime::now())?;
+        crash_point("after-metadata");
+        self.disk.rename(from, &dest)?;
+        crash_point("after-rename");
+        // The rename is durable only once the directory entry is.
+        File::open(dir)?.sync_all()?;
+        self.account(size, replaced);
+        Ok(())
+    }
+
+    /// Keeps `used` the sum of the rows: adds a new row of `size`, less the one it replaced.
+    fn account(&self, size: u64, replaced: Option<u64>) {
+        self.used.fetch_add(size, Ordering::Relaxed);
+        match replaced {
+            None => {
+                self.objects.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(old) => {
+                let used = self.used.load(Ordering::Relaxed);
+                self.used.fetch_sub(old.min(used), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl BlobStore for FsStore {
+    fn stat(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        match std::fs::metadata(self.inner.blob_path(digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open(&self, digest: &Digest, access: Access) -> io::Result<Option<Blob>> {
+        // The read is noted before the open: `remove` checks reads and unlinks under the same
+        // lock, so an eviction either sees this read and keeps the file, or unlinks it before
+        // the open and the open misses. Noted after, a pass could unlink a file just opened
+        // and the most recently read object would be the one evicted.
+        let at = (access == Access::Read).then(|| self.inner.touch(digest));
+        match File::open(self.inner.blob_path(digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some(Blob {
+                    reader: Arc::new(FileReader::new(f)),
+                    len,
+                }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Not a read: a fill about to commit this digest must not look read since.
+                if let Some(at) = at {
+                    let mut touches = self.inner.touches.lock();
+                    if touches.get(digest) == Some(&at) {
+                        touches.remove(digest);
+                    }
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn begin(&self, digest: &Digest) -> io::Result<Box<dyn BlobWriter>> {
+        let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let temp = self
+            .inner
+            .tmp
+            .join(format!("{}-{}-{seq}", digest.hex(), std::process::id()));
+        let file = self.inner.disk.create(&temp)?;
+        Ok(Box::new(FsWriter {
+            store: self.inner.clone(),
+            file: Some(file),
+            temp,
+            digest: digest.clone(),
+            written: 0,
+        }))
+    }
+
+    fn remove(&self, rows: &[ObjectRow]) -> io::Result<Vec<Digest>> {
+        let inner = &self.inner;
+        let _guard = inner.objects_lock.lock();
+        // Held until the files are gone, so no read can slip between the check and the unlink
+        // (see `open`). Opens wait for the unlinks of one pass, which are few and rare.
+        let touches = inner.touches.lock();
+        let mut digests = Vec::with_capacity(rows.len());
+        for row in rows {
+            if touches
+                .get(&row.digest)
+                .is_some_and(|t| *t > row.last_access)
+            {
+                continue;
+            }
+            match std::fs::remove_file(inner.blob_path(&row.digest)) {
+                Ok(()) => {}
+                // A row whose file a crash never renamed into place: only the row goes.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            digests.push(row.digest.clone());
+        }
+        drop(touches);
+        let (count, freed) = inner.meta.remove_objects(&digests)?;
+        let usage = self.usage();
+        inner
+            .used
+            .fetch_sub(freed.min(usage.bytes), Ordering::Relaxed);
+        inner
+            .objects
+            .fetch_sub(count.min(usage.objects), Ordering::Relaxed);
+        Ok(digests)
+    }
+
+    fn objects(&self) -> io::Result<Vec<ObjectRow>> {
+        self.inner.flush_touches()?;
+        self.inner.meta.objects()
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            bytes: self.inner.used.load(Ordering::Relaxed),
+            objects: self.inner.objects.load(Ordering::Relaxed),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.inner.tmp.is_dir()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.flush_touches()?;
+        self.inner.meta.sync()
+    }
+}
+
+/// A fill's temp file. Dropped uncommitted, it removes the file.
+struct FsWriter {
+    store: Arc<Inner>,
+    /// `None` once sealed.
+    file: Option<Box<dyn DiskFile>>,
+    /// Emptied once committed, so drop leaves the placed file alone.
+    temp: PathBuf,
+    digest: Digest,
+    written: u64,
+}
+
+impl BlobWriter for FsWriter {
+    fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("writer already sealed"))?;
+        file.write_all(data)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn reader(&self) -> io::Result<Arc<dyn ReadAt>> {
+        // Opened by path while the temp file exists; the descriptor stays valid across the
+        // rename, so readers opened during the fill read the committed file after it.
+        Ok(Arc::new(FileReader::new(File::open(&self.temp)?)))
+    }
+
+    fn seal(&mut self) -> io::Result<()> {
+        if let Some(mut file) = self.file.take() {
+            file.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>, proof: Verified, repo: &str) -> Result<u64, CommitError> {
+        check_proof(&self.digest, self.written, &proof)?;
+        self.seal()?;
+        self.store
+            .place(&self.digest, &self.temp, self.written, repo)?;
+        self.temp = PathBuf::new();
+        Ok(self.written)
+    }
+}
+
+impl Drop for FsWriter {
+    fn drop(&mut self) {
+        if !self.temp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Dies on the spot when `CACHALOT_CRASH_POINT` names this point: the crash-safety tests use
+/// it to kill the process at instants a `kill -9` cannot hit reliably (between the metadata
+/// write and the rename, between the rename and the directory sync).
+fn crash_point(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("CACHALOT_CRASH_POINT").ok());
+    if point.as_deref() == Some(name) {
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::{Algorithm, Verifier};
+
+    fn proof(data: &[u8]) -> Verified {
+        let mut v = Verifier::new(Algorithm::Sha256);
+        v.update(data);
+        v.verify(&Digest::sha256_of(data)).unwrap()
+    }
+
+    #[test]
+    fn commit_places_the_file_under_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _meta) = FsStore::open(dir.path(), Arc::new(RealDisk)).unwrap();
+        let data = b"hello blob".to_vec();
+        let d = Digest::sha256_of(&data);
+        let mut w = store.begin(&d).unwrap();
+        w.write(&data).unwrap();
+        w.commit(proof(&data), "docker.io/x").unwrap();
+        let path = dir
+            .path()
+            .join(format!("blobs/sha256/{}/{}", &d.hex()[..2], d.hex()));
+        assert_eq!(std::fs::read(path).unwrap(), data);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn temp_files_left_by_a_crash_are_swept_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let _ = FsStore::open(dir.path(), Arc::new(RealDisk)).unwrap();
+            std::fs::write(dir.path().join("tmp/leftover"), b"partial").unwrap();
+        }
+        let _ = FsStore::open(dir.path(), Arc::new(RealDisk)).unwrap();
+        assert!(!dir.path().join("tmp/leftover").exists());
+    }
+
+    #[test]
+    fn an_unknown_layout_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("VERSION"), "9\n").unwrap();
+        let e = FsStore::open(dir.path(), Arc::new(RealDisk)).err().unwrap();
+        assert!(e.to_string().contains("layout version"), "{e}");
+    }
+}
