@@ -73,6 +73,19 @@ async fn truncated_blob_is_not_served_complete_nor_stored() {
         "stored: {:?}",
         env.stored_files(&d)
     );
+    // A short body is not a digest mismatch: it has a counter of its own.
+    env.wait_no_fills().await;
+    let truncated = [("upstream", UP), ("reason", "truncated")];
+    assert_eq!(
+        env.metric("cachalot_upstream_body_errors_total", &truncated)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        env.metric("cachalot_digest_mismatches_total", &[("upstream", UP)])
+            .await,
+        0.0
+    );
 
     env.fake.truncate(&d, None);
     let r = env.client.get(&url).await;
