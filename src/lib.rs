@@ -3,6 +3,8 @@
 //! A request flows `http::route` -> `http::handlers` -> `mirror`, which answers from `storage`
 //! or fills it once from `upstream`. See DESIGN.md for the invariants every module keeps.
 
+#![forbid(unsafe_code)]
+
 pub mod airgap;
 pub mod config;
 pub mod error;

@@ -1,5 +1,7 @@
 //! The `cachalot` command line: parse flags, load config, start telemetry, run.
 
+#![forbid(unsafe_code)]
+
 use cachalot::config::Config;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -9,9 +9,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// `"<upstream>\0<repo>\0<tag>\0<media type>"` -> (digest, checked at, ms since the epoch).
+/// (upstream, repository, tag, media type) -> (digest, checked at in ms since the epoch).
 /// Keyed by media type too, because what an upstream returns for a tag depends on `Accept`.
-const TAGS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
+const TAGS: TableDefinition<(&str, &str, &str, &str), (&str, u64)> =
+    TableDefinition::new("tag_rows");
+/// The tags table of caches written before keys were typed: one string,
+/// `"<upstream>\0<repo>\0<tag>\0<media type>"`. Moved into `TAGS` when such a cache is opened.
+const TAGS_V1: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
 /// digest -> media type of a cached manifest.
 const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
 /// digest -> (size, last access in ms since the epoch, repository that last used it as
@@ -51,7 +55,8 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("metadata store: {e}"))
 }
 
-/// `"<upstream>\0<repo>\0<tag>\0"`, built by hand: `format!` costs more than the lookup it keys.
+/// The memo's key, `"<upstream>\0<repo>\0<tag>\0"`, built by hand: `format!` costs more than
+/// the lookup it keys.
 fn tag_prefix(upstream: &str, repo: &str, tag: &str) -> String {
     let mut key = String::with_capacity(upstream.len() + repo.len() + tag.len() + 3);
     for part in [upstream, repo, tag] {
@@ -59,6 +64,31 @@ fn tag_prefix(upstream: &str, repo: &str, tag: &str) -> String {
         key.push('\0');
     }
     key
+}
+
+/// Moves the rows of a cache written with string tag keys (`TAGS_V1`) into `TAGS`, in the
+/// transaction that opens the store, and drops the old table.
+fn migrate_tags(tx: &redb::WriteTransaction) -> io::Result<()> {
+    let old = match tx.open_table(TAGS_V1) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut tags = tx.open_table(TAGS).map_err(io_err)?;
+    for row in old.iter().map_err(io_err)? {
+        let (k, v) = row.map_err(io_err)?;
+        let key = k.value();
+        let mut parts = key.splitn(4, '\0');
+        if let (Some(u), Some(r), Some(t), Some(media_type)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        {
+            tags.insert((u, r, t, media_type), v.value())
+                .map_err(io_err)?;
+        }
+    }
+    drop(old);
+    tx.delete_table(TAGS_V1).map_err(io_err)?;
+    Ok(())
 }
 
 /// One committed object as the metadata knows it.
@@ -92,6 +122,7 @@ impl Meta {
         tx.open_table(TAGS).map_err(io_err)?;
         tx.open_table(MANIFESTS).map_err(io_err)?;
         tx.open_table(OBJECTS).map_err(io_err)?;
+        migrate_tags(&tx)?;
         tx.commit().map_err(io_err)?;
         Ok(Meta {
             db,
@@ -120,7 +151,7 @@ impl Meta {
             }
             memo.generation
         };
-        let rows: Arc<[TagEntry]> = self.read_tags(&prefix)?.into();
+        let rows: Arc<[TagEntry]> = self.read_tags(upstream, repo, tag)?.into();
         let mut memo = self.memo();
         if memo.generation == generation {
             if memo.rows.len() >= TAG_MEMO_MAX {
@@ -147,15 +178,16 @@ impl Meta {
         }
     }
 
-    fn read_tags(&self, prefix: &str) -> io::Result<Vec<TagEntry>> {
+    fn read_tags(&self, upstream: &str, repo: &str, tag: &str) -> io::Result<Vec<TagEntry>> {
         let tx = self.db.begin_read().map_err(io_err)?;
         let table = tx.open_table(TAGS).map_err(io_err)?;
         let mut out = Vec::new();
-        for row in table.range(prefix..).map_err(io_err)? {
+        for row in table.range((upstream, repo, tag, "")..).map_err(io_err)? {
             let (k, v) = row.map_err(io_err)?;
-            let Some(media_type) = k.value().strip_prefix(prefix) else {
+            let (u, r, t, media_type) = k.value();
+            if (u, r, t) != (upstream, repo, tag) {
                 break;
-            };
+            }
             let (digest, checked) = v.value();
             if let Ok(digest) = digest.parse() {
                 out.push(TagEntry {
@@ -183,9 +215,11 @@ impl Meta {
                 .map_err(io_err)?;
             if let Some((upstream, repo, tag, checked)) = tag {
                 let mut tags = tx.open_table(TAGS).map_err(io_err)?;
-                let key = format!("{}{media_type}", tag_prefix(upstream, repo, tag));
-                tags.insert(key.as_str(), (digest.to_string().as_str(), millis(checked)))
-                    .map_err(io_err)?;
+                tags.insert(
+                    (upstream, repo, tag, media_type),
+                    (digest.to_string().as_str(), millis(checked)),
+                )
+                .map_err(io_err)?;
             }
         }
         let committed = tx.commit().map_err(io_err);
@@ -207,9 +241,8 @@ impl Meta {
         let tx = self.db.begin_write().map_err(io_err)?;
         {
             let mut tags = tx.open_table(TAGS).map_err(io_err)?;
-            let key = format!("{}{}", tag_prefix(upstream, repo, tag), entry.media_type);
             tags.insert(
-                key.as_str(),
+                (upstream, repo, tag, entry.media_type.as_str()),
                 (entry.digest.to_string().as_str(), millis(now)),
             )
             .map_err(io_err)?;
@@ -417,6 +450,35 @@ mod tests {
         assert!(m.tags("quay.io", "library/x", "1").unwrap().is_empty());
     }
 
+    #[test]
+    fn tags_written_with_string_keys_are_moved_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let d = Digest::sha256_of(b"one");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(TAGS_V1)
+                .unwrap()
+                .insert(
+                    concat!("docker.io\0library/x\0", "1", "\0application/a"),
+                    (d.to_string().as_str(), 5_000),
+                )
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let m = Meta::open(&path).unwrap();
+        let tags = m.tags("docker.io", "library/x", "1").unwrap();
+        assert_eq!(tags.len(), 1);
+        assert_eq!(tags[0].digest, d);
+        assert_eq!(tags[0].media_type, "application/a");
+        assert_eq!(tags[0].checked, UNIX_EPOCH + Duration::from_millis(5_000));
+        drop(m);
+        // Moved, not copied: a second open finds nothing to move.
+        let m = Meta::open(&path).unwrap();
+        assert_eq!(m.tags("docker.io", "library/x", "1").unwrap().len(), 1);
+    }
+
     /// Reads are remembered, so every write must show in the next read.
     #[test]
     fn remembered_tags_follow_every_write() {
@@ -451,10 +513,6 @@ mod tests {
         let left = tags();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].digest, d2);
-        assert_eq!(
-            *left,
-            *m.read_tags(&tag_prefix("docker.io", "library/x", "1"))
-                .unwrap()
-        );
+        assert_eq!(*left, *m.read_tags("docker.io", "library/x", "1").unwrap());
     }
 }
