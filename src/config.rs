@@ -342,9 +342,23 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what serde cannot: cross-key rules, URLs, names.
+    /// Checks what serde cannot: cross-key rules, URLs, names. The first problem found is the
+    /// error, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+        self.validate_server_and_cache()?;
+        for (i, u) in self.upstream.iter().enumerate() {
+            self.validate_upstream(i, u)?;
+        }
+        if self.upstream.iter().filter(|u| u.default).count() > 1 {
+            return bad("upstream: more than one upstream has default = true".into());
+        }
+        for (i, p) in self.prefetch.iter().enumerate() {
+            self.validate_prefetch(i, p)?;
+        }
+        Ok(())
+    }
+
+    fn validate_server_and_cache(&self) -> Result<(), ConfigError> {
         match (&self.server.tls_cert, &self.server.tls_key) {
             (Some(_), None) => {
                 return bad("server.tls_key: required when server.tls_cert is set".into());
@@ -380,81 +394,78 @@ impl Config {
         if self.cache.max_unused.is_some_and(|d| d.0.is_zero()) {
             return bad("cache.max_unused: must be greater than zero".into());
         }
-        let mut defaults = 0;
-        for (i, u) in self.upstream.iter().enumerate() {
-            let key = |k: &str| format!("upstream[{i}].{k}");
-            if u.name.is_empty()
-                || u.name.contains('/')
-                || u.name.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+        Ok(())
+    }
+
+    fn validate_upstream(&self, i: usize, u: &UpstreamConfig) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("upstream[{i}].{k}");
+        if u.name.is_empty()
+            || u.name.contains('/')
+            || u.name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return bad(format!(
+                "{}: {:?} is not a registry host name",
+                key("name"),
+                u.name
+            ));
+        }
+        if self.upstream[..i].iter().any(|o| o.name == u.name) {
+            return bad(format!("{}: {:?} is configured twice", key("name"), u.name));
+        }
+        let uri: http::Uri = match u.url.parse() {
+            Ok(uri) => uri,
+            Err(_) => return bad(format!("{}: {:?} is not a URL", key("url"), u.url)),
+        };
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return bad(format!(
+                "{}: {:?} must be an http:// or https:// URL with a host",
+                key("url"),
+                u.url
+            ));
+        }
+        if uri.query().is_some() {
+            return bad(format!("{}: {:?} must not have a query", key("url"), u.url));
+        }
+        if u.password_env.is_some() && u.password_file.is_some() {
+            return bad(format!(
+                "{}: set password_env or password_file, not both",
+                key("password_env")
+            ));
+        }
+        if (u.password_env.is_some() || u.password_file.is_some()) && u.username.is_none() {
+            return bad(format!("{}: a password needs a username", key("username")));
+        }
+        if u.connect_timeout.0.is_zero() {
+            return bad(format!(
+                "{}: must be greater than zero",
+                key("connect_timeout")
+            ));
+        }
+        if u.timeout.0.is_zero() {
+            return bad(format!("{}: must be greater than zero", key("timeout")));
+        }
+        Ok(())
+    }
+
+    fn validate_prefetch(&self, i: usize, p: &PrefetchConfig) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("prefetch[{i}].{k}");
+        for image in &p.images {
+            let r = crate::oci::ImageRef::parse(image)
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("images"))))?;
+            if !self.upstream.iter().any(|u| u.name == r.registry) {
                 return bad(format!(
-                    "{}: {:?} is not a registry host name",
-                    key("name"),
-                    u.name
+                    "{}: {image:?} is on registry {:?}, which no [[upstream]] names",
+                    key("images"),
+                    r.registry
                 ));
-            }
-            if self.upstream[..i].iter().any(|o| o.name == u.name) {
-                return bad(format!("{}: {:?} is configured twice", key("name"), u.name));
-            }
-            let uri: http::Uri = match u.url.parse() {
-                Ok(uri) => uri,
-                Err(_) => return bad(format!("{}: {:?} is not a URL", key("url"), u.url)),
-            };
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return bad(format!(
-                    "{}: {:?} must be an http:// or https:// URL with a host",
-                    key("url"),
-                    u.url
-                ));
-            }
-            if uri.query().is_some() {
-                return bad(format!("{}: {:?} must not have a query", key("url"), u.url));
-            }
-            if u.default {
-                defaults += 1;
-            }
-            if u.password_env.is_some() && u.password_file.is_some() {
-                return bad(format!(
-                    "{}: set password_env or password_file, not both",
-                    key("password_env")
-                ));
-            }
-            if (u.password_env.is_some() || u.password_file.is_some()) && u.username.is_none() {
-                return bad(format!("{}: a password needs a username", key("username")));
-            }
-            if u.connect_timeout.0.is_zero() {
-                return bad(format!(
-                    "{}: must be greater than zero",
-                    key("connect_timeout")
-                ));
-            }
-            if u.timeout.0.is_zero() {
-                return bad(format!("{}: must be greater than zero", key("timeout")));
             }
         }
-        if defaults > 1 {
-            return bad("upstream: more than one upstream has default = true".into());
+        for platform in p.platforms.iter().filter(|p| p.as_str() != "all") {
+            crate::oci::PlatformSpec::parse(platform)
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("platforms"))))?;
         }
-        for (i, p) in self.prefetch.iter().enumerate() {
-            let key = |k: &str| format!("prefetch[{i}].{k}");
-            for image in &p.images {
-                let r = crate::oci::ImageRef::parse(image)
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("images"))))?;
-                if !self.upstream.iter().any(|u| u.name == r.registry) {
-                    return bad(format!(
-                        "{}: {image:?} is on registry {:?}, which no [[upstream]] names",
-                        key("images"),
-                        r.registry
-                    ));
-                }
-            }
-            for platform in p.platforms.iter().filter(|p| p.as_str() != "all") {
-                crate::oci::PlatformSpec::parse(platform)
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", key("platforms"))))?;
-            }
-            if p.interval.0.is_zero() {
-                return bad(format!("{}: must be greater than zero", key("interval")));
-            }
+        if p.interval.0.is_zero() {
+            return bad(format!("{}: must be greater than zero", key("interval")));
         }
         Ok(())
     }
@@ -501,6 +512,10 @@ fn key_at_line(text: &str, line: usize) -> Option<String> {
         Some(t) => format!("{t}.{key}"),
         None => key.to_owned(),
     })
+}
+
+fn bad(message: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid(message))
 }
 
 // === sizes and durations ===

@@ -137,6 +137,21 @@ async fn fetch(
             };
         }
     };
+    finish(t, digest, writer, hasher, guard, len, metrics).await
+}
+
+/// The body is all there: checks its length and digest, releases the followers' last byte,
+/// and commits.
+async fn finish(
+    t: &Target,
+    digest: &Digest,
+    writer: Box<dyn BlobWriter>,
+    hasher: Hasher,
+    guard: &FillGuard,
+    len: Option<u64>,
+    metrics: &Metrics,
+) -> Outcome {
+    let up = &t.upstream;
     let got = writer.written();
     if let Some(expected) = len
         && got != expected
