@@ -8,12 +8,17 @@
 //! `Content-Length`: the client sees a failed download, never a wrong 200.
 
 use super::sendfile::{FileQueue, MAX_CHUNK};
+use crate::error::Error;
 use crate::metrics::{Metrics, Source};
 use crate::mirror::{BlobSource, Piece};
+use crate::storage::ReadAt;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::Frame;
+use std::io;
 use std::sync::Arc;
+use tokio::task::JoinHandle;
 
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BodyError>;
@@ -41,6 +46,7 @@ pub fn blob(source: BlobSource, sendfile: Option<Arc<FileQueue>>, metrics: Arc<M
         },
         source: Some(source),
         sendfile,
+        ahead: None,
     };
     let frames = futures_util::stream::unfold(state, |mut st| async move {
         let frame = st.next().await?;
@@ -54,36 +60,85 @@ struct BlobBody {
     source: Option<BlobSource>,
     sendfile: Option<Arc<FileQueue>>,
     served: Served,
+    /// The next piece, asked for early so that its read overlaps the send of this one.
+    ahead: Option<Ahead>,
+}
+
+/// What the source answered when asked ahead of time.
+enum Ahead {
+    /// A stored piece being read on the blocking pool; `true`: another is ready behind it.
+    Reading(JoinHandle<io::Result<Bytes>>, bool),
+    /// Anything else (the end, an error), handed out in its turn.
+    Answered(Result<Option<Piece>, Error>),
+}
+
+fn read(reader: Arc<dyn ReadAt>, offset: u64, len: usize) -> JoinHandle<io::Result<Bytes>> {
+    tokio::task::spawn_blocking(move || reader.read_bytes(offset, len))
 }
 
 impl BlobBody {
-    async fn next(&mut self) -> Option<Result<Frame<Bytes>, BodyError>> {
-        let source = self.source.as_mut()?;
-        let max = if self.sendfile.is_some() {
+    fn max_piece(&self) -> usize {
+        if self.sendfile.is_some() {
             MAX_CHUNK
         } else {
             READ_CHUNK
-        };
-        let chunk = match source.next(max).await {
-            Ok(Some(Piece::Relayed(bytes))) => Ok(bytes),
-            Ok(Some(Piece::Stored {
-                reader,
-                offset,
-                len,
-                more,
-            })) => match (&self.sendfile, reader.file()) {
-                (Some(queue), Some(file)) => Ok(queue.placeholder(file, offset, len, more)),
-                _ => tokio::task::spawn_blocking(move || reader.read_bytes(offset, len))
-                    .await
-                    .map_err(BodyError::from)
-                    .and_then(|r| r.map_err(BodyError::from)),
-            },
-            Ok(None) => {
-                self.source = None;
-                return None;
+        }
+    }
+
+    async fn next(&mut self) -> Option<Result<Frame<Bytes>, BodyError>> {
+        let max = self.max_piece();
+        let source = self.source.as_mut()?;
+        let (reading, more) = match self.ahead.take() {
+            Some(Ahead::Reading(h, more)) => (h, more),
+            early => {
+                let piece = match early {
+                    Some(Ahead::Answered(p)) => p,
+                    _ => source.next(max).await,
+                };
+                match piece {
+                    Ok(None) => {
+                        self.source = None;
+                        return None;
+                    }
+                    Err(e) => return self.sent(Err(e.into())),
+                    Ok(Some(Piece::Relayed(bytes))) => return self.sent(Ok(bytes)),
+                    Ok(Some(Piece::Stored {
+                        reader,
+                        offset,
+                        len,
+                        more,
+                    })) => {
+                        if let (Some(queue), Some(file)) = (&self.sendfile, reader.file()) {
+                            let chunk = queue.placeholder(file, offset, len, more);
+                            return self.sent(Ok(chunk));
+                        }
+                        (read(reader, offset, len), more)
+                    }
+                }
             }
-            Err(e) => Err(e.into()),
         };
+        if more {
+            // The next piece is ready now: start reading it while this one goes out.
+            let source = self.source.as_mut()?;
+            self.ahead = source.next(max).now_or_never().map(|p| match p {
+                Ok(Some(Piece::Stored {
+                    reader,
+                    offset,
+                    len,
+                    more,
+                })) => Ahead::Reading(read(reader, offset, len), more),
+                other => Ahead::Answered(other),
+            });
+        }
+        let chunk = match reading.await {
+            Ok(r) => r.map_err(BodyError::from),
+            Err(e) => Err(BodyError::from(e)),
+        };
+        self.sent(chunk)
+    }
+
+    /// Counts a chunk on its way out, or ends the body with an error.
+    fn sent(&mut self, chunk: Result<Bytes, BodyError>) -> Option<Result<Frame<Bytes>, BodyError>> {
         match chunk {
             Ok(bytes) => {
                 self.served.bytes += bytes.len() as u64;
@@ -91,6 +146,7 @@ impl BlobBody {
             }
             Err(e) => {
                 self.source = None;
+                self.ahead = None;
                 Some(Err(e))
             }
         }

@@ -179,6 +179,14 @@ enum NoFill {
 impl Mirror {
     /// Opens a blob for a response: the committed object, or a fill (started now, or joined).
     pub async fn blob(&self, t: &Target, digest: &Digest) -> Result<BlobSource, Error> {
+        let mut source = self.open_blob(t, digest).await?;
+        if matches!(source.state, State::Growing { .. }) {
+            source._following = Some(Following::new(&self.metrics));
+        }
+        Ok(source)
+    }
+
+    async fn open_blob(&self, t: &Target, digest: &Digest) -> Result<BlobSource, Error> {
         let blobs = self.store.blobs();
         if let Some(b) = blobs.open(digest, Access::Read)? {
             self.lookup(Kind::Blob, Lookup::Hit);
@@ -244,7 +252,7 @@ impl Mirror {
             },
             pos: 0,
             end: None,
-            _following: Some(Following::new(&self.metrics)),
+            _following: None,
         })
     }
 
@@ -256,7 +264,7 @@ impl Mirror {
         digest: &Digest,
         on_progress: impl FnMut(u64),
     ) -> Result<u64, Error> {
-        let source = self.blob(t, digest).await?;
+        let source = self.open_blob(t, digest).await?;
         match source.state {
             State::Stored(b) => Ok(b.len),
             State::Growing { mut progress, .. } => progress.committed(on_progress).await,
