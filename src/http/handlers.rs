@@ -105,24 +105,7 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
             let digest = parse_digest(digest)?;
             Box::pin(referrers(mirror, &t, &digest, req.uri().query(), head)).await
         }
-        Route::Metrics => {
-            // Sizes are read at scrape time rather than kept in step at every commit.
-            state
-                .metrics
-                .cache_size_bytes
-                .set(mirror.store.used() as i64);
-            state
-                .metrics
-                .cache_objects
-                .set(mirror.store.object_count() as i64);
-            Ok(Response::builder()
-                .header(
-                    header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-                .body(body::full(state.metrics.render()))
-                .expect("static response"))
-        }
+        Route::Metrics => Ok(metrics(mirror)),
         Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
         Route::Readyz => {
             // Ready when the cache directory is usable: the upstreams are optional by design.
@@ -141,6 +124,21 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         )),
         Route::NotFound => Err(Error::client(ErrorCode::NameUnknown, "no such endpoint")),
     }
+}
+
+/// The `/metrics` answer, on the main listener and on `server.metrics_listen` alike.
+pub(super) fn metrics(mirror: &Mirror) -> Response<Body> {
+    // Sizes are read at scrape time rather than kept in step at every commit.
+    let m = &mirror.metrics;
+    m.cache_size_bytes.set(mirror.store.used() as i64);
+    m.cache_objects.set(mirror.store.object_count() as i64);
+    Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .body(body::full(m.render()))
+        .expect("static response")
 }
 
 fn parse_digest(s: &str) -> Result<Digest, Error> {

@@ -3,7 +3,7 @@
 
 use crate::error::Error;
 use crate::http::body::{self, Body};
-use crate::metrics::Metrics;
+use crate::mirror::Mirror;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -12,20 +12,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
-/// Binds `addr` and serves until `stopped` turns true; returns the bound address.
+/// Binds `addr` and serves until `stopped` turns true; returns the bound address and the
+/// serving task, which ends once no connection is left (each holds the mirror, so the cache).
 pub async fn spawn(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
+    mirror: Arc<Mirror>,
     mut stopped: watch::Receiver<bool>,
-) -> Result<SocketAddr, Error> {
+) -> Result<(SocketAddr, JoinHandle<()>), Error> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Internal(format!("server.metrics_listen {addr}: {e}")))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics listening");
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
         loop {
             let stream = tokio::select! {
@@ -40,11 +41,11 @@ pub async fn spawn(
                     }
                 },
             };
-            let metrics = metrics.clone();
+            let mirror = mirror.clone();
             conns.spawn(async move {
                 let service = service_fn(move |req| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&metrics, &req)) }
+                    let mirror = mirror.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(&mirror, &req)) }
                 });
                 let _ = Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -52,20 +53,15 @@ pub async fn spawn(
             });
         }
         conns.abort_all();
+        while conns.join_next().await.is_some() {}
     });
-    Ok(bound)
+    Ok((bound, task))
 }
 
-fn answer<B>(metrics: &Metrics, req: &Request<B>) -> Response<Body> {
+fn answer<B>(mirror: &Mirror, req: &Request<B>) -> Response<Body> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     if get && req.uri().path() == "/metrics" {
-        Response::builder()
-            .header(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-            .body(body::full(metrics.render()))
-            .expect("static response")
+        super::handlers::metrics(mirror)
     } else {
         Response::builder()
             .status(StatusCode::NOT_FOUND)

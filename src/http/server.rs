@@ -34,6 +34,7 @@ const COMMIT_DRAIN: Duration = Duration::from_secs(10);
 pub struct Server {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     housekeeping: tokio::task::JoinHandle<()>,
@@ -54,6 +55,9 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(t) = self.metrics_task {
+            let _ = t.await;
+        }
         self.mirror.finish_commits(COMMIT_DRAIN).await;
         let _ = self.housekeeping.await;
     }
@@ -97,17 +101,20 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
     });
     let (stop, stopped) = watch::channel(false);
     let housekeeping = tokio::spawn(evict_loop(mirror.clone(), stopped.clone()));
-    let metrics_addr = match config.server.metrics_listen {
+    let (metrics_addr, metrics_task) = match config.server.metrics_listen {
         Some(a) => {
-            Some(super::metrics_listener::spawn(a, state.metrics.clone(), stopped.clone()).await?)
+            let (addr, task) =
+                super::metrics_listener::spawn(a, mirror.clone(), stopped.clone()).await?;
+            (Some(addr), Some(task))
         }
-        None => None,
+        None => (None, None),
     };
     crate::airgap::spawn_refresh(&config, &mirror, stopped.clone());
     let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
     Ok(Server {
         addr,
         metrics_addr,
+        metrics_task,
         stop,
         task,
         housekeeping,
