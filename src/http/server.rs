@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -27,6 +28,10 @@ use tracing::{debug, info, warn};
 
 /// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `shutdown` lets responses in flight finish before closing their connections.
+// TODO(drain_timeout): the `server.drain_timeout` key of a later issue replaces this.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long `shutdown` waits for verified blobs to be committed (an fsync and a rename each).
 const COMMIT_DRAIN: Duration = Duration::from_secs(10);
@@ -52,7 +57,9 @@ impl Server {
         self.metrics_addr
     }
 
-    /// Stops accepting and closes every connection.
+    /// Stops accepting, lets the responses in flight finish (for `DRAIN_TIMEOUT` at most, then
+    /// closes what is left), waits for verified blobs to be committed, and returns once no
+    /// connection or background task holds the cache.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -153,6 +160,7 @@ pub(super) async fn accept_loop<A, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut conns = JoinSet::new();
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => break,
@@ -173,12 +181,31 @@ pub(super) async fn accept_loop<A, F>(
             (None, true) => Conn::Sendfile(SendfileStream::new(stream)),
             (None, false) => Conn::Plain(stream),
         };
+        // The watcher is taken now, not in the task: a connection accepted just before the
+        // stop must still hear of it.
+        let watcher = graceful.watcher();
         conns.spawn(serve_connection(
             conn,
             peer,
             listener.sendfile,
             answer.clone(),
+            watcher,
         ));
+    }
+    // Closing the socket now refuses new connections instead of leaving them in the backlog.
+    let name = listener.name;
+    drop(listener);
+    // Idle connections close at once; busy ones finish their responses (HTTP/1) or streams
+    // (HTTP/2, after a GOAWAY) and close.
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            listener = name,
+            connections = conns.len(),
+            "responses still in flight at the drain timeout; closing their connections"
+        );
     }
     conns.abort_all();
     // Aborted tasks are dropped only when the runtime next polls them; wait for that, so that
@@ -194,8 +221,15 @@ enum Conn {
     Tls(TlsAcceptor, TcpStream),
 }
 
-async fn serve_connection<A, F>(conn: Conn, peer: SocketAddr, sendfile: bool, answer: A)
-where
+/// Serves one connection until it closes, or, once `watcher` hears of the stop, until what it
+/// is answering is done.
+async fn serve_connection<A, F>(
+    conn: Conn,
+    peer: SocketAddr,
+    sendfile: bool,
+    answer: A,
+    watcher: Watcher,
+) where
     A: Fn(Request<Incoming>) -> F + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -219,11 +253,20 @@ where
         builder.http1().writev(true);
     }
     let result = match conn {
-        Conn::Plain(s) => builder.serve_connection(TokioIo::new(s), service).await,
-        Conn::Sendfile(s) => builder.serve_connection(TokioIo::new(s), service).await,
+        Conn::Plain(s) => {
+            let conn = builder.serve_connection(TokioIo::new(s), service);
+            watcher.watch(conn).await
+        }
+        Conn::Sendfile(s) => {
+            let conn = builder.serve_connection(TokioIo::new(s), service);
+            watcher.watch(conn).await
+        }
         Conn::Tls(acceptor, stream) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), service).await,
+                Ok(Ok(s)) => {
+                    let conn = builder.serve_connection(TokioIo::new(s), service);
+                    watcher.watch(conn).await
+                }
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
                     return;
