@@ -370,10 +370,9 @@ impl Metrics {
         }
     }
 
-    /// Counts a lookup, and records its result on the current request's span for the log line.
+    /// Counts a lookup.
     pub fn lookup(&self, kind: Kind, result: Lookup) {
         self.lookup_series[kind as usize][result as usize].inc();
-        tracing::Span::current().record(crate::telemetry::CACHE_FIELD, result.as_str());
     }
 
     /// Observes a whole upstream operation that started at `started`.

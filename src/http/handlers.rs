@@ -69,7 +69,7 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
     };
     resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
     state.metrics.request(label, resp.status(), started);
-    crate::telemetry::finish_response(resp, span, started, state.metrics.clone())
+    super::log::finish_response(resp, span, started, state.metrics.clone())
 }
 
 /// The handlers that may go upstream (blobs, tags, referrers) run boxed: their futures are

@@ -247,11 +247,11 @@ impl Mirror {
         digest: &Digest,
     ) -> Result<Arc<Manifest>, Error> {
         if let Some(m) = self.cached_manifest(digest).await? {
-            self.metrics.lookup(Kind::Manifest, Lookup::Hit);
+            self.lookup(Kind::Manifest, Lookup::Hit);
             return Ok(m);
         }
         if self.offline {
-            self.metrics.lookup(Kind::Manifest, Lookup::Miss);
+            self.lookup(Kind::Manifest, Lookup::Miss);
             return Err(self.offline_error(t));
         }
         let key = format!("d\0{}", digest);
@@ -267,7 +267,7 @@ impl Mirror {
             .manifest_flights
             .run(key, || fetch.map(|r| r.map(|m| (m, Lookup::Miss))))
             .await;
-        self.metrics.lookup(
+        self.lookup(
             Kind::Manifest,
             if leader {
                 Lookup::Miss
@@ -421,11 +421,11 @@ impl Mirror {
     /// Opens a blob for reading: the committed file, or a fill (started now, or joined).
     pub async fn blob(&self, t: &Target, digest: &Digest) -> Result<BlobHandle, Error> {
         if let Some(h) = self.committed_blob(digest)? {
-            self.metrics.lookup(Kind::Blob, Lookup::Hit);
+            self.lookup(Kind::Blob, Lookup::Hit);
             return Ok(h);
         }
         if self.offline {
-            self.metrics.lookup(Kind::Blob, Lookup::Miss);
+            self.lookup(Kind::Blob, Lookup::Miss);
             return Err(self.offline_error(t));
         }
         /// Why no fill was started.
@@ -453,11 +453,11 @@ impl Mirror {
         });
         let fill = match joined {
             Ok(Joined::Follow(fill)) => {
-                self.metrics.lookup(Kind::Blob, Lookup::Coalesced);
+                self.lookup(Kind::Blob, Lookup::Coalesced);
                 fill
             }
             Ok(Joined::Started(fill, guard, writer)) => {
-                self.metrics.lookup(Kind::Blob, Lookup::Miss);
+                self.lookup(Kind::Blob, Lookup::Miss);
                 let task = run_fill(
                     t.clone(),
                     digest.clone(),
@@ -471,12 +471,12 @@ impl Mirror {
                 fill
             }
             Err(NoFill::Committed(h)) => {
-                self.metrics.lookup(Kind::Blob, Lookup::Hit);
+                self.lookup(Kind::Blob, Lookup::Hit);
                 return Ok(*h);
             }
             Err(NoFill::CannotWrite(e)) => {
                 // A full or failing disk costs caching, not the pull.
-                self.metrics.lookup(Kind::Blob, Lookup::Miss);
+                self.lookup(Kind::Blob, Lookup::Miss);
                 self.metrics.cache_write_errors.inc();
                 warn!(error = %e, digest = %digest, "cannot write to the cache; passing the blob through");
                 return self.pass_through(t, digest).await;
@@ -509,16 +509,16 @@ impl Mirror {
     /// HEAD (which fetches nothing).
     pub async fn blob_len(&self, t: &Target, digest: &Digest) -> Result<u64, Error> {
         if let Some((_, len)) = self.store.open_blob(digest)? {
-            self.metrics.lookup(Kind::Blob, Lookup::Hit);
+            self.lookup(Kind::Blob, Lookup::Hit);
             return Ok(len);
         }
         if let Some(fill) = self.fills.get(digest)
             && let Ok(Some(len)) = fill.started().await
         {
-            self.metrics.lookup(Kind::Blob, Lookup::Coalesced);
+            self.lookup(Kind::Blob, Lookup::Coalesced);
             return Ok(len);
         }
-        self.metrics.lookup(Kind::Blob, Lookup::Miss);
+        self.lookup(Kind::Blob, Lookup::Miss);
         if self.offline {
             return Err(self.offline_error(t));
         }
@@ -586,6 +586,15 @@ impl Mirror {
 
     pub fn fills_in_flight(&self) -> usize {
         self.fills.len()
+    }
+}
+
+impl Mirror {
+    /// Counts a cache lookup and records its result on the current request's span, for the
+    /// request's log line.
+    fn lookup(&self, kind: Kind, result: Lookup) {
+        self.metrics.lookup(kind, result);
+        crate::telemetry::record_cache(result.as_str());
     }
 }
 
