@@ -46,7 +46,7 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
         Route::Manifest { .. } => ErrorCode::ManifestUnknown,
         _ => ErrorCode::NameUnknown,
     };
-    let span = crate::telemetry::request_span(&method, label);
+    let span = crate::telemetry::request_span(&method, label.as_str());
     let outcome = AssertUnwindSafe(dispatch(&state, r, &req))
         .catch_unwind()
         .instrument(span.clone())
