@@ -8,8 +8,77 @@ use prometheus::{
 use std::sync::OnceLock;
 use std::time::Instant;
 
-/// Routes, as counted in `cachalot_requests_total`.
-pub const ROUTES: [&str; 6] = ["manifest", "blob", "tags", "referrers", "base", "other"];
+/// The `route` label of the request series. `http::route::Route::label` maps every route to
+/// one, so a new route cannot go uncounted; the series exist at zero from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteLabel {
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+    Base,
+    /// Metrics, health, unsupported and unknown paths.
+    Other,
+}
+
+impl RouteLabel {
+    /// Every label, in declaration order (so `label as usize` indexes it).
+    pub const ALL: [RouteLabel; 6] = [
+        RouteLabel::Manifest,
+        RouteLabel::Blob,
+        RouteLabel::Tags,
+        RouteLabel::Referrers,
+        RouteLabel::Base,
+        RouteLabel::Other,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Manifest => "manifest",
+            RouteLabel::Blob => "blob",
+            RouteLabel::Tags => "tags",
+            RouteLabel::Referrers => "referrers",
+            RouteLabel::Base => "base",
+            RouteLabel::Other => "other",
+        }
+    }
+}
+
+/// What an upstream request is for; the `op` label of the upstream series (re-exported as
+/// `upstream::Op`, whose requests carry it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+    Ping,
+    /// A bearer token fetch from the upstream's token realm.
+    Token,
+}
+
+impl Op {
+    /// Every op, in declaration order.
+    pub const ALL: [Op; 6] = [
+        Op::Manifest,
+        Op::Blob,
+        Op::Tags,
+        Op::Referrers,
+        Op::Ping,
+        Op::Token,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Op::Manifest => "manifest",
+            Op::Blob => "blob",
+            Op::Tags => "tags",
+            Op::Referrers => "referrers",
+            Op::Ping => "ping",
+            Op::Token => "token",
+        }
+    }
+}
 
 /// Cache lookup kinds and results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,10 +200,10 @@ pub struct Metrics {
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
     served_series: [IntCounter; 3],
-    duration_series: [Histogram; ROUTES.len()],
+    duration_series: [Histogram; RouteLabel::ALL.len()],
     /// `requests_total{route, code}` for the codes most answers carry, made on first use (so
     /// that, as for every other code, a series appears with its first request).
-    request_series: [[OnceLock<IntCounter>; COMMON_CODES.len()]; ROUTES.len()],
+    request_series: [[OnceLock<IntCounter>; COMMON_CODES.len()]; RouteLabel::ALL.len()],
 }
 
 /// Status codes whose `requests_total` children are kept at hand.
@@ -148,8 +217,6 @@ const LATENCY_BUCKETS: [f64; 14] = [
 const PRECREATED_CODES: [&str; 9] = [
     "200", "401", "404", "429", "500", "502", "503", "504", "error",
 ];
-/// Upstream operations as counted in the `op` label (token fetches included).
-pub const UPSTREAM_OPS: [&str; 6] = ["manifest", "blob", "tags", "referrers", "ping", "token"];
 
 impl Metrics {
     pub fn new(upstreams: &[&str]) -> Metrics {
@@ -327,7 +394,9 @@ impl Metrics {
         for s in [Source::Cache, Source::Fill] {
             blob_first_byte.with_label_values(&[s.as_str()]);
         }
-        let duration_series = ROUTES.map(|route| request_duration.with_label_values(&[route]));
+        // Indexed by `RouteLabel as usize`.
+        let duration_series =
+            RouteLabel::ALL.map(|route| request_duration.with_label_values(&[route.as_str()]));
         for u in upstreams {
             upstream_bytes.with_label_values(&[u]);
             digest_mismatches.with_label_values(&[u]);
@@ -338,7 +407,7 @@ impl Metrics {
             for result in ["ok", "error"] {
                 token_fetches.with_label_values(&[u, result]);
             }
-            for op in UPSTREAM_OPS {
+            for op in Op::ALL.map(Op::as_str) {
                 // rate() cannot see the first increment of a series that appears already at 1,
                 // so the codes the alerts and dashboard watch exist from the start.
                 for code in PRECREATED_CODES {
@@ -380,30 +449,23 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request of `route` (a `ROUTES` label) and observes its duration
-    /// since `started`.
-    pub fn request(&self, route: &'static str, status: http::StatusCode, started: Instant) {
-        let r = ROUTES.iter().position(|x| *x == route);
-        let code = COMMON_CODES.iter().position(|c| *c == status.as_u16());
-        let count = || self.requests.with_label_values(&[route, status.as_str()]);
-        match (r, code) {
-            (Some(r), Some(c)) => self.request_series[r][c].get_or_init(count).inc(),
-            _ => count().inc(),
+    /// Counts one answered request of `route` and observes its duration since `started`.
+    pub fn request(&self, route: RouteLabel, status: http::StatusCode, started: Instant) {
+        let r = route as usize;
+        let count = || {
+            self.requests
+                .with_label_values(&[route.as_str(), status.as_str()])
+        };
+        match COMMON_CODES.iter().position(|c| *c == status.as_u16()) {
+            Some(c) => self.request_series[r][c].get_or_init(count).inc(),
+            None => count().inc(),
         }
-        let seconds = started.elapsed().as_secs_f64();
-        match r {
-            Some(r) => self.duration_series[r].observe(seconds),
-            None => self
-                .request_duration
-                .with_label_values(&[route])
-                .observe(seconds),
-        }
+        self.duration_series[r].observe(started.elapsed().as_secs_f64());
     }
 
-    /// Counts a lookup, and records its result on the current request's span for the log line.
+    /// Counts a lookup.
     pub fn lookup(&self, kind: Kind, result: Lookup) {
         self.lookup_series[kind as usize][result as usize].inc();
-        tracing::Span::current().record(crate::telemetry::CACHE_FIELD, result.as_str());
     }
 
     /// Counts an upstream body discarded for `fault`.
@@ -484,6 +546,40 @@ mod tests {
             "cachalot_upstream_first_byte_seconds_count{op=\"token\",upstream=\"docker.io\"} 0"
         ));
         assert!(!text.contains("cachalot_upstream_ratelimit_remaining"));
+    }
+
+    #[test]
+    fn label_values_stay_as_dashboards_know_them() {
+        assert_eq!(
+            RouteLabel::ALL.map(RouteLabel::as_str),
+            ["manifest", "blob", "tags", "referrers", "base", "other"]
+        );
+        assert_eq!(
+            Op::ALL.map(Op::as_str),
+            ["manifest", "blob", "tags", "referrers", "ping", "token"]
+        );
+        // The per-route series are indexed by `RouteLabel as usize`.
+        for (i, r) in RouteLabel::ALL.into_iter().enumerate() {
+            assert_eq!(r as usize, i, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn every_route_label_is_counted_and_timed() {
+        let m = Metrics::new(&[]);
+        for r in RouteLabel::ALL {
+            m.request(r, http::StatusCode::OK, Instant::now());
+            m.request(r, http::StatusCode::IM_A_TEAPOT, Instant::now());
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        for r in RouteLabel::ALL.map(RouteLabel::as_str) {
+            for code in ["200", "418"] {
+                let line = format!("cachalot_requests_total{{code=\"{code}\",route=\"{r}\"}} 1");
+                assert!(text.contains(&line), "{line}");
+            }
+            let line = format!("cachalot_request_duration_seconds_count{{route=\"{r}\"}} 2");
+            assert!(text.contains(&line), "{line}");
+        }
     }
 
     #[test]

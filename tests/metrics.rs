@@ -312,9 +312,10 @@ async fn digest_mismatch_is_counted_once() {
     );
 }
 
-#[tokio::test]
-async fn metrics_listen_serves_metrics_only() {
-    let fake = FakeRegistry::start().await;
+/// A cachalot in front of `fake` with `server.metrics_listen` on, and its cache directory.
+async fn spawn_with_metrics_listen(
+    fake: &FakeRegistry,
+) -> (cachalot::server::Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let toml = config_toml(
         dir.path(),
@@ -326,7 +327,13 @@ async fn metrics_listen_serves_metrics_only() {
         "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"",
     );
     let config = cachalot::config::Config::from_toml_str(&toml).unwrap();
-    let server = cachalot::server::spawn(config).await.unwrap();
+    (cachalot::server::spawn(config).await.unwrap(), dir)
+}
+
+#[tokio::test]
+async fn metrics_listen_serves_metrics_only() {
+    let fake = FakeRegistry::start().await;
+    let (server, _dir) = spawn_with_metrics_listen(&fake).await;
     let admin = server.metrics_addr().expect("metrics_listen bound");
     assert_ne!(admin, server.local_addr());
     let client = TestClient::new();
@@ -342,5 +349,39 @@ async fn metrics_listen_serves_metrics_only() {
         .get(&format!("http://{}/metrics", server.local_addr()))
         .await;
     assert_eq!(r.status, 200, "/metrics stays on the main listener");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_listen_reports_the_cache_size() {
+    let fake = FakeRegistry::start().await;
+    let blob = random_blob(5000);
+    let d = fake.push_blob("app", blob.clone());
+    let (server, _dir) = spawn_with_metrics_listen(&fake).await;
+    let admin = format!("http://{}/metrics", server.metrics_addr().unwrap());
+    let client = TestClient::new();
+    let r = client
+        .get(&format!("http://{}/v2/app/blobs/{d}", server.local_addr()))
+        .await;
+    assert_eq!(r.body, blob);
+    // Only the admin listener is scraped here: a scrape of the main one would set the
+    // gauges for both, hiding a listener that does not.
+    let deadline = tokio::time::Instant::now() + common::client::SAFETY;
+    let text = loop {
+        let text = client.get(&admin).await.text();
+        if metric_value(&text, "cachalot_fills_in_flight", &[]) == 0.0 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "safety timeout: fill still in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        metric_value(&text, "cachalot_cache_size_bytes", &[]),
+        blob.len() as f64
+    );
+    assert_eq!(metric_value(&text, "cachalot_cache_objects", &[]), 1.0);
     server.shutdown().await;
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::client::SAFETY;
+use common::client::{SAFETY, drain, read_at_least};
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
@@ -214,4 +214,115 @@ async fn bytes_sent_by_sendfile_are_counted_as_served_from_cache() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+// === shutdown ===
+
+/// A cachalot in front of `fake`, with the whole `Server` at hand, and its cache directory.
+async fn spawn_server(fake: &FakeRegistry) -> (cachalot::server::Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_toml(
+        dir.path(),
+        &CacheSpec::default(),
+        &[UpstreamSpec::new(UP, &fake.url(), true)],
+    );
+    let config = cachalot::config::Config::from_toml_str(&toml).unwrap();
+    (cachalot::server::spawn(config).await.unwrap(), dir)
+}
+
+/// Caches a blob of `len` bytes through `server`; returns its URL and bytes.
+async fn cached_blob(
+    fake: &FakeRegistry,
+    server: &cachalot::server::Server,
+    len: usize,
+) -> (String, Bytes) {
+    let blob = random_blob(len);
+    let d = fake.push_blob("app", blob.clone());
+    let url = format!("http://{}/v2/app/blobs/{d}", server.local_addr());
+    let r = TestClient::new().get(&url).await;
+    assert!(r.body == blob, "warming {d}");
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while server.mirror.fills_in_flight() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "fill stuck");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (url, blob)
+}
+
+/// Waits until `addr` refuses connections: the listener is gone, shutdown has begun.
+async fn wait_refused(addr: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Far more than the socket buffers on both sides hold, so a response is still being sent
+/// while its client does not read.
+const HUGE: usize = 32 * 1024 * 1024;
+
+#[tokio::test]
+async fn shutdown_lets_a_blob_response_in_flight_finish() {
+    let fake = FakeRegistry::start().await;
+    let (server, dir) = spawn_server(&fake).await;
+    let addr = server.local_addr();
+    let (url, blob) = cached_blob(&fake, &server, HUGE).await;
+
+    let resp = TestClient::unpooled()
+        .send_raw(hyper::Method::GET, &url, &[])
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let head = read_at_least(&mut body, 1).await;
+    let shutdown = tokio::spawn(server.shutdown());
+    wait_refused(addr).await;
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned with a response in flight"
+    );
+    let rest = drain(body).await;
+    assert_eq!(rest.error, None, "the response was cut short");
+    assert_eq!(head.len() + rest.bytes.len(), blob.len());
+    assert!(
+        [&head[..], &rest.bytes[..]].concat() == blob[..],
+        "wrong bytes"
+    );
+    tokio::time::timeout(SAFETY, shutdown)
+        .await
+        .expect("shutdown returns once the response is done")
+        .unwrap();
+    // Nothing holds the cache any more: it opens again.
+    cachalot::storage::Store::open(dir.path()).expect("cache reopens after shutdown");
+}
+
+#[tokio::test]
+async fn shutdown_closes_a_response_that_outlasts_the_drain() {
+    let fake = FakeRegistry::start().await;
+    let (server, dir) = spawn_server(&fake).await;
+    let (url, blob) = cached_blob(&fake, &server, HUGE).await;
+
+    // A client that stops reading after the first bytes holds its response open for good.
+    let resp = TestClient::unpooled()
+        .send_raw(hyper::Method::GET, &url, &[])
+        .await;
+    let mut body = resp.into_body();
+    let head = read_at_least(&mut body, 1).await;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(SAFETY, server.shutdown())
+        .await
+        .expect("shutdown is bounded");
+    let waited = started.elapsed();
+    // The drain is 10 s; the slack is for a loaded machine.
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(30),
+        "shutdown took {waited:?}"
+    );
+    let rest = drain(body).await;
+    assert!(
+        rest.error.is_some(),
+        "the response must end short, not whole"
+    );
+    assert!(head.len() + rest.bytes.len() < blob.len());
+    cachalot::storage::Store::open(dir.path()).expect("cache reopens after shutdown");
 }

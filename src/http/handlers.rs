@@ -46,7 +46,7 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
         Route::Manifest { .. } => ErrorCode::ManifestUnknown,
         _ => ErrorCode::NameUnknown,
     };
-    let span = crate::telemetry::request_span(&method, label);
+    let span = crate::telemetry::request_span(&method, label.as_str());
     let outcome = AssertUnwindSafe(dispatch(&state, r, &req))
         .catch_unwind()
         .instrument(span.clone())
@@ -69,7 +69,7 @@ pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> 
     };
     resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
     state.metrics.request(label, resp.status(), started);
-    crate::telemetry::finish_response(resp, span, started, state.metrics.clone())
+    super::log::finish_response(resp, span, started, state.metrics.clone())
 }
 
 /// The handlers that may go upstream (blobs, tags, referrers) run boxed: their futures are
@@ -105,19 +105,7 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
             let digest = parse_digest(digest)?;
             Box::pin(referrers(state, &t, &digest, req.uri().query(), head)).await
         }
-        Route::Metrics => {
-            // Sizes are read at scrape time rather than kept in step at every commit.
-            let usage = mirror.usage();
-            state.metrics.cache_size_bytes.set(usage.bytes as i64);
-            state.metrics.cache_objects.set(usage.objects as i64);
-            Ok(Response::builder()
-                .header(
-                    header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-                .body(body::full(state.metrics.render()))
-                .expect("static response"))
-        }
+        Route::Metrics => Ok(metrics(mirror)),
         Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
         Route::Readyz => {
             // Ready when the cache directory is usable: the upstreams are optional by design.
@@ -136,6 +124,17 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         )),
         Route::NotFound => Err(Error::client(ErrorCode::NameUnknown, "no such endpoint")),
     }
+}
+
+/// The `/metrics` answer, on the main listener and on `server.metrics_listen` alike.
+pub(super) fn metrics(mirror: &Mirror) -> Response<Body> {
+    Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .body(body::full(mirror.metrics_text()))
+        .expect("static response")
 }
 
 fn parse_digest(s: &str) -> Result<Digest, Error> {

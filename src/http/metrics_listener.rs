@@ -3,69 +3,42 @@
 
 use crate::error::Error;
 use crate::http::body::{self, Body};
-use crate::metrics::Metrics;
+use crate::mirror::Mirror;
 use http::{Method, Request, Response, StatusCode, header};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 
-/// Binds `addr` and serves until `stopped` turns true; returns the bound address.
+/// Binds `addr` and serves until `stopped` turns true; returns the bound address and the
+/// serving task, which ends once no connection is left (each holds the mirror, so the cache).
 pub async fn spawn(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    mut stopped: watch::Receiver<bool>,
-) -> Result<SocketAddr, Error> {
+    mirror: Arc<Mirror>,
+    stopped: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), Error> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Internal(format!("server.metrics_listen {addr}: {e}")))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics listening");
-    tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            let stream = tokio::select! {
-                _ = stopped.changed() => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                accepted = listener.accept() => match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let metrics = metrics.clone();
-            conns.spawn(async move {
-                let service = service_fn(move |req| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&metrics, &req)) }
-                });
-                let _ = Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-        conns.abort_all();
-    });
-    Ok(bound)
+    let listener = super::server::Listener {
+        tcp: listener,
+        name: "server.metrics_listen",
+        tls: None,
+        sendfile: false,
+    };
+    let task = tokio::spawn(super::server::accept_loop(listener, stopped, move |req| {
+        std::future::ready(answer(&mirror, &req))
+    }));
+    Ok((bound, task))
 }
 
-fn answer<B>(metrics: &Metrics, req: &Request<B>) -> Response<Body> {
+fn answer<B>(mirror: &Mirror, req: &Request<B>) -> Response<Body> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     if get && req.uri().path() == "/metrics" {
-        Response::builder()
-            .header(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-            .body(body::full(metrics.render()))
-            .expect("static response")
+        super::handlers::metrics(mirror)
     } else {
         Response::builder()
             .status(StatusCode::NOT_FOUND)

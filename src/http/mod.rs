@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod handlers;
+pub mod log;
 pub mod metrics_listener;
 pub mod route;
 pub mod sendfile;

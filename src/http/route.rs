@@ -2,6 +2,7 @@
 //! from the path).
 //! Paths are matched from the right, because repository names contain `/`.
 
+use crate::metrics::RouteLabel;
 use http::Method;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,15 +33,19 @@ pub enum Route<'a> {
 }
 
 impl Route<'_> {
-    /// The `route` label value for metrics.
-    pub fn label(&self) -> &'static str {
+    /// The `route` label for metrics. No wildcard arm: a new route must choose its label.
+    pub fn label(&self) -> RouteLabel {
         match self {
-            Route::Base => "base",
-            Route::Manifest { .. } => "manifest",
-            Route::Blob { .. } => "blob",
-            Route::Tags { .. } => "tags",
-            Route::Referrers { .. } => "referrers",
-            _ => "other",
+            Route::Base => RouteLabel::Base,
+            Route::Manifest { .. } => RouteLabel::Manifest,
+            Route::Blob { .. } => RouteLabel::Blob,
+            Route::Tags { .. } => RouteLabel::Tags,
+            Route::Referrers { .. } => RouteLabel::Referrers,
+            Route::Metrics
+            | Route::Healthz
+            | Route::Readyz
+            | Route::Unsupported
+            | Route::NotFound => RouteLabel::Other,
         }
     }
 }

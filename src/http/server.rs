@@ -1,6 +1,7 @@
-//! The accept loop: TCP, optional TLS (rustls), hyper-util's HTTP/1 + HTTP/2 builder.
-//! Sockets live only here; everything behind `handle` is a plain function of the request.
+//! The accept loop of both listeners: TCP, optional TLS (rustls), hyper-util's HTTP/1 + HTTP/2
+//! builder. Sockets live only here; everything behind `handle` is a plain function of the request.
 
+use super::body::Body;
 use super::handlers::{AppState, handle};
 use super::sendfile::SendfileStream;
 use crate::config::Config;
@@ -8,17 +9,18 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::storage::{Disk, RealDisk, Store};
-use http::Request;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -27,6 +29,10 @@ use tracing::{debug, info, warn};
 /// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long `shutdown` lets responses in flight finish before closing their connections.
+// TODO(drain_timeout): the `server.drain_timeout` key of a later issue replaces this.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long `shutdown` waits for verified blobs to be committed (an fsync and a rename each).
 const COMMIT_DRAIN: Duration = Duration::from_secs(10);
 
@@ -34,6 +40,7 @@ const COMMIT_DRAIN: Duration = Duration::from_secs(10);
 pub struct Server {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     housekeeping: tokio::task::JoinHandle<()>,
@@ -50,10 +57,15 @@ impl Server {
         self.metrics_addr
     }
 
-    /// Stops accepting and closes every connection.
+    /// Stops accepting, lets the responses in flight finish (for `DRAIN_TIMEOUT` at most, then
+    /// closes what is left), waits for verified blobs to be committed, and returns once no
+    /// connection or background task holds the cache.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(t) = self.metrics_task {
+            let _ = t.await;
+        }
         self.mirror.finish_commits(COMMIT_DRAIN).await;
         let _ = self.housekeeping.await;
     }
@@ -97,17 +109,28 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
     });
     let (stop, stopped) = watch::channel(false);
     let housekeeping = tokio::spawn(mirror.clone().housekeeping(stopped.clone()));
-    let metrics_addr = match config.server.metrics_listen {
+    let (metrics_addr, metrics_task) = match config.server.metrics_listen {
         Some(a) => {
-            Some(super::metrics_listener::spawn(a, state.metrics.clone(), stopped.clone()).await?)
+            let (addr, task) =
+                super::metrics_listener::spawn(a, mirror.clone(), stopped.clone()).await?;
+            (Some(addr), Some(task))
         }
-        None => None,
+        None => (None, None),
     };
     crate::airgap::spawn_refresh(&config, &mirror, stopped.clone());
-    let task = tokio::spawn(accept_loop(listener, tls, state, stopped));
+    let listener = Listener {
+        tcp: listener,
+        name: "server.listen",
+        tls,
+        sendfile: true,
+    };
+    let task = tokio::spawn(accept_loop(listener, stopped, move |req| {
+        handle(state.clone(), req)
+    }));
     Ok(Server {
         addr,
         metrics_addr,
+        metrics_task,
         stop,
         task,
         housekeeping,
@@ -115,72 +138,146 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
     })
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    state: Arc<AppState>,
+/// A bound listener and what sets its connections apart.
+pub(super) struct Listener {
+    pub tcp: TcpListener,
+    /// The config key it was bound from, for the log.
+    pub name: &'static str,
+    pub tls: Option<TlsAcceptor>,
+    /// It serves blobs: plain connections send them with sendfile.
+    pub sendfile: bool,
+}
+
+/// Serves `listener` until `stopped`: each connection in its own task (after the TLS
+/// handshake, when there is TLS), every request answered by `answer`. Returns once every
+/// connection task has ended, so that nothing they hold (the cache) outlives the loop.
+pub(super) async fn accept_loop<A, F>(
+    listener: Listener,
     mut stopped: watch::Receiver<bool>,
-) {
+    answer: A,
+) where
+    A: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let mut conns = JoinSet::new();
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.tcp.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.
-                    warn!(error = %e, "accept failed");
+                    warn!(listener = listener.name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let tls = tls.clone();
-        conns.spawn(async move {
-            // Plain connections send cached blobs with sendfile; their bodies find the
-            // connection's queue of file ranges in the request's extensions.
-            let conn = match tls {
-                Some(acceptor) => Err((acceptor, stream)),
-                None => Ok(SendfileStream::new(stream)),
-            };
-            let queue = conn.as_ref().ok().map(SendfileStream::queue);
-            let service = service_fn(move |mut req: Request<Incoming>| {
-                if let Some(q) = &queue {
-                    req.extensions_mut().insert(q.clone());
-                }
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(state, req).await) }
-            });
-            let mut builder = Builder::new(TokioExecutor::new());
-            // Body chunks must reach the socket as the slices they were yielded as, never
-            // flattened into hyper's own buffer: sendfile placeholders depend on it.
-            builder.http1().writev(true);
-            let result = match conn {
-                Ok(plain) => builder.serve_connection(TokioIo::new(plain), service).await,
-                Err((acceptor, stream)) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), service).await,
-                        Ok(Err(e)) => {
-                            debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    }
-                }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let conn = match (&listener.tls, listener.sendfile) {
+            (Some(acceptor), _) => Conn::Tls(acceptor.clone(), stream),
+            (None, true) => Conn::Sendfile(SendfileStream::new(stream)),
+            (None, false) => Conn::Plain(stream),
+        };
+        // The watcher is taken now, not in the task: a connection accepted just before the
+        // stop must still hear of it.
+        let watcher = graceful.watcher();
+        conns.spawn(serve_connection(
+            conn,
+            peer,
+            listener.sendfile,
+            answer.clone(),
+            watcher,
+        ));
+    }
+    // Closing the socket now refuses new connections instead of leaving them in the backlog.
+    let name = listener.name;
+    drop(listener);
+    // Idle connections close at once; busy ones finish their responses (HTTP/1) or streams
+    // (HTTP/2, after a GOAWAY) and close.
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            listener = name,
+            connections = conns.len(),
+            "responses still in flight at the drain timeout; closing their connections"
+        );
     }
     conns.abort_all();
     // Aborted tasks are dropped only when the runtime next polls them; wait for that, so that
     // when `shutdown` returns no connection still holds the cache (its metadata lock included).
     while conns.join_next().await.is_some() {}
+}
+
+/// An accepted connection, before hyper gets it.
+enum Conn {
+    Plain(TcpStream),
+    Sendfile(SendfileStream),
+    /// Not yet shaken hands.
+    Tls(TlsAcceptor, TcpStream),
+}
+
+/// Serves one connection until it closes, or, once `watcher` hears of the stop, until what it
+/// is answering is done.
+async fn serve_connection<A, F>(
+    conn: Conn,
+    peer: SocketAddr,
+    sendfile: bool,
+    answer: A,
+    watcher: Watcher,
+) where
+    A: Fn(Request<Incoming>) -> F + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    // Plain connections that send cached blobs with sendfile: their bodies find the
+    // connection's queue of file ranges in the request's extensions.
+    let queue = match &conn {
+        Conn::Sendfile(s) => Some(s.queue()),
+        _ => None,
+    };
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        if let Some(q) = &queue {
+            req.extensions_mut().insert(q.clone());
+        }
+        let answered = answer(req);
+        async move { Ok::<_, std::convert::Infallible>(answered.await) }
+    });
+    let mut builder = Builder::new(TokioExecutor::new());
+    if sendfile {
+        // Body chunks must reach the socket as the slices they were yielded as, never
+        // flattened into hyper's own buffer: sendfile placeholders depend on it.
+        builder.http1().writev(true);
+    }
+    let result = match conn {
+        Conn::Plain(s) => {
+            let conn = builder.serve_connection(TokioIo::new(s), service);
+            watcher.watch(conn).await
+        }
+        Conn::Sendfile(s) => {
+            let conn = builder.serve_connection(TokioIo::new(s), service);
+            watcher.watch(conn).await
+        }
+        Conn::Tls(acceptor, stream) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => {
+                    let conn = builder.serve_connection(TokioIo::new(s), service);
+                    watcher.watch(conn).await
+                }
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, Error> {

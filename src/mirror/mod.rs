@@ -207,6 +207,19 @@ impl Mirror {
     /// Counts a cache lookup, and records its result on the request's span for the log line.
     fn lookup(&self, kind: Kind, result: Lookup) {
         self.metrics.lookup(kind, result);
+        crate::telemetry::record_cache(result.as_str());
+    }
+
+    /// The `/metrics` text, for every listener that serves it. The cache's size is read at
+    /// scrape time rather than kept in step at every commit.
+    pub fn metrics_text(&self) -> Vec<u8> {
+        let usage = self.usage();
+        let m = &self.metrics;
+        m.cache_size_bytes
+            .set(i64::try_from(usage.bytes).unwrap_or(i64::MAX));
+        m.cache_objects
+            .set(i64::try_from(usage.objects).unwrap_or(i64::MAX));
+        m.render()
     }
 
     /// Bytes and objects in the cache.

@@ -44,12 +44,12 @@ impl Mirror {
             if (fresh || self.offline)
                 && let Some(m) = self.cached_manifest(&entry.digest).await?
             {
-                self.metrics.lookup(Kind::Manifest, Lookup::Hit);
+                self.lookup(Kind::Manifest, Lookup::Hit);
                 return Ok(m);
             }
         }
         if self.offline {
-            self.metrics.lookup(Kind::Manifest, Lookup::Miss);
+            self.lookup(Kind::Manifest, Lookup::Miss);
             return Err(self.offline_error(t));
         }
         let key = super::FlightKey::Tag {
@@ -72,7 +72,7 @@ impl Mirror {
             Ok((_, result)) => *result,
             Err(_) => Lookup::Miss,
         };
-        self.metrics.lookup(Kind::Manifest, result);
+        self.lookup(Kind::Manifest, result);
         res.map(|(m, _)| m)
     }
 

@@ -36,27 +36,9 @@ pub const MAX_REDIRECTS: usize = 5;
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 const USER_AGENT_VALUE: &str = concat!("cachalot/", env!("CARGO_PKG_VERSION"));
 
-/// What a request is for; the `op` label of `cachalot_upstream_requests_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    Manifest,
-    Blob,
-    Tags,
-    Referrers,
-    Ping,
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Manifest => "manifest",
-            Op::Blob => "blob",
-            Op::Tags => "tags",
-            Op::Referrers => "referrers",
-            Op::Ping => "ping",
-        }
-    }
-}
+/// What a request is for; the `op` label of `cachalot_upstream_requests_total`. Defined with
+/// the metrics, which pre-create a series for each.
+pub use crate::metrics::Op;
 
 /// Label for token fetches in `cachalot_upstream_requests_total`.
 const TOKEN_OP: &str = "token";
