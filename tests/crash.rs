@@ -411,6 +411,16 @@ impl World {
         self.fake.restart().await;
         let c = Cachalot::start(self.path(), &self.fake.url(), None).await;
         assert_serves_blob(&c, &self.digest, &self.blob).await;
+        // The response ends once the blob is verified, the commit follows: wait for it, or the
+        // second read may follow the committing fill and find no file yet.
+        let deadline = tokio::time::Instant::now() + SAFETY;
+        while c.metric("cachalot_fills_in_flight").await > 0.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "safety timeout: fill in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // A second read comes from the cache, whole.
         assert_serves_blob(&c, &self.digest, &self.blob).await;
         assert_eq!(blob_files(self.path(), &self.digest).len(), 1);

@@ -88,7 +88,8 @@ async fn followers_joining_mid_fill_get_the_whole_blob() {
             tokio::spawn(async move { TestClient::unpooled().get(&url).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.wait_coalesced(5).await;
+    assert!(!gate.is_released(), "test bug: gate released early");
     gate.release();
     for t in std::iter::once(first).chain(followers) {
         let r = t.await.unwrap();
@@ -118,10 +119,14 @@ async fn a_client_that_disconnects_does_not_stop_the_fill() {
     let resp = client.send_raw(Method::GET, &url, &[]).await;
     let mut body = resp.into_body();
     let _ = read_at_least(&mut body, 1).await;
+    assert_eq!(env.metric("cachalot_followers_waiting", &[]).await, 1.0);
     drop(body);
     drop(client);
-    // Give a (buggy) proxy time to notice the disconnect and cancel.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The proxy has dropped the response (it noticed the disconnect); a buggy one would cancel
+    // the fill along with it.
+    env.wait_metric("cachalot_followers_waiting", &[], 0.0)
+        .await;
+    assert_eq!(env.metric("cachalot_fills_in_flight", &[]).await, 1.0);
     gate.release();
 
     let r = env.client.get(&url).await;
@@ -162,8 +167,9 @@ async fn range_requests_during_a_fill() {
     let within = ranged("bytes=10-19");
     let beyond = ranged("bytes=250000-250099");
     let open = ranged("bytes=299990-");
-    // A range within what is already written may complete before the fill does.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // All three joined the paused fill; a range within what is already written may complete
+    // before the fill does.
+    env.wait_coalesced(3).await;
     gate.release();
 
     let r = within.await.unwrap();
@@ -210,7 +216,7 @@ async fn unsatisfiable_range_during_a_fill_is_416() {
                 .get_with(&url, &[("range", "bytes=300000-")])
                 .await
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        env.wait_coalesced(1).await;
         gate.release();
         t.await.unwrap()
     };

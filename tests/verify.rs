@@ -113,7 +113,8 @@ async fn wrong_bytes_abort_every_follower() {
         })
         .collect();
     gate.reached().await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // One started the fill, the two others follow it.
+    env.wait_coalesced(2).await;
     gate.release();
     for t in tasks {
         let (status, headers, drained) = t.await.unwrap();

@@ -215,6 +215,31 @@ impl Env {
         metric_value(&self.metrics().await, name, labels)
     }
 
+    /// Waits (with a safety net) until the sample of `name` with `labels` reads `want`: for
+    /// what a test must know has happened (followers joined a fill), rather than a sleep.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = tokio::time::Instant::now() + super::client::SAFETY;
+        loop {
+            let v = self.metric(name, labels).await;
+            if v == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "safety timeout: {name}{labels:?} is {v}, want {want}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `n` requests have joined a blob fill someone else started
+    /// (`cachalot_cache_lookups_total{kind="blob",result="coalesced"}`).
+    pub async fn wait_coalesced(&self, n: usize) {
+        let labels = [("kind", "blob"), ("result", "coalesced")];
+        self.wait_metric("cachalot_cache_lookups_total", &labels, n as f64)
+            .await;
+    }
+
     /// Waits (with a safety net) until no blob fill is in flight (`cachalot_fills_in_flight` 0).
     pub async fn wait_no_fills(&self) {
         let deadline = tokio::time::Instant::now() + super::client::SAFETY;
