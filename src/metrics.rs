@@ -180,7 +180,7 @@ pub struct Metrics {
     pub upstream_body_errors: IntCounterVec,
     pub token_fetches: IntCounterVec,
     pub fills_in_flight: IntGauge,
-    pub cache_write_errors: prometheus::IntCounter,
+    pub cache_write_errors: IntCounter,
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
     pub evictions: IntCounterVec,
@@ -206,6 +206,41 @@ pub struct Metrics {
     request_series: [[OnceLock<IntCounter>; COMMON_CODES.len()]; RouteLabel::ALL.len()],
 }
 
+/// Defines metrics in one registry. The definitions are static, so a failure is a bug that every
+/// start would hit at once.
+struct Defs<'a>(&'a Registry);
+
+impl Defs<'_> {
+    fn register<M: prometheus::core::Collector + Clone + 'static>(&self, m: M) -> M {
+        self.0
+            .register(Box::new(m.clone()))
+            .expect("metric registered once");
+        m
+    }
+
+    fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(
+            IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"),
+        )
+    }
+
+    fn histogram(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+        self.register(HistogramVec::new(opts, labels).expect("static metric definition"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help).expect("static metric definition"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str) -> IntGaugeVec {
+        self.register(
+            IntGaugeVec::new(Opts::new(name, help), &["upstream"])
+                .expect("static metric definition"),
+        )
+    }
+}
+
 /// Status codes whose `requests_total` children are kept at hand.
 const COMMON_CODES: [u16; 4] = [200, 206, 304, 404];
 
@@ -219,233 +254,174 @@ const PRECREATED_CODES: [&str; 9] = [
 ];
 
 impl Metrics {
+    /// Defines every series and pre-creates the closed-set ones at zero. Long by nature, not by
+    /// logic: one short definition per metric, kept in one place so the names, help texts and
+    /// labels can be read together.
     pub fn new(upstreams: &[&str]) -> Metrics {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("static metric definition");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("metric registered once");
-            c
-        };
-        let requests = counter(
-            "cachalot_requests_total",
-            "HTTP requests served, by route and status code.",
-            &["route", "code"],
-        );
-        let lookups = counter(
+        let d = Defs(&registry);
+        let lookups = d.counter(
             "cachalot_cache_lookups_total",
             "Cache lookups by kind (manifest, blob) and result (hit, miss, coalesced, stale, revalidated).",
             &["kind", "result"],
         );
-        let served_bytes = counter(
+        let served_bytes = d.counter(
             "cachalot_served_bytes_total",
             "Body bytes sent to clients, by source.",
             &["source"],
         );
-        let upstream_requests = counter(
-            "cachalot_upstream_requests_total",
-            "Requests sent to upstream registries, by upstream, operation and status code.",
-            &["upstream", "op", "code"],
-        );
-        let upstream_bytes = counter(
-            "cachalot_upstream_bytes_total",
-            "Body bytes fetched from each upstream.",
-            &["upstream"],
-        );
-        let digest_mismatches = counter(
-            "cachalot_digest_mismatches_total",
-            "Upstream bodies discarded because they did not match their digest.",
-            &["upstream"],
-        );
-        let upstream_body_errors = counter(
-            "cachalot_upstream_body_errors_total",
-            "Upstream blob bodies discarded because they were truncated or broken (reason: truncated, protocol).",
-            &["upstream", "reason"],
-        );
-        let token_fetches = counter(
-            "cachalot_token_fetches_total",
-            "Bearer token fetches by upstream and result.",
-            &["upstream", "result"],
-        );
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "cachalot_request_duration_seconds",
-                "Time to answer a request (headers sent), by route.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        let request_duration = d.histogram(
+            "cachalot_request_duration_seconds",
+            "Time to answer a request (headers sent), by route.",
             &["route"],
-        )
-        .expect("static metric definition");
-        registry
-            .register(Box::new(request_duration.clone()))
-            .expect("metric registered once");
-        let fills_in_flight = IntGauge::new(
-            "cachalot_fills_in_flight",
-            "Blob fills from upstream in progress.",
-        )
-        .expect("static metric definition");
-        registry
-            .register(Box::new(fills_in_flight.clone()))
-            .expect("metric registered once");
-        let cache_write_errors = prometheus::IntCounter::new(
-            "cachalot_cache_write_errors_total",
-            "Failed writes to the cache.",
-        )
-        .expect("static metric definition");
-        registry
-            .register(Box::new(cache_write_errors.clone()))
-            .expect("metric registered once");
-        let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                labels,
-            )
-            .expect("static metric definition");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("metric registered once");
-            h
+        );
+        let m = Metrics {
+            requests: d.counter(
+                "cachalot_requests_total",
+                "HTTP requests served, by route and status code.",
+                &["route", "code"],
+            ),
+            upstream_requests: d.counter(
+                "cachalot_upstream_requests_total",
+                "Requests sent to upstream registries, by upstream, operation and status code.",
+                &["upstream", "op", "code"],
+            ),
+            upstream_bytes: d.counter(
+                "cachalot_upstream_bytes_total",
+                "Body bytes fetched from each upstream.",
+                &["upstream"],
+            ),
+            digest_mismatches: d.counter(
+                "cachalot_digest_mismatches_total",
+                "Upstream bodies discarded because they did not match their digest.",
+                &["upstream"],
+            ),
+            upstream_body_errors: d.counter(
+                "cachalot_upstream_body_errors_total",
+                "Upstream blob bodies discarded because they were truncated or broken (reason: truncated, protocol).",
+                &["upstream", "reason"],
+            ),
+            token_fetches: d.counter(
+                "cachalot_token_fetches_total",
+                "Bearer token fetches by upstream and result.",
+                &["upstream", "result"],
+            ),
+            fills_in_flight: d.gauge(
+                "cachalot_fills_in_flight",
+                "Blob fills from upstream in progress.",
+            ),
+            cache_write_errors: d.register(
+                IntCounter::new(
+                    "cachalot_cache_write_errors_total",
+                    "Failed writes to the cache.",
+                )
+                .expect("static metric definition"),
+            ),
+            blob_first_byte: d.histogram(
+                "cachalot_blob_first_byte_seconds",
+                "Time from a blob GET's arrival to its first body byte, by source (cache, fill).",
+                &["source"],
+            ),
+            upstream_first_byte: d.histogram(
+                "cachalot_upstream_first_byte_seconds",
+                "Time to an upstream's response headers, per HTTP exchange, by upstream and operation.",
+                &["upstream", "op"],
+            ),
+            upstream_duration: d.histogram(
+                "cachalot_upstream_duration_seconds",
+                "Time for a whole upstream operation (auth, redirects and body), by upstream and operation.",
+                &["upstream", "op"],
+            ),
+            upstream_rate_limited: d.counter(
+                "cachalot_upstream_rate_limited_total",
+                "Upstream answers with status 429 (Too Many Requests).",
+                &["upstream"],
+            ),
+            // Not pre-created: a zero `remaining` for an upstream that never sent the header
+            // would read as an exhausted rate limit.
+            ratelimit_limit: d.gauge_vec(
+                "cachalot_upstream_ratelimit_limit",
+                "Requests allowed per window, from the upstream's last `ratelimit-limit` header.",
+            ),
+            ratelimit_remaining: d.gauge_vec(
+                "cachalot_upstream_ratelimit_remaining",
+                "Requests left in the window, from the upstream's last `ratelimit-remaining` header.",
+            ),
+            followers_waiting: d.gauge(
+                "cachalot_followers_waiting",
+                "Responses streaming a blob from a fill in progress (the fill's first client included).",
+            ),
+            cache_max_size: d.gauge(
+                "cachalot_cache_max_size_bytes",
+                "The configured disk bound of the cache (cache.max_size).",
+            ),
+            cache_size_bytes: d.gauge(
+                "cachalot_cache_size_bytes",
+                "Bytes of content in the cache.",
+            ),
+            cache_objects: d.gauge(
+                "cachalot_cache_objects",
+                "Objects (blobs and manifests) in the cache.",
+            ),
+            evictions: d.counter(
+                "cachalot_evictions_total",
+                "Objects evicted from the cache, by reason (size, unused).",
+                &["reason"],
+            ),
+            evicted_bytes: d.counter(
+                "cachalot_evicted_bytes_total",
+                "Bytes evicted from the cache, by reason (size, unused).",
+                &["reason"],
+            ),
+            // Indexed by `Kind as usize` and `Lookup as usize`.
+            lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
+                LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
+            }),
+            // Indexed by `Source as usize`.
+            served_series: [Source::Cache, Source::Fill, Source::Upstream]
+                .map(|s| served_bytes.with_label_values(&[s.as_str()])),
+            // Indexed by `RouteLabel as usize`.
+            duration_series: RouteLabel::ALL
+                .map(|route| request_duration.with_label_values(&[route.as_str()])),
+            request_series: Default::default(),
+            lookups,
+            served_bytes,
+            request_duration,
+            registry,
         };
-        let blob_first_byte = histogram(
-            "cachalot_blob_first_byte_seconds",
-            "Time from a blob GET's arrival to its first body byte, by source (cache, fill).",
-            &["source"],
-        );
-        let upstream_first_byte = histogram(
-            "cachalot_upstream_first_byte_seconds",
-            "Time to an upstream's response headers, per HTTP exchange, by upstream and operation.",
-            &["upstream", "op"],
-        );
-        let upstream_duration = histogram(
-            "cachalot_upstream_duration_seconds",
-            "Time for a whole upstream operation (auth, redirects and body), by upstream and operation.",
-            &["upstream", "op"],
-        );
-        let upstream_rate_limited = counter(
-            "cachalot_upstream_rate_limited_total",
-            "Upstream answers with status 429 (Too Many Requests).",
-            &["upstream"],
-        );
-        let gauge_vec = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["upstream"])
-                .expect("static metric definition");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("metric registered once");
-            g
-        };
-        // Not pre-created: a zero `remaining` for an upstream that never sent the header would
-        // read as an exhausted rate limit.
-        let ratelimit_limit = gauge_vec(
-            "cachalot_upstream_ratelimit_limit",
-            "Requests allowed per window, from the upstream's last `ratelimit-limit` header.",
-        );
-        let ratelimit_remaining = gauge_vec(
-            "cachalot_upstream_ratelimit_remaining",
-            "Requests left in the window, from the upstream's last `ratelimit-remaining` header.",
-        );
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("static metric definition");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("metric registered once");
-            g
-        };
-        let followers_waiting = gauge(
-            "cachalot_followers_waiting",
-            "Responses streaming a blob from a fill in progress (the fill's first client included).",
-        );
-        let cache_max_size = gauge(
-            "cachalot_cache_max_size_bytes",
-            "The configured disk bound of the cache (cache.max_size).",
-        );
-        let cache_size_bytes = gauge(
-            "cachalot_cache_size_bytes",
-            "Bytes of content in the cache.",
-        );
-        let cache_objects = gauge(
-            "cachalot_cache_objects",
-            "Objects (blobs and manifests) in the cache.",
-        );
-        let evictions = counter(
-            "cachalot_evictions_total",
-            "Objects evicted from the cache, by reason (size, unused).",
-            &["reason"],
-        );
-        let evicted_bytes = counter(
-            "cachalot_evicted_bytes_total",
-            "Bytes evicted from the cache, by reason (size, unused).",
-            &["reason"],
-        );
-        for r in ["size", "unused"] {
-            evictions.with_label_values(&[r]);
-            evicted_bytes.with_label_values(&[r]);
-        }
+        m.precreate(upstreams);
+        m
+    }
 
-        // Pre-create the closed-set series at zero so dashboards see them before traffic.
-        // Indexed by `Kind as usize` and `Lookup as usize`.
-        let lookup_series = [Kind::Manifest, Kind::Blob]
-            .map(|kind| LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()])));
-        // Indexed by `Source as usize`.
-        let served_series = [Source::Cache, Source::Fill, Source::Upstream]
-            .map(|s| served_bytes.with_label_values(&[s.as_str()]));
-        for s in [Source::Cache, Source::Fill] {
-            blob_first_byte.with_label_values(&[s.as_str()]);
+    /// Creates the closed-set series at zero, so dashboards see them before traffic.
+    fn precreate(&self, upstreams: &[&str]) {
+        for r in ["size", "unused"] {
+            self.evictions.with_label_values(&[r]);
+            self.evicted_bytes.with_label_values(&[r]);
         }
-        // Indexed by `RouteLabel as usize`.
-        let duration_series =
-            RouteLabel::ALL.map(|route| request_duration.with_label_values(&[route.as_str()]));
+        for s in [Source::Cache, Source::Fill] {
+            self.blob_first_byte.with_label_values(&[s.as_str()]);
+        }
         for u in upstreams {
-            upstream_bytes.with_label_values(&[u]);
-            digest_mismatches.with_label_values(&[u]);
+            self.upstream_bytes.with_label_values(&[u]);
+            self.digest_mismatches.with_label_values(&[u]);
             for f in BodyFault::ALL {
-                upstream_body_errors.with_label_values(&[u, f.as_str()]);
+                self.upstream_body_errors
+                    .with_label_values(&[u, f.as_str()]);
             }
-            upstream_rate_limited.with_label_values(&[u]);
+            self.upstream_rate_limited.with_label_values(&[u]);
             for result in ["ok", "error"] {
-                token_fetches.with_label_values(&[u, result]);
+                self.token_fetches.with_label_values(&[u, result]);
             }
             for op in Op::ALL.map(Op::as_str) {
                 // rate() cannot see the first increment of a series that appears already at 1,
                 // so the codes the alerts and dashboard watch exist from the start.
                 for code in PRECREATED_CODES {
-                    upstream_requests.with_label_values(&[u, op, code]);
+                    self.upstream_requests.with_label_values(&[u, op, code]);
                 }
-                upstream_first_byte.with_label_values(&[u, op]);
-                upstream_duration.with_label_values(&[u, op]);
+                self.upstream_first_byte.with_label_values(&[u, op]);
+                self.upstream_duration.with_label_values(&[u, op]);
             }
-        }
-        Metrics {
-            registry,
-            requests,
-            request_duration,
-            lookups,
-            served_bytes,
-            upstream_requests,
-            upstream_bytes,
-            digest_mismatches,
-            upstream_body_errors,
-            token_fetches,
-            fills_in_flight,
-            cache_write_errors,
-            cache_size_bytes,
-            cache_objects,
-            evictions,
-            evicted_bytes,
-            blob_first_byte,
-            upstream_first_byte,
-            upstream_duration,
-            upstream_rate_limited,
-            ratelimit_limit,
-            ratelimit_remaining,
-            followers_waiting,
-            cache_max_size,
-            lookup_series,
-            served_series,
-            duration_series,
-            request_series: Default::default(),
         }
     }
 
