@@ -6,7 +6,8 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// (upstream, repository, tag, media type) -> (digest, checked at in ms since the epoch).
@@ -162,8 +163,8 @@ impl Meta {
         Ok(rows)
     }
 
-    fn memo(&self) -> std::sync::MutexGuard<'_, TagMemo> {
-        self.tag_memo.lock().unwrap_or_else(|p| p.into_inner())
+    fn memo(&self) -> parking_lot::MutexGuard<'_, TagMemo> {
+        self.tag_memo.lock()
     }
 
     /// After a write to the tags table: forgets the rows of `prefix`, or all rows.
