@@ -656,6 +656,13 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The Basic header value a registry expects for `user:password`.
+    fn basic(user_password: &str) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(user_password);
+        format!("Basic {b64}")
+    }
+
     #[test]
     fn joins_urls_with_and_without_prefix() {
         let (base, prefix) = split_base(&uri("https://registry-1.docker.io")).unwrap();
@@ -977,7 +984,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "s3cret\n").unwrap();
-        let expected = format!("Basic {}", auth::base64_encode(b"user:s3cret"));
+        let expected = basic("user:s3cret");
         let log = Log::default();
         let want = expected.clone();
         let addr = serve(token_registry(log.clone(), 300, move |a| {
@@ -1118,7 +1125,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "pw").unwrap();
-        let expected = format!("Basic {}", auth::base64_encode(b"u:pw"));
+        let expected = basic("u:pw");
         let log = Log::default();
         let (l2, want) = (log.clone(), expected.clone());
         let addr = serve(Arc::new(move |req| {
