@@ -11,7 +11,7 @@ use crate::oci::manifest::{self, ALL_MANIFEST_TYPES, Accept, MAX_MANIFEST_SIZE};
 use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName, Verifier};
 use crate::storage::Store;
 use crate::upstream::{Op, Upstream, UpstreamRequest};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Method, StatusCode, header};
 use http_body_util::BodyExt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -274,20 +274,11 @@ impl ServerClient {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
             .unwrap_or_default();
-        let mut body = resp.into_body();
-        let mut buf = BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| protocol(format!("body: {e}")))?;
-            if let Ok(d) = frame.into_data() {
-                if buf.len() + d.len() > MAX_MANIFEST_SIZE {
-                    return Err(protocol(format!(
-                        "response larger than {MAX_MANIFEST_SIZE} bytes"
-                    )));
-                }
-                buf.extend_from_slice(&d);
-            }
-        }
-        Ok((content_type, buf.freeze()))
+        let body = self
+            .client
+            .read_small(resp.into_body(), MAX_MANIFEST_SIZE)
+            .await?;
+        Ok((content_type, body))
     }
 
     async fn manifest(

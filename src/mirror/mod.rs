@@ -19,7 +19,6 @@ use flight::SingleFlight;
 use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use inflight::{FillGuard, FillState, HashState, Inflight, Joined};
 use std::sync::Arc;
 use std::time::Duration;
@@ -337,7 +336,7 @@ impl Mirror {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.split(';').next().unwrap_or("").trim().to_owned());
-            let bytes = read_capped(up, resp.into_body(), MAX_MANIFEST_SIZE).await?;
+            let bytes = up.read_small(resp.into_body(), MAX_MANIFEST_SIZE).await?;
             metrics.upstream_done(up.name(), Op::Manifest.as_str(), started);
             metrics
                 .upstream_bytes
@@ -571,7 +570,7 @@ impl Mirror {
         }
         let headers = resp.headers().clone();
         let status = resp.status();
-        let body = read_capped(up, resp.into_body(), MAX_PASSTHROUGH).await?;
+        let body = up.read_small(resp.into_body(), MAX_PASSTHROUGH).await?;
         self.metrics.upstream_done(up.name(), op.as_str(), started);
         let p = Arc::new(Passthrough {
             status,
@@ -591,43 +590,6 @@ impl Mirror {
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// Reads a small upstream body whole, refusing more than `cap` bytes, with the upstream's idle
-/// timeout between frames.
-async fn read_capped(up: &Upstream, mut body: Incoming, cap: usize) -> Result<Bytes, Error> {
-    let mut buf = BytesMut::new();
-    loop {
-        let frame = tokio::time::timeout(up.body_timeout(), body.frame())
-            .await
-            .map_err(|_| {
-                Error::upstream(
-                    up.name(),
-                    UpstreamFault::Timeout("waiting for the response body"),
-                )
-            })?;
-        match frame {
-            None => break,
-            Some(Err(e)) => {
-                return Err(Error::upstream(
-                    up.name(),
-                    UpstreamFault::Protocol(format!("body: {e}")),
-                ));
-            }
-            Some(Ok(f)) => {
-                if let Ok(data) = f.into_data() {
-                    if buf.len() + data.len() > cap {
-                        return Err(Error::upstream(
-                            up.name(),
-                            UpstreamFault::Protocol(format!("response larger than {cap} bytes")),
-                        ));
-                    }
-                    buf.extend_from_slice(&data);
-                }
-            }
-        }
-    }
-    Ok(buf.freeze())
 }
 
 /// The fill task: GET the blob, stream it into the temp file while hashing, publish progress,

@@ -13,12 +13,12 @@ use super::auth::{self, BearerChallenge, Credentials, Secret, Token, TokenCache}
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::Metrics;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{
     ACCEPT, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -283,6 +283,36 @@ impl Upstream {
         Ok(resp)
     }
 
+    /// Reads a small body (a manifest, a tags list, a token answer) whole, for a caller that
+    /// needs all of it before it can act.
+    ///
+    /// At most `cap` bytes: more is refused as soon as it arrives, so a lying upstream cannot
+    /// make it buffer without bound. Each frame must come within the idle-body timeout; a
+    /// trickling upstream is cut off, not waited for. Failures name this upstream: no frame in
+    /// time -> [`UpstreamFault::Timeout`]; a broken body or more than `cap` bytes ->
+    /// [`UpstreamFault::Protocol`]. On failure the body is dropped, which closes its connection.
+    pub async fn read_small(&self, mut body: Incoming, cap: usize) -> crate::Result<Bytes> {
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = tokio::time::timeout(self.inner.body_timeout, body.frame())
+                .await
+                .map_err(|_| self.fault(UpstreamFault::Timeout("waiting for the response body")))?;
+            let Some(frame) = frame else {
+                return Ok(buf.freeze());
+            };
+            let frame =
+                frame.map_err(|e| self.fault(UpstreamFault::Protocol(format!("body: {e}"))))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > cap {
+                    return Err(self.fault(UpstreamFault::Protocol(format!(
+                        "response larger than {cap} bytes"
+                    ))));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+
     /// The error for a non-success response: a Status fault keeping `Retry-After`.
     pub fn status_error(&self, resp: &Response<Incoming>) -> Error {
         self.status_error_parts(resp.status(), resp.headers())
@@ -378,14 +408,9 @@ impl Upstream {
             tracing::debug!(status = resp.status().as_u16(), "token endpoint refused");
             return Err(self.status_error_parts(resp.status(), resp.headers()));
         }
-        let body = tokio::time::timeout(
-            self.inner.body_timeout,
-            Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE).collect(),
-        )
-        .await
-        .map_err(|_| self.fault(UpstreamFault::Timeout("reading the token response")))?
-        .map_err(|e| self.fault(UpstreamFault::Protocol(format!("token response: {e}"))))?
-        .to_bytes();
+        let body = self
+            .read_small(resp.into_body(), MAX_TOKEN_RESPONSE)
+            .await?;
         let (value, usable_for) = auth::parse_token_response(&body)
             .map_err(|e| self.fault(UpstreamFault::Protocol(e.0.to_owned())))?;
         Ok(Token {
@@ -1371,6 +1396,70 @@ mod tests {
         );
         assert!(t0.elapsed() < Duration::from_secs(3));
         assert_eq!(count(&m, "blob", "error"), 1);
+    }
+
+    // === small bodies ===
+
+    #[tokio::test]
+    async fn small_bodies_are_read_whole_up_to_the_cap() {
+        let addr = serve(Arc::new(|_| resp(200, "0123456789"))).await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let send = || up.send(get(&bar, "/v2/foo/bar/tags/list", Op::Tags));
+
+        let r = send().await.unwrap();
+        assert_eq!(
+            up.read_small(r.into_body(), 10).await.unwrap(),
+            "0123456789"
+        );
+        let r = send().await.unwrap();
+        let err = up.read_small(r.into_body(), 9).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Upstream { upstream, fault: UpstreamFault::Protocol(msg) }
+                    if upstream == "fake" && msg.contains("larger than 9 bytes")
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_small_body_times_out_between_frames() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                // Headers and half the body, then silence.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+                    .await;
+                held.push(s);
+            }
+        });
+        let mut cfg = UpstreamConfig::new("fake", &format!("http://{addr}"));
+        cfg.timeout = Dur(Duration::from_millis(200));
+        let up = Upstream::new(&cfg, metrics()).unwrap();
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let err = up.read_small(r.into_body(), 100).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Upstream { upstream, fault: UpstreamFault::Timeout(_) } if upstream == "fake"
+            ),
+            "{err}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(3));
     }
 
     #[test]
