@@ -1,6 +1,7 @@
 //! The crate's error type, classified by whose fault it is, and its one mapping to an OCI error.
 
 use crate::config::ConfigError;
+use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, OciError};
 use http::{HeaderValue, StatusCode};
 use std::sync::Arc;
@@ -61,6 +62,22 @@ impl From<std::io::Error> for Error {
 impl From<ConfigError> for Error {
     fn from(e: ConfigError) -> Self {
         Error::Config(Arc::new(e))
+    }
+}
+
+/// A manifest that failed its check: a digest mismatch stays one (it is counted and means the
+/// upstream sent other bytes); a manifest without a media type is an invalid answer.
+impl From<ManifestError> for UpstreamFault {
+    fn from(e: ManifestError) -> Self {
+        match e {
+            ManifestError::DigestMismatch {
+                expected, actual, ..
+            } => UpstreamFault::DigestMismatch {
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            },
+            e @ ManifestError::NoMediaType => UpstreamFault::Protocol(e.to_string()),
+        }
     }
 }
 

@@ -8,11 +8,11 @@ use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{self, ALL_MANIFEST_TYPES, Accept, MAX_MANIFEST_SIZE};
-use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName, Verifier};
+use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::storage::Store;
 use crate::upstream::{Op, Upstream, UpstreamRequest};
 use bytes::Bytes;
-use http::{Method, StatusCode, header};
+use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -247,13 +247,13 @@ impl ServerClient {
         Ok(())
     }
 
-    /// A small body, whole (capped like a manifest), and its Content-Type.
+    /// A small body, whole (capped like a manifest), and the response headers.
     async fn get_small(
         &self,
         repo: &RepoName,
         path: &str,
         accept: &str,
-    ) -> Result<(String, Bytes), Error> {
+    ) -> Result<(http::HeaderMap, Bytes), Error> {
         let resp = self
             .client
             .send(UpstreamRequest {
@@ -268,17 +268,9 @@ impl ServerClient {
         if !resp.status().is_success() {
             return Err(server_error(resp).await);
         }
-        let content_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
-            .unwrap_or_default();
-        let body = self
-            .client
-            .read_small(resp.into_body(), MAX_MANIFEST_SIZE)
-            .await?;
-        Ok((content_type, body))
+        let (parts, body) = resp.into_parts();
+        let body = self.client.read_small(body, MAX_MANIFEST_SIZE).await?;
+        Ok((parts.headers, body))
     }
 
     async fn manifest(
@@ -288,30 +280,16 @@ impl ServerClient {
         reference: &Reference,
     ) -> Result<Fetched, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}{}", ns(upstream));
-        let (content_type, bytes) = self.get_small(repo, &path, ALL_MANIFEST_TYPES).await?;
-        let algorithm = match reference {
-            Reference::Digest(d) => d.algorithm(),
-            Reference::Tag(_) => crate::oci::Algorithm::Sha256,
+        let (headers, bytes) = self.get_small(repo, &path, ALL_MANIFEST_TYPES).await?;
+        let requested = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => None,
         };
-        let mut v = Verifier::new(algorithm);
-        v.update(&bytes);
-        let digest = v.finish();
-        if let Reference::Digest(want) = reference
-            && *want != digest
-        {
-            return Err(protocol(format!(
-                "manifest does not match its digest: expected {want}, got {digest}"
-            )));
-        }
-        let media_type =
-            if manifest::is_manifest_type(&content_type) && content_type != "application/json" {
-                content_type
-            } else {
-                manifest::sniff_media_type(&bytes).unwrap_or_default()
-            };
+        let checked = manifest::verify(&bytes, &headers, requested)
+            .map_err(|e| Error::upstream(SERVER, e.into()))?;
         Ok(Fetched {
-            digest,
-            media_type,
+            digest: checked.digest,
+            media_type: checked.media_type,
             bytes,
         })
     }
