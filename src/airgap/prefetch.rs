@@ -4,12 +4,13 @@
 use super::source::{Fetched, Source};
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::{Digest, ImageRef, PlatformSpec, Reference};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 
 /// Which platforms of a multi-platform image to fetch.
 #[derive(Clone, Debug)]
@@ -361,10 +362,10 @@ impl Progress {
     }
 }
 
-/// Prints progress until dropped: a line redrawn in place on a terminal, plain lines every few
-/// seconds otherwise (logs, CI).
+/// Prints progress until finished: a bar on a terminal, plain lines every few seconds otherwise
+/// (logs, CI).
 pub struct Display {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub tty: bool,
 }
@@ -372,34 +373,12 @@ pub struct Display {
 impl Display {
     pub fn start(progress: Arc<Progress>) -> Display {
         let tty = std::io::stdout().is_terminal();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel();
-        let started = Instant::now();
-        let task = tokio::spawn(async move {
-            let every = if tty {
-                Duration::from_millis(250)
-            } else {
-                Duration::from_secs(5)
-            };
-            let mut last = String::new();
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                let line = progress.line(started.elapsed());
-                let mut out = std::io::stdout().lock();
-                if tty {
-                    let _ = write!(out, "\r\x1b[K{line}");
-                } else if line != last {
-                    let _ = writeln!(out, "{line}");
-                }
-                let _ = out.flush();
-                last = line;
-            }
-            if tty {
-                let _ = write!(std::io::stdout().lock(), "\r\x1b[K");
-            }
-        });
+        let (stop, stopped) = oneshot::channel();
+        let task = if tty {
+            tokio::spawn(draw_bar(progress, stopped))
+        } else {
+            tokio::spawn(print_lines(progress, stopped))
+        };
         Display {
             stop: Some(stop),
             task: Some(task),
@@ -407,7 +386,7 @@ impl Display {
         }
     }
 
-    /// Stops the display and clears its line.
+    /// Stops the display and clears its bar.
     pub async fn finish(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -415,6 +394,57 @@ impl Display {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+    }
+}
+
+/// On a terminal: indicatif draws the bar, its rate and ETA; this copies the counters in.
+async fn draw_bar(progress: Arc<Progress>, mut stopped: oneshot::Receiver<()>) {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+    bar.set_style(bar_style());
+    loop {
+        let done = progress.fetched.load(Ordering::Relaxed);
+        bar.set_length(progress.to_fetch.load(Ordering::Relaxed).max(done));
+        bar.set_position(done);
+        bar.set_message(format!(
+            "{}/{}",
+            progress.images_done.load(Ordering::Relaxed),
+            progress.images_total.load(Ordering::Relaxed)
+        ));
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    bar.finish_and_clear();
+}
+
+/// The bar's look: the same facts as [`Progress::line`], in the same order.
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "images {msg}  [{bar:30}] {binary_bytes} of {binary_total_bytes}  \
+         {binary_bytes_per_sec}  ETA {eta}",
+    )
+    .expect("the template is valid (a test builds it)")
+    .progress_chars("=> ")
+}
+
+/// Not a terminal: a [`Progress::line`] every few seconds, only when it changed, so a log is
+/// not flooded and can be read (and parsed) line by line.
+async fn print_lines(progress: Arc<Progress>, mut stopped: oneshot::Receiver<()>) {
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let line = progress.line(started.elapsed());
+        if line != last {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+        last = line;
     }
 }
 
@@ -471,5 +501,7 @@ mod tests {
         assert!(line.contains("1.0 MiB/s"), "{line}");
         assert!(line.contains("ETA 0m03s"), "{line}");
         assert_eq!(human(1536), "1.5 KiB");
+        // The terminal's bar parses its template.
+        let _ = bar_style();
     }
 }
