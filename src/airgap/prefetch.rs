@@ -2,8 +2,9 @@
 //! manifest, config and layer is cached, with bounded concurrency and live progress.
 
 use super::source::{Fetched, Source};
+use crate::error::{Error, UpstreamFault};
 use crate::oci::descriptor::{self, Descriptor, Refs};
-use crate::oci::{Digest, ImageRef, PlatformSpec, Reference};
+use crate::oci::{Digest, ErrorCode, ImageRef, PlatformSpec, Reference};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
@@ -22,7 +23,7 @@ pub enum Platforms {
 impl Platforms {
     /// From `--platform a,b` / `platforms = [...]` (`all` meaning every platform); none given
     /// means this machine's platform, as clients default.
-    pub fn parse(list: &[String]) -> Result<Platforms, String> {
+    pub fn parse(list: &[String]) -> Result<Platforms, Error> {
         let items: Vec<&str> = list
             .iter()
             .flat_map(|s| s.split(','))
@@ -79,13 +80,14 @@ pub struct Progress {
 }
 
 /// Runs prefetch over `images`, each result in input order. Never fails as a whole: an image
-/// that fails is reported as such, and what it fetched stays cached.
+/// that fails is reported as such (the error says which manifest or blob), and what it fetched
+/// stays cached.
 pub async fn run(
     source: Arc<Source>,
     images: Vec<ImageRef>,
     opts: Options,
     progress: Arc<Progress>,
-) -> Vec<(ImageRef, Result<Prefetched, String>)> {
+) -> Vec<(ImageRef, Result<Prefetched, Error>)> {
     progress
         .images_total
         .fetch_add(images.len() as u64, Ordering::Relaxed);
@@ -126,14 +128,14 @@ async fn one(
     opts: &Options,
     sem: &Semaphore,
     progress: &Progress,
-) -> Result<Prefetched, String> {
+) -> Result<Prefetched, Error> {
     let (up, repo) = (image.registry.as_str(), &image.repo);
     let top = {
-        let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+        let _permit = permit(sem).await?;
         source
             .manifest(up, repo, &image.reference)
             .await
-            .map_err(|e| format!("manifest: {e}"))?
+            .map_err(|e| e.context("manifest"))?
     };
     let mut out = Prefetched {
         image: image.clone(),
@@ -154,12 +156,16 @@ async fn one(
             m.digest.clone(),
             (m.media_type.clone(), m.bytes.len() as u64),
         );
-        let refs = descriptor::parse_refs(&m.media_type, &m.bytes)
-            .map_err(|e| format!("manifest {}: {e}", m.digest))?;
+        let refs = descriptor::parse_refs(&m.media_type, &m.bytes).map_err(|e| {
+            Error::upstream(
+                up,
+                UpstreamFault::Protocol(format!("manifest {}: {e}", m.digest)),
+            )
+        })?;
         match refs {
             Refs::Index(children) => {
                 let chosen = select(&children, &opts.platforms)
-                    .map_err(|e| format!("index {}: {e}", m.digest))?;
+                    .map_err(|e| e.context(format!("index {}", m.digest)))?;
                 for c in chosen {
                     let child = fetch_manifest(source, image, &c, sem).await?;
                     out.platforms += 1;
@@ -179,7 +185,7 @@ async fn one(
             let list = source
                 .referrers(up, repo, &m.digest)
                 .await
-                .map_err(|e| format!("referrers of {}: {e}", m.digest))?;
+                .map_err(|e| e.context(format!("referrers of {}", m.digest)))?;
             for r in list {
                 let child = fetch_manifest(source, image, &r, sem).await?;
                 out.referrers.push(r);
@@ -196,8 +202,8 @@ async fn fetch_manifest(
     image: &ImageRef,
     d: &Descriptor,
     sem: &Semaphore,
-) -> Result<Fetched, String> {
-    let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+) -> Result<Fetched, Error> {
+    let _permit = permit(sem).await?;
     let m = source
         .manifest(
             &image.registry,
@@ -205,21 +211,31 @@ async fn fetch_manifest(
             &Reference::Digest(d.digest.clone()),
         )
         .await
-        .map_err(|e| format!("manifest {}: {e}", d.digest))?;
+        .map_err(|e| e.context(format!("manifest {}", d.digest)))?;
     if m.bytes.len() as u64 != d.size {
-        return Err(format!(
-            "manifest {}: {} bytes, but its descriptor says {}",
-            d.digest,
-            m.bytes.len(),
-            d.size
+        return Err(Error::upstream(
+            &image.registry,
+            UpstreamFault::Protocol(format!(
+                "manifest {}: {} bytes, but its descriptor says {}",
+                d.digest,
+                m.bytes.len(),
+                d.size
+            )),
         ));
     }
     Ok(m)
 }
 
-/// The index entries the platform selection wants; an error names what the index offers when
-/// nothing matches.
-fn select(children: &[Descriptor], platforms: &Platforms) -> Result<Vec<Descriptor>, String> {
+/// A fetch slot. The semaphore is never closed, so failing is a bug, not a condition.
+async fn permit(sem: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
+    sem.acquire()
+        .await
+        .map_err(|e| Error::Internal(format!("prefetch: {e}")))
+}
+
+/// The index entries the platform selection wants. When nothing matches, the platforms asked
+/// for are unknown to the image (`MANIFEST_UNKNOWN`), and the error names what it offers.
+fn select(children: &[Descriptor], platforms: &Platforms) -> Result<Vec<Descriptor>, Error> {
     let specs = match platforms {
         Platforms::All => return Ok(children.to_vec()),
         Platforms::Only(specs) => specs,
@@ -241,14 +257,17 @@ fn select(children: &[Descriptor], platforms: &Platforms) -> Result<Vec<Descript
             .filter_map(|c| c.platform.as_ref().map(|p| p.to_string()))
             .collect();
         let wanted: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
-        return Err(format!(
-            "no manifest for {} (it has {})",
-            wanted.join(", "),
-            if offered.is_empty() {
-                "no platforms".to_owned()
-            } else {
-                offered.join(", ")
-            }
+        return Err(Error::client(
+            ErrorCode::ManifestUnknown,
+            format!(
+                "no manifest for {} (it has {})",
+                wanted.join(", "),
+                if offered.is_empty() {
+                    "no platforms".to_owned()
+                } else {
+                    offered.join(", ")
+                }
+            ),
         ));
     }
     Ok(chosen)
@@ -260,7 +279,7 @@ async fn fetch_blobs(
     blobs: &BTreeMap<Digest, u64>,
     sem: &Semaphore,
     progress: &Progress,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let mut pending = Vec::new();
     for (d, size) in blobs {
         if source.is_cached(d) {
@@ -271,7 +290,7 @@ async fn fetch_blobs(
         }
     }
     let fetches = pending.into_iter().map(|(d, size)| async move {
-        let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+        let _permit = permit(sem).await.map_err(|e| (d, e))?;
         let mut reported = 0u64;
         let got = source
             .blob(&image.registry, &image.repo, d, |n| {
@@ -294,18 +313,19 @@ async fn fetch_blobs(
                 progress.blobs_fetched.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => Err(format!("blob {d}: {e}")),
+            Err(e) => Err((d, e)),
         }
     });
-    let errors: Vec<String> = futures_util::future::join_all(fetches)
+    let mut errors = futures_util::future::join_all(fetches)
         .await
         .into_iter()
-        .filter_map(Result::err)
-        .collect();
-    match errors.len() {
-        0 => Ok(()),
-        1 => Err(errors[0].clone()),
-        n => Err(format!("{} (and {} more blobs failed)", errors[0], n - 1)),
+        .filter_map(Result::err);
+    let Some((d, first)) = errors.next() else {
+        return Ok(());
+    };
+    match errors.count() {
+        0 => Err(first.context(format!("blob {d}"))),
+        more => Err(first.context(format!("blob {d} (and {more} more blobs failed)"))),
     }
 }
 
@@ -479,6 +499,11 @@ mod tests {
         assert_eq!(got, vec![idx[1].clone()]);
         assert_eq!(select(&idx, &Platforms::All).unwrap().len(), 3);
         let e = select(&idx, &Platforms::parse(&["linux/s390x".into()]).unwrap()).unwrap_err();
+        assert_eq!(
+            e.to_oci(ErrorCode::NameUnknown).code,
+            ErrorCode::ManifestUnknown
+        );
+        let e = e.to_string();
         assert!(
             e.contains("linux/s390x") && e.contains("linux/amd64"),
             "{e}"

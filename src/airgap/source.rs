@@ -43,29 +43,27 @@ pub struct ServerClient {
 
 impl Source {
     /// Opens the cache at `cache.dir`; when another process holds it, finds the server at
-    /// `server.listen` instead. `note` hears which one was chosen.
-    pub async fn open(config: &Config, note: impl Fn(&str)) -> Result<Source, String> {
+    /// `server.listen` instead. `note` hears which one was chosen. Errors name `cache.dir`.
+    pub async fn open(config: &Config, note: impl Fn(&str)) -> Result<Source, Error> {
         let dir = config.cache.dir.clone();
         let opened = tokio::task::spawn_blocking(move || Store::open(&dir))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::Internal(format!("opening the cache: {e}")))?;
         let names: Vec<&str> = config.upstream.iter().map(|u| u.name.as_str()).collect();
         let metrics = Arc::new(Metrics::new(&names));
         match opened {
             Ok(store) => {
-                let mirror =
-                    Mirror::new(config, Arc::new(store), metrics).map_err(|e| e.to_string())?;
+                let mirror = Mirror::new(config, Arc::new(store), metrics)?;
                 Ok(Source::Local(Arc::new(mirror)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
                 let url = server_url(config);
-                let server = ServerClient::new(&url, config.cache.dir.clone(), metrics)
-                    .map_err(|e| e.to_string())?;
+                let server = ServerClient::new(&url, config.cache.dir.clone(), metrics)?;
                 server.ping().await.map_err(|e| {
-                    format!(
-                        "cache.dir {}: in use by another process, and no cachalot answers at server.listen ({url}): {e}",
+                    e.context(format!(
+                        "cache.dir {}: in use by another process, and no cachalot answers at server.listen ({url})",
                         config.cache.dir.display()
-                    )
+                    ))
                 })?;
                 note(&format!(
                     "cache.dir {} is in use by a running cachalot; fetching through it at {url}",
@@ -73,7 +71,9 @@ impl Source {
                 ));
                 Ok(Source::Server(server))
             }
-            Err(e) => Err(format!("cache.dir {}: {e}", config.cache.dir.display())),
+            Err(e) => {
+                Err(Error::from(e).context(format!("cache.dir {}", config.cache.dir.display())))
+            }
         }
     }
 
