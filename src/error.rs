@@ -1,6 +1,7 @@
 //! The crate's error type, classified by whose fault it is, and its one mapping to an OCI error.
 
 use crate::config::ConfigError;
+use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, OciError};
 use http::{HeaderValue, StatusCode};
 use std::sync::Arc;
@@ -23,8 +24,17 @@ pub enum Error {
     Storage(Arc<std::io::Error>),
     #[error("{0}")]
     Config(Arc<ConfigError>),
+    /// Input that cannot be used: an image reference or platform that does not parse, a bundle
+    /// or image list that is not what it should be. One line naming the file, key or reference
+    /// at fault.
+    #[error("{0}")]
+    Invalid(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// What was being done when `inner` happened (which manifest or blob of an image, which
+    /// file), for the command line's one-line messages. Classified as `inner` is.
+    #[error("{context}: {inner}")]
+    Context { context: String, inner: Box<Error> },
 }
 
 /// How an upstream failed.
@@ -64,6 +74,22 @@ impl From<ConfigError> for Error {
     }
 }
 
+/// A manifest that failed its check: a digest mismatch stays one (it is counted and means the
+/// upstream sent other bytes); a manifest without a media type is an invalid answer.
+impl From<ManifestError> for UpstreamFault {
+    fn from(e: ManifestError) -> Self {
+        match e {
+            ManifestError::DigestMismatch {
+                expected, actual, ..
+            } => UpstreamFault::DigestMismatch {
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            },
+            e @ ManifestError::NoMediaType => UpstreamFault::Protocol(e.to_string()),
+        }
+    }
+}
+
 impl From<OciError> for Error {
     fn from(e: OciError) -> Self {
         Error::Client(e)
@@ -82,9 +108,25 @@ impl Error {
         }
     }
 
+    /// This error, saying what was being done when it happened.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            inner: Box::new(self),
+        }
+    }
+
+    /// The error under any [`Error::Context`].
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::Context { inner, .. } => inner.cause(),
+            e => e,
+        }
+    }
+
     /// The upstream status, if this error is an upstream's non-success answer.
     pub fn upstream_status(&self) -> Option<StatusCode> {
-        match self {
+        match self.cause() {
             Error::Upstream {
                 fault: UpstreamFault::Status { status, .. },
                 ..
@@ -95,7 +137,7 @@ impl Error {
 
     /// `Retry-After` to pass on to the client, from an upstream 429 or 503.
     pub fn retry_after(&self) -> Option<&HeaderValue> {
-        match self {
+        match self.cause() {
             Error::Upstream {
                 fault: UpstreamFault::Status { retry_after, .. },
                 ..
@@ -145,11 +187,16 @@ impl Error {
                 )
                 .with_status(StatusCode::BAD_GATEWAY),
             },
+            // Only a reference can come from a client, and the message names it. Bundles and
+            // image lists are read by the command line, which prints the message itself.
+            Error::Invalid(message) => OciError::new(ErrorCode::NameInvalid, message.clone()),
             // Details go to the log, not to the client.
             Error::Storage(_) | Error::Config(_) | Error::Internal(_) => OciError::new(
                 ErrorCode::Unknown,
                 "internal error in the mirror; see its log",
             ),
+            // The context may name local files; the client gets the cause's own error.
+            Error::Context { inner, .. } => inner.to_oci(not_found),
         }
     }
 }
@@ -200,5 +247,40 @@ mod tests {
     fn storage_details_stay_private() {
         let e: Error = std::io::Error::other("/var/lib/secret/path").into();
         assert!(!e.to_oci(ErrorCode::BlobUnknown).message.contains("secret"));
+        let e = e.context("/var/lib/secret/bundle.tar");
+        assert!(!e.to_oci(ErrorCode::BlobUnknown).message.contains("secret"));
+        assert_eq!(
+            e.to_oci(ErrorCode::BlobUnknown).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn invalid_input_is_a_bad_request_and_context_keeps_the_class() {
+        let e = Error::Invalid("image reference \"Not/A:Ref\": invalid repository name".into());
+        let oci = e.to_oci(ErrorCode::ManifestUnknown);
+        assert_eq!(oci.status, StatusCode::BAD_REQUEST);
+        assert_eq!(oci.code, ErrorCode::NameInvalid);
+        assert_eq!(oci.message, e.to_string());
+
+        let e = Error::upstream(
+            "docker.io",
+            UpstreamFault::Status {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                retry_after: Some(HeaderValue::from_static("7")),
+            },
+        )
+        .context("blob sha256:ab")
+        .context("image docker.io/library/x:1");
+        assert_eq!(
+            e.to_string(),
+            "image docker.io/library/x:1: blob sha256:ab: upstream docker.io: answered 429 Too Many Requests"
+        );
+        assert_eq!(e.upstream_status(), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(e.retry_after().unwrap(), "7");
+        assert_eq!(
+            e.to_oci(ErrorCode::BlobUnknown).status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
     }
 }

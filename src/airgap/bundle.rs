@@ -4,6 +4,7 @@
 
 use super::prefetch::Prefetched;
 use crate::config::Config;
+use crate::error::Error;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
 use crate::oci::{Digest, ImageRef, Reference, Verified, Verifier};
@@ -32,11 +33,11 @@ pub struct Written {
 
 /// Writes `images` (all cached, as prefetch left them) from the cache at `root` to `output`,
 /// through a temp file renamed at the end, so a failed export leaves no half bundle.
-/// Blocking.
-pub fn export(root: &Path, images: &[Prefetched], output: &Path) -> Result<Written, String> {
+/// Blocking. An I/O failure names the file it happened on.
+pub fn export(root: &Path, images: &[Prefetched], output: &Path) -> Result<Written, Error> {
     let name = output
         .file_name()
-        .ok_or_else(|| format!("{}: not a file name", output.display()))?;
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", output.display())))?;
     let temp = output.with_file_name(format!(
         ".{}.partial-{}",
         name.to_string_lossy(),
@@ -45,7 +46,7 @@ pub fn export(root: &Path, images: &[Prefetched], output: &Path) -> Result<Writt
     let result = write_layout(root, images, &temp);
     match result {
         Ok(w) => {
-            std::fs::rename(&temp, output).map_err(|e| format!("{}: {e}", output.display()))?;
+            std::fs::rename(&temp, output).map_err(|e| io_at(output, e))?;
             Ok(w)
         }
         Err(e) => {
@@ -55,8 +56,13 @@ pub fn export(root: &Path, images: &[Prefetched], output: &Path) -> Result<Writt
     }
 }
 
-fn write_layout(root: &Path, images: &[Prefetched], temp: &Path) -> Result<Written, String> {
-    let out = |e: io::Error| format!("{}: {e}", temp.display());
+/// An I/O failure on `path`, naming it.
+fn io_at(path: &Path, e: io::Error) -> Error {
+    Error::from(e).context(path.display().to_string())
+}
+
+fn write_layout(root: &Path, images: &[Prefetched], temp: &Path) -> Result<Written, Error> {
+    let out = |e: io::Error| io_at(temp, e);
     let file = File::create(temp).map_err(out)?;
     let mut tar = tar::Builder::new(BufWriter::new(file));
     let mut entries = Vec::new();
@@ -81,7 +87,8 @@ fn write_layout(root: &Path, images: &[Prefetched], temp: &Path) -> Result<Writt
         blobs.extend(p.blobs.iter().map(|(d, s)| (d.clone(), *s)));
     }
     let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries});
-    let index = serde_json::to_vec_pretty(&index).map_err(|e| e.to_string())?;
+    let index = serde_json::to_vec_pretty(&index)
+        .map_err(|e| Error::Internal(format!("index.json: {e}")))?;
     append_bytes(&mut tar, "oci-layout", OCI_LAYOUT).map_err(out)?;
     append_bytes(&mut tar, "index.json", &index).map_err(out)?;
     append_dir(&mut tar, "blobs/").map_err(out)?;
@@ -93,16 +100,17 @@ fn write_layout(root: &Path, images: &[Prefetched], temp: &Path) -> Result<Writt
     for (digest, size) in &blobs {
         let path = FsStore::blob_path_in(root, digest);
         let f = File::open(&path).map_err(|e| {
-            format!(
-                "{digest} is no longer in the cache ({}): {e}",
+            Error::from(e).context(format!(
+                "{digest} is no longer in the cache ({})",
                 path.display()
-            )
+            ))
         })?;
-        let len = f.metadata().map_err(out)?.len();
+        let len = f.metadata().map_err(|e| io_at(&path, e))?.len();
         if len != *size {
-            return Err(format!(
-                "{digest}: the cache holds {len} bytes, its descriptor says {size}"
-            ));
+            return Err(Error::from(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{digest}: the cache holds {len} bytes, its descriptor says {size}"),
+            )));
         }
         let mut h = header(tar::EntryType::Regular, len);
         tar.append_data(
@@ -168,20 +176,31 @@ struct Staged {
 /// references that are neither in the bundle nor already cached, and only then are blobs
 /// renamed into place and manifests and tags recorded. Any error leaves the cache as it was.
 /// Blocking.
-pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported, String> {
-    let at = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", bundle.display());
-    let file = File::open(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+///
+/// Errors are one line naming the bundle and the part of it at fault: [`Error::Invalid`] when
+/// the bundle is, a storage error when the cache could not take it.
+pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported, Error> {
+    // The bundle is at fault: `what` part of it, and why.
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Invalid(format!("{}: {what}: {e}", bundle.display()))
+    };
+    // Whatever `e` is, it happened on `what` part of this bundle.
+    let at = |what: &str, e: Error| e.context(format!("{}: {what}", bundle.display()));
+    let file =
+        File::open(bundle).map_err(|e| Error::Invalid(format!("{}: {e}", bundle.display())))?;
 
     let mut layout = None;
     let mut index = None;
     let mut staged: BTreeMap<Digest, Staged> = BTreeMap::new();
     let mut archive = tar::Archive::new(BufReader::new(file));
-    let entries = archive.entries().map_err(|e| at("not a tar archive", &e))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| bad("not a tar archive", &e))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| at("corrupt or truncated archive", &e))?;
+        let mut entry = entry.map_err(|e| bad("corrupt or truncated archive", &e))?;
         let path = entry
             .path()
-            .map_err(|e| at("entry with a bad name", &e))?
+            .map_err(|e| bad("entry with a bad name", &e))?
             .to_string_lossy()
             .trim_start_matches("./")
             .to_owned();
@@ -192,43 +211,44 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
         let declared = entry.header().size().unwrap_or(0);
         match path.as_str() {
             "oci-layout" => {
-                layout = Some(read_capped(&mut entry, 4096, declared).map_err(|e| at(&path, &e))?)
+                layout = Some(read_capped(&mut entry, 4096, declared).map_err(|e| at(&path, e))?)
             }
             "index.json" => {
                 index = Some(
                     read_capped(&mut entry, MAX_MANIFEST_SIZE, declared)
-                        .map_err(|e| at(&path, &e))?,
+                        .map_err(|e| at(&path, e))?,
                 )
             }
             p if p.starts_with("blobs/") => {
                 if !kind.is_file() {
-                    return Err(at(&path, &"not a regular file"));
+                    return Err(bad(&path, &"not a regular file"));
                 }
                 let digest = blob_name(p)
-                    .ok_or_else(|| at(&path, &"not named blobs/<algorithm>/<hex digest>"))?;
+                    .ok_or_else(|| bad(&path, &"not named blobs/<algorithm>/<hex digest>"))?;
                 if staged.contains_key(&digest) {
                     continue;
                 }
-                let s = stage(&mut entry, store, &digest, declared).map_err(|e| at(&path, &e))?;
+                let s = stage(&mut entry, store, &digest, declared).map_err(|e| at(&path, e))?;
                 staged.insert(digest, s);
             }
             _ => {}
         }
     }
 
-    let layout = layout.ok_or_else(|| at("oci-layout", &"missing: not an OCI image layout"))?;
-    let v: serde_json::Value = serde_json::from_slice(&layout).map_err(|e| at("oci-layout", &e))?;
+    let layout = layout.ok_or_else(|| bad("oci-layout", &"missing: not an OCI image layout"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&layout).map_err(|e| bad("oci-layout", &e))?;
     if v["imageLayoutVersion"].as_str().is_none() {
-        return Err(at("oci-layout", &"no imageLayoutVersion"));
+        return Err(bad("oci-layout", &"no imageLayoutVersion"));
     }
-    let index = index.ok_or_else(|| at("index.json", &"missing"))?;
+    let index = index.ok_or_else(|| bad("index.json", &"missing"))?;
     let roots = match descriptor::parse_refs(OCI_INDEX, &index) {
         Ok(Refs::Index(list)) => list,
-        Ok(_) => return Err(at("index.json", &"not an image index")),
-        Err(e) => return Err(at("index.json", &e)),
+        Ok(_) => return Err(bad("index.json", &"not an image index")),
+        Err(e) => return Err(bad("index.json", &e)),
     };
     if roots.is_empty() {
-        return Err(at("index.json", &"names no image"));
+        return Err(bad("index.json", &"names no image"));
     }
 
     // Verify the graph before anything is committed.
@@ -245,7 +265,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
             .unwrap_or_else(|| format!("manifests[{i}]"));
         check
             .walk(root, &format!("index.json {name}"), 0)
-            .map_err(|e| at("invalid bundle", &e))?;
+            .map_err(|e| at("invalid bundle", e))?;
     }
     let mut out = Imported::default();
     let mut tags = Vec::new();
@@ -259,9 +279,9 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
             ));
             continue;
         }
-        let r = ImageRef::parse(name).map_err(|e| at("index.json", &e))?;
+        let r = ImageRef::parse(name).map_err(|e| at("index.json", e))?;
         if !config.upstream.iter().any(|u| u.name == r.registry) {
-            return Err(at(
+            return Err(bad(
                 "index.json",
                 &format!(
                     "{name:?} is on registry {:?}, which no [[upstream]] in the config names",
@@ -273,7 +293,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
             Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.clone())),
             Reference::Digest(d) if *d == root.digest => {}
             Reference::Digest(d) => {
-                return Err(at(
+                return Err(bad(
                     "index.json",
                     &format!("{name:?} names {d}, but its descriptor is {}", root.digest),
                 ));
@@ -289,12 +309,12 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
         let existed = store
             .blobs()
             .stat(&digest)
-            .map_err(|e| at(&format!("storing {digest}"), &e))?
+            .map_err(|e| at(&format!("storing {digest}"), e.into()))?
             .is_some();
         if !existed {
             s.writer
                 .commit(s.proof, "(imported)")
-                .map_err(|e| at(&format!("storing {digest}"), &e))?;
+                .map_err(|e| at(&format!("storing {digest}"), io::Error::from(e).into()))?;
             out.new_blobs += 1;
         }
     }
@@ -302,7 +322,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
         store
             .meta()
             .put_manifest(digest, media_type, None)
-            .map_err(|e| at("recording manifests", &e))?;
+            .map_err(|e| at("recording manifests", e.into()))?;
     }
     out.manifests = manifests.len();
     for (r, tag, root) in tags {
@@ -310,7 +330,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
         let known = store
             .meta()
             .tags(&r.registry, r.repo.as_str(), &tag)
-            .map_err(|e| at("reading tags", &e))?;
+            .map_err(|e| at("reading tags", e.into()))?;
         // The bundle's word on a tag is older than any upstream check: record it as never
         // checked, so an online mirror revalidates it, and keep an entry that already agrees.
         if !known
@@ -324,7 +344,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
                     media_type,
                     Some((&r.registry, r.repo.as_str(), &tag, UNIX_EPOCH)),
                 )
-                .map_err(|e| at("recording tags", &e))?;
+                .map_err(|e| at("recording tags", e.into()))?;
         }
         out.tags.push(r.to_string());
     }
@@ -341,51 +361,61 @@ fn blob_name(path: &str) -> Option<Digest> {
     format!("{alg}:{hex}").parse().ok()
 }
 
-fn read_capped(r: &mut impl Read, cap: usize, declared: u64) -> Result<Vec<u8>, String> {
+/// A small entry, whole. Reading fails only for the bundle's sake (truncated, corrupt).
+fn read_capped(r: &mut impl Read, cap: usize, declared: u64) -> Result<Vec<u8>, Error> {
     if declared > cap as u64 {
-        return Err(format!("larger than {cap} bytes"));
+        return Err(Error::Invalid(format!("larger than {cap} bytes")));
     }
     let mut buf = Vec::new();
     r.take(cap as u64 + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     if (buf.len() as u64) < declared {
-        return Err(format!("truncated: {} of {declared} bytes", buf.len()));
+        return Err(Error::Invalid(format!(
+            "truncated: {} of {declared} bytes",
+            buf.len()
+        )));
     }
     Ok(buf)
 }
 
-/// Copies one entry into a new writer, hashing as it goes; the digest must match its name.
+/// Copies one entry into a new writer, hashing as it goes; the digest must match its name. A
+/// read that fails or ends short, or a mismatch, is the bundle's fault; a failed write, the
+/// cache's.
 fn stage(
     r: &mut impl Read,
     store: &Store,
     digest: &Digest,
     declared: u64,
-) -> Result<Staged, String> {
-    let mut w = store.blobs().begin(digest).map_err(|e| e.to_string())?;
-    let reader = w.reader().map_err(|e| e.to_string())?;
+) -> Result<Staged, Error> {
+    let mut w = store.blobs().begin(digest)?;
+    let reader = w.reader()?;
     let mut v = Verifier::new(digest.algorithm());
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let k = r.read(&mut buf).map_err(|e| e.to_string())?;
+        let k = r
+            .read(&mut buf)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         if k == 0 {
             break;
         }
         v.update(&buf[..k]);
-        w.write(&buf[..k]).map_err(|e| e.to_string())?;
+        w.write(&buf[..k])?;
     }
     let size = w.written();
     if size < declared {
-        return Err(format!("truncated: {size} of {declared} bytes"));
+        return Err(Error::Invalid(format!(
+            "truncated: {size} of {declared} bytes"
+        )));
     }
     let proof = v.verify(digest).map_err(|m| {
-        format!(
+        Error::Invalid(format!(
             "content does not match its digest (it hashes to {})",
             m.actual
-        )
+        ))
     })?;
     // Many blobs wait for the whole bundle to check out: none of them holds a descriptor.
-    w.seal().map_err(|e| e.to_string())?;
+    w.seal()?;
     Ok(Staged {
         writer: w,
         proof,
@@ -414,57 +444,61 @@ impl Check<'_> {
         self.store.blobs().stat(d).ok().flatten()
     }
 
-    fn present(&self, d: &Descriptor, ctx: &str, what: &str) -> Result<(), String> {
+    fn present(&self, d: &Descriptor, ctx: &str, what: &str) -> Result<(), Error> {
         match self.size(&d.digest) {
-            None => Err(format!(
+            None => Err(Error::Invalid(format!(
                 "{ctx}: {what} {} is missing from the bundle",
                 d.digest
-            )),
-            Some(len) if len != d.size => Err(format!(
+            ))),
+            Some(len) if len != d.size => Err(Error::Invalid(format!(
                 "{ctx}: {what} {} has {len} bytes, its descriptor says {}",
                 d.digest, d.size
-            )),
+            ))),
             Some(_) => Ok(()),
         }
     }
 
-    fn read(&self, d: &Digest) -> Result<Vec<u8>, String> {
+    fn read(&self, d: &Digest) -> Result<Vec<u8>, Error> {
         let blob = match self.staged.get(d) {
             Some(s) => Blob {
                 reader: s.reader.clone(),
                 len: s.size,
             },
-            None => match self.store.blobs().open(d, Access::Quiet) {
-                Ok(Some(b)) => b,
-                Ok(None) => return Ok(Vec::new()),
-                Err(e) => return Err(e.to_string()),
+            None => match self.store.blobs().open(d, Access::Quiet)? {
+                Some(b) => b,
+                None => return Ok(Vec::new()),
             },
         };
-        blob.read_all(MAX_MANIFEST_SIZE).map_err(|e| e.to_string())
+        Ok(blob.read_all(MAX_MANIFEST_SIZE)?)
     }
 
-    fn walk(&mut self, d: &Descriptor, ctx: &str, depth: usize) -> Result<(), String> {
+    fn walk(&mut self, d: &Descriptor, ctx: &str, depth: usize) -> Result<(), Error> {
         self.present(d, ctx, "manifest")?;
         if self.manifests.contains_key(&d.digest) {
             return Ok(());
         }
         if depth > MAX_DEPTH {
-            return Err(format!("{ctx}: indexes nested deeper than {MAX_DEPTH}"));
+            return Err(Error::Invalid(format!(
+                "{ctx}: indexes nested deeper than {MAX_DEPTH}"
+            )));
         }
         if d.size > MAX_MANIFEST_SIZE as u64 {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "{ctx}: manifest {} is larger than {MAX_MANIFEST_SIZE} bytes",
                 d.digest
-            ));
+            )));
         }
         let bytes = self.read(&d.digest)?;
         let media_type = match d.media_type.as_str() {
-            "" | "application/json" => crate::oci::manifest::sniff_media_type(&bytes)
-                .ok_or_else(|| format!("{ctx}: manifest {} has no media type", d.digest))?,
+            "" | "application/json" => {
+                crate::oci::manifest::sniff_media_type(&bytes).ok_or_else(|| {
+                    Error::Invalid(format!("{ctx}: manifest {} has no media type", d.digest))
+                })?
+            }
             m => m.to_owned(),
         };
         let refs = descriptor::parse_refs(&media_type, &bytes)
-            .map_err(|e| format!("{ctx}: manifest {}: {e}", d.digest))?;
+            .map_err(|e| Error::Invalid(format!("{ctx}: manifest {}: {e}", d.digest)))?;
         self.manifests.insert(d.digest.clone(), media_type);
         match refs {
             Refs::Index(children) => {
@@ -475,11 +509,11 @@ impl Check<'_> {
                     .filter(|c| self.size(&c.digest).is_some())
                     .collect();
                 if present.is_empty() && !children.is_empty() {
-                    return Err(format!(
+                    return Err(Error::Invalid(format!(
                         "{ctx}: none of the {} manifests of index {} is in the bundle",
                         children.len(),
                         d.digest
-                    ));
+                    )));
                 }
                 for c in present {
                     self.walk(c, ctx, depth + 1)?;

@@ -5,6 +5,7 @@ use super::bundle;
 use super::prefetch::{self, Display, Options, Platforms, Prefetched, Progress, human};
 use super::source::Source;
 use crate::config::Config;
+use crate::error::Error;
 use crate::oci::ImageRef;
 use crate::storage::Store;
 use std::path::{Path, PathBuf};
@@ -59,18 +60,27 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Runtime::new().map_err(|e| format!("starting the runtime: {e}"))
+/// Every error on a line of its own.
+fn fail_all(errors: &[Error]) -> ExitCode {
+    for e in errors {
+        eprintln!("cachalot: {e}");
+    }
+    ExitCode::FAILURE
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Error::Internal(format!("starting the runtime: {e}")))
 }
 
 /// The images named on the command line and in `--file`, every one checked before anything is
-/// fetched: a typo is reported, not half-run.
-fn resolve(config: &Config, sel: &Selection) -> Result<Vec<ImageRef>, Vec<String>> {
+/// fetched: a typo is reported, not half-run, and every bad reference is, not only the first.
+fn resolve(config: &Config, sel: &Selection) -> Result<Vec<ImageRef>, Vec<Error>> {
     let mut named: Vec<(String, String)> =
         sel.images.iter().map(|s| (s.clone(), s.clone())).collect();
     if let Some(file) = &sel.file {
-        let text =
-            std::fs::read_to_string(file).map_err(|e| vec![format!("{}: {e}", file.display())])?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| vec![Error::Invalid(format!("{}: {e}", file.display()))])?;
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if !line.is_empty() {
@@ -79,31 +89,32 @@ fn resolve(config: &Config, sel: &Selection) -> Result<Vec<ImageRef>, Vec<String
         }
     }
     if named.is_empty() {
-        return Err(vec![
+        return Err(vec![Error::Invalid(
             "no images given (name them, or use --file LIST)".into(),
-        ]);
+        )]);
     }
     let mut images = Vec::new();
     let mut errors = Vec::new();
     for (at, s) in named {
-        let prefix = if at == s {
-            String::new()
-        } else {
-            format!("{at}: ")
+        let checked = match ImageRef::parse(&s) {
+            Ok(r) if config.upstream.iter().any(|u| u.name == r.registry) => Ok(r),
+            Ok(r) => Err(Error::Invalid(format!(
+                "{s:?}: registry {:?} is not configured (no [[upstream]] with name = {:?} in {})",
+                r.registry,
+                r.registry,
+                sel.config.display()
+            ))),
+            Err(e) => Err(e),
         };
-        match ImageRef::parse(&s) {
-            Ok(r) if config.upstream.iter().any(|u| u.name == r.registry) => {
+        match checked {
+            Ok(r) => {
                 if !images.contains(&r) {
                     images.push(r)
                 }
             }
-            Ok(r) => errors.push(format!(
-                "{prefix}{s:?}: registry {:?} is not configured (no [[upstream]] with name = {:?} in {})",
-                r.registry,
-                r.registry,
-                sel.config.display()
-            )),
-            Err(e) => errors.push(format!("{prefix}{e}")),
+            // A reference from a file is named by its line; one from the command line by itself.
+            Err(e) if at != s => errors.push(e.context(at)),
+            Err(e) => errors.push(e),
         }
     }
     if errors.is_empty() {
@@ -113,19 +124,26 @@ fn resolve(config: &Config, sel: &Selection) -> Result<Vec<ImageRef>, Vec<String
     }
 }
 
+/// The results of a prefetch run, per image.
+type Results = Vec<(ImageRef, Result<Prefetched, Error>)>;
+
 /// Loads the config and runs the selection's prefetch; prints per-image lines and a summary.
-/// `Err` is a setup failure; image failures are in the results.
+/// `Err` is a setup failure (every bad reference, or the one other cause); image failures are
+/// in the results.
 async fn run_selection(
     config: &Config,
     sel: &Selection,
-) -> Result<(Arc<Source>, Vec<(ImageRef, Result<Prefetched, String>)>), String> {
+) -> Result<(Arc<Source>, Results), Vec<Error>> {
     let platforms = if sel.all_platforms {
         Platforms::All
     } else {
-        Platforms::parse(&sel.platform).map_err(|e| format!("--platform: {e}"))?
+        Platforms::parse(&sel.platform).map_err(|e| vec![e.context("--platform")])?
     };
-    let images = resolve(config, sel).map_err(|errors| errors.join("\ncachalot: "))?;
-    let source = Arc::new(Source::open(config, |note| println!("{note}")).await?);
+    let images = resolve(config, sel)?;
+    let source = Source::open(config, |note| println!("{note}"))
+        .await
+        .map_err(|e| vec![e])?;
+    let source = Arc::new(source);
     let opts = Options {
         platforms,
         jobs: sel.jobs as usize,
@@ -166,7 +184,7 @@ async fn run_selection(
     Ok((source, results))
 }
 
-fn report_failures(results: &[(ImageRef, Result<Prefetched, String>)]) -> bool {
+fn report_failures(results: &Results) -> bool {
     let failed: Vec<_> = results
         .iter()
         .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
@@ -181,10 +199,10 @@ fn report_failures(results: &[(ImageRef, Result<Prefetched, String>)]) -> bool {
     true
 }
 
-fn load(path: &Path) -> Result<Config, String> {
-    let c = Config::load(path).map_err(|e| e.to_string())?;
+fn load(path: &Path) -> Result<Config, Error> {
+    let c = Config::load(path)?;
     for u in &c.upstream {
-        u.password().map_err(|e| e.to_string())?;
+        u.password()?;
     }
     Ok(c)
 }
@@ -200,7 +218,7 @@ pub fn prefetch(sel: Selection) -> ExitCode {
         Err(e) => return fail(e),
     };
     match rt.block_on(run_selection(&config, &sel)) {
-        Err(e) => fail(e),
+        Err(errors) => fail_all(&errors),
         Ok((_, results)) if report_failures(&results) => ExitCode::FAILURE,
         Ok(_) => ExitCode::SUCCESS,
     }
@@ -219,7 +237,7 @@ pub fn export(args: ExportArgs) -> ExitCode {
     };
     let (source, results) = match rt.block_on(run_selection(&config, &args.selection)) {
         Ok(r) => r,
-        Err(e) => return fail(e),
+        Err(errors) => return fail_all(&errors),
     };
     if report_failures(&results) {
         return fail(format!(
@@ -233,7 +251,7 @@ pub fn export(args: ExportArgs) -> ExitCode {
     let written = rt.block_on(async move {
         tokio::task::spawn_blocking(move || bundle::export(&root, &images, &output))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Error::Internal(format!("export task: {e}")))?
     });
     match written {
         Ok(w) => {

@@ -2,14 +2,16 @@
 //! manifest, config and layer is cached, with bounded concurrency and live progress.
 
 use super::source::{Fetched, Source};
+use crate::error::{Error, UpstreamFault};
 use crate::oci::descriptor::{self, Descriptor, Refs};
-use crate::oci::{Digest, ImageRef, PlatformSpec, Reference};
+use crate::oci::{Digest, ErrorCode, ImageRef, PlatformSpec, Reference};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 
 /// Which platforms of a multi-platform image to fetch.
 #[derive(Clone, Debug)]
@@ -21,7 +23,7 @@ pub enum Platforms {
 impl Platforms {
     /// From `--platform a,b` / `platforms = [...]` (`all` meaning every platform); none given
     /// means this machine's platform, as clients default.
-    pub fn parse(list: &[String]) -> Result<Platforms, String> {
+    pub fn parse(list: &[String]) -> Result<Platforms, Error> {
         let items: Vec<&str> = list
             .iter()
             .flat_map(|s| s.split(','))
@@ -78,13 +80,14 @@ pub struct Progress {
 }
 
 /// Runs prefetch over `images`, each result in input order. Never fails as a whole: an image
-/// that fails is reported as such, and what it fetched stays cached.
+/// that fails is reported as such (the error says which manifest or blob), and what it fetched
+/// stays cached.
 pub async fn run(
     source: Arc<Source>,
     images: Vec<ImageRef>,
     opts: Options,
     progress: Arc<Progress>,
-) -> Vec<(ImageRef, Result<Prefetched, String>)> {
+) -> Vec<(ImageRef, Result<Prefetched, Error>)> {
     progress
         .images_total
         .fetch_add(images.len() as u64, Ordering::Relaxed);
@@ -125,14 +128,14 @@ async fn one(
     opts: &Options,
     sem: &Semaphore,
     progress: &Progress,
-) -> Result<Prefetched, String> {
+) -> Result<Prefetched, Error> {
     let (up, repo) = (image.registry.as_str(), &image.repo);
     let top = {
-        let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+        let _permit = permit(sem).await?;
         source
             .manifest(up, repo, &image.reference)
             .await
-            .map_err(|e| format!("manifest: {e}"))?
+            .map_err(|e| e.context("manifest"))?
     };
     let mut out = Prefetched {
         image: image.clone(),
@@ -153,12 +156,16 @@ async fn one(
             m.digest.clone(),
             (m.media_type.clone(), m.bytes.len() as u64),
         );
-        let refs = descriptor::parse_refs(&m.media_type, &m.bytes)
-            .map_err(|e| format!("manifest {}: {e}", m.digest))?;
+        let refs = descriptor::parse_refs(&m.media_type, &m.bytes).map_err(|e| {
+            Error::upstream(
+                up,
+                UpstreamFault::Protocol(format!("manifest {}: {e}", m.digest)),
+            )
+        })?;
         match refs {
             Refs::Index(children) => {
                 let chosen = select(&children, &opts.platforms)
-                    .map_err(|e| format!("index {}: {e}", m.digest))?;
+                    .map_err(|e| e.context(format!("index {}", m.digest)))?;
                 for c in chosen {
                     let child = fetch_manifest(source, image, &c, sem).await?;
                     out.platforms += 1;
@@ -178,7 +185,7 @@ async fn one(
             let list = source
                 .referrers(up, repo, &m.digest)
                 .await
-                .map_err(|e| format!("referrers of {}: {e}", m.digest))?;
+                .map_err(|e| e.context(format!("referrers of {}", m.digest)))?;
             for r in list {
                 let child = fetch_manifest(source, image, &r, sem).await?;
                 out.referrers.push(r);
@@ -195,8 +202,8 @@ async fn fetch_manifest(
     image: &ImageRef,
     d: &Descriptor,
     sem: &Semaphore,
-) -> Result<Fetched, String> {
-    let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+) -> Result<Fetched, Error> {
+    let _permit = permit(sem).await?;
     let m = source
         .manifest(
             &image.registry,
@@ -204,21 +211,31 @@ async fn fetch_manifest(
             &Reference::Digest(d.digest.clone()),
         )
         .await
-        .map_err(|e| format!("manifest {}: {e}", d.digest))?;
+        .map_err(|e| e.context(format!("manifest {}", d.digest)))?;
     if m.bytes.len() as u64 != d.size {
-        return Err(format!(
-            "manifest {}: {} bytes, but its descriptor says {}",
-            d.digest,
-            m.bytes.len(),
-            d.size
+        return Err(Error::upstream(
+            &image.registry,
+            UpstreamFault::Protocol(format!(
+                "manifest {}: {} bytes, but its descriptor says {}",
+                d.digest,
+                m.bytes.len(),
+                d.size
+            )),
         ));
     }
     Ok(m)
 }
 
-/// The index entries the platform selection wants; an error names what the index offers when
-/// nothing matches.
-fn select(children: &[Descriptor], platforms: &Platforms) -> Result<Vec<Descriptor>, String> {
+/// A fetch slot. The semaphore is never closed, so failing is a bug, not a condition.
+async fn permit(sem: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
+    sem.acquire()
+        .await
+        .map_err(|e| Error::Internal(format!("prefetch: {e}")))
+}
+
+/// The index entries the platform selection wants. When nothing matches, the platforms asked
+/// for are unknown to the image (`MANIFEST_UNKNOWN`), and the error names what it offers.
+fn select(children: &[Descriptor], platforms: &Platforms) -> Result<Vec<Descriptor>, Error> {
     let specs = match platforms {
         Platforms::All => return Ok(children.to_vec()),
         Platforms::Only(specs) => specs,
@@ -240,14 +257,17 @@ fn select(children: &[Descriptor], platforms: &Platforms) -> Result<Vec<Descript
             .filter_map(|c| c.platform.as_ref().map(|p| p.to_string()))
             .collect();
         let wanted: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
-        return Err(format!(
-            "no manifest for {} (it has {})",
-            wanted.join(", "),
-            if offered.is_empty() {
-                "no platforms".to_owned()
-            } else {
-                offered.join(", ")
-            }
+        return Err(Error::client(
+            ErrorCode::ManifestUnknown,
+            format!(
+                "no manifest for {} (it has {})",
+                wanted.join(", "),
+                if offered.is_empty() {
+                    "no platforms".to_owned()
+                } else {
+                    offered.join(", ")
+                }
+            ),
         ));
     }
     Ok(chosen)
@@ -259,7 +279,7 @@ async fn fetch_blobs(
     blobs: &BTreeMap<Digest, u64>,
     sem: &Semaphore,
     progress: &Progress,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let mut pending = Vec::new();
     for (d, size) in blobs {
         if source.is_cached(d) {
@@ -270,7 +290,7 @@ async fn fetch_blobs(
         }
     }
     let fetches = pending.into_iter().map(|(d, size)| async move {
-        let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+        let _permit = permit(sem).await.map_err(|e| (d, e))?;
         let mut reported = 0u64;
         let got = source
             .blob(&image.registry, &image.repo, d, |n| {
@@ -293,18 +313,19 @@ async fn fetch_blobs(
                 progress.blobs_fetched.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => Err(format!("blob {d}: {e}")),
+            Err(e) => Err((d, e)),
         }
     });
-    let errors: Vec<String> = futures_util::future::join_all(fetches)
+    let mut errors = futures_util::future::join_all(fetches)
         .await
         .into_iter()
-        .filter_map(Result::err)
-        .collect();
-    match errors.len() {
-        0 => Ok(()),
-        1 => Err(errors[0].clone()),
-        n => Err(format!("{} (and {} more blobs failed)", errors[0], n - 1)),
+        .filter_map(Result::err);
+    let Some((d, first)) = errors.next() else {
+        return Ok(());
+    };
+    match errors.count() {
+        0 => Err(first.context(format!("blob {d}"))),
+        more => Err(first.context(format!("blob {d} (and {more} more blobs failed)"))),
     }
 }
 
@@ -361,10 +382,10 @@ impl Progress {
     }
 }
 
-/// Prints progress until dropped: a line redrawn in place on a terminal, plain lines every few
-/// seconds otherwise (logs, CI).
+/// Prints progress until finished: a bar on a terminal, plain lines every few seconds otherwise
+/// (logs, CI).
 pub struct Display {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub tty: bool,
 }
@@ -372,34 +393,12 @@ pub struct Display {
 impl Display {
     pub fn start(progress: Arc<Progress>) -> Display {
         let tty = std::io::stdout().is_terminal();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel();
-        let started = Instant::now();
-        let task = tokio::spawn(async move {
-            let every = if tty {
-                Duration::from_millis(250)
-            } else {
-                Duration::from_secs(5)
-            };
-            let mut last = String::new();
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                let line = progress.line(started.elapsed());
-                let mut out = std::io::stdout().lock();
-                if tty {
-                    let _ = write!(out, "\r\x1b[K{line}");
-                } else if line != last {
-                    let _ = writeln!(out, "{line}");
-                }
-                let _ = out.flush();
-                last = line;
-            }
-            if tty {
-                let _ = write!(std::io::stdout().lock(), "\r\x1b[K");
-            }
-        });
+        let (stop, stopped) = oneshot::channel();
+        let task = if tty {
+            tokio::spawn(draw_bar(progress, stopped))
+        } else {
+            tokio::spawn(print_lines(progress, stopped))
+        };
         Display {
             stop: Some(stop),
             task: Some(task),
@@ -407,7 +406,7 @@ impl Display {
         }
     }
 
-    /// Stops the display and clears its line.
+    /// Stops the display and clears its bar.
     pub async fn finish(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -415,6 +414,57 @@ impl Display {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+    }
+}
+
+/// On a terminal: indicatif draws the bar, its rate and ETA; this copies the counters in.
+async fn draw_bar(progress: Arc<Progress>, mut stopped: oneshot::Receiver<()>) {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+    bar.set_style(bar_style());
+    loop {
+        let done = progress.fetched.load(Ordering::Relaxed);
+        bar.set_length(progress.to_fetch.load(Ordering::Relaxed).max(done));
+        bar.set_position(done);
+        bar.set_message(format!(
+            "{}/{}",
+            progress.images_done.load(Ordering::Relaxed),
+            progress.images_total.load(Ordering::Relaxed)
+        ));
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    bar.finish_and_clear();
+}
+
+/// The bar's look: the same facts as [`Progress::line`], in the same order.
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "images {msg}  [{bar:30}] {binary_bytes} of {binary_total_bytes}  \
+         {binary_bytes_per_sec}  ETA {eta}",
+    )
+    .expect("the template is valid (a test builds it)")
+    .progress_chars("=> ")
+}
+
+/// Not a terminal: a [`Progress::line`] every few seconds, only when it changed, so a log is
+/// not flooded and can be read (and parsed) line by line.
+async fn print_lines(progress: Arc<Progress>, mut stopped: oneshot::Receiver<()>) {
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let line = progress.line(started.elapsed());
+        if line != last {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+        last = line;
     }
 }
 
@@ -449,6 +499,11 @@ mod tests {
         assert_eq!(got, vec![idx[1].clone()]);
         assert_eq!(select(&idx, &Platforms::All).unwrap().len(), 3);
         let e = select(&idx, &Platforms::parse(&["linux/s390x".into()]).unwrap()).unwrap_err();
+        assert_eq!(
+            e.to_oci(ErrorCode::NameUnknown).code,
+            ErrorCode::ManifestUnknown
+        );
+        let e = e.to_string();
         assert!(
             e.contains("linux/s390x") && e.contains("linux/amd64"),
             "{e}"
@@ -471,5 +526,7 @@ mod tests {
         assert!(line.contains("1.0 MiB/s"), "{line}");
         assert!(line.contains("ETA 0m03s"), "{line}");
         assert_eq!(human(1536), "1.5 KiB");
+        // The terminal's bar parses its template.
+        let _ = bar_style();
     }
 }

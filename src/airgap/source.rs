@@ -8,11 +8,11 @@ use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{self, ALL_MANIFEST_TYPES, Accept, MAX_MANIFEST_SIZE};
-use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName, Verifier};
+use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::storage::{FsStore, Store};
 use crate::upstream::{Op, Upstream, UpstreamRequest};
-use bytes::{Bytes, BytesMut};
-use http::{Method, StatusCode, header};
+use bytes::Bytes;
+use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -43,29 +43,27 @@ pub struct ServerClient {
 
 impl Source {
     /// Opens the cache at `cache.dir`; when another process holds it, finds the server at
-    /// `server.listen` instead. `note` hears which one was chosen.
-    pub async fn open(config: &Config, note: impl Fn(&str)) -> Result<Source, String> {
+    /// `server.listen` instead. `note` hears which one was chosen. Errors name `cache.dir`.
+    pub async fn open(config: &Config, note: impl Fn(&str)) -> Result<Source, Error> {
         let dir = config.cache.dir.clone();
         let opened = tokio::task::spawn_blocking(move || Store::open(&dir))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::Internal(format!("opening the cache: {e}")))?;
         let names: Vec<&str> = config.upstream.iter().map(|u| u.name.as_str()).collect();
         let metrics = Arc::new(Metrics::new(&names));
         match opened {
             Ok(store) => {
-                let mirror =
-                    Mirror::new(config, Arc::new(store), metrics).map_err(|e| e.to_string())?;
+                let mirror = Mirror::new(config, Arc::new(store), metrics)?;
                 Ok(Source::Local(Arc::new(mirror)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
                 let url = server_url(config);
-                let server = ServerClient::new(&url, config.cache.dir.clone(), metrics)
-                    .map_err(|e| e.to_string())?;
+                let server = ServerClient::new(&url, config.cache.dir.clone(), metrics)?;
                 server.ping().await.map_err(|e| {
-                    format!(
-                        "cache.dir {}: in use by another process, and no cachalot answers at server.listen ({url}): {e}",
+                    e.context(format!(
+                        "cache.dir {}: in use by another process, and no cachalot answers at server.listen ({url})",
                         config.cache.dir.display()
-                    )
+                    ))
                 })?;
                 note(&format!(
                     "cache.dir {} is in use by a running cachalot; fetching through it at {url}",
@@ -73,7 +71,9 @@ impl Source {
                 ));
                 Ok(Source::Server(server))
             }
-            Err(e) => Err(format!("cache.dir {}: {e}", config.cache.dir.display())),
+            Err(e) => {
+                Err(Error::from(e).context(format!("cache.dir {}", config.cache.dir.display())))
+            }
         }
     }
 
@@ -243,13 +243,13 @@ impl ServerClient {
         Ok(())
     }
 
-    /// A small body, whole (capped like a manifest), and its Content-Type.
+    /// A small body, whole (capped like a manifest), and the response headers.
     async fn get_small(
         &self,
         repo: &RepoName,
         path: &str,
         accept: &str,
-    ) -> Result<(String, Bytes), Error> {
+    ) -> Result<(http::HeaderMap, Bytes), Error> {
         let resp = self
             .client
             .send(UpstreamRequest {
@@ -264,26 +264,9 @@ impl ServerClient {
         if !resp.status().is_success() {
             return Err(server_error(resp).await);
         }
-        let content_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
-            .unwrap_or_default();
-        let mut body = resp.into_body();
-        let mut buf = BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| protocol(format!("body: {e}")))?;
-            if let Ok(d) = frame.into_data() {
-                if buf.len() + d.len() > MAX_MANIFEST_SIZE {
-                    return Err(protocol(format!(
-                        "response larger than {MAX_MANIFEST_SIZE} bytes"
-                    )));
-                }
-                buf.extend_from_slice(&d);
-            }
-        }
-        Ok((content_type, buf.freeze()))
+        let (parts, body) = resp.into_parts();
+        let body = self.client.read_small(body, MAX_MANIFEST_SIZE).await?;
+        Ok((parts.headers, body))
     }
 
     async fn manifest(
@@ -293,30 +276,16 @@ impl ServerClient {
         reference: &Reference,
     ) -> Result<Fetched, Error> {
         let path = format!("/v2/{repo}/manifests/{reference}{}", ns(upstream));
-        let (content_type, bytes) = self.get_small(repo, &path, ALL_MANIFEST_TYPES).await?;
-        let algorithm = match reference {
-            Reference::Digest(d) => d.algorithm(),
-            Reference::Tag(_) => crate::oci::Algorithm::Sha256,
+        let (headers, bytes) = self.get_small(repo, &path, ALL_MANIFEST_TYPES).await?;
+        let requested = match reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => None,
         };
-        let mut v = Verifier::new(algorithm);
-        v.update(&bytes);
-        let digest = v.finish();
-        if let Reference::Digest(want) = reference
-            && *want != digest
-        {
-            return Err(protocol(format!(
-                "manifest does not match its digest: expected {want}, got {digest}"
-            )));
-        }
-        let media_type =
-            if manifest::is_manifest_type(&content_type) && content_type != "application/json" {
-                content_type
-            } else {
-                manifest::sniff_media_type(&bytes).unwrap_or_default()
-            };
+        let checked = manifest::verify(&bytes, &headers, requested)
+            .map_err(|e| Error::upstream(SERVER, e.into()))?;
         Ok(Fetched {
-            digest,
-            media_type,
+            digest: checked.digest,
+            media_type: checked.media_type,
             bytes,
         })
     }

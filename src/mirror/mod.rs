@@ -19,16 +19,14 @@ mod tags;
 use crate::config::Config;
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::{Kind, Lookup, Metrics};
-use crate::oci::manifest::{self, Accept, MAX_MANIFEST_SIZE};
-use crate::oci::{Digest, ErrorCode, RepoName, Verifier};
+use crate::oci::manifest::{self, Accept, MAX_MANIFEST_SIZE, ManifestError};
+use crate::oci::{Digest, ErrorCode, RepoName};
 use crate::storage::{Access, Store, Usage};
 use crate::upstream::{Op, Upstream, UpstreamRequest};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use flight::SingleFlight;
 use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use inflight::Inflight;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -376,56 +374,27 @@ impl Mirror {
             if !resp.status().is_success() {
                 return Err(up.status_error(&resp));
             }
-            let header_digest = resp
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<Digest>().ok());
-            let content_type = resp
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.split(';').next().unwrap_or("").trim().to_owned());
-            let bytes = read_capped(up, resp.into_body(), MAX_MANIFEST_SIZE).await?;
+            let (parts, body) = resp.into_parts();
+            let bytes = up.read_small(body, MAX_MANIFEST_SIZE).await?;
             metrics.upstream_done(up.name(), Op::Manifest.as_str(), started);
             metrics
                 .upstream_bytes
                 .with_label_values(&[up.name()])
                 .inc_by(bytes.len() as u64);
-            // Check against what was asked for, else against what upstream claimed; a body
-            // matching neither is never stored.
-            let claimed = expect.clone().or(header_digest.clone());
-            let algorithm = claimed
-                .as_ref()
-                .map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
-            let mut v = Verifier::new(algorithm);
-            v.update(&bytes);
-            let digest = v.finish();
-            for want in [&expect, &header_digest].into_iter().flatten() {
-                if want.algorithm() == digest.algorithm() && *want != digest {
-                    metrics
-                        .digest_mismatches
-                        .with_label_values(&[up.name()])
-                        .inc();
-                    return Err(Error::upstream(
-                        up.name(),
-                        UpstreamFault::DigestMismatch {
-                            expected: want.to_string(),
-                            actual: digest.to_string(),
-                        },
-                    ));
-                }
-            }
-            let media_type = match content_type {
-                Some(ct) if manifest::is_manifest_type(&ct) && ct != "application/json" => ct,
-                _ => manifest::sniff_media_type(&bytes).ok_or_else(|| {
-                    Error::upstream(
-                        up.name(),
-                        UpstreamFault::Protocol("manifest has no media type".into()),
-                    )
-                })?,
-            };
-            let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
+            // A body that fails its check is never stored.
+            let checked =
+                manifest::verify(&bytes, &parts.headers, expect.as_ref()).map_err(|e| {
+                    if let ManifestError::DigestMismatch { .. } = e {
+                        metrics
+                            .digest_mismatches
+                            .with_label_values(&[up.name()])
+                            .inc();
+                    }
+                    // The log keeps which check failed; the fault keeps expected and actual.
+                    warn!(upstream = up.name(), error = %e, "manifest refused");
+                    Error::upstream(up.name(), e.into())
+                })?;
+            let m = Arc::new(Manifest::new(checked.digest, checked.media_type, bytes));
             let (st, m2) = (store.clone(), m.clone());
             let (upname, repo) = (up.name().to_owned(), t.repo.to_string());
             let saved = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -492,7 +461,7 @@ impl Mirror {
         }
         let headers = resp.headers().clone();
         let status = resp.status();
-        let body = read_capped(up, resp.into_body(), MAX_PASSTHROUGH).await?;
+        let body = up.read_small(resp.into_body(), MAX_PASSTHROUGH).await?;
         self.metrics.upstream_done(up.name(), op.as_str(), started);
         let p = Arc::new(Passthrough {
             status,
@@ -508,41 +477,4 @@ impl Mirror {
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// Reads a small upstream body whole, refusing more than `cap` bytes, with the upstream's idle
-/// timeout between frames.
-async fn read_capped(up: &Upstream, mut body: Incoming, cap: usize) -> Result<Bytes, Error> {
-    let mut buf = BytesMut::new();
-    loop {
-        let frame = tokio::time::timeout(up.body_timeout(), body.frame())
-            .await
-            .map_err(|_| {
-                Error::upstream(
-                    up.name(),
-                    UpstreamFault::Timeout("waiting for the response body"),
-                )
-            })?;
-        match frame {
-            None => break,
-            Some(Err(e)) => {
-                return Err(Error::upstream(
-                    up.name(),
-                    UpstreamFault::Protocol(format!("body: {e}")),
-                ));
-            }
-            Some(Ok(f)) => {
-                if let Ok(data) = f.into_data() {
-                    if buf.len() + data.len() > cap {
-                        return Err(Error::upstream(
-                            up.name(),
-                            UpstreamFault::Protocol(format!("response larger than {cap} bytes")),
-                        ));
-                    }
-                    buf.extend_from_slice(&data);
-                }
-            }
-        }
-    }
-    Ok(buf.freeze())
 }

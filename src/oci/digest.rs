@@ -56,14 +56,11 @@ impl Digest {
         self.hex_in(&mut [0; MAX_HEX_LEN]).to_owned()
     }
 
-    /// The hex encoding, written into `buf`: no allocation, for `Display`.
+    /// The lowercase hex encoding, written into `buf`: no allocation, because `Display` runs on
+    /// every request (blob paths, `Docker-Content-Digest`, log fields).
     fn hex_in<'b>(&self, buf: &'b mut [u8; MAX_HEX_LEN]) -> &'b str {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let out = &mut buf[..self.bytes.len() * 2];
-        for (pair, b) in out.chunks_exact_mut(2).zip(self.bytes.iter()) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0xf)];
-        }
+        hex::encode_to_slice(&self.bytes, out).expect("sized to twice the bytes");
         std::str::from_utf8(out).expect("hex digits are ASCII")
     }
 

@@ -3,6 +3,7 @@
 
 use super::digest::Digest;
 use super::name::{Reference, RepoName, Tag};
+use crate::Error;
 use std::fmt;
 
 /// The registry a reference that names none is on.
@@ -22,8 +23,10 @@ impl ImageRef {
     /// Parses a reference the way Docker does: the first component is a registry when it has a
     /// `.` or `:` or is `localhost`; otherwise the image is on docker.io, where one-component
     /// names get `library/`. No tag means `latest`; a digest wins over a tag.
-    pub fn parse(s: &str) -> Result<ImageRef, String> {
-        let bad = |why: &str| Err(format!("image reference {s:?}: {why}"));
+    ///
+    /// Fails with [`Error::Invalid`] naming the reference and what is wrong with it.
+    pub fn parse(s: &str) -> Result<ImageRef, Error> {
+        let bad = |why: &str| Err(Error::Invalid(format!("image reference {s:?}: {why}")));
         let s_trim = s.trim();
         if s_trim.is_empty() {
             return bad("empty");
@@ -105,7 +108,8 @@ pub struct PlatformSpec {
 }
 
 impl PlatformSpec {
-    pub fn parse(s: &str) -> Result<PlatformSpec, String> {
+    /// `os/architecture[/variant]`; anything else is an [`Error::Invalid`] naming it.
+    pub fn parse(s: &str) -> Result<PlatformSpec, Error> {
         let parts: Vec<&str> = s.trim().split('/').collect();
         let ok = |p: &str| {
             !p.is_empty()
@@ -123,9 +127,9 @@ impl PlatformSpec {
                 architecture: arch.to_string(),
                 variant: Some(variant.to_string()),
             }),
-            _ => Err(format!(
+            _ => Err(Error::Invalid(format!(
                 "platform {s:?}: expected os/architecture[/variant], like linux/arm64"
-            )),
+            ))),
         }
     }
 
@@ -204,7 +208,8 @@ mod tests {
     fn bad_references_name_themselves() {
         for bad in ["", "Nginx", "nginx:", "nginx:-x", "x@sha256:zz", "a//b"] {
             let e = ImageRef::parse(bad).unwrap_err();
-            assert!(e.contains(&format!("{bad:?}")), "{e}");
+            assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
         }
     }
 
@@ -217,7 +222,8 @@ mod tests {
         assert!(v.matches("linux", "arm", Some("v7")));
         assert!(!v.matches("linux", "arm", Some("v6")));
         for bad in ["linux", "linux/", "a/b/c/d", "linux/arm 64"] {
-            assert!(PlatformSpec::parse(bad).is_err(), "{bad}");
+            let e = PlatformSpec::parse(bad).unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
         }
         assert!(ImageRef::is_fully_qualified("reg.test/a:b"));
         assert!(!ImageRef::is_fully_qualified("v1"));

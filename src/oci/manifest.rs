@@ -1,4 +1,7 @@
-//! Manifest media types, the manifest size cap, and `Accept` negotiation.
+//! Manifest media types, the manifest size cap, `Accept` negotiation, and the check of a
+//! manifest body as received.
+
+use super::digest::{Algorithm, Digest, Verifier};
 
 /// Manifests larger than this are refused: they live in memory, and clients cap them too.
 pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
@@ -100,6 +103,102 @@ pub fn is_manifest_type(media_type: &str) -> bool {
     t.starts_with("application/vnd.") || t == "application/json"
 }
 
+// === verification ===
+
+/// The upstream's claim of a body's digest.
+const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// Which digest a manifest body failed to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DigestCheck {
+    /// The digest the manifest was asked for by.
+    Requested,
+    /// The upstream's `Docker-Content-Digest` header.
+    Claimed,
+}
+
+impl DigestCheck {
+    fn describe(self) -> &'static str {
+        match self {
+            DigestCheck::Requested => "the digest it was asked for",
+            DigestCheck::Claimed => "the upstream's Docker-Content-Digest",
+        }
+    }
+}
+
+/// Why a received manifest body may not be stored or served.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest does not match {}: expected {expected}, got {actual}", .check.describe())]
+    DigestMismatch {
+        check: DigestCheck,
+        expected: Digest,
+        actual: Digest,
+    },
+    /// Neither a manifest `Content-Type` nor a body whose type can be told.
+    #[error("manifest has no media type")]
+    NoMediaType,
+}
+
+/// A manifest body that passed [`verify`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub digest: Digest,
+    pub media_type: String,
+}
+
+/// Checks a manifest body as received, with the response `headers` it came with, before
+/// anything stores or serves it. Pure: the caller has read the (capped) body.
+///
+/// The body is hashed with the algorithm of `requested` (the digest it was asked for by), else
+/// of the upstream's `Docker-Content-Digest` (a claim to check, never a fact), else SHA-256. It
+/// must equal `requested`, then the claim; a claim in another algorithm than the one hashed is
+/// not checked (the body is what was asked for), nor is a claim that is not a valid digest.
+///
+/// The media type is the `Content-Type` (parameters dropped) when it names a manifest type
+/// other than plain `application/json`, else the one [`sniff_media_type`] finds in the body.
+pub fn verify(
+    body: &[u8],
+    headers: &http::HeaderMap,
+    requested: Option<&Digest>,
+) -> Result<Verified, ManifestError> {
+    let claimed = headers
+        .get(DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Digest>().ok());
+    let algorithm = requested
+        .or(claimed.as_ref())
+        .map_or(Algorithm::Sha256, Digest::algorithm);
+    let mut v = Verifier::new(algorithm);
+    v.update(body);
+    let digest = v.finish();
+    let checks = [
+        (DigestCheck::Requested, requested),
+        (DigestCheck::Claimed, claimed.as_ref()),
+    ];
+    for (check, want) in checks {
+        if let Some(want) = want
+            && want.algorithm() == algorithm
+            && *want != digest
+        {
+            return Err(ManifestError::DigestMismatch {
+                check,
+                expected: want.clone(),
+                actual: digest,
+            });
+        }
+    }
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim());
+    let media_type = match content_type {
+        Some(ct) if is_manifest_type(ct) && ct != "application/json" => ct.to_owned(),
+        _ => sniff_media_type(body).ok_or(ManifestError::NoMediaType)?,
+    };
+    Ok(Verified { digest, media_type })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +241,168 @@ mod tests {
             Some(DOCKER_LIST)
         );
         assert_eq!(sniff_media_type(b"not json"), None);
+    }
+
+    // === verify ===
+
+    const MANIFEST: &[u8] = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn sha512_of(data: &[u8]) -> Digest {
+        let mut v = Verifier::new(Algorithm::Sha512);
+        v.update(data);
+        v.finish()
+    }
+
+    #[test]
+    fn verifies_against_the_requested_digest_and_the_claim() {
+        let good = Digest::sha256_of(MANIFEST);
+        let other = Digest::sha256_of(b"other");
+        let ct = ("content-type", DOCKER_MANIFEST);
+        let claim = |d: &Digest| ("docker-content-digest", d.to_string());
+
+        let ok = verify(MANIFEST, &headers(&[ct]), Some(&good)).unwrap();
+        assert_eq!(ok.digest, good);
+        assert_eq!(ok.media_type, DOCKER_MANIFEST);
+        let c = claim(&good);
+        assert_eq!(
+            verify(MANIFEST, &headers(&[ct, (c.0, &c.1)]), None)
+                .unwrap()
+                .digest,
+            good
+        );
+
+        // Asked for another digest: the requested check fails, and says so.
+        let e = verify(MANIFEST, &headers(&[ct]), Some(&other)).unwrap_err();
+        assert_eq!(
+            e,
+            ManifestError::DigestMismatch {
+                check: DigestCheck::Requested,
+                expected: other.clone(),
+                actual: good.clone(),
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "manifest does not match the digest it was asked for: expected {other}, got {good}"
+            )
+        );
+
+        // The body is what was asked for, but the upstream claims another digest.
+        let c = claim(&other);
+        let e = verify(MANIFEST, &headers(&[ct, (c.0, &c.1)]), Some(&good)).unwrap_err();
+        assert_eq!(
+            e,
+            ManifestError::DigestMismatch {
+                check: DigestCheck::Claimed,
+                expected: other.clone(),
+                actual: good.clone(),
+            }
+        );
+        assert!(e.to_string().contains("Docker-Content-Digest"), "{e}");
+        // By tag, the claim is all there is to check against.
+        let e = verify(MANIFEST, &headers(&[ct, (c.0, &c.1)]), None).unwrap_err();
+        assert!(matches!(
+            e,
+            ManifestError::DigestMismatch {
+                check: DigestCheck::Claimed,
+                ..
+            }
+        ));
+
+        // A claim that is not a digest is no claim.
+        let h = headers(&[ct, ("docker-content-digest", "sha256:nope")]);
+        assert_eq!(verify(MANIFEST, &h, None).unwrap().digest, good);
+    }
+
+    #[test]
+    fn hashes_with_the_algorithm_of_what_it_checks() {
+        let ct = ("content-type", OCI_MANIFEST);
+        let sha512 = sha512_of(MANIFEST);
+        // Asked for by a SHA-512 digest: hashed with SHA-512.
+        assert_eq!(
+            verify(MANIFEST, &headers(&[ct]), Some(&sha512))
+                .unwrap()
+                .digest,
+            sha512
+        );
+        // Only a SHA-512 claim: hashed with SHA-512, and checked.
+        let h = headers(&[ct, ("docker-content-digest", &sha512.to_string())]);
+        assert_eq!(verify(MANIFEST, &h, None).unwrap().digest, sha512);
+        let wrong = sha512_of(b"other");
+        let h = headers(&[ct, ("docker-content-digest", &wrong.to_string())]);
+        assert!(matches!(
+            verify(MANIFEST, &h, None),
+            Err(ManifestError::DigestMismatch {
+                check: DigestCheck::Claimed,
+                ..
+            })
+        ));
+        // Asked for by SHA-256, claimed in SHA-512: the claim is not checked.
+        let good = Digest::sha256_of(MANIFEST);
+        assert_eq!(verify(MANIFEST, &h, Some(&good)).unwrap().digest, good);
+        // Neither: SHA-256.
+        assert_eq!(
+            verify(MANIFEST, &headers(&[ct]), None).unwrap().digest,
+            good
+        );
+    }
+
+    #[test]
+    fn picks_the_media_type_or_refuses() {
+        let media = |ct: Option<&str>, body: &[u8]| {
+            let h = match ct {
+                Some(ct) => headers(&[("content-type", ct)]),
+                None => headers(&[]),
+            };
+            verify(body, &h, None).map(|v| v.media_type)
+        };
+        // A manifest Content-Type wins, parameters dropped.
+        assert_eq!(
+            media(
+                Some("application/vnd.oci.image.index.v1+json; charset=utf-8"),
+                MANIFEST
+            ),
+            Ok(OCI_INDEX.to_owned())
+        );
+        // Plain JSON, no Content-Type or an HTML one: sniffed from the body.
+        assert_eq!(
+            media(Some("application/json"), MANIFEST),
+            Ok(OCI_MANIFEST.to_owned())
+        );
+        assert_eq!(
+            media(Some("application/json"), br#"{"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[]}"#),
+            Ok(DOCKER_LIST.to_owned())
+        );
+        assert_eq!(
+            media(None, br#"{"manifests":[]}"#),
+            Ok(OCI_INDEX.to_owned())
+        );
+        assert_eq!(
+            media(Some("text/html"), MANIFEST),
+            Ok(OCI_MANIFEST.to_owned())
+        );
+        // Nothing to go by: an error, not an empty type.
+        assert_eq!(
+            media(Some("application/json"), br#"{"schemaVersion":2}"#),
+            Err(ManifestError::NoMediaType)
+        );
+        assert_eq!(media(None, b"<html>"), Err(ManifestError::NoMediaType));
+        assert_eq!(
+            ManifestError::NoMediaType.to_string(),
+            "manifest has no media type"
+        );
     }
 }

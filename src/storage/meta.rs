@@ -2,11 +2,11 @@
 //! and the media type of each cached manifest. Every write is one durable transaction.
 
 use crate::oci::Digest;
+use parking_lot::Mutex;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
-use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -13,12 +13,12 @@ use super::auth::{self, BearerChallenge, Credentials, Secret, Token, TokenCache}
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::Metrics;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{
     ACCEPT, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
+use url::Url;
 
 /// Redirects followed per request before giving up.
 pub const MAX_REDIRECTS: usize = 5;
@@ -69,10 +70,8 @@ pub struct Upstream {
 
 struct Inner {
     name: String,
-    /// Scheme and authority of the configured url.
-    base: Uri,
-    /// The configured url's path without its trailing `/` (often empty).
-    base_path: String,
+    /// The configured url; its path (often `/`) is the prefix of every request path.
+    base: Url,
     client: HttpClient,
     creds: Option<Credentials>,
     header_timeout: Duration,
@@ -90,8 +89,7 @@ impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("name", &self.inner.name)
-            .field("base", &self.inner.base)
-            .field("base_path", &self.inner.base_path)
+            .field("base", &self.inner.base.as_str())
             .field("username", &self.inner.creds.as_ref().map(|c| &c.username))
             .finish_non_exhaustive()
     }
@@ -111,13 +109,13 @@ impl Upstream {
     /// Builds the client. Reads the password (env or file) now; fails on an invalid url or an
     /// unreadable password.
     pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> crate::Result<Upstream> {
-        let url: Uri = cfg.url.parse().map_err(|_| {
+        let url = Url::parse(&cfg.url).map_err(|_| {
             ConfigError::Invalid(format!(
                 "upstream {:?}: url {:?} is not a URL",
                 cfg.name, cfg.url
             ))
         })?;
-        let (base, base_path) = split_base(&url).ok_or_else(|| {
+        let base = check_base(url).ok_or_else(|| {
             ConfigError::Invalid(format!(
                 "upstream {:?}: url {:?} must be http(s)://host[/path]",
                 cfg.name, cfg.url
@@ -151,7 +149,6 @@ impl Upstream {
             inner: Arc::new(Inner {
                 name: cfg.name.clone(),
                 base,
-                base_path,
                 client,
                 creds,
                 header_timeout: cfg.timeout.0,
@@ -199,7 +196,7 @@ impl Upstream {
     /// [`MAX_REDIRECTS`] redirects -> [`UpstreamFault::Protocol`]; a token endpoint that does
     /// not answer 200 -> [`UpstreamFault::Status`] with its status.
     pub async fn send(&self, req: UpstreamRequest<'_>) -> crate::Result<Response<Incoming>> {
-        let url = join_url(&self.inner.base, &self.inner.base_path, &req.path_and_query)
+        let url = join_url(&self.inner.base, &req.path_and_query)
             .map_err(|m| Error::Internal(format!("upstream path {m}")))?;
         let scope = match req.op {
             Op::Ping => None,
@@ -266,6 +263,36 @@ impl Upstream {
             return self.send_following(&req, &url, &Auth::Basic, 2).await;
         }
         Ok(resp)
+    }
+
+    /// Reads a small body (a manifest, a tags list, a token answer) whole, for a caller that
+    /// needs all of it before it can act.
+    ///
+    /// At most `cap` bytes: more is refused as soon as it arrives, so a lying upstream cannot
+    /// make it buffer without bound. Each frame must come within the idle-body timeout; a
+    /// trickling upstream is cut off, not waited for. Failures name this upstream: no frame in
+    /// time -> [`UpstreamFault::Timeout`]; a broken body or more than `cap` bytes ->
+    /// [`UpstreamFault::Protocol`]. On failure the body is dropped, which closes its connection.
+    pub async fn read_small(&self, mut body: Incoming, cap: usize) -> crate::Result<Bytes> {
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = tokio::time::timeout(self.inner.body_timeout, body.frame())
+                .await
+                .map_err(|_| self.fault(UpstreamFault::Timeout("waiting for the response body")))?;
+            let Some(frame) = frame else {
+                return Ok(buf.freeze());
+            };
+            let frame =
+                frame.map_err(|e| self.fault(UpstreamFault::Protocol(format!("body: {e}"))))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > cap {
+                    return Err(self.fault(UpstreamFault::Protocol(format!(
+                        "response larger than {cap} bytes"
+                    ))));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
     }
 
     /// The error for a non-success response: a Status fault keeping `Retry-After`.
@@ -344,7 +371,7 @@ impl Upstream {
             })?;
         let mut builder = Request::get(url.clone()).header(USER_AGENT, USER_AGENT_VALUE);
         if let Some(c) = &self.inner.creds {
-            if url.scheme_str() == Some("https") || self.inner.base.scheme_str() == Some("http") {
+            if url.scheme_str() == Some("https") || self.inner.base.scheme() == "http" {
                 builder = builder.header(AUTHORIZATION, c.basic_header());
             } else {
                 tracing::warn!(
@@ -363,14 +390,9 @@ impl Upstream {
             tracing::debug!(status = resp.status().as_u16(), "token endpoint refused");
             return Err(self.status_error_parts(resp.status(), resp.headers()));
         }
-        let body = tokio::time::timeout(
-            self.inner.body_timeout,
-            Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE).collect(),
-        )
-        .await
-        .map_err(|_| self.fault(UpstreamFault::Timeout("reading the token response")))?
-        .map_err(|e| self.fault(UpstreamFault::Protocol(format!("token response: {e}"))))?
-        .to_bytes();
+        let body = self
+            .read_small(resp.into_body(), MAX_TOKEN_RESPONSE)
+            .await?;
         let (value, usable_for) = auth::parse_token_response(&body)
             .map_err(|e| self.fault(UpstreamFault::Protocol(e.0.to_owned())))?;
         Ok(Token {
@@ -387,7 +409,7 @@ impl Upstream {
     async fn send_following(
         &self,
         req: &UpstreamRequest<'_>,
-        url: &Uri,
+        url: &Url,
         auth: &Auth,
         attempt: u32,
     ) -> crate::Result<Response<Incoming>> {
@@ -402,7 +424,7 @@ impl Upstream {
             for hop in 0..=MAX_REDIRECTS {
                 let mut b = Request::builder()
                     .method(req.method.clone())
-                    .uri(url.clone())
+                    .uri(url.as_str())
                     .header(USER_AGENT, USER_AGENT_VALUE);
                 if let Some(a) = &req.accept {
                     b = b.header(ACCEPT, a.as_str());
@@ -444,7 +466,7 @@ impl Upstream {
                 // The path only: signed CDN URLs carry credentials in their query.
                 tracing::debug!(
                     status = resp.status().as_u16(),
-                    host = next.host().unwrap_or(""),
+                    host = next.host_str().unwrap_or(""),
                     path = next.path(),
                     cross_origin = cross,
                     "following redirect"
@@ -542,81 +564,64 @@ fn is_redirect(s: StatusCode) -> bool {
     matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
 }
 
-/// Splits a configured url into scheme+authority and its path prefix without trailing `/`.
-fn split_base(url: &Uri) -> Option<(Uri, String)> {
-    let scheme = url.scheme_str()?;
-    if !matches!(scheme, "http" | "https") || url.host().is_none() || url.query().is_some() {
+/// The configured url, if it can be a base: http(s), a host, no query. The fragment is dropped.
+fn check_base(mut url: Url) -> Option<Url> {
+    if !matches!(url.scheme(), "http" | "https") || !url.has_host() || url.query().is_some() {
         return None;
     }
-    let base = Uri::builder()
-        .scheme(scheme)
-        .authority(url.authority()?.as_str())
-        .path_and_query("/")
-        .build()
-        .ok()?;
-    Some((base, url.path().trim_end_matches('/').to_owned()))
+    url.set_fragment(None);
+    Some(url)
 }
 
-/// `base` (scheme and authority) + `prefix` (no trailing `/`) + `path_and_query` (starting with
-/// `/`).
-pub fn join_url(base: &Uri, prefix: &str, path_and_query: &str) -> Result<Uri, String> {
+/// `path_and_query` (starting with `/`) under the path of `base`.
+///
+/// Not `Url::join`: an absolute path would replace the base's path instead of extending it, and
+/// one starting with `//` would name another host. A path or query that is not a valid request
+/// target is refused rather than percent-encoded.
+pub fn join_url(base: &Url, path_and_query: &str) -> Result<Url, String> {
     if !path_and_query.starts_with('/') {
         return Err(format!("{path_and_query:?} does not start with '/'"));
     }
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(
-        format!("{prefix}{path_and_query}")
-            .parse()
-            .map_err(|_| format!("{path_and_query:?} is not a valid path"))?,
-    );
-    Uri::from_parts(parts).map_err(|e| e.to_string())
+    let pq: http::uri::PathAndQuery = path_and_query
+        .parse()
+        .map_err(|_| format!("{path_and_query:?} is not a valid path"))?;
+    let mut url = base.clone();
+    url.set_path(&format!(
+        "{}{}",
+        base.path().trim_end_matches('/'),
+        pq.path()
+    ));
+    url.set_query(pq.query());
+    Ok(url)
 }
 
-/// Resolves a `Location` value against the URL that answered: absolute, scheme-relative
-/// (`//host/p`), absolute-path (`/p?q`) or relative-path (`p`) references. The fragment is
-/// dropped. `None` when the result is not an http(s) URL with a host.
-pub fn resolve_location(base: &Uri, location: &str) -> Option<Uri> {
+/// Resolves a `Location` value against the URL that answered, with `Url::join` (absolute,
+/// `//host/p`, `/p?q` and relative references). The fragment is dropped. `None` when the result
+/// is not an http(s) URL with a host.
+///
+/// A value with whitespace, control or non-ASCII characters, or a backslash, is refused rather
+/// than repaired the way `Url::join` would (percent-encoded, stripped, read as `/`): a
+/// registry sends none of them, and guessing what a broken one meant can change the host.
+pub fn resolve_location(base: &Url, location: &str) -> Option<Url> {
     let loc = location.trim();
     let loc = loc.split_once('#').map_or(loc, |(l, _)| l);
-    let scheme = base.scheme_str()?;
-    let authority = base.authority()?.as_str();
-    let s = if loc.starts_with("//") {
-        format!("{scheme}:{loc}")
-    } else if loc.starts_with('/') {
-        format!("{scheme}://{authority}{loc}")
-    } else if loc.split_once(':').is_some_and(|(s, _)| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
-    }) {
-        loc.to_owned()
-    } else {
-        let dir = base.path().rsplit_once('/').map_or("", |(d, _)| d);
-        format!("{scheme}://{authority}{dir}/{loc}")
-    };
-    let uri: Uri = s.parse().ok()?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+    if !loc.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') {
         return None;
     }
-    Some(uri)
+    let url = base.join(loc).ok()?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return None;
+    }
+    // `url` accepts some hosts that `http::Uri` refuses (a backtick): no request can carry them.
+    url.as_str().parse::<Uri>().ok()?;
+    Some(url)
 }
 
-/// Same scheme, host and port (default ports filled in), compared case-insensitively: the test
-/// for keeping `Authorization` across a redirect.
-pub fn same_origin(a: &Uri, b: &Uri) -> bool {
-    fn origin(u: &Uri) -> Option<(String, String, u16)> {
-        let scheme = u.scheme_str()?.to_ascii_lowercase();
-        let port = u.port_u16().or(match scheme.as_str() {
-            "http" => Some(80),
-            "https" => Some(443),
-            _ => None,
-        })?;
-        Some((scheme, u.host()?.to_ascii_lowercase(), port))
-    }
-    match (origin(a), origin(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
+/// Same scheme, host and port (default ports filled in, hosts compared as parsed, so
+/// case-insensitively): the test for keeping `Authorization` across a redirect. A URL that is
+/// not http(s) has an opaque origin, equal to no other.
+pub fn same_origin(a: &Url, b: &Url) -> bool {
+    a.origin() == b.origin()
 }
 
 #[cfg(test)]
@@ -634,76 +639,132 @@ mod tests {
 
     // === URL helpers ===
 
-    fn uri(s: &str) -> Uri {
-        s.parse().unwrap()
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    /// The Basic header value a registry expects for `user:password`.
+    fn basic(user_password: &str) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(user_password);
+        format!("Basic {b64}")
     }
 
     #[test]
     fn joins_urls_with_and_without_prefix() {
-        let (base, prefix) = split_base(&uri("https://registry-1.docker.io")).unwrap();
-        assert_eq!(prefix, "");
+        let base = check_base(url("https://registry-1.docker.io")).unwrap();
         assert_eq!(
-            join_url(&base, &prefix, "/v2/library/nginx/manifests/latest").unwrap(),
-            uri("https://registry-1.docker.io/v2/library/nginx/manifests/latest")
+            join_url(&base, "/v2/library/nginx/manifests/latest").unwrap(),
+            url("https://registry-1.docker.io/v2/library/nginx/manifests/latest")
         );
-        let (base, prefix) = split_base(&uri("http://127.0.0.1:5000/mirror/hub/")).unwrap();
-        assert_eq!(prefix, "/mirror/hub");
+        let base = check_base(url("http://127.0.0.1:5000/mirror/hub/")).unwrap();
         assert_eq!(
-            join_url(&base, &prefix, "/v2/a/tags/list?n=10&last=x").unwrap(),
-            uri("http://127.0.0.1:5000/mirror/hub/v2/a/tags/list?n=10&last=x")
+            join_url(&base, "/v2/a/tags/list?n=10&last=x").unwrap(),
+            url("http://127.0.0.1:5000/mirror/hub/v2/a/tags/list?n=10&last=x")
         );
-        assert!(join_url(&base, &prefix, "v2/x").is_err());
-        assert!(join_url(&base, &prefix, "/v2/a b").is_err());
-        assert!(split_base(&uri("ftp://x/")).is_none());
-        assert!(split_base(&uri("http://x/?q=1")).is_none());
+        let base = check_base(url("http://127.0.0.1:5000/mirror")).unwrap();
+        assert_eq!(
+            join_url(&base, "/v2/").unwrap(),
+            url("http://127.0.0.1:5000/mirror/v2/")
+        );
+        // A path starting with `//` stays a path; it does not name a host.
+        assert_eq!(
+            join_url(&base, "//evil.io/v2/").unwrap().host_str(),
+            Some("127.0.0.1")
+        );
+        assert!(join_url(&base, "v2/x").is_err());
+        assert!(join_url(&base, "/v2/a b").is_err());
+        assert!(check_base(url("ftp://x/")).is_none());
+        assert!(check_base(url("http://x/?q=1")).is_none());
+        assert!(check_base(url("unix:/run/x.sock")).is_none());
     }
 
     #[test]
     fn compares_origins_for_redirects() {
         assert!(same_origin(
-            &uri("https://r.io/v2/"),
-            &uri("https://R.IO:443/other")
+            &url("https://r.io/v2/"),
+            &url("https://R.IO:443/other")
         ));
-        assert!(same_origin(&uri("http://r.io/a"), &uri("http://r.io:80/b")));
-        assert!(!same_origin(&uri("https://r.io/a"), &uri("http://r.io/a")));
+        assert!(same_origin(&url("http://r.io/a"), &url("http://r.io:80/b")));
+        assert!(!same_origin(&url("https://r.io/a"), &url("http://r.io/a")));
         assert!(!same_origin(
-            &uri("https://r.io/a"),
-            &uri("https://r.io:8443/a")
-        ));
-        assert!(!same_origin(
-            &uri("https://r.io/a"),
-            &uri("https://cdn.r.io/a")
+            &url("https://r.io/a"),
+            &url("https://r.io:8443/a")
         ));
         assert!(!same_origin(
-            &uri("http://127.0.0.1:1/"),
-            &uri("http://127.0.0.1:2/")
+            &url("https://r.io/a"),
+            &url("https://cdn.r.io/a")
         ));
-        assert!(!same_origin(&uri("/relative"), &uri("/relative")));
+        assert!(!same_origin(
+            &url("http://127.0.0.1:1/"),
+            &url("http://127.0.0.1:2/")
+        ));
+        // Not http(s): no origin to share.
+        assert!(!same_origin(
+            &url("file:///relative"),
+            &url("file:///relative")
+        ));
     }
 
     #[test]
     fn resolves_locations() {
-        let base = uri("https://r.io:8443/v2/foo/blobs/sha256:ab?x=1");
+        let base = url("https://r.io:8443/v2/foo/blobs/sha256:ab?x=1");
         assert_eq!(
             resolve_location(&base, "https://cdn.io/b?sig=1").unwrap(),
-            uri("https://cdn.io/b?sig=1")
+            url("https://cdn.io/b?sig=1")
         );
         assert_eq!(
             resolve_location(&base, "//cdn.io/b").unwrap(),
-            uri("https://cdn.io/b")
+            url("https://cdn.io/b")
         );
         assert_eq!(
             resolve_location(&base, "/v2/other?y=2#frag").unwrap(),
-            uri("https://r.io:8443/v2/other?y=2")
+            url("https://r.io:8443/v2/other?y=2")
         );
         assert_eq!(
             resolve_location(&base, "sibling").unwrap(),
-            uri("https://r.io:8443/v2/foo/blobs/sibling")
+            url("https://r.io:8443/v2/foo/blobs/sibling")
+        );
+        assert_eq!(
+            resolve_location(&base, " /trimmed#a b ").unwrap(),
+            url("https://r.io:8443/trimmed")
         );
         assert!(resolve_location(&base, "ftp://x/y").is_none());
         assert!(resolve_location(&base, "javascript:alert(1)").is_none());
         assert!(resolve_location(&base, "https://").is_none());
         assert!(resolve_location(&base, "/a b").is_none());
+        assert!(resolve_location(&base, "/a\tb").is_none());
+        assert!(resolve_location(&base, "/é").is_none());
+        assert!(resolve_location(&base, "//`").is_none());
+        // `Url::join` would read these backslashes as `//evil.io`.
+        assert!(resolve_location(&base, "\\\\evil.io/x").is_none());
+        // Whatever it resolves to, a result is a request target the client can send.
+        for loc in ["../../x?a=\"b\"", "/%zz/<>", "./a/../b;c", "?only=query"] {
+            let u = resolve_location(&base, loc).unwrap();
+            assert!(u.as_str().parse::<Uri>().is_ok(), "{loc} -> {u}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the Location, a followed redirect is an http(s) URL with a host that the
+        /// client can send, without a fragment; an absolute path stays on the same origin.
+        #[test]
+        fn resolved_locations_are_sendable(loc in "[ -~]{0,40}") {
+            let base = url("https://r.io:8443/v2/foo/blobs/sha256:ab?x=1");
+            if let Some(u) = resolve_location(&base, &loc) {
+                proptest::prop_assert!(matches!(u.scheme(), "http" | "https"));
+                proptest::prop_assert!(u.host_str().is_some_and(|h| !h.is_empty()));
+                proptest::prop_assert!(u.fragment().is_none());
+                proptest::prop_assert!(u.as_str().parse::<Uri>().is_ok(), "{}", u);
+            }
+            let trimmed = loc.trim();
+            if trimmed.starts_with('/')
+                && !trimmed.starts_with("//")
+                && let Some(u) = resolve_location(&base, &loc)
+            {
+                proptest::prop_assert!(same_origin(&base, &u), "{}", u);
+            }
+        }
     }
 
     #[test]
@@ -959,7 +1020,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "s3cret\n").unwrap();
-        let expected = format!("Basic {}", auth::base64_encode(b"user:s3cret"));
+        let expected = basic("user:s3cret");
         let log = Log::default();
         let want = expected.clone();
         let addr = serve(token_registry(log.clone(), 300, move |a| {
@@ -1100,7 +1161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "pw").unwrap();
-        let expected = format!("Basic {}", auth::base64_encode(b"u:pw"));
+        let expected = basic("u:pw");
         let log = Log::default();
         let (l2, want) = (log.clone(), expected.clone());
         let addr = serve(Arc::new(move |req| {
@@ -1317,6 +1378,70 @@ mod tests {
         );
         assert!(t0.elapsed() < Duration::from_secs(3));
         assert_eq!(count(&m, "blob", "error"), 1);
+    }
+
+    // === small bodies ===
+
+    #[tokio::test]
+    async fn small_bodies_are_read_whole_up_to_the_cap() {
+        let addr = serve(Arc::new(|_| resp(200, "0123456789"))).await;
+        let m = metrics();
+        let up = upstream(&format!("http://{addr}"), &m);
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let send = || up.send(get(&bar, "/v2/foo/bar/tags/list", Op::Tags));
+
+        let r = send().await.unwrap();
+        assert_eq!(
+            up.read_small(r.into_body(), 10).await.unwrap(),
+            "0123456789"
+        );
+        let r = send().await.unwrap();
+        let err = up.read_small(r.into_body(), 9).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Upstream { upstream, fault: UpstreamFault::Protocol(msg) }
+                    if upstream == "fake" && msg.contains("larger than 9 bytes")
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_small_body_times_out_between_frames() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                // Headers and half the body, then silence.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+                    .await;
+                held.push(s);
+            }
+        });
+        let mut cfg = UpstreamConfig::new("fake", &format!("http://{addr}"));
+        cfg.timeout = Dur(Duration::from_millis(200));
+        let up = Upstream::new(&cfg, metrics()).unwrap();
+        let bar = RepoName::parse("foo/bar").unwrap();
+        let r = up
+            .send(get(&bar, "/v2/foo/bar/manifests/a", Op::Manifest))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let err = up.read_small(r.into_body(), 100).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Upstream { upstream, fault: UpstreamFault::Timeout(_) } if upstream == "fake"
+            ),
+            "{err}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(3));
     }
 
     #[test]
