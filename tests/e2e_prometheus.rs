@@ -112,7 +112,7 @@ struct Prometheus {
     url: String,
     /// Evaluation time for every query once set: rates extrapolate to the evaluation instant,
     /// so comparing queries needs one instant.
-    at: std::sync::Mutex<Option<f64>>,
+    at: parking_lot::Mutex<Option<f64>>,
     _dir: tempfile::TempDir,
 }
 
@@ -148,7 +148,7 @@ impl Prometheus {
         Prometheus {
             child,
             url: format!("http://127.0.0.1:{port}"),
-            at: std::sync::Mutex::new(None),
+            at: parking_lot::Mutex::new(None),
             _dir: dir,
         }
     }
@@ -161,7 +161,7 @@ impl Prometheus {
     async fn query(&self, client: &TestClient, expr: &str) -> Vec<(BTreeMap<String, String>, f64)> {
         let mut q = form_urlencoded::Serializer::new(String::new());
         q.append_pair("query", expr);
-        if let Some(at) = *self.at.lock().unwrap() {
+        if let Some(at) = *self.at.lock() {
             q.append_pair("time", &format!("{at:.3}"));
         }
         let q = q.finish();
@@ -317,7 +317,7 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
     prom.wait_for(&client, "sum(cachalot_upstream_requests_total)", 4.0)
         .await;
 
-    *prom.at.lock().unwrap() = Some(
+    *prom.at.lock() = Some(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

@@ -24,9 +24,10 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use parking_lot::RwLock;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 use url::Url;
@@ -40,9 +41,6 @@ const USER_AGENT_VALUE: &str = concat!("cachalot/", env!("CARGO_PKG_VERSION"));
 /// What a request is for; the `op` label of `cachalot_upstream_requests_total`. Defined with
 /// the metrics, which pre-create a series for each.
 pub use crate::metrics::Op;
-
-/// Label for token fetches in `cachalot_upstream_requests_total`.
-const TOKEN_OP: &str = "token";
 
 /// One request to an upstream. The caller's own headers are never part of it: only `Accept` and
 /// `Range` are forwarded.
@@ -316,20 +314,14 @@ impl Upstream {
     }
 
     fn known_bearer(&self) -> Option<BearerChallenge> {
-        self.inner
-            .bearer
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_default()
+        self.inner.bearer.read().clone()
     }
 
     fn remember_bearer(&self, ch: &BearerChallenge) {
-        if let Ok(mut g) = self.inner.bearer.write() {
-            *g = Some(BearerChallenge {
-                scope: None,
-                ..ch.clone()
-            });
-        }
+        *self.inner.bearer.write() = Some(BearerChallenge {
+            scope: None,
+            ..ch.clone()
+        });
     }
 
     /// The cached token for `key`, or one fetched for challenge `ch` (coalesced per key).
@@ -347,7 +339,7 @@ impl Upstream {
         let result = self.fetch_token_inner(ch).await;
         self.inner
             .metrics
-            .upstream_done(&self.inner.name, TOKEN_OP, started);
+            .upstream_done(&self.inner.name, Op::Token.as_str(), started);
         let label = if result.is_ok() { "ok" } else { "error" };
         self.inner
             .metrics
@@ -384,8 +376,11 @@ impl Upstream {
         let request = builder
             .body(Empty::new())
             .map_err(|e| Error::Internal(format!("token request: {e}")))?;
-        let span = tracing::debug_span!("upstream", op = TOKEN_OP, registry = %self.inner.name, attempt = 1);
-        let resp = self.request(TOKEN_OP, request).instrument(span).await?;
+        let span = tracing::debug_span!("upstream", op = Op::Token.as_str(), registry = %self.inner.name, attempt = 1);
+        let resp = self
+            .request(Op::Token.as_str(), request)
+            .instrument(span)
+            .await?;
         if resp.status() != StatusCode::OK {
             tracing::debug!(status = resp.status().as_u16(), "token endpoint refused");
             return Err(self.status_error_parts(resp.status(), resp.headers()));
@@ -633,8 +628,8 @@ mod tests {
     use http_body_util::Full;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
+    use parking_lot::Mutex;
     use std::net::SocketAddr;
-    use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
 
     // === URL helpers ===
@@ -798,11 +793,11 @@ mod tests {
                     .get(AUTHORIZATION)
                     .map(|v| v.to_str().unwrap().to_owned()),
             };
-            self.0.lock().unwrap().push(seen.clone());
+            self.0.lock().push(seen.clone());
             seen
         }
         fn all(&self) -> Vec<Seen> {
-            self.0.lock().unwrap().clone()
+            self.0.lock().clone()
         }
         fn count(&self, prefix: &str) -> usize {
             self.all()

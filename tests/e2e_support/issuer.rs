@@ -12,10 +12,11 @@
 //! `x5c` against `auth.token.rootcertbundle` (the same certificate, written to a PEM file here), then
 //! checks `iss`, `aud` (= the service), `exp`/`nbf` and the `access` claim.
 
+use parking_lot::Mutex;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -157,7 +158,7 @@ impl TokenIssuer {
 
     /// Every token request received so far.
     pub fn requests(&self) -> Vec<TokenRequest> {
-        self.inner.log.lock().unwrap().clone()
+        self.inner.log.lock().clone()
     }
 
     /// Issues a token directly (for tests that talk to the registry themselves).
@@ -194,7 +195,7 @@ fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Full<Bytes>> {
         None => None,
         Some((u, p)) if u == cfg.user && p == cfg.password => Some(u),
         Some((u, _)) => {
-            inner.log.lock().unwrap().push(TokenRequest {
+            inner.log.lock().push(TokenRequest {
                 user: Some(u),
                 service,
                 scopes,
@@ -208,7 +209,7 @@ fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
     };
     if service.as_deref().is_some_and(|s| s != cfg.service) {
-        inner.log.lock().unwrap().push(TokenRequest {
+        inner.log.lock().push(TokenRequest {
             user,
             service,
             scopes,
@@ -223,7 +224,7 @@ fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Full<Bytes>> {
 
     let granted = grant(cfg, user.as_deref(), &scopes);
     let (token, issued_at) = sign(inner, user.as_deref(), &granted);
-    inner.log.lock().unwrap().push(TokenRequest {
+    inner.log.lock().push(TokenRequest {
         user,
         service,
         scopes,
