@@ -4,6 +4,8 @@
 //! or fills it once from `upstream`. See DESIGN.md for the invariants every module keeps.
 
 #![forbid(unsafe_code)]
+// Everything is pub(crate) unless the binary, tests or benches need it.
+#![warn(unreachable_pub)]
 
 pub mod airgap;
 pub mod config;

@@ -180,175 +180,228 @@ struct Staged {
 /// Errors are one line naming the bundle and the part of it at fault: [`Error::Invalid`] when
 /// the bundle is, a storage error when the cache could not take it.
 pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported, Error> {
-    // The bundle is at fault: `what` part of it, and why.
-    let bad = |what: &str, e: &dyn std::fmt::Display| {
-        Error::Invalid(format!("{}: {what}: {e}", bundle.display()))
-    };
-    // Whatever `e` is, it happened on `what` part of this bundle.
-    let at = |what: &str, e: Error| e.context(format!("{}: {what}", bundle.display()));
-    let file =
-        File::open(bundle).map_err(|e| Error::Invalid(format!("{}: {e}", bundle.display())))?;
-
-    let mut layout = None;
-    let mut index = None;
-    let mut staged: BTreeMap<Digest, Staged> = BTreeMap::new();
-    let mut archive = tar::Archive::new(BufReader::new(file));
-    let entries = archive
-        .entries()
-        .map_err(|e| bad("not a tar archive", &e))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| bad("corrupt or truncated archive", &e))?;
-        let path = entry
-            .path()
-            .map_err(|e| bad("entry with a bad name", &e))?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_owned();
-        let kind = entry.header().entry_type();
-        if kind.is_dir() || path.is_empty() {
-            continue;
-        }
-        let declared = entry.header().size().unwrap_or(0);
-        match path.as_str() {
-            "oci-layout" => {
-                layout = Some(read_capped(&mut entry, 4096, declared).map_err(|e| at(&path, e))?)
-            }
-            "index.json" => {
-                index = Some(
-                    read_capped(&mut entry, MAX_MANIFEST_SIZE, declared)
-                        .map_err(|e| at(&path, e))?,
-                )
-            }
-            p if p.starts_with("blobs/") => {
-                if !kind.is_file() {
-                    return Err(bad(&path, &"not a regular file"));
-                }
-                let digest = blob_name(p)
-                    .ok_or_else(|| bad(&path, &"not named blobs/<algorithm>/<hex digest>"))?;
-                if staged.contains_key(&digest) {
-                    continue;
-                }
-                let s = stage(&mut entry, store, &digest, declared).map_err(|e| at(&path, e))?;
-                staged.insert(digest, s);
-            }
-            _ => {}
-        }
-    }
-
-    let layout = layout.ok_or_else(|| bad("oci-layout", &"missing: not an OCI image layout"))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&layout).map_err(|e| bad("oci-layout", &e))?;
-    if v["imageLayoutVersion"].as_str().is_none() {
-        return Err(bad("oci-layout", &"no imageLayoutVersion"));
-    }
-    let index = index.ok_or_else(|| bad("index.json", &"missing"))?;
-    let roots = match descriptor::parse_refs(OCI_INDEX, &index) {
-        Ok(Refs::Index(list)) => list,
-        Ok(_) => return Err(bad("index.json", &"not an image index")),
-        Err(e) => return Err(bad("index.json", &e)),
-    };
-    if roots.is_empty() {
-        return Err(bad("index.json", &"names no image"));
-    }
-
+    let i = Import { store, bundle };
+    let (layout, index, staged) = i.unpack()?;
+    let roots = i.roots(&layout, &index)?;
     // Verify the graph before anything is committed.
     let mut check = Check {
         store,
         staged: &staged,
         manifests: BTreeMap::new(),
     };
-    for (i, root) in roots.iter().enumerate() {
+    for (n, root) in roots.iter().enumerate() {
         let name = root
             .annotations
             .get(REF_NAME)
             .cloned()
-            .unwrap_or_else(|| format!("manifests[{i}]"));
+            .unwrap_or_else(|| format!("manifests[{n}]"));
         check
             .walk(root, &format!("index.json {name}"), 0)
-            .map_err(|e| at("invalid bundle", e))?;
+            .map_err(|e| i.at("invalid bundle", e))?;
     }
+    let manifests = check.manifests;
     let mut out = Imported::default();
-    let mut tags = Vec::new();
-    for root in &roots {
-        let Some(name) = root.annotations.get(REF_NAME) else {
-            continue;
-        };
-        if !ImageRef::is_fully_qualified(name) {
-            out.warnings.push(format!(
-                "{name:?} is not a full reference (registry/repository:tag); imported by digest only"
-            ));
-            continue;
-        }
-        let r = ImageRef::parse(name).map_err(|e| at("index.json", e))?;
-        if !config.upstream.iter().any(|u| u.name == r.registry) {
-            return Err(bad(
-                "index.json",
-                &format!(
-                    "{name:?} is on registry {:?}, which no [[upstream]] in the config names",
-                    r.registry
-                ),
-            ));
-        }
-        match &r.reference {
-            Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.clone())),
-            Reference::Digest(d) if *d == root.digest => {}
-            Reference::Digest(d) => {
-                return Err(bad(
-                    "index.json",
-                    &format!("{name:?} names {d}, but its descriptor is {}", root.digest),
-                ));
-            }
-        }
+    let tags = i.tags(config, &roots, &mut out)?;
+    i.commit(staged, &manifests, tags, &mut out)?;
+    Ok(out)
+}
+
+/// One import under way: the cache and the bundle, for errors that name the part at fault.
+struct Import<'a> {
+    store: &'a Store,
+    bundle: &'a Path,
+}
+
+/// What a bundle holds: `oci-layout`, `index.json`, and its blobs, staged.
+type Unpacked = (Vec<u8>, Vec<u8>, BTreeMap<Digest, Staged>);
+
+/// An image the bundle names by tag: the reference, its tag, and its root descriptor.
+type NamedTag = (ImageRef, String, Descriptor);
+
+impl Import<'_> {
+    /// The bundle is at fault: `what` part of it, and why.
+    fn bad(&self, what: &str, e: &dyn std::fmt::Display) -> Error {
+        Error::Invalid(format!("{}: {what}: {e}", self.bundle.display()))
     }
 
-    // Commit: blobs first, then what refers to them.
-    let manifests = check.manifests;
-    for (digest, s) in staged {
-        out.blobs += 1;
-        out.bytes += s.size;
-        let existed = store
-            .blobs()
-            .stat(&digest)
-            .map_err(|e| at(&format!("storing {digest}"), e.into()))?
-            .is_some();
-        if !existed {
-            s.writer
-                .commit(s.proof, "(imported)")
-                .map_err(|e| at(&format!("storing {digest}"), io::Error::from(e).into()))?;
-            out.new_blobs += 1;
+    /// Whatever `e` is, it happened on `what` part of this bundle.
+    fn at(&self, what: &str, e: Error) -> Error {
+        e.context(format!("{}: {what}", self.bundle.display()))
+    }
+
+    /// Reads the tar: `oci-layout`, `index.json`, and every blob into an uncommitted writer.
+    fn unpack(&self) -> Result<Unpacked, Error> {
+        let file = File::open(self.bundle)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", self.bundle.display())))?;
+        let mut layout = None;
+        let mut index = None;
+        let mut staged: BTreeMap<Digest, Staged> = BTreeMap::new();
+        let mut archive = tar::Archive::new(BufReader::new(file));
+        let entries = archive
+            .entries()
+            .map_err(|e| self.bad("not a tar archive", &e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| self.bad("corrupt or truncated archive", &e))?;
+            let path = entry
+                .path()
+                .map_err(|e| self.bad("entry with a bad name", &e))?
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_owned();
+            let kind = entry.header().entry_type();
+            if kind.is_dir() || path.is_empty() {
+                continue;
+            }
+            let declared = entry.header().size().unwrap_or(0);
+            let at = |e| self.at(&path, e);
+            match path.as_str() {
+                "oci-layout" => layout = Some(read_capped(&mut entry, 4096, declared).map_err(at)?),
+                "index.json" => {
+                    index = Some(read_capped(&mut entry, MAX_MANIFEST_SIZE, declared).map_err(at)?)
+                }
+                p if p.starts_with("blobs/") => {
+                    if !kind.is_file() {
+                        return Err(self.bad(&path, &"not a regular file"));
+                    }
+                    let digest = blob_name(p).ok_or_else(|| {
+                        self.bad(&path, &"not named blobs/<algorithm>/<hex digest>")
+                    })?;
+                    if let std::collections::btree_map::Entry::Vacant(slot) = staged.entry(digest) {
+                        let s = stage(&mut entry, self.store, slot.key(), declared).map_err(at)?;
+                        slot.insert(s);
+                    }
+                }
+                _ => {}
+            }
         }
+        let layout =
+            layout.ok_or_else(|| self.bad("oci-layout", &"missing: not an OCI image layout"))?;
+        let index = index.ok_or_else(|| self.bad("index.json", &"missing"))?;
+        Ok((layout, index, staged))
     }
-    for (digest, media_type) in &manifests {
-        store
-            .meta()
-            .put_manifest(digest, media_type, None)
-            .map_err(|e| at("recording manifests", e.into()))?;
+
+    /// The images `index.json` names, once `oci-layout` says this is a layout.
+    fn roots(&self, layout: &[u8], index: &[u8]) -> Result<Vec<Descriptor>, Error> {
+        let v: serde_json::Value =
+            serde_json::from_slice(layout).map_err(|e| self.bad("oci-layout", &e))?;
+        if v["imageLayoutVersion"].as_str().is_none() {
+            return Err(self.bad("oci-layout", &"no imageLayoutVersion"));
+        }
+        let roots = match descriptor::parse_refs(OCI_INDEX, index) {
+            Ok(Refs::Index(list)) => list,
+            Ok(_) => return Err(self.bad("index.json", &"not an image index")),
+            Err(e) => return Err(self.bad("index.json", &e)),
+        };
+        if roots.is_empty() {
+            return Err(self.bad("index.json", &"names no image"));
+        }
+        Ok(roots)
     }
-    out.manifests = manifests.len();
-    for (r, tag, root) in tags {
-        let media_type = &manifests[&root.digest];
-        let known = store
-            .meta()
-            .tags(&r.registry, r.repo.as_str(), &tag)
-            .map_err(|e| at("reading tags", e.into()))?;
-        // The bundle's word on a tag is older than any upstream check: record it as never
-        // checked, so an online mirror revalidates it, and keep an entry that already agrees.
-        if !known
-            .iter()
-            .any(|e| e.digest == root.digest && e.media_type == *media_type)
-        {
+
+    /// The tags the bundle's images are named by; a name that is not a full reference is a
+    /// warning, one on a registry the config does not know an error.
+    fn tags(
+        &self,
+        config: &Config,
+        roots: &[Descriptor],
+        out: &mut Imported,
+    ) -> Result<Vec<NamedTag>, Error> {
+        let mut tags = Vec::new();
+        for root in roots {
+            let Some(name) = root.annotations.get(REF_NAME) else {
+                continue;
+            };
+            if !ImageRef::is_fully_qualified(name) {
+                out.warnings.push(format!(
+                    "{name:?} is not a full reference (registry/repository:tag); imported by digest only"
+                ));
+                continue;
+            }
+            let r = ImageRef::parse(name).map_err(|e| self.at("index.json", e))?;
+            if !config.upstream.iter().any(|u| u.name == r.registry) {
+                return Err(self.bad(
+                    "index.json",
+                    &format!(
+                        "{name:?} is on registry {:?}, which no [[upstream]] in the config names",
+                        r.registry
+                    ),
+                ));
+            }
+            match &r.reference {
+                Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.clone())),
+                Reference::Digest(d) if *d == root.digest => {}
+                Reference::Digest(d) => {
+                    return Err(self.bad(
+                        "index.json",
+                        &format!("{name:?} names {d}, but its descriptor is {}", root.digest),
+                    ));
+                }
+            }
+        }
+        Ok(tags)
+    }
+
+    /// Makes it all visible: blobs first, then the manifests and tags that refer to them.
+    fn commit(
+        &self,
+        staged: BTreeMap<Digest, Staged>,
+        manifests: &BTreeMap<Digest, String>,
+        tags: Vec<NamedTag>,
+        out: &mut Imported,
+    ) -> Result<(), Error> {
+        let (store, at) = (self.store, |what: &str, e: io::Error| {
+            self.at(what, e.into())
+        });
+        for (digest, s) in staged {
+            out.blobs += 1;
+            out.bytes += s.size;
+            let storing = format!("storing {digest}");
+            if store
+                .blobs()
+                .stat(&digest)
+                .map_err(|e| at(&storing, e))?
+                .is_none()
+            {
+                s.writer
+                    .commit(s.proof, "(imported)")
+                    .map_err(|e| at(&storing, e.into()))?;
+                out.new_blobs += 1;
+            }
+        }
+        for (digest, media_type) in manifests {
             store
                 .meta()
-                .put_manifest(
-                    &root.digest,
-                    media_type,
-                    Some((&r.registry, r.repo.as_str(), &tag, UNIX_EPOCH)),
-                )
-                .map_err(|e| at("recording tags", e.into()))?;
+                .put_manifest(digest, media_type, None)
+                .map_err(|e| at("recording manifests", e))?;
         }
-        out.tags.push(r.to_string());
+        out.manifests = manifests.len();
+        for (r, tag, root) in tags {
+            let media_type = &manifests[&root.digest];
+            let known = store
+                .meta()
+                .tags(&r.registry, r.repo.as_str(), &tag)
+                .map_err(|e| at("reading tags", e))?;
+            // The bundle's word on a tag is older than any upstream check: record it as never
+            // checked, so an online mirror revalidates it, and keep an entry that already agrees.
+            if !known
+                .iter()
+                .any(|e| e.digest == root.digest && e.media_type == *media_type)
+            {
+                let tag_row = (
+                    r.registry.as_str(),
+                    r.repo.as_str(),
+                    tag.as_str(),
+                    UNIX_EPOCH,
+                );
+                store
+                    .meta()
+                    .put_manifest(&root.digest, media_type, Some(tag_row))
+                    .map_err(|e| at("recording tags", e))?;
+            }
+            out.tags.push(r.to_string());
+        }
+        Ok(())
     }
-    Ok(out)
 }
 
 /// `blobs/sha256/<hex>` -> the digest.

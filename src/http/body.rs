@@ -20,24 +20,28 @@ use std::io;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = UnsyncBoxBody<Bytes, BodyError>;
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, BodyError>;
 
 /// Stored bytes read into memory at a time, where sendfile cannot be used.
 const READ_CHUNK: usize = 256 * 1024;
 
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// The body of a blob response. `sendfile`: the connection's file queue, on plain HTTP/1.
-pub fn blob(source: BlobSource, sendfile: Option<Arc<FileQueue>>, metrics: Arc<Metrics>) -> Body {
+pub(crate) fn blob(
+    source: BlobSource,
+    sendfile: Option<Arc<FileQueue>>,
+    metrics: Arc<Metrics>,
+) -> Body {
     let state = BlobBody {
         served: Served {
             metrics,

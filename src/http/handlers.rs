@@ -18,7 +18,7 @@ use std::time::Instant;
 use tracing::{Instrument, error};
 
 /// What every request handler shares.
-pub struct AppState {
+pub(crate) struct AppState {
     pub mirror: Arc<Mirror>,
     pub metrics: Arc<Metrics>,
 }
@@ -35,7 +35,7 @@ type Reply = Result<Response<Body>, Error>;
 
 /// The service entry point: routes, runs the handler with panics caught, and records the
 /// request in metrics and the log.
-pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> {
+pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path();
@@ -276,7 +276,7 @@ async fn blob<B>(
 
 /// How to answer a `Range` header for a blob of `len` bytes.
 #[derive(Debug, PartialEq, Eq)]
-pub enum RangeAnswer {
+pub(crate) enum RangeAnswer {
     /// Ignore it: serve the whole blob (syntax we do not serve, or several ranges).
     Full,
     /// Bytes `start..end`, end exclusive.
@@ -286,7 +286,7 @@ pub enum RangeAnswer {
 
 /// Parses a single `bytes=` range (RFC 9110 14.1.2). Several ranges get the whole blob, which
 /// clients accept; a malformed header is ignored, as the RFC allows.
-pub fn parse_range(header: &str, len: u64) -> RangeAnswer {
+pub(crate) fn parse_range(header: &str, len: u64) -> RangeAnswer {
     let Some(spec) = header.trim().strip_prefix("bytes=") else {
         return RangeAnswer::Full;
     };
@@ -380,7 +380,7 @@ async fn tags(state: &AppState, t: &Target, query: Option<&str>, head: bool) -> 
 
 /// `</v2/library/nginx/tags/list?last=x&n=2>; rel="next"` as the client must follow it:
 /// its own repository name, and its `ns` when it routed with one.
-pub fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<String> {
+pub(crate) fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<String> {
     let start = link.find('<')? + 1;
     let end = start + link[start..].find('>')?;
     let target = &link[start..end];

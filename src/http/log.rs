@@ -17,7 +17,7 @@ use tracing::Span;
 /// Wraps the response body so that the request's log line is written when the body ends (or
 /// the client goes away), and, for a blob streamed from cache or fill (the handler marks it
 /// with a [`Source`] extension), time to first byte is observed.
-pub fn finish_response(
+pub(crate) fn finish_response(
     resp: Response<Body>,
     span: Span,
     started: Instant,

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 /// Binds `addr` and serves until `stopped` turns true; returns the bound address and the
 /// serving task, which ends once no connection is left (each holds the mirror, so the cache).
-pub async fn spawn(
+pub(crate) async fn spawn(
     addr: SocketAddr,
     mirror: Arc<Mirror>,
     stopped: watch::Receiver<bool>,

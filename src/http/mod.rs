@@ -1,9 +1,9 @@
 //! The HTTP side: routing, handlers, bodies and the server loop.
 
-pub mod body;
-pub mod handlers;
-pub mod log;
-pub mod metrics_listener;
+pub(crate) mod body;
+pub(crate) mod handlers;
+pub(crate) mod log;
+pub(crate) mod metrics_listener;
 pub mod route;
-pub mod sendfile;
+pub(crate) mod sendfile;
 pub mod server;

@@ -41,7 +41,7 @@ const PLACEHOLDER_LEN: usize = 1 << 20;
 static PLACEHOLDER: [u8; PLACEHOLDER_LEN] = [0; PLACEHOLDER_LEN];
 
 /// The most file bytes one placeholder chunk stands for.
-pub const MAX_CHUNK: usize = PLACEHOLDER_LEN;
+pub(crate) const MAX_CHUNK: usize = PLACEHOLDER_LEN;
 
 /// Where in `PLACEHOLDER` a slice starts, if it is a (non-empty) placeholder.
 fn placeholder_offset(buf: &[u8]) -> Option<usize> {
@@ -62,7 +62,7 @@ struct Job {
 /// The file ranges behind the placeholders a connection's bodies have yielded and its socket
 /// has not yet sent, in the order hyper writes them (HTTP/1 sends one response at a time).
 #[derive(Default)]
-pub struct FileQueue(Mutex<VecDeque<Job>>);
+pub(crate) struct FileQueue(Mutex<VecDeque<Job>>);
 
 impl FileQueue {
     fn lock(&self) -> parking_lot::MutexGuard<'_, VecDeque<Job>> {
@@ -73,7 +73,13 @@ impl FileQueue {
     /// [`MAX_CHUNK`]), to be yielded by a response body on this queue's connection. `more`:
     /// the body has further file bytes ready to send right after these, so the socket may hold
     /// back a partial segment for them.
-    pub fn placeholder(&self, file: &Arc<File>, offset: u64, len: usize, more: bool) -> Bytes {
+    pub(crate) fn placeholder(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        len: usize,
+        more: bool,
+    ) -> Bytes {
         let len = len.min(MAX_CHUNK);
         self.lock().push_back(Job {
             file: file.clone(),
@@ -86,14 +92,14 @@ impl FileQueue {
 }
 
 /// A plain TCP connection that sends placeholder chunks from their files.
-pub struct SendfileStream {
+pub(crate) struct SendfileStream {
     tcp: TcpStream,
     queue: Arc<FileQueue>,
     corked: bool,
 }
 
 impl SendfileStream {
-    pub fn new(tcp: TcpStream) -> SendfileStream {
+    pub(crate) fn new(tcp: TcpStream) -> SendfileStream {
         SendfileStream {
             tcp,
             queue: Arc::default(),
@@ -111,7 +117,7 @@ impl SendfileStream {
     }
 
     /// The queue bodies on this connection push their file ranges to.
-    pub fn queue(&self) -> Arc<FileQueue> {
+    pub(crate) fn queue(&self) -> Arc<FileQueue> {
         self.queue.clone()
     }
 

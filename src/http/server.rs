@@ -230,7 +230,7 @@ async fn serve_connection<A, F>(
     answer: A,
     watcher: Watcher,
 ) where
-    A: Fn(Request<Incoming>) -> F + Send + 'static,
+    A: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     // Plain connections that send cached blobs with sendfile: their bodies find the
@@ -243,8 +243,10 @@ async fn serve_connection<A, F>(
         if let Some(q) = &queue {
             req.extensions_mut().insert(q.clone());
         }
-        let answered = answer(req);
-        async move { Ok::<_, std::convert::Infallible>(answered.await) }
+        // The answer's future is made inside the block rather than moved into it: it is
+        // kilobytes large, and a cached manifest's request paid for the copy.
+        let answer = answer.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(req).await) }
     });
     let mut builder = Builder::new(TokioExecutor::new());
     if sendfile {

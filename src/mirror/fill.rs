@@ -63,7 +63,7 @@ enum Stop {
 }
 
 impl FillTask {
-    pub async fn run(self) {
+    pub(super) async fn run(self) {
         let FillTask {
             t,
             digest,

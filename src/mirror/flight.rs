@@ -27,7 +27,7 @@ pub enum FlightKey {
 
 type SharedResult<V> = Shared<BoxFuture<'static, Result<V, Error>>>;
 
-pub struct SingleFlight<K, V: Clone> {
+pub(super) struct SingleFlight<K, V: Clone> {
     runs: Arc<Mutex<HashMap<K, SharedResult<V>>>>,
 }
 
@@ -46,7 +46,7 @@ where
 {
     /// Runs `make()` unless a run for `key` is already under way, and returns its result and
     /// whether this caller was the one that started it.
-    pub async fn run<F, Fut>(&self, key: K, make: F) -> (Result<V, Error>, bool)
+    pub(super) async fn run<F, Fut>(&self, key: K, make: F) -> (Result<V, Error>, bool)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, Error>> + Send + 'static,

@@ -23,7 +23,7 @@ enum Msg {
     Snapshot(u64, oneshot::Sender<Verifier>),
 }
 
-pub struct Hasher {
+pub(super) struct Hasher {
     tx: mpsc::Sender<Msg>,
     done: tokio::task::JoinHandle<io::Result<Verifier>>,
 }
@@ -61,7 +61,7 @@ impl Reader {
 
 impl Hasher {
     /// Starts hashing `file`, the fill's object as it grows, as `written` reports it.
-    pub fn start(algorithm: Algorithm, file: Arc<dyn ReadAt>) -> Hasher {
+    pub(super) fn start(algorithm: Algorithm, file: Arc<dyn ReadAt>) -> Hasher {
         let (tx, rx) = mpsc::channel();
         let done = tokio::task::spawn_blocking(move || {
             let mut r = Reader {
@@ -106,19 +106,19 @@ impl Hasher {
     }
 
     /// The file now holds the first `n` bytes of the body.
-    pub fn written(&self, n: u64) {
+    pub(super) fn written(&self, n: u64) {
         let _ = self.tx.send(Msg::Written(n));
     }
 
     /// The hash state after the first `at` bytes (at most what `written` reported).
-    pub async fn snapshot(&self, at: u64) -> Option<Verifier> {
+    pub(super) async fn snapshot(&self, at: u64) -> Option<Verifier> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Snapshot(at, reply)).ok()?;
         rx.await.ok()
     }
 
     /// The hash of every byte reported written, or why the file could not be read back.
-    pub async fn finish(self) -> io::Result<Verifier> {
+    pub(super) async fn finish(self) -> io::Result<Verifier> {
         drop(self.tx);
         match self.done.await {
             Ok(v) => v,

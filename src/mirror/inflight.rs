@@ -39,7 +39,7 @@ enum FillState {
 
 /// A digest computation in progress, shared with followers of a diverted fill.
 #[derive(Clone)]
-pub struct HashState(pub Box<Verifier>);
+pub(super) struct HashState(pub Box<Verifier>);
 
 impl std::fmt::Debug for HashState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,7 +48,7 @@ impl std::fmt::Debug for HashState {
 }
 
 /// How much of a fill a follower may read now.
-pub enum Readable {
+pub(super) enum Readable {
     /// Bytes `0..end` are stored and may be sent; `last`: no more will come. The last byte of
     /// the blob is held back until the digest matched.
     Upto { end: u64, last: bool },
@@ -59,7 +59,7 @@ pub enum Readable {
 }
 
 /// One fill in progress, shared by its followers.
-pub struct Fill {
+pub(super) struct Fill {
     /// Reads the growing object, and the committed one after it.
     reader: Arc<dyn ReadAt>,
     state: watch::Receiver<FillState>,
@@ -67,24 +67,24 @@ pub struct Fill {
 
 impl Fill {
     /// What a follower needs: the bytes, and the fill's progress.
-    pub fn follow(&self) -> (Arc<dyn ReadAt>, Progress) {
+    pub(super) fn follow(&self) -> (Arc<dyn ReadAt>, Progress) {
         (self.reader.clone(), Progress(self.state.clone()))
     }
 
-    pub fn progress(&self) -> Progress {
+    pub(super) fn progress(&self) -> Progress {
         Progress(self.state.clone())
     }
 }
 
 /// A follower's view of a fill.
 #[derive(Clone)]
-pub struct Progress(watch::Receiver<FillState>);
+pub(super) struct Progress(watch::Receiver<FillState>);
 
 impl Progress {
     /// Waits until the upstream answered: the blob's length if it declared one, or the error
     /// that ended the fill before any body arrived (the upstream's own: a 502 or 504 to the
     /// client, never a 500).
-    pub async fn started(&mut self) -> Result<Option<u64>, Error> {
+    pub(super) async fn started(&mut self) -> Result<Option<u64>, Error> {
         loop {
             match &*self.0.borrow_and_update() {
                 FillState::Connecting => {}
@@ -101,7 +101,7 @@ impl Progress {
     }
 
     /// How much may be read now.
-    pub fn readable(&mut self) -> Readable {
+    pub(super) fn readable(&mut self) -> Readable {
         match &*self.0.borrow_and_update() {
             FillState::Connecting => Readable::Upto {
                 end: 0,
@@ -127,7 +127,7 @@ impl Progress {
 
     /// Waits for the next change. A fill task that ended without a word (it panicked) is an
     /// error.
-    pub async fn changed(&mut self) -> Result<(), Error> {
+    pub(super) async fn changed(&mut self) -> Result<(), Error> {
         self.0
             .changed()
             .await
@@ -137,7 +137,10 @@ impl Progress {
     /// Waits until the blob is committed, calling `on_progress` with the bytes stored so far
     /// as the fill grows (prefetch, which wants the blob cached, not its bytes). Returns its
     /// length, or why nothing was stored.
-    pub async fn committed(&mut self, mut on_progress: impl FnMut(u64)) -> Result<u64, Error> {
+    pub(super) async fn committed(
+        &mut self,
+        mut on_progress: impl FnMut(u64),
+    ) -> Result<u64, Error> {
         loop {
             match &*self.0.borrow_and_update() {
                 FillState::Connecting => {}
@@ -168,21 +171,21 @@ impl Progress {
 }
 
 /// What `join_or_start` found: a fill to follow, or a new one the caller must run.
-pub enum Joined<T> {
+pub(super) enum Joined<T> {
     Follow(Arc<Fill>),
     Started(Arc<Fill>, FillGuard, T),
 }
 
 /// Digest -> fill in progress.
 #[derive(Default)]
-pub struct Inflight {
+pub(super) struct Inflight {
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
 }
 
 /// Held by the fill task, the one publisher of its state. Removes the table entry when
 /// dropped, whatever way the task ends, so a panicking or failed fill never blocks later
 /// requests for the digest.
-pub struct FillGuard {
+pub(super) struct FillGuard {
     table: Arc<Inflight>,
     digest: Digest,
     fill: Arc<Fill>,
@@ -197,27 +200,27 @@ impl Drop for FillGuard {
 
 impl FillGuard {
     /// `written` bytes of a blob of `len` (when declared) are stored.
-    pub fn streaming(&self, len: Option<u64>, written: u64) {
+    pub(super) fn streaming(&self, len: Option<u64>, written: u64) {
         self.tx.send_replace(FillState::Streaming { len, written });
     }
 
     /// Every byte is stored and verified; the commit follows.
-    pub fn verified(&self, len: u64) {
+    pub(super) fn verified(&self, len: u64) {
         self.tx.send_replace(FillState::Verified { len });
     }
 
     /// Ends the fill: done (committed or not), failed, or diverted. The entry leaves the table
     /// before the state is published, so a request that sees the end (e.g. a client retrying
     /// after a failure) never joins this fill again.
-    pub fn done(self, len: u64, committed: bool) {
+    pub(super) fn done(self, len: u64, committed: bool) {
         self.finish(FillState::Done { len, committed });
     }
 
-    pub fn failed(self, e: Error) {
+    pub(super) fn failed(self, e: Error) {
         self.finish(FillState::Failed(e));
     }
 
-    pub fn diverted(self, at: u64, len: Option<u64>, hash: HashState) {
+    pub(super) fn diverted(self, at: u64, len: Option<u64>, hash: HashState) {
         self.finish(FillState::Diverted { at, len, hash });
     }
 
@@ -231,7 +234,7 @@ impl Inflight {
     /// The fill for `digest`: an existing one to follow, or a new one made by `start` (which
     /// returns the reader of the object it will write and whatever the caller needs to run
     /// the fill). A `start` that fails leaves the table as it was.
-    pub fn join_or_start<T, E>(
+    pub(super) fn join_or_start<T, E>(
         self: &Arc<Self>,
         digest: &Digest,
         start: impl FnOnce() -> Result<(Arc<dyn ReadAt>, T), E>,
@@ -254,19 +257,19 @@ impl Inflight {
     }
 
     /// A fill in progress, if any.
-    pub fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
+    pub(super) fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
         self.fills.lock().get(digest).cloned()
     }
 
     /// Whether some fill has verified its blob and is committing it.
-    pub fn committing(&self) -> bool {
+    pub(super) fn committing(&self) -> bool {
         self.fills
             .lock()
             .values()
             .any(|f| f.progress().committing())
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.fills.lock().len()
     }
 

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use std::collections::VecDeque;
 
 /// The part `pos..end` of a blob, read from an upstream body and checked against its digest.
-pub struct Relay {
+pub(super) struct Relay {
     t: Target,
     digest: Digest,
     /// `None` until the resuming GET has been sent.
@@ -36,20 +36,25 @@ pub struct Relay {
 
 impl Relay {
     /// An upstream response from byte 0, already received (its status decided the client's).
-    pub fn pass_through(t: Target, digest: Digest, body: Incoming, len: Option<u64>) -> Relay {
+    pub(super) fn pass_through(
+        t: Target,
+        digest: Digest,
+        body: Incoming,
+        len: Option<u64>,
+    ) -> Relay {
         let hash = Verifier::new(digest.algorithm());
         Relay::new(t, digest, Some(body), 0, hash, len, 0, None)
     }
 
     /// Limits what is sent to `pos..end`, before the first byte went out.
-    pub fn set_range(&mut self, pos: u64, end: Option<u64>) {
+    pub(super) fn set_range(&mut self, pos: u64, end: Option<u64>) {
         self.pos = pos;
         self.end = end;
     }
 
     /// Carries on a fill whose store failed after `at` bytes, `hash` being the state after
     /// them: GETs the rest from the upstream.
-    pub fn resume(
+    pub(super) fn resume(
         t: Target,
         digest: Digest,
         at: u64,
@@ -90,7 +95,7 @@ impl Relay {
 
     /// The next bytes of the range, `None` once it is complete, or the error that must cut the
     /// response short.
-    pub async fn next(&mut self) -> Result<Option<Bytes>, Error> {
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>, Error> {
         loop {
             if let Some(b) = self.ready.pop_front() {
                 return Ok(Some(b));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 #[derive(Default)]
-pub struct MemoryStore {
+pub(crate) struct MemoryStore {
     objects: Arc<Mutex<HashMap<Digest, Entry>>>,
 }
 
@@ -38,7 +38,7 @@ impl ReadAt for Bytes {
 }
 
 impl MemoryStore {
-    pub fn new() -> MemoryStore {
+    pub(crate) fn new() -> MemoryStore {
         MemoryStore::default()
     }
 }

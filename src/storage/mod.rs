@@ -17,6 +17,7 @@
 mod conformance;
 pub mod evict;
 mod fs;
+#[cfg(test)]
 mod memory;
 pub mod meta;
 
@@ -28,7 +29,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use fs::{Disk, DiskFile, FsStore, RealDisk};
-pub use memory::MemoryStore;
+#[cfg(test)]
+pub(crate) use memory::MemoryStore;
 pub use meta::{Meta, ObjectRow, TagEntry};
 
 /// Bytes and objects committed.
