@@ -454,6 +454,20 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
             "sum by (upstream) (increase(cachalot_token_fetches_total{result=\"error\"}[5m]))",
             Expect::Series(vec![(up.to_vec(), Check::Exact(0.0))]),
         ),
+        // Pre-created at zero for each reason; the pulls here are all whole.
+        (
+            "sum by (upstream, reason) (increase(cachalot_upstream_body_errors_total[5m]))",
+            Expect::Series(vec![
+                (
+                    vec![("upstream", UP), ("reason", "truncated")],
+                    Check::Exact(0.0),
+                ),
+                (
+                    vec![("upstream", UP), ("reason", "protocol")],
+                    Check::Exact(0.0),
+                ),
+            ]),
+        ),
         (
             "cachalot_cache_size_bytes",
             Expect::Series(vec![(vec![], Check::IfPresent)]),
