@@ -284,7 +284,7 @@ impl ServerClient {
         let checked = manifest::verify(&bytes, &headers, requested)
             .map_err(|e| Error::upstream(SERVER, e.into()))?;
         Ok(Fetched {
-            digest: checked.digest,
+            digest: checked.digest().clone(),
             media_type: checked.media_type,
             bytes,
         })

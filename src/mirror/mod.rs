@@ -394,12 +394,17 @@ impl Mirror {
                     warn!(upstream = up.name(), error = %e, "manifest refused");
                     Error::upstream(up.name(), e.into())
                 })?;
-            let m = Arc::new(Manifest::new(checked.digest, checked.media_type, bytes));
+            let proof = checked.proof;
+            let m = Arc::new(Manifest::new(
+                proof.digest().clone(),
+                checked.media_type,
+                bytes,
+            ));
             let (st, m2) = (store.clone(), m.clone());
             let (upname, repo) = (up.name().to_owned(), t.repo.to_string());
             let saved = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 let repo_key = format!("{upname}/{repo}");
-                crate::storage::put_small(&**st.blobs(), &m2.digest, &m2.bytes, &repo_key)?;
+                crate::storage::put_small(&**st.blobs(), &m2.bytes, proof, &repo_key)?;
                 let tag = tag.as_deref().map(|tag| {
                     (
                         upname.as_str(),

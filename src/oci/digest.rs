@@ -172,29 +172,26 @@ impl Verifier {
         self.len += data.len() as u64;
     }
 
-    /// Bytes hashed so far.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The proof that the bytes hashed are `expected`, or the mismatch. The only way to make
-    /// a [`Verified`].
-    pub fn verify(self, expected: &Digest) -> Result<Verified, Mismatch> {
+    /// The proof that the bytes hashed have the digest they hashed to, for content named by
+    /// its own hash (a manifest fetched by tag). With [`verify`](Self::verify), the only ways
+    /// to make a [`Verified`].
+    pub fn prove(self) -> Verified {
         let len = self.len;
-        let actual = self.finish();
-        if actual == *expected {
-            Ok(Verified {
-                digest: actual,
-                len,
-            })
+        Verified {
+            digest: self.finish(),
+            len,
+        }
+    }
+
+    /// The proof that the bytes hashed are `expected`, or the mismatch.
+    pub fn verify(self, expected: &Digest) -> Result<Verified, Mismatch> {
+        let proof = self.prove();
+        if proof.digest == *expected {
+            Ok(proof)
         } else {
             Err(Mismatch {
                 expected: expected.clone(),
-                actual,
+                actual: proof.digest,
             })
         }
     }

@@ -140,11 +140,18 @@ pub enum ManifestError {
     NoMediaType,
 }
 
-/// A manifest body that passed [`verify`].
+/// A manifest body that passed [`verify`]: the proof of its digest, which storing it requires,
+/// and its media type.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verified {
-    pub digest: Digest,
+pub struct Checked {
+    pub proof: crate::oci::Verified,
     pub media_type: String,
+}
+
+impl Checked {
+    pub fn digest(&self) -> &Digest {
+        self.proof.digest()
+    }
 }
 
 /// Checks a manifest body as received, with the response `headers` it came with, before
@@ -161,7 +168,7 @@ pub fn verify(
     body: &[u8],
     headers: &http::HeaderMap,
     requested: Option<&Digest>,
-) -> Result<Verified, ManifestError> {
+) -> Result<Checked, ManifestError> {
     let claimed = headers
         .get(DOCKER_CONTENT_DIGEST)
         .and_then(|v| v.to_str().ok())
@@ -171,7 +178,8 @@ pub fn verify(
         .map_or(Algorithm::Sha256, Digest::algorithm);
     let mut v = Verifier::new(algorithm);
     v.update(body);
-    let digest = v.finish();
+    let proof = v.prove();
+    let digest = proof.digest();
     let checks = [
         (DigestCheck::Requested, requested),
         (DigestCheck::Claimed, claimed.as_ref()),
@@ -179,12 +187,12 @@ pub fn verify(
     for (check, want) in checks {
         if let Some(want) = want
             && want.algorithm() == algorithm
-            && *want != digest
+            && want != digest
         {
             return Err(ManifestError::DigestMismatch {
                 check,
                 expected: want.clone(),
-                actual: digest,
+                actual: digest.clone(),
             });
         }
     }
@@ -196,7 +204,7 @@ pub fn verify(
         Some(ct) if is_manifest_type(ct) && ct != "application/json" => ct.to_owned(),
         _ => sniff_media_type(body).ok_or(ManifestError::NoMediaType)?,
     };
-    Ok(Verified { digest, media_type })
+    Ok(Checked { proof, media_type })
 }
 
 #[cfg(test)]
@@ -273,13 +281,14 @@ mod tests {
         let claim = |d: &Digest| ("docker-content-digest", d.to_string());
 
         let ok = verify(MANIFEST, &headers(&[ct]), Some(&good)).unwrap();
-        assert_eq!(ok.digest, good);
+        assert_eq!(ok.digest(), &good);
         assert_eq!(ok.media_type, DOCKER_MANIFEST);
         let c = claim(&good);
         assert_eq!(
             verify(MANIFEST, &headers(&[ct, (c.0, &c.1)]), None)
                 .unwrap()
-                .digest,
+                .digest()
+                .clone(),
             good
         );
 
@@ -324,7 +333,7 @@ mod tests {
 
         // A claim that is not a digest is no claim.
         let h = headers(&[ct, ("docker-content-digest", "sha256:nope")]);
-        assert_eq!(verify(MANIFEST, &h, None).unwrap().digest, good);
+        assert_eq!(verify(MANIFEST, &h, None).unwrap().digest().clone(), good);
     }
 
     #[test]
@@ -335,12 +344,13 @@ mod tests {
         assert_eq!(
             verify(MANIFEST, &headers(&[ct]), Some(&sha512))
                 .unwrap()
-                .digest,
+                .digest()
+                .clone(),
             sha512
         );
         // Only a SHA-512 claim: hashed with SHA-512, and checked.
         let h = headers(&[ct, ("docker-content-digest", &sha512.to_string())]);
-        assert_eq!(verify(MANIFEST, &h, None).unwrap().digest, sha512);
+        assert_eq!(verify(MANIFEST, &h, None).unwrap().digest().clone(), sha512);
         let wrong = sha512_of(b"other");
         let h = headers(&[ct, ("docker-content-digest", &wrong.to_string())]);
         assert!(matches!(
@@ -352,10 +362,16 @@ mod tests {
         ));
         // Asked for by SHA-256, claimed in SHA-512: the claim is not checked.
         let good = Digest::sha256_of(MANIFEST);
-        assert_eq!(verify(MANIFEST, &h, Some(&good)).unwrap().digest, good);
+        assert_eq!(
+            verify(MANIFEST, &h, Some(&good)).unwrap().digest().clone(),
+            good
+        );
         // Neither: SHA-256.
         assert_eq!(
-            verify(MANIFEST, &headers(&[ct]), None).unwrap().digest,
+            verify(MANIFEST, &headers(&[ct]), None)
+                .unwrap()
+                .digest()
+                .clone(),
             good
         );
     }

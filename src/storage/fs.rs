@@ -312,10 +312,6 @@ struct FsWriter {
 }
 
 impl BlobWriter for FsWriter {
-    fn digest(&self) -> &Digest {
-        &self.digest
-    }
-
     fn written(&self) -> u64 {
         self.written
     }

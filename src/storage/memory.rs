@@ -133,10 +133,6 @@ struct MemoryWriter {
 }
 
 impl BlobWriter for MemoryWriter {
-    fn digest(&self) -> &Digest {
-        &self.digest
-    }
-
     fn written(&self) -> u64 {
         self.bytes.0.read().len() as u64
     }

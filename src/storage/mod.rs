@@ -21,7 +21,7 @@ mod fs;
 mod memory;
 pub mod meta;
 
-use crate::oci::{Digest, Verified, Verifier};
+use crate::oci::{Digest, Verified};
 use parking_lot::Mutex;
 use std::fs::File;
 use std::io;
@@ -183,8 +183,6 @@ pub trait BlobStore: Send + Sync {
 
 /// An object being written. Dropping it uncommitted aborts: nothing is left behind.
 pub trait BlobWriter: Send {
-    fn digest(&self) -> &Digest;
-
     /// Bytes written so far.
     fn written(&self) -> u64;
 
@@ -242,20 +240,18 @@ fn check_proof(expected: &Digest, written: u64, proof: &Verified) -> Result<(), 
     }
 }
 
-/// Writes a small object whose bytes are in memory (a manifest) under `digest`, unless it is
-/// stored already; bytes that do not hash to `digest` are refused. Blocking.
+/// Writes a small object whose bytes are in memory (a manifest), proven by `proof`, unless it
+/// is stored already. Blocking.
 pub fn put_small(
     store: &dyn BlobStore,
-    digest: &Digest,
     bytes: &[u8],
+    proof: Verified,
     repo: &str,
 ) -> io::Result<()> {
+    let digest = proof.digest();
     if store.stat(digest)?.is_some() {
         return Ok(());
     }
-    let mut v = Verifier::new(digest.algorithm());
-    v.update(bytes);
-    let proof = v.verify(digest).map_err(io::Error::other)?;
     let mut w = store.begin(digest)?;
     w.write(bytes)?;
     w.commit(proof, repo)?;
