@@ -8,13 +8,12 @@ use crate::error::Error;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
 use crate::oci::{Digest, ImageRef, Reference, Verified, Verifier};
-use crate::storage::{Access, Blob, BlobWriter, FsStore, ReadAt, Store};
+use crate::storage::{Access, Blob, BlobWriter, FsStore, Store};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 /// The annotation that names an image in an OCI layout's `index.json`.
@@ -167,8 +166,6 @@ pub struct Imported {
 struct Staged {
     writer: Box<dyn BlobWriter>,
     proof: Verified,
-    reader: Arc<dyn ReadAt>,
-    size: u64,
 }
 
 /// Loads `bundle` into `store`: every blob is written to an uncommitted writer while hashed and
@@ -354,7 +351,7 @@ impl Import<'_> {
         });
         for (digest, s) in staged {
             out.blobs += 1;
-            out.bytes += s.size;
+            out.bytes += s.proof.len();
             let storing = format!("storing {digest}");
             if store
                 .blobs()
@@ -442,7 +439,6 @@ fn stage(
     declared: u64,
 ) -> Result<Staged, Error> {
     let mut w = store.blobs().begin(digest)?;
-    let reader = w.reader()?;
     let mut v = Verifier::new(digest.algorithm());
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -469,12 +465,7 @@ fn stage(
     })?;
     // Many blobs wait for the whole bundle to check out: none of them holds a descriptor.
     w.seal()?;
-    Ok(Staged {
-        writer: w,
-        proof,
-        reader,
-        size,
-    })
+    Ok(Staged { writer: w, proof })
 }
 
 /// The reference check over the staged bundle (and what the cache already holds).
@@ -492,7 +483,7 @@ impl Check<'_> {
     /// The size of a blob in the bundle or the cache, if it is in either.
     fn size(&self, d: &Digest) -> Option<u64> {
         if let Some(s) = self.staged.get(d) {
-            return Some(s.size);
+            return Some(s.proof.len());
         }
         self.store.blobs().stat(d).ok().flatten()
     }
@@ -513,9 +504,11 @@ impl Check<'_> {
 
     fn read(&self, d: &Digest) -> Result<Vec<u8>, Error> {
         let blob = match self.staged.get(d) {
+            // Opened here, for manifests only: a reader per staged blob would hold a
+            // descriptor per blob until the whole bundle checked out.
             Some(s) => Blob {
-                reader: s.reader.clone(),
-                len: s.size,
+                reader: s.writer.reader()?,
+                len: s.proof.len(),
             },
             None => match self.store.blobs().open(d, Access::Quiet)? {
                 Some(b) => b,
@@ -580,5 +573,37 @@ impl Check<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_descriptors() -> usize {
+        std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+    }
+
+    /// A bundle's blobs wait, staged, for the whole bundle to check out: however many there
+    /// are, they must not hold a descriptor each, or a large bundle runs out of them.
+    #[test]
+    fn staged_blobs_hold_no_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let before = open_descriptors();
+        let staged: Vec<Staged> = (0..400u32)
+            .map(|i| {
+                let bytes = i.to_le_bytes();
+                let d = Digest::sha256_of(&bytes);
+                stage(&mut &bytes[..], &store, &d, 4).unwrap()
+            })
+            .collect();
+        // Other tests in this process open files meanwhile; 400 would be one per blob.
+        assert!(
+            open_descriptors() < before + 100,
+            "{} descriptors open for {} staged blobs (from {before})",
+            open_descriptors(),
+            staged.len()
+        );
     }
 }
