@@ -267,8 +267,8 @@ impl Upstream {
     /// needs all of it before it can act.
     ///
     /// At most `cap` bytes: more is refused as soon as it arrives, so a lying upstream cannot
-    /// make it buffer without bound. Each frame must come within the idle-body timeout; a
-    /// trickling upstream is cut off, not waited for. Failures name this upstream: no frame in
+    /// make it buffer without bound. Each frame must come within the idle-body timeout (a caller
+    /// that needs the whole body by a deadline sets one around this). Failures name this upstream: no frame in
     /// time -> [`UpstreamFault::Timeout`]; a broken body or more than `cap` bytes ->
     /// [`UpstreamFault::Protocol`]. On failure the body is dropped, which closes its connection.
     pub async fn read_small(&self, mut body: Incoming, cap: usize) -> crate::Result<Bytes> {
@@ -385,9 +385,14 @@ impl Upstream {
             tracing::debug!(status = resp.status().as_u16(), "token endpoint refused");
             return Err(self.status_error_parts(resp.status(), resp.headers()));
         }
-        let body = self
-            .read_small(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .await?;
+        // Every request of this scope waits on this one fetch: the whole answer, not only each
+        // frame, must come within the body timeout.
+        let body = tokio::time::timeout(
+            self.inner.body_timeout,
+            self.read_small(resp.into_body(), MAX_TOKEN_RESPONSE),
+        )
+        .await
+        .map_err(|_| self.fault(UpstreamFault::Timeout("reading the token response")))??;
         let (value, usable_for) = auth::parse_token_response(&body)
             .map_err(|e| self.fault(UpstreamFault::Protocol(e.0.to_owned())))?;
         Ok(Token {
