@@ -76,6 +76,12 @@ impl From<ConfigError> for Error {
 
 /// A manifest that failed its check: a digest mismatch stays one (it is counted and means the
 /// upstream sent other bytes); a manifest without a media type is an invalid answer.
+impl From<crate::oci::image_ref::InvalidRef> for Error {
+    fn from(e: crate::oci::image_ref::InvalidRef) -> Self {
+        Error::Invalid(e.0)
+    }
+}
+
 impl From<ManifestError> for UpstreamFault {
     fn from(e: ManifestError) -> Self {
         match e {

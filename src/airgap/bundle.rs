@@ -314,7 +314,7 @@ impl Import<'_> {
                 ));
                 continue;
             }
-            let r = ImageRef::parse(name).map_err(|e| self.at("index.json", e))?;
+            let r = ImageRef::parse(name).map_err(|e| self.at("index.json", e.into()))?;
             if !config.upstream.iter().any(|u| u.name == r.registry) {
                 return Err(self.bad(
                     "index.json",

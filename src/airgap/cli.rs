@@ -104,7 +104,7 @@ fn resolve(config: &Config, sel: &Selection) -> Result<Vec<ImageRef>, Vec<Error>
                 r.registry,
                 sel.config.display()
             ))),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         match checked {
             Ok(r) => {

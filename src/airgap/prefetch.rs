@@ -41,6 +41,7 @@ impl Platforms {
             .map(PlatformSpec::parse)
             .collect::<Result<_, _>>()
             .map(Platforms::Only)
+            .map_err(Error::from)
     }
 }
 
