@@ -173,9 +173,9 @@ impl Source {
 
 fn absent(e: &Error) -> bool {
     e.upstream_status() == Some(StatusCode::NOT_FOUND)
-        || matches!(e, Error::Client(o) if o.status == StatusCode::NOT_FOUND)
+        || matches!(e.cause(), Error::Client(o) if o.status == StatusCode::NOT_FOUND)
         || matches!(
-            e,
+            e.cause(),
             Error::Upstream {
                 fault: UpstreamFault::Offline,
                 ..

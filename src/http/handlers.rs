@@ -54,7 +54,10 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
     let mut resp = match outcome {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
-            if matches!(e, Error::Storage(_) | Error::Internal(_) | Error::Config(_)) {
+            if matches!(
+                e.cause(),
+                Error::Storage(_) | Error::Internal(_) | Error::Config(_)
+            ) {
                 error!(parent: &span, error = %e, %method, path, "request failed");
             }
             error_response(&e, not_found)
