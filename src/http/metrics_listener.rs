@@ -29,16 +29,16 @@ pub(crate) async fn spawn(
         tls: None,
         sendfile: false,
     };
-    let task = tokio::spawn(super::server::accept_loop(listener, stopped, move |req| {
-        std::future::ready(answer(&mirror, &req))
-    }));
+    let task = tokio::spawn(super::server::accept_loop(
+        listener, stopped, mirror, answer,
+    ));
     Ok((bound, task))
 }
 
-fn answer<B>(mirror: &Mirror, req: &Request<B>) -> Response<Body> {
+async fn answer<B>(mirror: Arc<Mirror>, req: Request<B>) -> Response<Body> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     if get && req.uri().path() == "/metrics" {
-        super::handlers::metrics(mirror)
+        super::handlers::metrics(&mirror)
     } else {
         Response::builder()
             .status(StatusCode::NOT_FOUND)

@@ -124,9 +124,7 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         tls,
         sendfile: true,
     };
-    let task = tokio::spawn(accept_loop(listener, stopped, move |req| {
-        handle(state.clone(), req)
-    }));
+    let task = tokio::spawn(accept_loop(listener, stopped, state, handle));
     Ok(Server {
         addr,
         metrics_addr,
@@ -149,14 +147,17 @@ pub(super) struct Listener {
 }
 
 /// Serves `listener` until `stopped`: each connection in its own task (after the TLS
-/// handshake, when there is TLS), every request answered by `answer`. Returns once every
-/// connection task has ended, so that nothing they hold (the cache) outlives the loop.
-pub(super) async fn accept_loop<A, F>(
+/// handshake, when there is TLS), every request answered by `answer` with `state`. Returns
+/// once every connection task has ended, so that nothing they hold (the cache) outlives the
+/// loop.
+pub(super) async fn accept_loop<S, A, F>(
     listener: Listener,
     mut stopped: watch::Receiver<bool>,
+    state: Arc<S>,
     answer: A,
 ) where
-    A: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
+    S: Send + Sync + 'static,
+    A: Fn(Arc<S>, Request<Incoming>) -> F + Copy + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut conns = JoinSet::new();
@@ -188,7 +189,8 @@ pub(super) async fn accept_loop<A, F>(
             conn,
             peer,
             listener.sendfile,
-            answer.clone(),
+            state.clone(),
+            answer,
             watcher,
         ));
     }
@@ -223,14 +225,16 @@ enum Conn {
 
 /// Serves one connection until it closes, or, once `watcher` hears of the stop, until what it
 /// is answering is done.
-async fn serve_connection<A, F>(
+async fn serve_connection<S, A, F>(
     conn: Conn,
     peer: SocketAddr,
     sendfile: bool,
+    state: Arc<S>,
     answer: A,
     watcher: Watcher,
 ) where
-    A: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
+    S: Send + Sync + 'static,
+    A: Fn(Arc<S>, Request<Incoming>) -> F + Copy + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     // Plain connections that send cached blobs with sendfile: their bodies find the
@@ -245,8 +249,8 @@ async fn serve_connection<A, F>(
         }
         // The answer's future is made inside the block rather than moved into it: it is
         // kilobytes large, and a cached manifest's request paid for the copy.
-        let answer = answer.clone();
-        async move { Ok::<_, std::convert::Infallible>(answer(req).await) }
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(state, req).await) }
     });
     let mut builder = Builder::new(TokioExecutor::new());
     if sendfile {
