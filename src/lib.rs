@@ -10,6 +10,8 @@
 pub mod airgap;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod mirror;

@@ -176,6 +176,23 @@ async fn docker_io_library_normalisation_in_every_mode() {
     assert_eq!(env.fake.blob_gets("library/nginx", d), 1);
 }
 
+/// Found by fuzzing: a one-component name of the longest valid length became, with docker.io's
+/// `library/` prefix, a name past the limit that cachalot would have asked the upstream for.
+#[tokio::test]
+async fn docker_io_name_too_long_with_its_library_prefix_is_400() {
+    let fake = FakeRegistry::start().await;
+    let ups = vec![UpstreamSpec::new("docker.io", &fake.url(), true)];
+    let env = Env::start_on(fake, CacheSpec::default(), ups).await;
+    let name = "a".repeat(255);
+    let r = env
+        .client
+        .get(&env.v2(&format!("{name}/manifests/latest")))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("NAME_INVALID"));
+    assert_eq!(env.fake.total(), 0, "the bad name never reaches upstream");
+}
+
 #[tokio::test]
 async fn two_upstreams_do_not_collide() {
     let a = FakeRegistry::start().await;

@@ -267,7 +267,12 @@ impl Mirror {
             ));
         };
         let repo = if upstream.name() == "docker.io" {
-            repo.with_library_prefix()
+            repo.with_library_prefix().map_err(|_| {
+                Error::client(
+                    ErrorCode::NameInvalid,
+                    format!("{name:?} is too long with its library/ prefix"),
+                )
+            })?
         } else {
             repo
         };

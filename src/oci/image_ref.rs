@@ -67,7 +67,10 @@ impl ImageRef {
             Err(_) => return bad("invalid repository name"),
         };
         if registry == DOCKER_HUB {
-            repo = repo.with_library_prefix();
+            repo = match repo.with_library_prefix() {
+                Ok(r) => r,
+                Err(_) => return bad("repository name too long with its library/ prefix"),
+            };
         }
         let reference = match (digest, tag) {
             (Some(d), _) => Reference::Digest(d),

@@ -84,11 +84,13 @@ impl RepoName {
     }
 
     /// Docker Hub's official images live under `library/`: `nginx` means `library/nginx`.
-    pub fn with_library_prefix(&self) -> RepoName {
+    /// Fails when the prefix would take the name past [`MAX_NAME_LEN`] (found by fuzzing: a
+    /// name that was valid alone became one no parser accepts back).
+    pub fn with_library_prefix(&self) -> Result<RepoName, NameError> {
         if self.0.contains('/') {
-            self.clone()
+            Ok(self.clone())
         } else {
-            RepoName(format!("library/{}", self.0))
+            RepoName::parse(&format!("library/{}", self.0))
         }
     }
 }
@@ -179,9 +181,12 @@ mod tests {
     #[test]
     fn library_prefix() {
         let n = RepoName::parse("nginx").unwrap();
-        assert_eq!(n.with_library_prefix().as_str(), "library/nginx");
+        assert_eq!(n.with_library_prefix().unwrap().as_str(), "library/nginx");
         let n = RepoName::parse("bitnami/nginx").unwrap();
-        assert_eq!(n.with_library_prefix().as_str(), "bitnami/nginx");
+        assert_eq!(n.with_library_prefix().unwrap().as_str(), "bitnami/nginx");
+        // Valid alone, too long once prefixed: refused rather than a name past the limit.
+        let n = RepoName::parse(&"a".repeat(MAX_NAME_LEN)).unwrap();
+        assert_eq!(n.with_library_prefix(), Err(NameError::Name));
     }
 
     #[test]
