@@ -55,6 +55,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => match check_credentials(&c) {
                 Ok(()) => {
+                    for w in c.tls_warnings() {
+                        eprintln!("cachalot: warning: {w}");
+                    }
                     print!("{}", c.to_toml());
                     ExitCode::SUCCESS
                 }
@@ -93,11 +96,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads every configured password now, so a missing variable or file fails at start with its
-/// key named, not at the first pull.
+/// Reads every configured password and upstream TLS file now, so a missing variable or file
+/// fails at start with its key named, not at the first pull.
 fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
     for u in &c.upstream {
         u.password()?;
+        cachalot::upstream::tls::client_config(u)?;
     }
     Ok(())
 }
