@@ -17,6 +17,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
@@ -33,6 +34,10 @@ pub(crate) struct Reloadable {
     /// What the files looked like when last read (successfully or not), so that a pair that
     /// failed is retried only once either file changes again.
     seen: Mutex<Option<Stamp>>,
+    /// Registered by `load`, before the server says it is listening, so that a HUP sent as
+    /// soon as it does is already ours (the default action would end the process); taken by
+    /// the reload task.
+    hup: Mutex<Option<Signal>>,
     metrics: Arc<Metrics>,
 }
 
@@ -87,11 +92,19 @@ impl Reloadable {
     ) -> Result<Arc<Reloadable>, Error> {
         let seen = stamp(cert, key);
         let pair = load_pair(cert, key).map_err(Error::Internal)?;
+        let hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; TLS certificates reload on file change only");
+                None
+            }
+        };
         Ok(Arc::new(Reloadable {
             cert: cert.to_owned(),
             key: key.to_owned(),
             current: RwLock::new(Arc::new(pair)),
             seen: Mutex::new(seen),
+            hup: Mutex::new(hup),
             metrics,
         }))
     }
@@ -113,15 +126,7 @@ impl Reloadable {
     /// SIGHUP reloads at once whether or not they look changed. Ends with the server.
     pub(crate) fn spawn_reload(self: &Arc<Self>, mut stopped: watch::Receiver<bool>) {
         let this = self.clone();
-        // Registered now, not in the task: a HUP sent as soon as the server reports it is
-        // listening must already be ours (the default action would end the process).
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGHUP; TLS certificates reload on file change only");
-                None
-            }
-        };
+        let mut hup = self.hup.lock().take();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(POLL_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
