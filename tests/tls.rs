@@ -311,6 +311,14 @@ async fn sighup_reloads_the_certificate() {
         ),
     )
     .unwrap();
+    /// Kills the server if the test fails half way, so no process outlives it.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot"))
         .args(["serve", "--config"])
         .arg(&config)
@@ -318,10 +326,11 @@ async fn sighup_reloads_the_certificate() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Killed)
         .unwrap();
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     let (tx, lines) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
+    let stderr = child.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
@@ -368,11 +377,15 @@ async fn sighup_reloads_the_certificate() {
         "after the SIGHUP reload"
     );
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.try_wait().unwrap().is_none(),
         "SIGHUP must not end the server"
     );
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status();
-    let _ = child.wait();
+    let status = child.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM ends the server cleanly: {status}"
+    );
 }
