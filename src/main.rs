@@ -96,9 +96,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads every configured password and upstream TLS file now, so a missing variable or file
-/// fails at start with its key named, not at the first pull.
+/// Reads every configured password and TLS file now, so a missing variable or file fails at
+/// start (and in `check-config`) with its key named, not at the first pull.
 fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
+    if let (Some(cert), Some(key)) = (&c.server.tls_cert, &c.server.tls_key) {
+        cachalot::server::check_tls_pair(cert, key)
+            .map_err(cachalot::config::ConfigError::Invalid)?;
+    }
     for u in &c.upstream {
         u.password()?;
         cachalot::upstream::tls::client_config(u)?;

@@ -389,3 +389,39 @@ async fn sighup_reloads_the_certificate() {
         "SIGTERM ends the server cleanly: {status}"
     );
 }
+
+#[test]
+fn check_config_reads_the_server_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("ca");
+    let (cert, key) = ca.server("one").write(dir.path(), "one");
+    let (_, other_key) = ca.server("two").write(dir.path(), "two");
+    let check = |cert: &Path, key: &Path| {
+        let file = dir.path().join("check.toml");
+        std::fs::write(
+            &file,
+            format!("[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n"),
+        )
+        .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_cachalot"))
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let out = check(&cert, &key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = check(&dir.path().join("missing.crt"), &key);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("server.tls_cert"), "{stderr}");
+    assert!(stderr.contains("missing.crt"), "{stderr}");
+    let out = check(&cert, &other_key);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("does not belong"), "{stderr}");
+}

@@ -201,6 +201,12 @@ impl ResolvesServerCert for Reloadable {
     }
 }
 
+/// Whether `cert` and `key` would load as the server's pair (for `check-config`); the error is
+/// one line naming the key and path at fault.
+pub fn check_pair(cert: &Path, key: &Path) -> Result<(), String> {
+    load_pair(cert, key).map(drop)
+}
+
 /// Reads and checks a pair: at least one certificate, a key rustls can sign with, and that key
 /// the certificate's own. Errors are one line naming the key and path.
 fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
