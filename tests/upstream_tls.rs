@@ -263,11 +263,23 @@ async fn an_mtls_registry_is_pulled_with_client_cert() {
     with.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn insecure_skip_verify_pulls_from_a_private_ca_registry_without_ca_file() {
+#[tokio::test]
+async fn insecure_skip_verify_pulls_from_a_private_ca_registry_without_ca_file_and_is_warned() {
     require_e2e_tools!();
     let reg = shared(false);
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(cachalot::telemetry::subscriber(
+        cachalot::config::LogFormat::Text,
+        tracing_subscriber::EnvFilter::new("info"),
+        false,
+        capture.clone(),
+    ));
     let (server, _d) = cachalot(&reg.registry.url(), "insecure_skip_verify = true\n").await;
+    let log = String::from_utf8_lossy(&capture.0.lock()).into_owned();
+    assert!(
+        log.contains("WARN") && log.contains("insecure_skip_verify") && log.contains("tls.test"),
+        "no warning at start: {log}"
+    );
     assert_pulls(&server, reg).await;
     server.shutdown().await;
 }
