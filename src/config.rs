@@ -158,6 +158,20 @@ pub struct UpstreamConfig {
     /// File holding the password or token (trailing newline ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// PEM bundle of CA certificates trusted for this upstream in addition to the webpki
+    /// roots (a registry behind a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to the upstream (mTLS); needs `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    /// Accept any certificate from this upstream, for any name. Anyone on the path can then
+    /// impersonate it; warned at start and by `check-config`. Not with `ca_file`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
     /// Connect timeout for this upstream.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
@@ -175,6 +189,10 @@ impl fmt::Debug for UpstreamConfig {
             .field("username", &self.username)
             .field("password_env", &self.password_env)
             .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
             .finish_non_exhaustive()
     }
 }
@@ -239,6 +257,10 @@ impl UpstreamConfig {
             username: None,
             password_env: None,
             password_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            insecure_skip_verify: false,
             connect_timeout: default_connect_timeout(),
             timeout: default_timeout(),
         }
@@ -435,6 +457,7 @@ impl Config {
         if (u.password_env.is_some() || u.password_file.is_some()) && u.username.is_none() {
             return bad(format!("{}: a password needs a username", key("username")));
         }
+        self.validate_upstream_tls(i, u)?;
         if u.connect_timeout.0.is_zero() {
             return bad(format!(
                 "{}: must be greater than zero",
@@ -445,6 +468,63 @@ impl Config {
             return bad(format!("{}: must be greater than zero", key("timeout")));
         }
         Ok(())
+    }
+
+    /// The upstream TLS keys fit together. The files themselves are read when the upstream is
+    /// built (`upstream::tls::client_config`), at start and by `check-config`.
+    fn validate_upstream_tls(&self, i: usize, u: &UpstreamConfig) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("upstream[{i}].{k}");
+        match (&u.client_cert, &u.client_key) {
+            (Some(_), None) => {
+                return bad(format!(
+                    "{}: required when client_cert is set (upstream {:?})",
+                    key("client_key"),
+                    u.name
+                ));
+            }
+            (None, Some(_)) => {
+                return bad(format!(
+                    "{}: required when client_key is set (upstream {:?})",
+                    key("client_cert"),
+                    u.name
+                ));
+            }
+            _ => {}
+        }
+        if u.insecure_skip_verify && u.ca_file.is_some() {
+            return bad(format!(
+                "{}: set ca_file or insecure_skip_verify, not both (upstream {:?})",
+                key("insecure_skip_verify"),
+                u.name
+            ));
+        }
+        for (k, p) in [
+            ("ca_file", &u.ca_file),
+            ("client_cert", &u.client_cert),
+            ("client_key", &u.client_key),
+        ] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return bad(format!("{}: must not be empty", key(k)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Warnings about upstream TLS settings that are allowed but unsafe, one line each naming
+    /// the key; `serve` logs them at start and `check-config` prints them on stderr.
+    pub fn tls_warnings(&self) -> Vec<String> {
+        self.upstream
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.insecure_skip_verify)
+            .map(|(i, u)| {
+                format!(
+                    "upstream[{i}].insecure_skip_verify: the certificate of upstream {:?} is not \
+                     checked; anyone on the network path can impersonate it",
+                    u.name
+                )
+            })
+            .collect()
     }
 
     fn validate_prefetch(&self, i: usize, p: &PrefetchConfig) -> Result<(), ConfigError> {
@@ -736,5 +816,30 @@ mod tests {
         );
         let e = Config::from_toml_str("[server]\ntls_cert = \"/c.pem\"\n").unwrap_err();
         assert!(e.to_string().contains("server.tls_key"), "{e}");
+    }
+
+    #[test]
+    fn upstream_tls_keys() {
+        let up = "[[upstream]]\nname = \"r.test\"\nurl = \"https://r.test\"\n";
+        let e = Config::from_toml_str(&format!("{up}client_cert = \"/c.pem\"\n")).unwrap_err();
+        assert!(e.to_string().contains("upstream[0].client_key"), "{e}");
+        assert!(e.to_string().contains("r.test"), "{e}");
+        let both = format!("{up}ca_file = \"/ca.pem\"\ninsecure_skip_verify = true\n");
+        let e = Config::from_toml_str(&both).unwrap_err();
+        assert!(
+            e.to_string().contains("upstream[0].insecure_skip_verify"),
+            "{e}"
+        );
+        let e = Config::from_toml_str(&format!("{up}ca_file = \"\"\n")).unwrap_err();
+        assert!(e.to_string().contains("upstream[0].ca_file"), "{e}");
+
+        let c = Config::from_toml_str(up).unwrap();
+        assert!(c.tls_warnings().is_empty());
+        assert!(!c.to_toml().contains("insecure_skip_verify"));
+        let c = Config::from_toml_str(&format!("{up}insecure_skip_verify = true\n")).unwrap();
+        assert_eq!(c.tls_warnings().len(), 1);
+        assert!(c.tls_warnings()[0].contains("r.test"));
+        let again = Config::from_toml_str(&c.to_toml()).unwrap();
+        assert!(again.upstream[0].insecure_skip_verify);
     }
 }

@@ -25,4 +25,5 @@ pub use error::{Error, Result};
 /// Starting and stopping the server, for the binary and for tests.
 pub mod server {
     pub use crate::http::server::{Server, spawn, spawn_with};
+    pub use crate::http::tls::check_pair as check_tls_pair;
 }

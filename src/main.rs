@@ -55,6 +55,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => match check_credentials(&c) {
                 Ok(()) => {
+                    for w in c.tls_warnings() {
+                        eprintln!("cachalot: warning: {w}");
+                    }
                     print!("{}", c.to_toml());
                     ExitCode::SUCCESS
                 }
@@ -93,11 +96,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads every configured password now, so a missing variable or file fails at start with its
-/// key named, not at the first pull.
+/// Reads every configured password and TLS file now, so a missing variable or file fails at
+/// start (and in `check-config`) with its key named, not at the first pull.
 fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
+    if let (Some(cert), Some(key)) = (&c.server.tls_cert, &c.server.tls_key) {
+        cachalot::server::check_tls_pair(cert, key)
+            .map_err(cachalot::config::ConfigError::Invalid)?;
+    }
     for u in &c.upstream {
         u.password()?;
+        cachalot::upstream::tls::client_config(u)?;
     }
     Ok(())
 }

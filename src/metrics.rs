@@ -179,6 +179,8 @@ pub struct Metrics {
     pub digest_mismatches: IntCounterVec,
     pub upstream_body_errors: IntCounterVec,
     pub token_fetches: IntCounterVec,
+    /// Server certificate reloads (file change or SIGHUP), by result (ok, failed).
+    pub tls_reloads: IntCounterVec,
     pub fills_in_flight: IntGauge,
     pub cache_write_errors: IntCounter,
     pub cache_size_bytes: IntGauge,
@@ -306,6 +308,11 @@ impl Metrics {
                 "Bearer token fetches by upstream and result.",
                 &["upstream", "result"],
             ),
+            tls_reloads: d.counter(
+                "cachalot_tls_reloads_total",
+                "Server certificate reloads (file change or SIGHUP), by result (ok, failed: the previous pair stays in use).",
+                &["result"],
+            ),
             fills_in_flight: d.gauge(
                 "cachalot_fills_in_flight",
                 "Blob fills from upstream in progress.",
@@ -401,6 +408,9 @@ impl Metrics {
         }
         for s in [Source::Cache, Source::Fill] {
             self.blob_first_byte.with_label_values(&[s.as_str()]);
+        }
+        for r in ["ok", "failed"] {
+            self.tls_reloads.with_label_values(&[r]);
         }
         for u in upstreams {
             self.upstream_bytes.with_label_values(&[u]);

@@ -7,3 +7,4 @@ pub(crate) mod metrics_listener;
 pub mod route;
 pub(crate) mod sendfile;
 pub mod server;
+pub(crate) mod tls;

@@ -15,8 +15,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,10 +92,11 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         .cache_max_size
         .set(i64::try_from(config.cache.max_size.0).unwrap_or(i64::MAX));
     let mirror = Arc::new(Mirror::new(&config, Arc::new(store), metrics.clone())?);
-    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+    let tls_pair = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(super::tls::Reloadable::load(cert, key, metrics.clone())?),
         _ => None,
     };
+    let tls = tls_pair.as_ref().map(|p| p.acceptor()).transpose()?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| Error::Internal(format!("server.listen {}: {e}", config.server.listen)))?;
@@ -109,6 +108,9 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
     });
     let (stop, stopped) = watch::channel(false);
     let housekeeping = tokio::spawn(mirror.clone().housekeeping(stopped.clone()));
+    if let Some(pair) = &tls_pair {
+        pair.spawn_reload(stopped.clone());
+    }
     let (metrics_addr, metrics_task) = match config.server.metrics_listen {
         Some(a) => {
             let (addr, task) =
@@ -284,28 +286,4 @@ async fn serve_connection<S, A, F>(
     if let Err(e) = result {
         debug!(%peer, error = %e, "connection ended with an error");
     }
-}
-
-fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, Error> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| Error::Internal(format!("server.tls_cert {}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(Error::Internal(format!(
-            "server.tls_cert {}: no certificate found",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| Error::Internal(format!("server.tls_key {}: {e}", key.display())))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Internal(format!("TLS: {e}")))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| Error::Internal(format!("server.tls_cert/tls_key: {e}")))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
 }

@@ -131,9 +131,16 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout.0));
+        let tls = super::tls::client_config(cfg)?;
+        if cfg.insecure_skip_verify {
+            tracing::warn!(
+                upstream = %cfg.name,
+                "insecure_skip_verify: this upstream's TLS certificate is not checked; anyone on \
+                 the network path can impersonate it"
+            );
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| Error::Internal(format!("TLS setup: {e}")))?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()

@@ -3,5 +3,6 @@
 
 pub mod auth;
 pub mod client;
+pub mod tls;
 
 pub use client::{Op, Upstream, UpstreamRequest};

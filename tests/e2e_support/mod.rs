@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cachalot;
+pub mod certs;
 pub mod http;
 pub mod issuer;
 pub mod oci;

@@ -1,5 +1,6 @@
 //! Debian's `docker-registry` (distribution 2.8) as a child process: filesystem storage in a temp
-//! dir, token auth pointing at a [`TokenIssuer`], listening on a free 127.0.0.1 port.
+//! dir, token auth pointing at a [`TokenIssuer`] (or no auth), plain HTTP or TLS (optionally
+//! requiring client certificates), listening on a free 127.0.0.1 port.
 //!
 //! The registry runs under a tiny `sh` supervisor that kills it when its stdin closes, so the
 //! registry dies with the test process even when the test binary aborts or never drops this value
@@ -7,15 +8,34 @@
 
 use std::io::Read as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::issuer::TokenIssuer;
 
+/// How a registry is started: [`Distribution::start`] is token auth over plain HTTP.
+#[derive(Default)]
+pub struct RegistryOptions<'a> {
+    /// Token auth trusting this issuer; `None`: anyone may pull and push.
+    pub auth: Option<&'a TokenIssuer>,
+    /// Serve HTTPS (`http.tls`).
+    pub tls: Option<RegistryTls>,
+}
+
+/// `http.tls`: the registry's certificate, and the CAs whose client certificates it requires.
+#[derive(Clone, Debug)]
+pub struct RegistryTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// With it, a client without a certificate signed by this CA is refused in the handshake.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// A running `docker-registry`; killed on drop.
 pub struct Distribution {
     addr: SocketAddr,
+    tls: bool,
     supervisor: Child,
     stdin: Option<ChildStdin>,
     pid_file: PathBuf,
@@ -36,6 +56,16 @@ exit 0
 impl Distribution {
     /// Starts a registry that trusts `issuer`, and waits until `/v2/` answers.
     pub async fn start(issuer: &TokenIssuer) -> Distribution {
+        Distribution::start_with(RegistryOptions {
+            auth: Some(issuer),
+            tls: None,
+        })
+        .await
+    }
+
+    /// Starts a registry as `options` say, and waits until it answers (over TLS: accepts
+    /// connections).
+    pub async fn start_with(options: RegistryOptions<'_>) -> Distribution {
         let bin = super::tools::find_in_path("docker-registry").expect("docker-registry in PATH");
         let mut last_log = String::new();
         for _attempt in 0..3 {
@@ -43,7 +73,7 @@ impl Distribution {
             let port = free_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let config = dir.path().join("config.yml");
-            std::fs::write(&config, config_yml(&dir, addr, issuer)).expect("write config.yml");
+            std::fs::write(&config, config_yml(&dir, addr, &options)).expect("write config.yml");
             let log_file = dir.path().join("registry.log");
             let pid_file = dir.path().join("registry.pid");
             let mut supervisor = Command::new("sh")
@@ -65,6 +95,7 @@ impl Distribution {
             let stdin = supervisor.stdin.take();
             let mut reg = Distribution {
                 addr,
+                tls: options.tls.is_some(),
                 supervisor,
                 stdin,
                 pid_file,
@@ -87,7 +118,13 @@ impl Distribution {
         let start = Instant::now();
         let url = format!("{}/v2/", self.url());
         while start.elapsed() < limit {
-            if let Ok(resp) = super::http::request(hyper::Method::GET, &url, &[]).await {
+            if self.tls {
+                // The plain test client cannot speak TLS: a registry that accepts is up, since
+                // it listens only once configured.
+                if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                    return true;
+                }
+            } else if let Ok(resp) = super::http::request(hyper::Method::GET, &url, &[]).await {
                 // With token auth an anonymous ping is challenged.
                 if resp.status == 401 || resp.status == 200 {
                     return true;
@@ -125,9 +162,10 @@ impl Distribution {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` when it serves TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The registry's combined stdout/stderr so far.
@@ -177,9 +215,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn config_yml(dir: &tempfile::TempDir, addr: SocketAddr, issuer: &TokenIssuer) -> String {
-    let cfg = issuer.config();
-    format!(
+fn config_yml(dir: &tempfile::TempDir, addr: SocketAddr, options: &RegistryOptions<'_>) -> String {
+    let mut yml = format!(
         r#"version: 0.1
 log:
   level: info
@@ -196,17 +233,35 @@ storage:
 http:
   addr: {addr}
   secret: cachalot-e2e-http-secret
-auth:
+"#,
+        data = dir.path().join("data").display(),
+    );
+    if let Some(tls) = &options.tls {
+        let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+        yml.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            quoted(&tls.cert),
+            quoted(&tls.key)
+        ));
+        if let Some(ca) = &tls.client_ca {
+            yml.push_str(&format!("    clientcas:\n      - {}\n", quoted(ca)));
+        }
+    }
+    if let Some(issuer) = options.auth {
+        let cfg = issuer.config();
+        yml.push_str(&format!(
+            r#"auth:
   token:
     realm: {realm}
     service: {service}
     issuer: {iss}
     rootcertbundle: {bundle}
 "#,
-        data = dir.path().join("data").display(),
-        realm = issuer.realm(),
-        service = cfg.service,
-        iss = cfg.issuer,
-        bundle = issuer.root_cert_bundle().display(),
-    )
+            realm = issuer.realm(),
+            service = cfg.service,
+            iss = cfg.issuer,
+            bundle = issuer.root_cert_bundle().display(),
+        ));
+    }
+    yml
 }
