@@ -53,8 +53,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => match check_credentials(&c) {
-                Ok(()) => {
+            Ok(c) => match check_credentials(&c).and_then(|()| check_auth(&c)) {
+                Ok(warnings) => {
+                    for w in warnings {
+                        eprintln!("cachalot: warning: {w}");
+                    }
                     print!("{}", c.to_toml());
                     ExitCode::SUCCESS
                 }
@@ -91,6 +94,18 @@ fn main() -> ExitCode {
             rt.block_on(serve(config))
         }
     }
+}
+
+/// Loads the htpasswd file as `serve` would (an error names it) and returns the warnings about
+/// `[auth]` and `[[access]]`: rules naming unknown users, Basic credentials over plain HTTP.
+fn check_auth(c: &Config) -> Result<Vec<String>, cachalot::config::ConfigError> {
+    let htpasswd = match c.auth.as_ref().and_then(|a| a.htpasswd.as_ref()) {
+        Some(p) => {
+            Some(cachalot::auth::load_htpasswd(p).map_err(cachalot::config::ConfigError::Invalid)?)
+        }
+        None => None,
+    };
+    Ok(c.auth_warnings(htpasswd.as_ref()))
 }
 
 /// Reads every configured password now, so a missing variable or file fails at start with its

@@ -196,6 +196,8 @@ pub struct Metrics {
     pub ratelimit_remaining: IntGaugeVec,
     pub followers_waiting: IntGauge,
     pub cache_max_size: IntGauge,
+    /// Requests refused by `[auth]`/`[[access]]`, by reason (missing, invalid, denied).
+    pub auth_failures: IntCounterVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
@@ -373,6 +375,11 @@ impl Metrics {
                 "Bytes evicted from the cache, by reason (size, unused).",
                 &["reason"],
             ),
+            auth_failures: d.counter(
+                "cachalot_auth_failures_total",
+                "Requests refused by client authentication or access rules, by reason (missing, invalid, denied).",
+                &["reason"],
+            ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
             lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
@@ -398,6 +405,9 @@ impl Metrics {
         for r in ["size", "unused"] {
             self.evictions.with_label_values(&[r]);
             self.evicted_bytes.with_label_values(&[r]);
+        }
+        for r in ["missing", "invalid", "denied"] {
+            self.auth_failures.with_label_values(&[r]);
         }
         for s in [Source::Cache, Source::Fill] {
             self.blob_first_byte.with_label_values(&[s.as_str()]);
