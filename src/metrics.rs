@@ -198,6 +198,8 @@ pub struct Metrics {
     pub cache_max_size: IntGauge,
     /// Requests refused by `[auth]`/`[[access]]`, by reason (missing, invalid, denied).
     pub auth_failures: IntCounterVec,
+    /// Loads of a changed htpasswd file, by result (ok, error: the users before are kept).
+    pub auth_reloads: IntCounterVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
@@ -380,6 +382,11 @@ impl Metrics {
                 "Requests refused by client authentication or access rules, by reason (missing, invalid, denied).",
                 &["reason"],
             ),
+            auth_reloads: d.counter(
+                "cachalot_auth_reloads_total",
+                "Loads of a changed htpasswd file, by result (ok; error: the users loaded before are kept).",
+                &["result"],
+            ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
             lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
@@ -408,6 +415,9 @@ impl Metrics {
         }
         for r in ["missing", "invalid", "denied"] {
             self.auth_failures.with_label_values(&[r]);
+        }
+        for r in ["ok", "error"] {
+            self.auth_reloads.with_label_values(&[r]);
         }
         for s in [Source::Cache, Source::Fill] {
             self.blob_first_byte.with_label_values(&[s.as_str()]);

@@ -95,6 +95,8 @@ pub struct Auth {
     waiting_checks: AtomicUsize,
     rules: Rules,
     failures: [IntCounter; 3],
+    /// `auth_reloads_total{result="ok"}` and `{result="error"}`.
+    reloads: [IntCounter; 2],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +172,7 @@ impl Auth {
             waiting_checks: AtomicUsize::new(0),
             rules,
             failures: Failure::ALL.map(|f| metrics.auth_failures.with_label_values(&[f.as_str()])),
+            reloads: ["ok", "error"].map(|r| metrics.auth_reloads.with_label_values(&[r])),
         })))
     }
 
@@ -284,7 +287,8 @@ impl Auth {
             }
             *last = now;
         }
-        let htpasswd = load_htpasswd(path)?;
+        let htpasswd = load_htpasswd(path).inspect_err(|_| self.reloads[1].inc())?;
+        self.reloads[0].inc();
         let count = htpasswd.len();
         let mut users = self.users.write();
         let generation = users.generation + 1;
