@@ -299,7 +299,8 @@ impl Auth {
         self.generation.store(generation, Ordering::Release);
         drop(users);
         self.verified.invalidate_all();
-        info!(users = count, file = %path.display(), "htpasswd reloaded");
+        let trigger = if force { "SIGHUP" } else { "file changed" };
+        info!(users = count, file = %path.display(), trigger, "htpasswd reloaded");
         Ok(true)
     }
 
@@ -310,15 +311,16 @@ impl Auth {
             return;
         }
         let this = self.clone();
+        // Installed before the first request can be served: from then on, SIGHUP reloads
+        // instead of ending the process.
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; the htpasswd file is still watched");
+                None
+            }
+        };
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut hup = match signal(SignalKind::hangup()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    warn!(error = %e, "cannot listen for SIGHUP; the htpasswd file is still watched");
-                    None
-                }
-            };
             let mut tick = tokio::time::interval(RELOAD_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
