@@ -21,10 +21,11 @@ use base64::Engine;
 use http::{HeaderMap, HeaderValue, header};
 use parking_lot::{Mutex, RwLock};
 use prometheus::IntCounter;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
 
@@ -81,6 +82,59 @@ struct Verdict {
     generation: u64,
 }
 
+/// Remembered verdicts, by SHA-256 of the `Authorization` value. Sharded maps under read-write
+/// locks rather than moka: this lookup is on every authenticated request, and a read lock and
+/// a hash lookup cost a fraction of moka's bookkeeping (`benches/auth_ab.sh`). Bounded by
+/// clearing a shard that is full of live entries; entries expire after `VERIFIED_TTL`.
+struct Verified {
+    shards: [RwLock<Shard>; VERIFIED_SHARDS],
+}
+
+/// Verdicts and when they were made.
+type Shard = HashMap<[u8; 32], (Verdict, Instant)>;
+
+const VERIFIED_SHARDS: usize = 16;
+
+impl Default for Verified {
+    fn default() -> Self {
+        Verified {
+            shards: std::array::from_fn(|_| RwLock::new(HashMap::new())),
+        }
+    }
+}
+
+impl Verified {
+    fn shard(&self, key: &[u8; 32]) -> &RwLock<Shard> {
+        &self.shards[usize::from(key[0]) % VERIFIED_SHARDS]
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Verdict> {
+        let shard = self.shard(key).read();
+        let (v, at) = shard.get(key)?;
+        (at.elapsed() < VERIFIED_TTL).then(|| v.clone())
+    }
+
+    fn insert(&self, key: [u8; 32], v: Verdict) {
+        let mut shard = self.shard(&key).write();
+        let per_shard = VERIFIED_CAPACITY as usize / VERIFIED_SHARDS;
+        if shard.len() >= per_shard && !shard.contains_key(&key) {
+            shard.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
+            if shard.len() >= per_shard {
+                // Full of live entries (a flood of distinct credentials): start over rather than
+                // track recency on the hot path; real clients re-verify once.
+                shard.clear();
+            }
+        }
+        shard.insert(key, (v, Instant::now()));
+    }
+
+    fn clear(&self) {
+        for s in &self.shards {
+            s.write().clear();
+        }
+    }
+}
+
 /// The running `[auth]` and `[[access]]` state, shared by every request.
 pub struct Auth {
     challenge: HeaderValue,
@@ -90,7 +144,7 @@ pub struct Auth {
     generation: AtomicU64,
     /// The htpasswd file's (inode, length, mtime, ctime) at the last look.
     file_stamp: Mutex<Option<FileStamp>>,
-    verified: moka::future::Cache<[u8; 32], Verdict>,
+    verified: Verified,
     bcrypt_slots: Semaphore,
     waiting_checks: AtomicUsize,
     rules: Rules,
@@ -164,10 +218,7 @@ impl Auth {
             })),
             generation: AtomicU64::new(0),
             file_stamp: Mutex::new(file_stamp),
-            verified: moka::future::Cache::builder()
-                .max_capacity(VERIFIED_CAPACITY)
-                .time_to_live(VERIFIED_TTL)
-                .build(),
+            verified: Verified::default(),
             bcrypt_slots: Semaphore::new(slots),
             waiting_checks: AtomicUsize::new(0),
             rules,
@@ -196,7 +247,7 @@ impl Auth {
             .try_into()
             .expect("SHA-256 is 32 bytes");
         let generation = self.generation.load(Ordering::Acquire);
-        let verdict = match self.verified.get(&key).await {
+        let verdict = match self.verified.get(&key) {
             Some(v) if v.generation == generation => v,
             _ => Box::pin(self.check(key, value)).await?,
         };
@@ -242,7 +293,7 @@ impl Auth {
         // Remembered only if the file did not change meanwhile; either way this answer stands
         // for this request, which arrived before the change.
         if users.generation == self.generation.load(Ordering::Acquire) {
-            self.verified.insert(key, verdict.clone()).await;
+            self.verified.insert(key, verdict.clone());
         }
         Ok(verdict)
     }
@@ -298,7 +349,7 @@ impl Auth {
         });
         self.generation.store(generation, Ordering::Release);
         drop(users);
-        self.verified.invalidate_all();
+        self.verified.clear();
         let trigger = if force { "SIGHUP" } else { "file changed" };
         info!(users = count, file = %path.display(), trigger, "htpasswd reloaded");
         Ok(true)
@@ -363,6 +414,27 @@ pub fn fuzz_htpasswd(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_verdicts_stay_bounded_and_can_be_cleared() {
+        let v = Verified::default();
+        let verdict = |g| Verdict {
+            user: Some(Arc::from("alice")),
+            generation: g,
+        };
+        for i in 0..(VERIFIED_CAPACITY as u32 * 3) {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            v.insert(key, verdict(1));
+        }
+        let total: usize = v.shards.iter().map(|s| s.read().len()).sum();
+        assert!(total <= VERIFIED_CAPACITY as usize, "{total}");
+        let key = [7u8; 32];
+        v.insert(key, verdict(2));
+        assert_eq!(v.get(&key).map(|v| v.generation), Some(2));
+        v.clear();
+        assert!(v.get(&key).is_none());
+    }
 
     #[test]
     fn basic_values_decode() {
