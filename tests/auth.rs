@@ -317,3 +317,19 @@ async fn health_stays_open_and_metrics_follow_auth_except_on_the_metrics_listene
     let r = client.get(&format!("http://{admin}/metrics")).await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn an_upstream_401_is_passed_on_without_inviting_a_login() {
+    let env = AuthEnv::simple(&[ALICE], "").await;
+    env.fake.set_private("org/private", 401);
+    env.fake.push_image("org/private", Some("v1"), &[10]);
+    let r = env.get("/v2/org/private/manifests/v1", Some(ALICE)).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(
+        r.error_message().unwrap_or_default().contains("upstream"),
+        "{}",
+        r.text()
+    );
+    // Logging in again would not help: cachalot's own upstream credentials are at fault.
+    assert_eq!(r.header("www-authenticate"), None);
+}

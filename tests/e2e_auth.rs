@@ -94,7 +94,11 @@ async fn skopeo_with_and_without_credentials_through_auth_and_rules() {
     .await;
     assert!(!r.success, "bob pulled the private repository");
     let err = r.stderr.to_lowercase();
-    assert!(err.contains("denied") || err.contains("403"), "{}", r.stderr);
+    assert!(
+        err.contains("denied") || err.contains("403"),
+        "{}",
+        r.stderr
+    );
 
     // alice: the private repository, through cachalot's upstream credentials.
     let via = skopeo::pull(

@@ -54,6 +54,7 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
         .catch_unwind()
         .instrument(span.clone())
         .await;
+    let own_refusal = matches!(&outcome, Ok(Err(e)) if matches!(e.cause(), Error::Client(_)));
     let mut resp = match outcome {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
@@ -73,7 +74,10 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
             ))
         }
     };
+    // Only cachalot's own refusals invite credentials: an upstream's 401 (its credentials in
+    // cachalot's config are wrong) is not something the client can fix by logging in.
     if resp.status() == StatusCode::UNAUTHORIZED
+        && own_refusal
         && let Some(auth) = &state.auth
     {
         resp.headers_mut()
