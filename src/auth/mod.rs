@@ -333,7 +333,8 @@ impl Auth {
         let now = stamp(path).ok();
         {
             let mut last = self.file_stamp.lock();
-            if !force && now.is_some() && *last == now {
+            // A file that vanished is reported once, not every poll, until it comes back.
+            if !force && *last == now {
                 return Ok(false);
             }
             *last = now;
