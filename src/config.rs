@@ -25,6 +25,51 @@ pub struct Config {
     /// Image lists the running server keeps warm (see `airgap::refresh`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch: Vec<PrefetchConfig>,
+    /// Client authentication; absent: anyone who can connect may pull.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+    /// Who may pull what; the first rule matching the user and the repository decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<AccessRule>,
+}
+
+/// `[auth]`: client authentication, Basic, as distribution's htpasswd mode.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// htpasswd file of bcrypt entries (`htpasswd -B`); re-read when it changes or on SIGHUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub htpasswd: Option<PathBuf>,
+    /// Whether callers without credentials may pull (as the user `anonymous`). Default: false
+    /// when `htpasswd` is set, true otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<bool>,
+    /// The realm of the `WWW-Authenticate: Basic` challenge.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+}
+
+impl AuthConfig {
+    /// The effective `anonymous`.
+    pub fn anonymous(&self) -> bool {
+        self.anonymous.unwrap_or(self.htpasswd.is_none())
+    }
+}
+
+fn default_realm() -> String {
+    "cachalot".to_owned()
+}
+
+/// One `[[access]]` rule.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// htpasswd names (`*` matches any run of characters), `anonymous`, or `*` (everyone).
+    pub users: Vec<String>,
+    /// `<upstream name>/<repository>` patterns: `*` within one path component, `**` across.
+    pub repositories: Vec<String>,
+    /// true allows, false denies.
+    pub allow: bool,
 }
 
 /// `[log]`: how cachalot logs. `RUST_LOG`, when set, overrides `level`.
@@ -324,6 +369,8 @@ impl Config {
             pin: Vec::new(),
             log: LogConfig::default(),
             prefetch: Vec::new(),
+            auth: None,
+            access: Vec::new(),
         }
     }
 
@@ -377,7 +424,76 @@ impl Config {
         for (i, p) in self.prefetch.iter().enumerate() {
             self.validate_prefetch(i, p)?;
         }
+        self.validate_auth()?;
         Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        if let Some(a) = &self.auth {
+            if a.htpasswd.is_none() && !a.anonymous() {
+                return bad(
+                    "auth.anonymous: false without auth.htpasswd would let nobody pull".into(),
+                );
+            }
+            if a.htpasswd
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().is_empty())
+            {
+                return bad("auth.htpasswd: must not be empty".into());
+            }
+            if a.realm.is_empty()
+                || a.realm
+                    .chars()
+                    .any(|c| c == '"' || c == '\\' || !(c == ' ' || c.is_ascii_graphic()))
+            {
+                return bad(format!(
+                    "auth.realm: {:?} must be printable ASCII without quotes or backslashes",
+                    a.realm
+                ));
+            }
+        } else if !self.access.is_empty() {
+            return bad(
+                "access: [[access]] rules need an [auth] section (who is pulling must be known)"
+                    .into(),
+            );
+        }
+        crate::auth::Rules::compile(&self.access).map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+
+    /// Warnings about the `[auth]` and `[[access]]` settings that are allowed but likely
+    /// mistakes: rules naming users the htpasswd file lacks, Basic credentials over plain HTTP.
+    /// `htpasswd` is the parsed file, when there is one.
+    pub fn auth_warnings(&self, htpasswd: Option<&crate::auth::Htpasswd>) -> Vec<String> {
+        let Some(a) = &self.auth else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if a.htpasswd.is_some() && self.server.tls_cert.is_none() {
+            out.push(
+                "auth: server.tls_cert is not set, so Basic credentials travel in clear text; \
+                 serve HTTPS or keep the mirror on a trusted network"
+                    .to_owned(),
+            );
+        }
+        out.extend(crate::auth::unknown_users(&self.access, |u| {
+            htpasswd.is_some_and(|h| h.contains(u))
+        }));
+        for (i, r) in self.access.iter().enumerate() {
+            for (j, p) in r.repositories.iter().enumerate() {
+                let up = crate::auth::RepoPattern::parse(p)
+                    .ok()
+                    .and_then(|p| p.literal_upstream().map(str::to_owned));
+                if let Some(up) = up
+                    && !self.upstream.iter().any(|u| u.name == up)
+                {
+                    out.push(format!(
+                        "access[{i}].repositories[{j}]: {p:?} names upstream {up:?}, which no [[upstream]] has"
+                    ));
+                }
+            }
+        }
+        out
     }
 
     fn validate_server_and_cache(&self) -> Result<(), ConfigError> {
@@ -795,6 +911,61 @@ mod tests {
         assert!(msg.contains("max_sise"), "{msg}");
         assert!(msg.contains(":3"), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn auth_and_access_are_validated() {
+        let ok = "[auth]\nhtpasswd = \"/etc/h\"\n[[access]]\nusers = [\"a\"]\nrepositories = [\"docker.io/library/*\"]\nallow = true\n";
+        let c = Config::from_toml_str(ok).unwrap();
+        assert!(
+            !c.auth.as_ref().unwrap().anonymous(),
+            "off by default with htpasswd"
+        );
+        assert_eq!(c.auth.as_ref().unwrap().realm, "cachalot");
+        let again = Config::from_toml_str(&c.to_toml()).unwrap();
+        assert_eq!(again.access.len(), 1);
+        let e = Config::from_toml_str(
+            "[[access]]\nusers = [\"a\"]\nrepositories = [\"x/y\"]\nallow = true\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[auth]"), "{e}");
+        let e =
+            Config::from_toml_str(&ok.replace("docker.io/library/*", "docker.io//x")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("access[0].repositories[0]: \"docker.io//x\""),
+            "{e}"
+        );
+        let e = Config::from_toml_str(&ok.replace("[\"a\"]", "[]")).unwrap_err();
+        assert!(e.to_string().contains("access[0].users"), "{e}");
+        let e = Config::from_toml_str("[auth]\nanonymous = false\n").unwrap_err();
+        assert!(e.to_string().contains("auth.anonymous"), "{e}");
+        let e =
+            Config::from_toml_str("[auth]\nhtpasswd = \"/h\"\nrealm = \"a\\\"b\"\n").unwrap_err();
+        assert!(e.to_string().contains("auth.realm"), "{e}");
+        let e = Config::from_toml_str("[auth]\nhtpasswd = \"/h\"\npassword = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("password"), "{e}");
+        // Without htpasswd, anonymous callers are the only ones, and may pull.
+        let c = Config::from_toml_str("[auth]\n").unwrap();
+        assert!(c.auth.unwrap().anonymous());
+    }
+
+    #[test]
+    fn auth_warnings_name_users_and_upstreams() {
+        let c = Config::from_toml_str(
+            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[auth]\nhtpasswd = \"/h\"\n[[access]]\nusers = [\"alice\", \"bob\", \"ci-*\"]\nrepositories = [\"docker.io/**\", \"dockr.io/x\"]\nallow = true\n",
+        )
+        .unwrap();
+        let h = crate::auth::htpasswd::parse(&format!(
+            "alice:{}\n",
+            "$2y$05$OfxqV8uSmCCoR8eQqSLpWujMx8dpYFNT4R/x6bsmgx55oK/JfqnPa"
+        ))
+        .unwrap();
+        let w = c.auth_warnings(Some(&h));
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("clear text"), "{w:?}");
+        assert!(w[1].contains("access[0].users[1]: \"bob\""), "{w:?}");
+        assert!(w[2].contains("access[0].repositories[1]"), "{w:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 #![warn(unreachable_pub)]
 
 pub mod airgap;
+pub mod auth;
 pub mod config;
 pub mod error;
 #[doc(hidden)]

@@ -53,9 +53,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => match check_credentials(&c) {
-                Ok(()) => {
-                    for w in c.tls_warnings() {
+            Ok(c) => match check_credentials(&c).and_then(|()| check_auth(&c)) {
+                Ok(warnings) => {
+                    for w in c.tls_warnings().into_iter().chain(warnings) {
                         eprintln!("cachalot: warning: {w}");
                     }
                     print!("{}", c.to_toml());
@@ -94,6 +94,18 @@ fn main() -> ExitCode {
             rt.block_on(serve(config))
         }
     }
+}
+
+/// Loads the htpasswd file as `serve` would (an error names it) and returns the warnings about
+/// `[auth]` and `[[access]]`: rules naming unknown users, Basic credentials over plain HTTP.
+fn check_auth(c: &Config) -> Result<Vec<String>, cachalot::config::ConfigError> {
+    let htpasswd = match c.auth.as_ref().and_then(|a| a.htpasswd.as_ref()) {
+        Some(p) => {
+            Some(cachalot::auth::load_htpasswd(p).map_err(cachalot::config::ConfigError::Invalid)?)
+        }
+        None => None,
+    };
+    Ok(c.auth_warnings(htpasswd.as_ref()))
 }
 
 /// Reads every configured password and TLS file now, so a missing variable or file fails at

@@ -198,6 +198,10 @@ pub struct Metrics {
     pub ratelimit_remaining: IntGaugeVec,
     pub followers_waiting: IntGauge,
     pub cache_max_size: IntGauge,
+    /// Requests refused by `[auth]`/`[[access]]`, by reason (missing, invalid, denied).
+    pub auth_failures: IntCounterVec,
+    /// Loads of a changed htpasswd file, by result (ok, error: the users before are kept).
+    pub auth_reloads: IntCounterVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
@@ -380,6 +384,16 @@ impl Metrics {
                 "Bytes evicted from the cache, by reason (size, unused).",
                 &["reason"],
             ),
+            auth_failures: d.counter(
+                "cachalot_auth_failures_total",
+                "Requests refused by client authentication or access rules, by reason (missing, invalid, denied).",
+                &["reason"],
+            ),
+            auth_reloads: d.counter(
+                "cachalot_auth_reloads_total",
+                "Loads of a changed htpasswd file, by result (ok; error: the users loaded before are kept).",
+                &["result"],
+            ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
             lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
@@ -405,6 +419,12 @@ impl Metrics {
         for r in ["size", "unused"] {
             self.evictions.with_label_values(&[r]);
             self.evicted_bytes.with_label_values(&[r]);
+        }
+        for r in ["missing", "invalid", "denied"] {
+            self.auth_failures.with_label_values(&[r]);
+        }
+        for r in ["ok", "error"] {
+            self.auth_reloads.with_label_values(&[r]);
         }
         for s in [Source::Cache, Source::Fill] {
             self.blob_first_byte.with_label_values(&[s.as_str()]);

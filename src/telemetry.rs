@@ -15,6 +15,10 @@ pub const REQUEST_SPAN: &str = "request";
 pub const UPSTREAM_FIELD: &str = "upstream";
 /// Repository as the upstream names it.
 pub const REPO_FIELD: &str = "repo";
+/// Who pulled: the authenticated user, or `anonymous` (the audit trail).
+pub const USER_FIELD: &str = "user";
+/// The digest served: a blob's, a manifest's (a tag's resolved), a referrers subject's.
+pub const DIGEST_FIELD: &str = "digest";
 /// Cache lookup result (`hit`, `miss`, `coalesced`, `stale`, `revalidated`).
 pub const CACHE_FIELD: &str = "cache";
 
@@ -68,6 +72,8 @@ pub fn request_span(method: &http::Method, route: &'static str) -> Span {
         upstream = tracing::field::Empty,
         repo = tracing::field::Empty,
         cache = tracing::field::Empty,
+        user = tracing::field::Empty,
+        digest = tracing::field::Empty,
     )
 }
 
@@ -76,6 +82,16 @@ pub fn record_target(upstream: &str, repo: &str) {
     let span = Span::current();
     span.record(UPSTREAM_FIELD, upstream);
     span.record(REPO_FIELD, repo);
+}
+
+/// Records who is pulling on the current request span. Never the credentials.
+pub fn record_user(user: &str) {
+    Span::current().record(USER_FIELD, user);
+}
+
+/// Records the digest served on the current request span.
+pub fn record_digest(digest: &dyn std::fmt::Display) {
+    Span::current().record(DIGEST_FIELD, tracing::field::display(digest));
 }
 
 /// Records the cache lookup result on the current request span.

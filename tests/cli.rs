@@ -84,3 +84,213 @@ fn serve_refuses_a_bad_config_without_starting() {
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr).unwrap().contains("listen"));
 }
+
+// === [auth] and [[access]] ===
+
+fn htpasswd_line(user: &str, password: &str) -> String {
+    format!("{user}:{}\n", bcrypt::hash(password, 4).unwrap())
+}
+
+fn check_config(dir: &tempfile::TempDir, text: &str) -> std::process::Output {
+    let p = write(dir, text);
+    cachalot()
+        .args(["check-config", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_refuses_bad_auth_and_access_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("htpasswd");
+    std::fs::write(&good, htpasswd_line("alice", "pw")).unwrap();
+    let md5 = dir.path().join("htpasswd.md5");
+    std::fs::write(
+        &md5,
+        format!(
+            "{}carol:$apr1$Zx7Yq0aB$kWm1s9d8TQ2tWqJ3dS6mV/\n",
+            htpasswd_line("alice", "pw")
+        ),
+    )
+    .unwrap();
+    let auth = |p: &std::path::Path| format!("[auth]\nhtpasswd = {:?}\n", p.to_str().unwrap());
+    let rule = |users: &str, repos: &str| {
+        format!("[[access]]\nusers = {users}\nrepositories = {repos}\nallow = true\n")
+    };
+    for (text, needles) in [
+        (
+            rule("[\"alice\"]", "[\"docker.io/library/*\"]"),
+            vec!["access", "[auth]"],
+        ),
+        (
+            auth(&good) + &rule("[\"alice\"]", "[\"docker.io/x\", \"docker.io/***\"]"),
+            vec!["access[0].repositories[1]", "docker.io/***"],
+        ),
+        (
+            auth(&good) + &rule("[]", "[\"docker.io/x\"]"),
+            vec!["access[0].users"],
+        ),
+        (
+            auth(&good) + &rule("[\"alice\"]", "[\"docker.io//x\"]"),
+            vec!["access[0].repositories[0]", "empty path component"],
+        ),
+        (
+            auth(&md5),
+            vec!["auth.htpasswd", "htpasswd.md5", "line 2", "bcrypt"],
+        ),
+        (
+            auth(&dir.path().join("missing")),
+            vec!["auth.htpasswd", "missing"],
+        ),
+        (
+            "[auth]\nhtpasswd = \"/h\"\nanonymus = true\n".to_string(),
+            vec!["anonymus"],
+        ),
+    ] {
+        let out = check_config(&dir, &text);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "{text} was accepted");
+        for n in needles {
+            assert!(err.contains(n), "{err:?} should name {n}");
+        }
+        assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+        assert!(!err.contains("Zx7Yq0aB"), "a hash in {err:?}");
+    }
+}
+
+#[test]
+fn check_config_warns_of_unknown_users_and_clear_text_and_prints_no_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("htpasswd");
+    let line = htpasswd_line("alice", "pw");
+    std::fs::write(&h, &line).unwrap();
+    let text = format!(
+        "[[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\ndefault = true\n\n\
+         [auth]\nhtpasswd = {:?}\n\n[[access]]\nusers = [\"alice\", \"bbo\", \"ci-*\", \"anonymous\"]\n\
+         repositories = [\"docker.io/library/*\"]\nallow = true\n",
+        h.to_str().unwrap()
+    );
+    let out = check_config(&dir, &text);
+    let err = String::from_utf8(out.stderr).unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().collect();
+    assert_eq!(warnings.len(), 2, "{err}");
+    assert!(warnings[0].contains("clear text"), "{err}");
+    assert!(
+        warnings[1].contains("warning: access[0].users[1]: \"bbo\""),
+        "{err}"
+    );
+    assert!(
+        stdout.contains("[auth]") && stdout.contains("htpasswd = "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[[access]]"), "{stdout}");
+    let hash = line.trim_end().split_once(':').unwrap().1;
+    assert!(!stdout.contains(hash) && !err.contains(hash));
+}
+
+/// `GET path` over a fresh connection with optional Basic credentials; the status code.
+fn status_of(addr: std::net::SocketAddr, path: &str, creds: Option<(&str, &str)>) -> u16 {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let auth = creds
+        .map(|(u, p)| {
+            let b = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            format!("Authorization: Basic {b}\r\n")
+        })
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {out:?}"))
+}
+
+/// Kills the child on drop, so that a failing assertion leaves no server behind.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn sighup_rereads_the_htpasswd_file_and_the_server_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("htpasswd");
+    std::fs::write(&h, htpasswd_line("alice", "pw-a")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let cfg = write(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"{addr}\"\n[cache]\ndir = {:?}\n\
+             [[upstream]]\nname = \"r.local\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n\
+             [auth]\nhtpasswd = {:?}\n",
+            dir.path().join("cache").to_str().unwrap(),
+            h.to_str().unwrap()
+        ),
+    );
+    let log = dir.path().join("serve.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Child(
+        cachalot()
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "safety timeout: {what}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait("serve did not start", &|| {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    assert_eq!(status_of(addr, "/v2/", Some(("alice", "pw-a"))), 200);
+    assert_eq!(status_of(addr, "/v2/", Some(("bob", "pw-b"))), 401);
+
+    std::fs::write(&h, htpasswd_line("bob", "pw-b")).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait("no reload on SIGHUP", &|| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("trigger=\"SIGHUP\"")
+    });
+    // SIGHUP's default action is to end the process; this one is still serving.
+    assert_eq!(status_of(addr, "/v2/", Some(("bob", "pw-b"))), 200);
+    assert_eq!(status_of(addr, "/v2/", Some(("alice", "pw-a"))), 401);
+    assert_eq!(status_of(addr, "/healthz", None), 200);
+}

@@ -49,6 +49,12 @@ fn the_full_example_sets_every_documented_key() {
         "max_unused",
         "pinned",
         "image",
+        "htpasswd",
+        "anonymous",
+        "realm",
+        "users",
+        "repositories",
+        "allow",
     ] {
         assert!(
             text.contains(&format!("{key} =")),
@@ -74,4 +80,29 @@ fn the_full_example_sets_every_documented_key() {
         pins.contains(&"registry.k8s.io/pause:3.10".to_owned()),
         "{pins:?}"
     );
+}
+
+/// The commented-out `[auth]` and `[[access]]` of the full example, uncommented, are valid as
+/// written (the example's rules name no user, so no htpasswd file is read here).
+#[test]
+fn the_auth_example_is_valid_when_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cachalot.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let start = text.find("# [auth]").expect("an [auth] example");
+    let end = start + text[start..].find("\n\n# An image").expect("its end");
+    let uncommented: String = text[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(uncommented.contains("[[access]]"), "{uncommented}");
+    let full = format!("{}\n{uncommented}", &text[..start]);
+    let c = Config::from_toml_str(&full).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    let auth = c.auth.expect("[auth]");
+    assert!(auth.htpasswd.is_some() && !auth.anonymous());
+    assert_eq!(c.access.len(), 1);
+    assert_eq!(c.access[0].repositories[1], "ghcr.io/myorg/**");
 }

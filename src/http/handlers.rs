@@ -4,6 +4,7 @@
 use super::body::{self, Body};
 use super::route::{Route, route};
 use super::sendfile::FileQueue;
+use crate::auth::{Auth, Principal};
 use crate::error::Error;
 use crate::metrics::{Metrics, Source};
 use crate::mirror::{BlobSource, Mirror, Target};
@@ -21,6 +22,8 @@ use tracing::{Instrument, error};
 pub(crate) struct AppState {
     pub mirror: Arc<Mirror>,
     pub metrics: Arc<Metrics>,
+    /// `[auth]` and `[[access]]`; `None`: everyone may pull everything.
+    pub auth: Option<Arc<Auth>>,
 }
 
 const API_VERSION_HEADER: header::HeaderName =
@@ -51,6 +54,7 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
         .catch_unwind()
         .instrument(span.clone())
         .await;
+    let own_refusal = matches!(&outcome, Ok(Err(e)) if matches!(e.cause(), Error::Client(_)));
     let mut resp = match outcome {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
@@ -70,6 +74,15 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
             ))
         }
     };
+    // Only cachalot's own refusals invite credentials: an upstream's 401 (its credentials in
+    // cachalot's config are wrong) is not something the client can fix by logging in.
+    if resp.status() == StatusCode::UNAUTHORIZED
+        && own_refusal
+        && let Some(auth) = &state.auth
+    {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, auth.challenge().clone());
+    }
     resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
     state.metrics.request(label, resp.status(), started);
     super::log::finish_response(resp, span, started, state.metrics.clone())
@@ -82,10 +95,20 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
     let head = req.method() == Method::HEAD;
     let ns = query_param(req.uri().query(), "ns");
     let mirror = &state.mirror;
+    // Authentication comes first, before routing can tell a caller which upstreams exist;
+    // access rules are checked once a route names the upstream and repository.
+    let who = match &state.auth {
+        Some(auth) if !matches!(r, Route::Healthz | Route::Readyz) => {
+            Some(auth.authenticate(req.headers()).await?)
+        }
+        _ => None,
+    };
+    crate::telemetry::record_user(who.as_ref().map_or(crate::auth::ANONYMOUS, Principal::name));
     match r {
         Route::Base => Ok(json_ok(b"{}".to_vec(), head)),
         Route::Manifest { name, reference } => {
             let t = mirror.route(name, ns.as_deref())?;
+            authorize(state, who.as_ref(), &t)?;
             let accept = Accept::parse(
                 req.headers()
                     .get_all(header::ACCEPT)
@@ -96,15 +119,18 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         }
         Route::Blob { name, digest } => {
             let t = mirror.route(name, ns.as_deref())?;
+            authorize(state, who.as_ref(), &t)?;
             let digest = parse_digest(digest)?;
             Box::pin(blob(state, &t, &digest, req, head)).await
         }
         Route::Tags { name } => {
             let t = mirror.route(name, ns.as_deref())?;
+            authorize(state, who.as_ref(), &t)?;
             Box::pin(tags(state, &t, req.uri().query(), head)).await
         }
         Route::Referrers { name, digest } => {
             let t = mirror.route(name, ns.as_deref())?;
+            authorize(state, who.as_ref(), &t)?;
             let digest = parse_digest(digest)?;
             Box::pin(referrers(state, &t, &digest, req.uri().query(), head)).await
         }
@@ -138,6 +164,14 @@ pub(super) fn metrics(mirror: &Mirror) -> Response<Body> {
         )
         .body(body::full(mirror.metrics_text()))
         .expect("static response")
+}
+
+/// Whether the authenticated caller may pull from `t`'s repository (always, without `[auth]`).
+fn authorize(state: &AppState, who: Option<&Principal>, t: &Target) -> Result<(), Error> {
+    match (&state.auth, who) {
+        (Some(auth), Some(who)) => auth.authorize(who, t.upstream.name(), t.repo.as_str()),
+        _ => Ok(()),
+    }
 }
 
 fn parse_digest(s: &str) -> Result<Digest, Error> {
@@ -175,6 +209,9 @@ async fn manifest<B>(
         mirror.manifest_by_tag(t, &tag, accept).await?
     };
     let h = &m.headers;
+    if let Ok(d) = h.digest.to_str() {
+        crate::telemetry::record_digest(&d);
+    }
     let content_type = h
         .content_type
         .clone()
@@ -213,6 +250,7 @@ async fn blob<B>(
     req: &Request<B>,
     head: bool,
 ) -> Reply {
+    crate::telemetry::record_digest(digest);
     let builder = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", digest.to_string())
@@ -412,6 +450,7 @@ async fn referrers(
     head: bool,
 ) -> Reply {
     let mirror = &state.mirror;
+    crate::telemetry::record_digest(digest);
     let mut path = format!("/v2/{}/referrers/{}", t.repo, digest);
     if let Some(at) = query_param(query, "artifactType") {
         path.push('?');

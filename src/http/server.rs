@@ -102,11 +102,16 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         .map_err(|e| Error::Internal(format!("server.listen {}: {e}", config.server.listen)))?;
     let addr = listener.local_addr()?;
     info!(%addr, tls = tls.is_some(), upstreams = ?names, "cachalot listening");
+    let auth = crate::auth::Auth::from_config(&config, &metrics)?;
     let state = Arc::new(AppState {
         mirror: mirror.clone(),
         metrics,
+        auth: auth.clone(),
     });
     let (stop, stopped) = watch::channel(false);
+    if let Some(auth) = &auth {
+        auth.spawn_reload(stopped.clone());
+    }
     let housekeeping = tokio::spawn(mirror.clone().housekeeping(stopped.clone()));
     if let Some(pair) = &tls_pair {
         pair.spawn_reload(stopped.clone());

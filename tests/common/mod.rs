@@ -2,6 +2,7 @@
 //! client, and a way to run cachalot in-process against the fake.
 #![allow(dead_code, unused_imports)]
 
+pub mod auth_env;
 pub mod client;
 pub mod fake_registry;
 pub mod proxy;

@@ -114,6 +114,11 @@ impl Proxy {
         self.addr
     }
 
+    /// Where `server.metrics_listen` is bound, when configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.server.as_ref().and_then(|s| s.metrics_addr())
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
