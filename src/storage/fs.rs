@@ -105,6 +105,17 @@ impl FsStore {
         // Take the metadata lock first: a second process opening a cache in use must fail
         // before it sweeps the temp files of the running server's fills.
         let meta = Arc::new(Meta::open(&root.join("meta.redb"))?);
+        if meta.links_missing() {
+            // A cache from before links: without them every cached blob would be a miss.
+            let n = meta.rebuild_links(|d| {
+                let bytes = std::fs::read(FsStore::blob_path_in(root, d)).ok()?;
+                (bytes.len() <= crate::oci::manifest::MAX_MANIFEST_SIZE).then_some(bytes)
+            })?;
+            tracing::info!(
+                links = n,
+                "rebuilt repository links of a cache written before them"
+            );
+        }
         let tmp = root.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
