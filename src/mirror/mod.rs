@@ -21,6 +21,7 @@ use crate::error::{Error, UpstreamFault};
 use crate::metrics::{Kind, Lookup, Metrics};
 use crate::oci::manifest::{self, Accept, MAX_MANIFEST_SIZE, ManifestError};
 use crate::oci::{Digest, ErrorCode, RepoName};
+use crate::storage::meta::LinkSource;
 use crate::storage::{Access, Store, Usage};
 use crate::upstream::{Op, Upstream, UpstreamRequest};
 use bytes::Bytes;
@@ -413,7 +414,15 @@ impl Mirror {
                         std::time::SystemTime::now(),
                     )
                 });
-                st.meta().put_manifest(&m2.digest, &m2.media_type, tag)
+                // The upstream served it under this repository, so the repository holds what
+                // it names: its blobs become readable here, and nowhere else.
+                let refs = manifest_links(&st, &m2.bytes);
+                st.meta().put_manifest_linked(
+                    &m2.digest,
+                    &m2.media_type,
+                    tag,
+                    Some((&upname, &repo, &refs, LinkSource::Fetched)),
+                )
             })
             .await;
             match saved {
@@ -478,6 +487,37 @@ impl Mirror {
         }
         Ok(p)
     }
+}
+
+/// Most digests one manifest links (an index of indexes as deep as they are cached).
+const MAX_LINKED: usize = 10_000;
+
+/// What a manifest links to its repository: every digest it names, and what the cached
+/// manifests among those name in turn (an index fetched under a second repository after its
+/// platforms' manifests were cached under a first links their layers too). Blocking.
+fn manifest_links(store: &Store, bytes: &[u8]) -> Vec<Digest> {
+    let mut out = crate::oci::descriptor::referenced_digests(bytes);
+    let mut seen: std::collections::HashSet<Digest> = out.iter().cloned().collect();
+    let mut i = 0;
+    while i < out.len() && out.len() < MAX_LINKED {
+        let d = out[i].clone();
+        i += 1;
+        if !matches!(store.meta().manifest_type(&d), Ok(Some(_))) {
+            continue;
+        }
+        let Ok(Some(blob)) = store.blobs().open(&d, Access::Quiet) else {
+            continue;
+        };
+        let Ok(child) = blob.read_all(MAX_MANIFEST_SIZE) else {
+            continue;
+        };
+        for c in crate::oci::descriptor::referenced_digests(&child) {
+            if seen.insert(c.clone()) {
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
