@@ -172,6 +172,11 @@ impl Drop for Following {
     }
 }
 
+/// `<upstream>/<repo>`: who a fill fetches for, as objects record who committed them.
+fn owner(t: &Target) -> String {
+    format!("{}/{}", t.upstream.name(), t.repo)
+}
+
 /// Why no fill was started.
 enum NoFill {
     /// A fill committed and left the table since the first lookup: starting another would
@@ -195,14 +200,18 @@ impl Mirror {
     async fn open_blob(&self, t: &Target, digest: &Digest) -> Result<BlobSource, Error> {
         let blobs = self.store.blobs();
         let mut allowed = self.linked(t, digest)?;
-        if allowed {
-            if let Some(b) = blobs.open(digest, Access::Read)? {
-                self.lookup(Kind::Blob, Lookup::Hit);
-                return Ok(BlobSource::stored(b));
-            }
-        } else {
+        if allowed && let Some(b) = blobs.open(digest, Access::Read)? {
+            self.lookup(Kind::Blob, Lookup::Hit);
+            return Ok(BlobSource::stored(b));
+        }
+        let owner = owner(t);
+        if !allowed {
             let stored = blobs.stat(digest)?;
-            if stored.is_some() || self.fills.get(digest).is_some() {
+            let foreign_fill = self
+                .fills
+                .get(digest)
+                .is_some_and(|f| !f.fetches_for(&owner));
+            if stored.is_some() || foreign_fill {
                 self.confirm(t, digest, stored).await?;
                 allowed = true;
                 if let Some(b) = blobs.open(digest, Access::Read)? {
@@ -215,7 +224,7 @@ impl Mirror {
             self.lookup(Kind::Blob, Lookup::Miss);
             return Err(self.offline_error(t));
         }
-        let joined = self.fills.join_or_start(digest, || {
+        let joined = self.fills.join_or_start(digest, &owner, || {
             match blobs.open(digest, Access::Read) {
                 Ok(Some(b)) => return Err(NoFill::Committed(b)),
                 Ok(None) => {}
@@ -229,7 +238,7 @@ impl Mirror {
             Ok(Joined::Follow(fill)) => {
                 // A fill another repository started since the look above: not followed
                 // before the upstream says this repository holds the blob too.
-                if !allowed {
+                if !allowed && !fill.fetches_for(&owner) {
                     self.confirm(t, digest, None).await?;
                 }
                 self.lookup(Kind::Blob, Lookup::Coalesced);
@@ -251,7 +260,8 @@ impl Mirror {
                 fill
             }
             Err(NoFill::Committed(b)) => {
-                if !allowed {
+                // A fill under this repository links it as it commits.
+                if !allowed && !self.linked(t, digest)? {
                     self.confirm(t, digest, Some(b.len)).await?;
                 }
                 self.lookup(Kind::Blob, Lookup::Hit);
@@ -336,7 +346,16 @@ impl Mirror {
             }
         } else {
             let stored = self.store.blobs().stat(digest)?;
-            if stored.is_some() || self.fills.get(digest).is_some() {
+            let fill = self.fills.get(digest);
+            if stored.is_none()
+                && let Some(fill) = &fill
+                && fill.fetches_for(&owner(t))
+                && let Ok(Some(len)) = fill.progress().started().await
+            {
+                self.lookup(Kind::Blob, Lookup::Coalesced);
+                return Ok(len);
+            }
+            if stored.is_some() || fill.is_some() {
                 let len = self.confirm(t, digest, stored).await?;
                 let how = if stored.is_some() {
                     Lookup::Hit
