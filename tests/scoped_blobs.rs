@@ -330,3 +330,54 @@ async fn a_fill_for_one_repository_is_followed_only_by_repositories_holding_the_
     assert_eq!(env.fake.blob_heads("team/r3", &d), 1);
     assert_eq!(env.fake.blob_gets("team/r2", &d), 0);
 }
+
+#[tokio::test]
+async fn a_cached_manifest_by_digest_is_scoped_like_its_blobs() {
+    let mut env = Env::start().await;
+    let a = env.fake.push_image("team/a", Some("v1"), &[1_000]);
+    let m = &a.manifest;
+    // team/b holds the same manifest upstream; team/c does not.
+    env.fake.push_manifest("team/b", m);
+    env.fake.push_image("team/c", Some("v1"), &[10]);
+    pull(&env, "team/a", "v1", &a).await;
+    env.fake.reset_counts();
+
+    let r = env
+        .client
+        .get(&env.v2(&format!("team/c/manifests/{}", m.digest)))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("MANIFEST_UNKNOWN"));
+    assert!(!contains(&r.body, &m.bytes), "the manifest leaked");
+    assert_eq!(env.fake.manifest_heads("team/c", &m.digest), 1);
+
+    let url = env.v2(&format!("team/b/manifests/{}", m.digest));
+    for _ in 0..2 {
+        let r = env.client.get(&url).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, m.bytes);
+    }
+    assert_eq!(
+        env.fake.manifest_heads("team/b", &m.digest),
+        1,
+        "confirmed once"
+    );
+    assert_eq!(
+        env.fake.manifest_gets("team/b", &m.digest),
+        0,
+        "from the cache"
+    );
+
+    env.restart_proxy(Some(CacheSpec {
+        offline: true,
+        ..CacheSpec::default()
+    }))
+    .await;
+    for (repo, status) in [("team/a", 200), ("team/b", 200), ("team/c", 404)] {
+        let r = env
+            .client
+            .get(&env.v2(&format!("{repo}/manifests/{}", m.digest)))
+            .await;
+        assert_eq!(r.status, status, "offline {repo}: {}", r.text());
+    }
+}

@@ -384,7 +384,7 @@ impl Mirror {
     }
 
     /// Whether `t`'s repository is known to hold `digest`. A set lookup once read.
-    fn linked(&self, t: &Target, digest: &Digest) -> Result<bool, Error> {
+    pub(super) fn linked(&self, t: &Target, digest: &Digest) -> Result<bool, Error> {
         Ok(self
             .store
             .meta()

@@ -287,13 +287,20 @@ impl Mirror {
 
     // === manifests ===
 
-    /// A manifest by digest: memory, then disk, then one upstream fetch shared by all callers.
+    /// A manifest by digest: memory, then disk, then one upstream fetch shared by all callers
+    /// under the repository. As for blobs, a cached manifest is served under a repository only
+    /// once linked to it (fetched or imported under it, named by one of its manifests, or
+    /// confirmed by a HEAD under it): a private manifest's digest named under a public
+    /// repository gets the upstream's answer there.
     pub async fn manifest_by_digest(
         &self,
         t: &Target,
         digest: &Digest,
     ) -> Result<Arc<Manifest>, Error> {
         if let Some(m) = self.cached_manifest(digest).await? {
+            if !self.linked(t, digest)? {
+                self.confirm_manifest(t, digest).await?;
+            }
             self.lookup(Kind::Manifest, Lookup::Hit);
             return Ok(m);
         }
@@ -301,7 +308,11 @@ impl Mirror {
             self.lookup(Kind::Manifest, Lookup::Miss);
             return Err(self.offline_error(t));
         }
-        let key = FlightKey::Digest(digest.clone());
+        let key = FlightKey::Digest {
+            upstream: t.upstream.name().to_owned(),
+            repo: t.repo.clone(),
+            digest: digest.clone(),
+        };
         // Boxed: the fetch is kilobytes large, and the cache hit above should not carry it.
         let fetch = Box::pin(self.fetch_manifest_task(
             t,
@@ -323,6 +334,59 @@ impl Mirror {
             },
         );
         res.map(|(m, _)| m)
+    }
+
+    /// Asks the upstream, with a HEAD by digest under `t`'s repository, whether that repository
+    /// holds a cached manifest no link says it does. Yes (200, and any
+    /// `Docker-Content-Digest` agrees): linked, so it is asked once. No, or no answer: the
+    /// client's error; offline, the manifest is unknown here.
+    async fn confirm_manifest(&self, t: &Target, digest: &Digest) -> Result<(), Error> {
+        if self.offline {
+            return Err(Error::client(
+                ErrorCode::ManifestUnknown,
+                format!(
+                    "manifest unknown to repository {}/{}: the mirror is offline",
+                    t.upstream.name(),
+                    t.repo
+                ),
+            ));
+        }
+        let up = &t.upstream;
+        let resp = up
+            .send(t.manifest_request(Method::HEAD, &digest.to_string(), &Accept::default()))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(up.status_error(&resp));
+        }
+        let claimed = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok());
+        if let Some(c) = claimed.filter(|c| *c != digest.to_string()) {
+            return Err(Error::upstream(
+                up.name(),
+                UpstreamFault::Protocol(format!(
+                    "manifest HEAD answered Docker-Content-Digest {c}"
+                )),
+            ));
+        }
+        let (store, u, r, d) = (
+            self.store.clone(),
+            up.name().to_owned(),
+            t.repo.to_string(),
+            digest.clone(),
+        );
+        let saved = tokio::task::spawn_blocking(move || {
+            store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
+        })
+        .await;
+        // Not remembered costs another HEAD next time, not this answer.
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
+            Err(e) => warn!(error = %e, "link write task failed"),
+        }
+        Ok(())
     }
 
     /// A committed manifest, from memory or disk.
