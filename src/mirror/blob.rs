@@ -395,21 +395,16 @@ impl Mirror {
     /// `digest`, which the cache has (`stored`: its length) or is fetching for another
     /// repository. Yes (200, and the digest and length agree): linked, so it is asked once, and
     /// the length returned. No, or no answer: the error the client gets instead of the bytes;
-    /// offline, no answer is possible and the blob is unknown here.
+    /// offline, no answer is possible and the blob is unknown here. Concurrent requests for the
+    /// same check share one HEAD.
     async fn confirm(
         &self,
         t: &Target,
         digest: &Digest,
         stored: Option<u64>,
     ) -> Result<u64, Error> {
-        let count = |c: LinkCheck| {
-            self.metrics
-                .blob_link_checks
-                .with_label_values(&[c.as_str()])
-                .inc()
-        };
         if self.offline {
-            count(LinkCheck::Refused);
+            count_check(&self.metrics, LinkCheck::Refused);
             return Err(Error::client(
                 ErrorCode::BlobUnknown,
                 format!(
@@ -419,60 +414,20 @@ impl Mirror {
                 ),
             ));
         }
-        let up = &t.upstream;
-        let resp = match up.send(t.blob_request(Method::HEAD, digest, None)).await {
-            Ok(r) => r,
-            Err(e) => {
-                count(LinkCheck::Failed);
-                return Err(e);
-            }
+        let key = LinkCheckKey {
+            upstream: t.upstream.name().to_owned(),
+            repo: t.repo.clone(),
+            digest: digest.clone(),
+            stored,
         };
-        let status = resp.status();
-        if !status.is_success() {
-            count(if status.is_client_error() {
-                LinkCheck::Refused
-            } else {
-                LinkCheck::Failed
-            });
-            return Err(up.status_error(&resp));
-        }
-        let len = super::content_length(resp.headers());
-        let claimed = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok());
-        let disagrees = match (len, stored) {
-            (None, _) => Some("no Content-Length".to_owned()),
-            (Some(l), Some(s)) if l != s => Some(format!("length {l}, the blob has {s}")),
-            _ => claimed
-                .filter(|c| *c != digest.to_string())
-                .map(|c| format!("Docker-Content-Digest {c}")),
-        };
-        if let Some(why) = disagrees {
-            count(LinkCheck::Failed);
-            return Err(Error::upstream(
-                up.name(),
-                UpstreamFault::Protocol(format!("blob HEAD answered {why}")),
-            ));
-        }
-        count(LinkCheck::Confirmed);
-        let (store, u, r, d) = (
-            self.store.clone(),
-            up.name().to_owned(),
-            t.repo.to_string(),
+        let check = confirm_task(
+            t.clone(),
             digest.clone(),
+            stored,
+            self.store.clone(),
+            self.metrics.clone(),
         );
-        let saved = tokio::task::spawn_blocking(move || {
-            store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
-        })
-        .await;
-        // Not remembered costs another HEAD next time, not this answer.
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
-            Err(e) => warn!(error = %e, "link write task failed"),
-        }
-        Ok(len.unwrap_or_default())
+        self.link_checks.run(key, || check).await.0
     }
 
     /// Waits, at most `limit`, for fills that have verified their blob to commit it: their
@@ -488,4 +443,80 @@ impl Mirror {
     pub fn fills_in_flight(&self) -> usize {
         self.fills.len()
     }
+}
+
+/// One question put to an upstream: does this repository hold this digest (of this length)?
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct LinkCheckKey {
+    upstream: String,
+    repo: crate::oci::RepoName,
+    digest: Digest,
+    stored: Option<u64>,
+}
+
+fn count_check(metrics: &Metrics, c: LinkCheck) {
+    metrics
+        .blob_link_checks
+        .with_label_values(&[c.as_str()])
+        .inc()
+}
+
+/// [`Mirror::confirm`]'s HEAD and link, as a task of its own (shared by concurrent askers).
+async fn confirm_task(
+    t: Target,
+    digest: Digest,
+    stored: Option<u64>,
+    store: Arc<crate::storage::Store>,
+    metrics: Arc<Metrics>,
+) -> Result<u64, Error> {
+    let up = &t.upstream;
+    let resp = match up.send(t.blob_request(Method::HEAD, &digest, None)).await {
+        Ok(r) => r,
+        Err(e) => {
+            count_check(&metrics, LinkCheck::Failed);
+            return Err(e);
+        }
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let c = if status.is_client_error() {
+            LinkCheck::Refused
+        } else {
+            LinkCheck::Failed
+        };
+        count_check(&metrics, c);
+        return Err(up.status_error(&resp));
+    }
+    let len = super::content_length(resp.headers());
+    let claimed = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok());
+    let disagrees = match (len, stored) {
+        (None, _) => Some("no Content-Length".to_owned()),
+        (Some(l), Some(s)) if l != s => Some(format!("length {l}, the blob has {s}")),
+        _ => claimed
+            .filter(|c| *c != digest.to_string())
+            .map(|c| format!("Docker-Content-Digest {c}")),
+    };
+    if let Some(why) = disagrees {
+        count_check(&metrics, LinkCheck::Failed);
+        return Err(Error::upstream(
+            up.name(),
+            UpstreamFault::Protocol(format!("blob HEAD answered {why}")),
+        ));
+    }
+    count_check(&metrics, LinkCheck::Confirmed);
+    let (u, r, d) = (up.name().to_owned(), t.repo.to_string(), digest.clone());
+    let saved = tokio::task::spawn_blocking(move || {
+        store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
+    })
+    .await;
+    // Not remembered costs another HEAD next time, not this answer.
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
+        Err(e) => warn!(error = %e, "link write task failed"),
+    }
+    Ok(len.unwrap_or_default())
 }

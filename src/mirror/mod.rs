@@ -144,6 +144,8 @@ pub struct Mirror {
     referrers: moka::future::Cache<String, Arc<Passthrough>>,
     fills: Arc<Inflight>,
     manifest_flights: SingleFlight<FlightKey, (Arc<Manifest>, Lookup)>,
+    /// Upstream HEADs asking whether a repository holds a cached blob, one per question.
+    link_checks: SingleFlight<blob::LinkCheckKey, u64>,
     tag_ttl: Duration,
     offline: bool,
     /// `cache.fill_min_rate` in bytes per second: bounds how long a fill may take.
@@ -194,6 +196,7 @@ impl Mirror {
             referrers,
             fills: Arc::new(Inflight::default()),
             manifest_flights: SingleFlight::default(),
+            link_checks: SingleFlight::default(),
             tag_ttl: config.cache.tag_ttl.0,
             offline: config.cache.offline,
             fill_min_rate: config.cache.fill_min_rate.0,
