@@ -372,6 +372,49 @@ fn docker_list() -> Vec<u8> {
     .into_bytes()
 }
 
+// === repository links ===
+
+/// The lookup every cached blob request now makes before it is served (is this repository
+/// known to hold the blob?): a link read before, answered from memory; and one not there, which
+/// is a redb read transaction each time (that path then asks the upstream anyway).
+fn links(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meta = cachalot::storage::Meta::open(&dir.path().join("meta.redb")).expect("meta");
+    let linked = Digest::sha256_of(b"layer");
+    let other = Digest::sha256_of(b"other layer");
+    // A table of realistic size: many repositories, many blobs each.
+    for r in 0..200 {
+        for l in 0..20 {
+            let d = Digest::sha256_of(format!("{r}/{l}").as_bytes());
+            let repo = format!("team/app{r}");
+            meta.put_link(
+                "docker.io",
+                &repo,
+                &d,
+                cachalot::storage::meta::LinkSource::Fetched,
+            )
+            .expect("link");
+        }
+    }
+    meta.put_link(
+        "docker.io",
+        "library/nginx",
+        &linked,
+        cachalot::storage::meta::LinkSource::Fetched,
+    )
+    .expect("link");
+    assert!(meta.linked("docker.io", "library/nginx", &linked).unwrap());
+    assert!(!meta.linked("docker.io", "library/nginx", &other).unwrap());
+    let mut g = c.benchmark_group("links");
+    g.bench_function("linked_remembered", |b| {
+        b.iter(|| meta.linked("docker.io", black_box("library/nginx"), black_box(&linked)))
+    });
+    g.bench_function("unlinked_redb_read", |b| {
+        b.iter(|| meta.linked("docker.io", black_box("library/nginx"), black_box(&other)))
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -385,6 +428,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = routing, resolve, digests, accept
+    targets = routing, resolve, digests, accept, links
 }
 criterion_main!(hot_paths);

@@ -167,6 +167,30 @@ impl BodyFault {
     }
 }
 
+/// The answer to "does this repository hold this cached blob?", asked of the upstream when no
+/// manifest of the repository says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkCheck {
+    /// The upstream has it there: linked, and served from the cache.
+    Confirmed,
+    /// The upstream has not (or the mirror is offline): refused, not a byte served.
+    Refused,
+    /// The upstream could not say (down, timing out, answering 5xx): refused with its error.
+    Failed,
+}
+
+impl LinkCheck {
+    pub const ALL: [LinkCheck; 3] = [LinkCheck::Confirmed, LinkCheck::Refused, LinkCheck::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkCheck::Confirmed => "confirmed",
+            LinkCheck::Refused => "refused",
+            LinkCheck::Failed => "failed",
+        }
+    }
+}
+
 /// The metrics registry and its series.
 pub struct Metrics {
     registry: Registry,
@@ -202,6 +226,8 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Loads of a changed htpasswd file, by result (ok, error: the users before are kept).
     pub auth_reloads: IntCounterVec,
+    /// Cached blobs asked for under a repository not known to hold them, by answer.
+    pub blob_link_checks: IntCounterVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
@@ -366,6 +392,11 @@ impl Metrics {
                 "cachalot_cache_max_size_bytes",
                 "The configured disk bound of the cache (cache.max_size).",
             ),
+            blob_link_checks: d.counter(
+                "cachalot_blob_link_checks_total",
+                "Blobs asked for under a repository not known to hold them, checked with the upstream, by result (confirmed, refused, failed).",
+                &["result"],
+            ),
             cache_size_bytes: d.gauge(
                 "cachalot_cache_size_bytes",
                 "Bytes of content in the cache.",
@@ -416,6 +447,9 @@ impl Metrics {
 
     /// Creates the closed-set series at zero, so dashboards see them before traffic.
     fn precreate(&self, upstreams: &[&str]) {
+        for c in LinkCheck::ALL {
+            self.blob_link_checks.with_label_values(&[c.as_str()]);
+        }
         for r in ["size", "unused"] {
             self.evictions.with_label_values(&[r]);
             self.evicted_bytes.with_label_values(&[r]);

@@ -479,6 +479,13 @@ async fn export_import_round_trip_and_corrupt_bundles_change_nothing() {
         "{}",
         r.text()
     );
+    // The import linked the blobs to team/app, the repository the bundle names, and to no
+    // other: named under another repository they are unknown.
+    for (d, _) in &img.single.layers {
+        let r = client.get(&v2(&format!("team/other/blobs/{d}"))).await;
+        assert_eq!(r.status, 404, "{}", r.text());
+        assert_eq!(r.error_code().as_deref(), Some("BLOB_UNKNOWN"));
+    }
     proxy.shutdown().await;
 }
 

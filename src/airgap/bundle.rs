@@ -8,6 +8,7 @@ use crate::error::Error;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
 use crate::oci::{Digest, ImageRef, Reference, Verified, Verifier};
+use crate::storage::meta::LinkSource;
 use crate::storage::{Access, Blob, BlobWriter, FsStore, Store};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -185,6 +186,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
         store,
         staged: &staged,
         manifests: BTreeMap::new(),
+        edges: BTreeMap::new(),
     };
     for (n, root) in roots.iter().enumerate() {
         let name = root
@@ -196,11 +198,42 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
             .walk(root, &format!("index.json {name}"), 0)
             .map_err(|e| i.at("invalid bundle", e))?;
     }
+    let links = repo_links(config, &roots, &check);
     let manifests = check.manifests;
     let mut out = Imported::default();
     let tags = i.tags(config, &roots, &mut out)?;
-    i.commit(staged, &manifests, tags, &mut out)?;
+    i.commit(staged, &manifests, tags, &links, &mut out)?;
     Ok(out)
+}
+
+/// A root manifest's repository links: (upstream, repository, everything the image holds).
+type RootLinks = BTreeMap<Digest, Vec<(String, String, Vec<Digest>)>>;
+
+/// The repositories the bundle names its images under, with what each image holds: imported
+/// blobs are served under their image's repository (and, until an upstream confirms it, no
+/// other). A root without a full reference on a configured registry links nothing.
+fn repo_links(config: &Config, roots: &[Descriptor], check: &Check<'_>) -> RootLinks {
+    let mut out = RootLinks::new();
+    for root in roots {
+        let Some(name) = root.annotations.get(REF_NAME) else {
+            continue;
+        };
+        if !ImageRef::is_fully_qualified(name) {
+            continue;
+        }
+        let Ok(r) = ImageRef::parse(name) else {
+            continue;
+        };
+        if !config.upstream.iter().any(|u| u.name == r.registry) {
+            continue;
+        }
+        out.entry(root.digest.clone()).or_default().push((
+            r.registry.clone(),
+            r.repo.to_string(),
+            check.closure(&root.digest),
+        ));
+    }
+    out
 }
 
 /// One import under way: the cache and the bundle, for errors that name the part at fault.
@@ -344,6 +377,7 @@ impl Import<'_> {
         staged: BTreeMap<Digest, Staged>,
         manifests: &BTreeMap<Digest, String>,
         tags: Vec<NamedTag>,
+        links: &RootLinks,
         out: &mut Imported,
     ) -> Result<(), Error> {
         let (store, at) = (self.store, |what: &str, e: io::Error| {
@@ -366,10 +400,15 @@ impl Import<'_> {
             }
         }
         for (digest, media_type) in manifests {
-            store
-                .meta()
-                .put_manifest(digest, media_type, None)
-                .map_err(|e| at("recording manifests", e))?;
+            let meta = store.meta();
+            match links.get(digest) {
+                None => meta.put_manifest(digest, media_type, None),
+                Some(repos) => repos.iter().try_for_each(|(u, r, held)| {
+                    let link = (u.as_str(), r.as_str(), &held[..], LinkSource::Imported);
+                    meta.put_manifest_linked(digest, media_type, None, Some(link))
+                }),
+            }
+            .map_err(|e| at("recording manifests", e))?;
         }
         out.manifests = manifests.len();
         for (r, tag, root) in tags {
@@ -474,6 +513,23 @@ struct Check<'a> {
     staged: &'a BTreeMap<Digest, Staged>,
     /// Manifests reached, with their media types.
     manifests: BTreeMap<Digest, String>,
+    /// What each manifest reached names that the bundle or the cache has.
+    edges: BTreeMap<Digest, Vec<Digest>>,
+}
+
+impl Check<'_> {
+    /// `root` and everything reachable from it, for linking to the repository that names it.
+    fn closure(&self, root: &Digest) -> Vec<Digest> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo = vec![root.clone()];
+        while let Some(d) = todo.pop() {
+            if let Some(children) = self.edges.get(&d) {
+                todo.extend(children.iter().filter(|c| !seen.contains(*c)).cloned());
+            }
+            seen.insert(d);
+        }
+        seen.into_iter().collect()
+    }
 }
 
 /// Deeper nesting than this is no image anyone builds; it bounds the walk.
@@ -546,6 +602,14 @@ impl Check<'_> {
         let refs = descriptor::parse_refs(&media_type, &bytes)
             .map_err(|e| Error::Invalid(format!("{ctx}: manifest {}: {e}", d.digest)))?;
         self.manifests.insert(d.digest.clone(), media_type);
+        let named = match &refs {
+            Refs::Index(children) => children.iter().map(|c| c.digest.clone()).collect(),
+            Refs::Image { config, layers } => std::iter::once(config.digest.clone())
+                .chain(layers.iter().map(|l| l.digest.clone()))
+                .filter(|c| self.size(c).is_some())
+                .collect(),
+        };
+        self.edges.insert(d.digest.clone(), named);
         match refs {
             Refs::Index(children) => {
                 // An export of some platforms carries the index whole, and only those

@@ -1,14 +1,20 @@
 //! Blobs for a request: the committed object, a fill to follow (started now or joined), or,
 //! when the store cannot take the blob, the upstream relayed. A response gets a [`BlobSource`]:
 //! a transport-neutral cursor over the bytes it may send, which the server turns into a body.
+//!
+//! Blob files are shared by every repository, the right to read them is not: a cached blob, or
+//! a fill started for another repository, is served under a repository only once it is linked
+//! to it (a manifest of the repository names it, a fill under it stored it, or the upstream
+//! confirmed it with a HEAD under it). Until then the request is the upstream's to answer.
 
 use super::fill::FillTask;
 use super::inflight::{Joined, Progress, Readable};
 use super::relay::Relay;
 use super::{Mirror, Target};
-use crate::error::Error;
-use crate::metrics::{Kind, Lookup, Metrics, Source};
-use crate::oci::Digest;
+use crate::error::{Error, UpstreamFault};
+use crate::metrics::{Kind, LinkCheck, Lookup, Metrics, Source};
+use crate::oci::{Digest, ErrorCode};
+use crate::storage::meta::LinkSource;
 use crate::storage::{Access, Blob, ReadAt};
 use bytes::Bytes;
 use http::Method;
@@ -166,6 +172,11 @@ impl Drop for Following {
     }
 }
 
+/// `<upstream>/<repo>`: who a fill fetches for, as objects record who committed them.
+fn owner(t: &Target) -> String {
+    format!("{}/{}", t.upstream.name(), t.repo)
+}
+
 /// Why no fill was started.
 enum NoFill {
     /// A fill committed and left the table since the first lookup: starting another would
@@ -188,15 +199,32 @@ impl Mirror {
 
     async fn open_blob(&self, t: &Target, digest: &Digest) -> Result<BlobSource, Error> {
         let blobs = self.store.blobs();
-        if let Some(b) = blobs.open(digest, Access::Read)? {
+        let mut allowed = self.linked(t, digest)?;
+        if allowed && let Some(b) = blobs.open(digest, Access::Read)? {
             self.lookup(Kind::Blob, Lookup::Hit);
             return Ok(BlobSource::stored(b));
+        }
+        let owner = owner(t);
+        if !allowed {
+            let stored = blobs.stat(digest)?;
+            let foreign_fill = self
+                .fills
+                .get(digest)
+                .is_some_and(|f| !f.fetches_for(&owner));
+            if stored.is_some() || foreign_fill {
+                self.confirm(t, digest, stored).await?;
+                allowed = true;
+                if let Some(b) = blobs.open(digest, Access::Read)? {
+                    self.lookup(Kind::Blob, Lookup::Hit);
+                    return Ok(BlobSource::stored(b));
+                }
+            }
         }
         if self.offline {
             self.lookup(Kind::Blob, Lookup::Miss);
             return Err(self.offline_error(t));
         }
-        let joined = self.fills.join_or_start(digest, || {
+        let joined = self.fills.join_or_start(digest, &owner, || {
             match blobs.open(digest, Access::Read) {
                 Ok(Some(b)) => return Err(NoFill::Committed(b)),
                 Ok(None) => {}
@@ -208,6 +236,11 @@ impl Mirror {
         });
         let fill = match joined {
             Ok(Joined::Follow(fill)) => {
+                // A fill another repository started since the look above: not followed
+                // before the upstream says this repository holds the blob too.
+                if !allowed && !fill.fetches_for(&owner) {
+                    self.confirm(t, digest, None).await?;
+                }
                 self.lookup(Kind::Blob, Lookup::Coalesced);
                 fill
             }
@@ -227,6 +260,10 @@ impl Mirror {
                 fill
             }
             Err(NoFill::Committed(b)) => {
+                // A fill under this repository links it as it commits.
+                if !allowed && !self.linked(t, digest)? {
+                    self.confirm(t, digest, Some(b.len)).await?;
+                }
                 self.lookup(Kind::Blob, Lookup::Hit);
                 return Ok(BlobSource::stored(b));
             }
@@ -296,15 +333,38 @@ impl Mirror {
     /// The length of a blob for HEAD: from the cache or a fill when possible, else an upstream
     /// HEAD (which fetches nothing).
     pub async fn blob_len(&self, t: &Target, digest: &Digest) -> Result<u64, Error> {
-        if let Some(b) = self.store.blobs().open(digest, Access::Read)? {
-            self.lookup(Kind::Blob, Lookup::Hit);
-            return Ok(b.len);
-        }
-        if let Some(fill) = self.fills.get(digest)
-            && let Ok(Some(len)) = fill.progress().started().await
-        {
-            self.lookup(Kind::Blob, Lookup::Coalesced);
-            return Ok(len);
+        if self.linked(t, digest)? {
+            if let Some(b) = self.store.blobs().open(digest, Access::Read)? {
+                self.lookup(Kind::Blob, Lookup::Hit);
+                return Ok(b.len);
+            }
+            if let Some(fill) = self.fills.get(digest)
+                && let Ok(Some(len)) = fill.progress().started().await
+            {
+                self.lookup(Kind::Blob, Lookup::Coalesced);
+                return Ok(len);
+            }
+        } else {
+            let stored = self.store.blobs().stat(digest)?;
+            let fill = self.fills.get(digest);
+            if stored.is_none()
+                && let Some(fill) = &fill
+                && fill.fetches_for(&owner(t))
+                && let Ok(Some(len)) = fill.progress().started().await
+            {
+                self.lookup(Kind::Blob, Lookup::Coalesced);
+                return Ok(len);
+            }
+            if stored.is_some() || fill.is_some() {
+                let len = self.confirm(t, digest, stored).await?;
+                let how = if stored.is_some() {
+                    Lookup::Hit
+                } else {
+                    Lookup::Coalesced
+                };
+                self.lookup(Kind::Blob, how);
+                return Ok(len);
+            }
         }
         self.lookup(Kind::Blob, Lookup::Miss);
         if self.offline {
@@ -323,6 +383,53 @@ impl Mirror {
         })
     }
 
+    /// Whether `t`'s repository is known to hold `digest`. A set lookup once read.
+    pub(super) fn linked(&self, t: &Target, digest: &Digest) -> Result<bool, Error> {
+        Ok(self
+            .store
+            .meta()
+            .linked(t.upstream.name(), t.repo.as_str(), digest)?)
+    }
+
+    /// Asks the upstream, with a HEAD under `t`'s repository, whether that repository holds
+    /// `digest`, which the cache has (`stored`: its length) or is fetching for another
+    /// repository. Yes (200, and the digest and length agree): linked, so it is asked once, and
+    /// the length returned. No, or no answer: the error the client gets instead of the bytes;
+    /// offline, no answer is possible and the blob is unknown here. Concurrent requests for the
+    /// same check share one HEAD.
+    async fn confirm(
+        &self,
+        t: &Target,
+        digest: &Digest,
+        stored: Option<u64>,
+    ) -> Result<u64, Error> {
+        if self.offline {
+            count_check(&self.metrics, LinkCheck::Refused);
+            return Err(Error::client(
+                ErrorCode::BlobUnknown,
+                format!(
+                    "blob unknown to repository {}/{}: the mirror is offline",
+                    t.upstream.name(),
+                    t.repo
+                ),
+            ));
+        }
+        let key = LinkCheckKey {
+            upstream: t.upstream.name().to_owned(),
+            repo: t.repo.clone(),
+            digest: digest.clone(),
+            stored,
+        };
+        let check = confirm_task(
+            t.clone(),
+            digest.clone(),
+            stored,
+            self.store.clone(),
+            self.metrics.clone(),
+        );
+        self.link_checks.run(key, || check).await.0
+    }
+
     /// Waits, at most `limit`, for fills that have verified their blob to commit it: their
     /// clients are already served, and stopping now would throw the blob away and keep the
     /// cache busy for the next process.
@@ -336,4 +443,80 @@ impl Mirror {
     pub fn fills_in_flight(&self) -> usize {
         self.fills.len()
     }
+}
+
+/// One question put to an upstream: does this repository hold this digest (of this length)?
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct LinkCheckKey {
+    upstream: String,
+    repo: crate::oci::RepoName,
+    digest: Digest,
+    stored: Option<u64>,
+}
+
+fn count_check(metrics: &Metrics, c: LinkCheck) {
+    metrics
+        .blob_link_checks
+        .with_label_values(&[c.as_str()])
+        .inc()
+}
+
+/// [`Mirror::confirm`]'s HEAD and link, as a task of its own (shared by concurrent askers).
+async fn confirm_task(
+    t: Target,
+    digest: Digest,
+    stored: Option<u64>,
+    store: Arc<crate::storage::Store>,
+    metrics: Arc<Metrics>,
+) -> Result<u64, Error> {
+    let up = &t.upstream;
+    let resp = match up.send(t.blob_request(Method::HEAD, &digest, None)).await {
+        Ok(r) => r,
+        Err(e) => {
+            count_check(&metrics, LinkCheck::Failed);
+            return Err(e);
+        }
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let c = if status.is_client_error() {
+            LinkCheck::Refused
+        } else {
+            LinkCheck::Failed
+        };
+        count_check(&metrics, c);
+        return Err(up.status_error(&resp));
+    }
+    let len = super::content_length(resp.headers());
+    let claimed = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok());
+    let disagrees = match (len, stored) {
+        (None, _) => Some("no Content-Length".to_owned()),
+        (Some(l), Some(s)) if l != s => Some(format!("length {l}, the blob has {s}")),
+        _ => claimed
+            .filter(|c| *c != digest.to_string())
+            .map(|c| format!("Docker-Content-Digest {c}")),
+    };
+    if let Some(why) = disagrees {
+        count_check(&metrics, LinkCheck::Failed);
+        return Err(Error::upstream(
+            up.name(),
+            UpstreamFault::Protocol(format!("blob HEAD answered {why}")),
+        ));
+    }
+    count_check(&metrics, LinkCheck::Confirmed);
+    let (u, r, d) = (up.name().to_owned(), t.repo.to_string(), digest.clone());
+    let saved = tokio::task::spawn_blocking(move || {
+        store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
+    })
+    .await;
+    // Not remembered costs another HEAD next time, not this answer.
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
+        Err(e) => warn!(error = %e, "link write task failed"),
+    }
+    Ok(len.unwrap_or_default())
 }

@@ -12,11 +12,16 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::Arc;
 
-/// What a manifest fetch is for: by digest (the same everywhere), or a tag of one upstream's
-/// repository as one `Accept` asks for it (what a tag names depends on `Accept`).
+/// What a manifest fetch is for: a digest or a tag of one upstream's repository, a tag as one
+/// `Accept` asks for it (what a tag names depends on `Accept`). Digests are keyed by repository
+/// too: a fetch under one repository is that repository's answer, and must not serve another.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum FlightKey {
-    Digest(Digest),
+    Digest {
+        upstream: String,
+        repo: RepoName,
+        digest: Digest,
+    },
     Tag {
         upstream: String,
         repo: RepoName,

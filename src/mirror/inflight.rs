@@ -63,9 +63,17 @@ pub(super) struct Fill {
     /// Reads the growing object, and the committed one after it.
     reader: Arc<dyn ReadAt>,
     state: watch::Receiver<FillState>,
+    /// `<upstream>/<repo>` the fill fetches under: requests under it may follow it unasked,
+    /// since the upstream's answer to the fill is its answer to them.
+    owner: Box<str>,
 }
 
 impl Fill {
+    /// Whether the fill fetches under `owner` (`<upstream>/<repo>`).
+    pub(super) fn fetches_for(&self, owner: &str) -> bool {
+        *self.owner == *owner
+    }
+
     /// What a follower needs: the bytes, and the fill's progress.
     pub(super) fn follow(&self) -> (Arc<dyn ReadAt>, Progress) {
         (self.reader.clone(), Progress(self.state.clone()))
@@ -237,6 +245,7 @@ impl Inflight {
     pub(super) fn join_or_start<T, E>(
         self: &Arc<Self>,
         digest: &Digest,
+        owner: &str,
         start: impl FnOnce() -> Result<(Arc<dyn ReadAt>, T), E>,
     ) -> Result<Joined<T>, E> {
         let mut fills = self.fills.lock();
@@ -245,7 +254,11 @@ impl Inflight {
         }
         let (reader, extra) = start()?;
         let (tx, rx) = watch::channel(FillState::Connecting);
-        let fill = Arc::new(Fill { reader, state: rx });
+        let fill = Arc::new(Fill {
+            reader,
+            state: rx,
+            owner: owner.into(),
+        });
         fills.insert(digest.clone(), fill.clone());
         let guard = FillGuard {
             table: self.clone(),

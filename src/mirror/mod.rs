@@ -21,6 +21,7 @@ use crate::error::{Error, UpstreamFault};
 use crate::metrics::{Kind, Lookup, Metrics};
 use crate::oci::manifest::{self, Accept, MAX_MANIFEST_SIZE, ManifestError};
 use crate::oci::{Digest, ErrorCode, RepoName};
+use crate::storage::meta::LinkSource;
 use crate::storage::{Access, Store, Usage};
 use crate::upstream::{Op, Upstream, UpstreamRequest};
 use bytes::Bytes;
@@ -143,6 +144,8 @@ pub struct Mirror {
     referrers: moka::future::Cache<String, Arc<Passthrough>>,
     fills: Arc<Inflight>,
     manifest_flights: SingleFlight<FlightKey, (Arc<Manifest>, Lookup)>,
+    /// Upstream HEADs asking whether a repository holds a cached blob, one per question.
+    link_checks: SingleFlight<blob::LinkCheckKey, u64>,
     tag_ttl: Duration,
     offline: bool,
     /// `cache.fill_min_rate` in bytes per second: bounds how long a fill may take.
@@ -193,6 +196,7 @@ impl Mirror {
             referrers,
             fills: Arc::new(Inflight::default()),
             manifest_flights: SingleFlight::default(),
+            link_checks: SingleFlight::default(),
             tag_ttl: config.cache.tag_ttl.0,
             offline: config.cache.offline,
             fill_min_rate: config.cache.fill_min_rate.0,
@@ -291,13 +295,20 @@ impl Mirror {
 
     // === manifests ===
 
-    /// A manifest by digest: memory, then disk, then one upstream fetch shared by all callers.
+    /// A manifest by digest: memory, then disk, then one upstream fetch shared by all callers
+    /// under the repository. As for blobs, a cached manifest is served under a repository only
+    /// once linked to it (fetched or imported under it, named by one of its manifests, or
+    /// confirmed by a HEAD under it): a private manifest's digest named under a public
+    /// repository gets the upstream's answer there.
     pub async fn manifest_by_digest(
         &self,
         t: &Target,
         digest: &Digest,
     ) -> Result<Arc<Manifest>, Error> {
         if let Some(m) = self.cached_manifest(digest).await? {
+            if !self.linked(t, digest)? {
+                self.confirm_manifest(t, digest).await?;
+            }
             self.lookup(Kind::Manifest, Lookup::Hit);
             return Ok(m);
         }
@@ -305,7 +316,11 @@ impl Mirror {
             self.lookup(Kind::Manifest, Lookup::Miss);
             return Err(self.offline_error(t));
         }
-        let key = FlightKey::Digest(digest.clone());
+        let key = FlightKey::Digest {
+            upstream: t.upstream.name().to_owned(),
+            repo: t.repo.clone(),
+            digest: digest.clone(),
+        };
         // Boxed: the fetch is kilobytes large, and the cache hit above should not carry it.
         let fetch = Box::pin(self.fetch_manifest_task(
             t,
@@ -327,6 +342,59 @@ impl Mirror {
             },
         );
         res.map(|(m, _)| m)
+    }
+
+    /// Asks the upstream, with a HEAD by digest under `t`'s repository, whether that repository
+    /// holds a cached manifest no link says it does. Yes (200, and any
+    /// `Docker-Content-Digest` agrees): linked, so it is asked once. No, or no answer: the
+    /// client's error; offline, the manifest is unknown here.
+    async fn confirm_manifest(&self, t: &Target, digest: &Digest) -> Result<(), Error> {
+        if self.offline {
+            return Err(Error::client(
+                ErrorCode::ManifestUnknown,
+                format!(
+                    "manifest unknown to repository {}/{}: the mirror is offline",
+                    t.upstream.name(),
+                    t.repo
+                ),
+            ));
+        }
+        let up = &t.upstream;
+        let resp = up
+            .send(t.manifest_request(Method::HEAD, &digest.to_string(), &Accept::default()))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(up.status_error(&resp));
+        }
+        let claimed = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok());
+        if let Some(c) = claimed.filter(|c| *c != digest.to_string()) {
+            return Err(Error::upstream(
+                up.name(),
+                UpstreamFault::Protocol(format!(
+                    "manifest HEAD answered Docker-Content-Digest {c}"
+                )),
+            ));
+        }
+        let (store, u, r, d) = (
+            self.store.clone(),
+            up.name().to_owned(),
+            t.repo.to_string(),
+            digest.clone(),
+        );
+        let saved = tokio::task::spawn_blocking(move || {
+            store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
+        })
+        .await;
+        // Not remembered costs another HEAD next time, not this answer.
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
+            Err(e) => warn!(error = %e, "link write task failed"),
+        }
+        Ok(())
     }
 
     /// A committed manifest, from memory or disk.
@@ -418,7 +486,15 @@ impl Mirror {
                         std::time::SystemTime::now(),
                     )
                 });
-                st.meta().put_manifest(&m2.digest, &m2.media_type, tag)
+                // The upstream served it under this repository, so the repository holds what
+                // it names: its blobs become readable here, and nowhere else.
+                let refs = manifest_links(&st, &m2.bytes);
+                st.meta().put_manifest_linked(
+                    &m2.digest,
+                    &m2.media_type,
+                    tag,
+                    Some((&upname, &repo, &refs, LinkSource::Fetched)),
+                )
             })
             .await;
             match saved {
@@ -483,6 +559,37 @@ impl Mirror {
         }
         Ok(p)
     }
+}
+
+/// Most digests one manifest links (an index of indexes as deep as they are cached).
+const MAX_LINKED: usize = 10_000;
+
+/// What a manifest links to its repository: every digest it names, and what the cached
+/// manifests among those name in turn (an index fetched under a second repository after its
+/// platforms' manifests were cached under a first links their layers too). Blocking.
+fn manifest_links(store: &Store, bytes: &[u8]) -> Vec<Digest> {
+    let mut out = crate::oci::descriptor::referenced_digests(bytes);
+    let mut seen: std::collections::HashSet<Digest> = out.iter().cloned().collect();
+    let mut i = 0;
+    while i < out.len() && out.len() < MAX_LINKED {
+        let d = out[i].clone();
+        i += 1;
+        if !matches!(store.meta().manifest_type(&d), Ok(Some(_))) {
+            continue;
+        }
+        let Ok(Some(blob)) = store.blobs().open(&d, Access::Quiet) else {
+            continue;
+        };
+        let Ok(child) = blob.read_all(MAX_MANIFEST_SIZE) else {
+            continue;
+        };
+        for c in crate::oci::descriptor::referenced_digests(&child) {
+            if seen.insert(c.clone()) {
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {

@@ -122,6 +122,48 @@ pub fn parse_refs(media_type: &str, bytes: &[u8]) -> Result<Refs, String> {
     Ok(Refs::Image { config, layers })
 }
 
+/// Every digest a manifest names: an index's manifests, an image's config and layers, an
+/// artifact's blobs, and a referrer's subject. What a repository holding the manifest holds
+/// too, for scoping blobs. Lenient: a descriptor whose digest does not parse is skipped, and
+/// bytes that are not JSON name nothing (the manifest was verified by digest, not by schema).
+pub fn referenced_digests(bytes: &[u8]) -> Vec<Digest> {
+    #[derive(Deserialize)]
+    struct Named {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Any {
+        #[serde(default)]
+        manifests: Vec<Named>,
+        #[serde(default)]
+        config: Option<Named>,
+        #[serde(default)]
+        layers: Vec<Named>,
+        #[serde(default)]
+        blobs: Vec<Named>,
+        #[serde(default)]
+        subject: Option<Named>,
+    }
+    let Ok(any) = serde_json::from_slice::<Any>(bytes) else {
+        return Vec::new();
+    };
+    let Any {
+        manifests,
+        config,
+        layers,
+        blobs,
+        subject,
+    } = any;
+    manifests
+        .into_iter()
+        .chain(config)
+        .chain(layers)
+        .chain(blobs)
+        .chain(subject)
+        .filter_map(|n| n.digest.parse().ok())
+        .collect()
+}
+
 /// Whether a media type names a manifest (index or image) rather than a config or layer.
 pub fn is_manifest_media_type(media_type: &str) -> bool {
     matches!(
@@ -169,5 +211,28 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("config"), "{e}");
         assert!(parse_refs(manifest::OCI_INDEX, b"[").is_err());
+    }
+
+    #[test]
+    fn referenced_digests_cover_every_kind_of_reference() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let img = format!(
+            r#"{{"config":{{"digest":"{}","size":2}},"layers":[{{"digest":"{}","size":3}}],"subject":{{"digest":"{}","size":4}}}}"#,
+            d('a'),
+            d('b'),
+            d('c')
+        );
+        let got: Vec<String> = referenced_digests(img.as_bytes())
+            .iter()
+            .map(Digest::to_string)
+            .collect();
+        assert_eq!(got, [d('a'), d('b'), d('c')]);
+        let artifact = format!(
+            r#"{{"blobs":[{{"digest":"{}"}},{{"digest":"md5:x"}}],"manifests":[{{"digest":"{}"}}]}}"#,
+            d('e'),
+            d('f')
+        );
+        assert_eq!(referenced_digests(artifact.as_bytes()).len(), 2);
+        assert!(referenced_digests(b"not json").is_empty());
     }
 }

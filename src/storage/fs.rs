@@ -105,6 +105,17 @@ impl FsStore {
         // Take the metadata lock first: a second process opening a cache in use must fail
         // before it sweeps the temp files of the running server's fills.
         let meta = Arc::new(Meta::open(&root.join("meta.redb"))?);
+        if meta.links_missing() {
+            // A cache from before links: without them every cached blob would be a miss.
+            let n = meta.rebuild_links(|d| {
+                let bytes = std::fs::read(FsStore::blob_path_in(root, d)).ok()?;
+                (bytes.len() <= crate::oci::manifest::MAX_MANIFEST_SIZE).then_some(bytes)
+            })?;
+            tracing::info!(
+                links = n,
+                "rebuilt repository links of a cache written before them"
+            );
+        }
         let tmp = root.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -415,5 +426,45 @@ mod tests {
         std::fs::write(dir.path().join("VERSION"), "9\n").unwrap();
         let e = FsStore::open(dir.path(), Arc::new(RealDisk)).err().unwrap();
         assert!(e.to_string().contains("layout version"), "{e}");
+    }
+
+    /// Upgrading: a cache written before links opens with its blobs still readable under the
+    /// repositories whose manifests name them.
+    #[test]
+    fn a_cache_from_before_links_has_them_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = b"layer bytes".to_vec();
+        let ld = Digest::sha256_of(&layer);
+        let manifest = format!(
+            r#"{{"config":{{"digest":"{ld}","size":11}},"layers":[{{"digest":"{ld}","size":11}}]}}"#
+        )
+        .into_bytes();
+        let md = Digest::sha256_of(&manifest);
+        {
+            let (store, meta) = FsStore::open(dir.path(), Arc::new(RealDisk)).unwrap();
+            for (data, d) in [(&layer, &ld), (&manifest, &md)] {
+                let mut w = store.begin(d).unwrap();
+                w.write(data).unwrap();
+                w.commit(proof(data), "(imported)").unwrap();
+            }
+            meta.put_manifest(&md, "application/vnd.oci.image.manifest.v1+json", None)
+                .unwrap();
+            let t = SystemTime::now();
+            meta.put_manifest(&md, "application/x", Some(("up", "team/app", "v1", t)))
+                .unwrap();
+        }
+        {
+            // As the previous version left it: no links table.
+            let db = redb::Database::create(dir.path().join("meta.redb")).unwrap();
+            let tx = db.begin_write().unwrap();
+            let links: redb::TableDefinition<(&str, &str, &str), u8> =
+                redb::TableDefinition::new("links");
+            assert!(tx.delete_table(links).unwrap());
+            tx.commit().unwrap();
+        }
+        let (_store, meta) = FsStore::open(dir.path(), Arc::new(RealDisk)).unwrap();
+        assert!(meta.linked("up", "team/app", &ld).unwrap());
+        assert!(meta.linked("up", "team/app", &md).unwrap());
+        assert!(!meta.linked("up", "team/other", &ld).unwrap());
     }
 }

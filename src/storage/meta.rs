@@ -1,9 +1,12 @@
 //! Crash-safe metadata in redb: which digest each tag pointed at and when that was checked,
-//! and the media type of each cached manifest. Every write is one durable transaction.
+//! the media type of each cached manifest, and which repositories are known to hold each
+//! digest (links). Every write is one durable transaction.
 
 use crate::oci::Digest;
 use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
@@ -23,11 +26,69 @@ const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests")
 /// `<upstream>/<repo>`): every committed object, blob or manifest. Eviction reads it; a row is
 /// written before its file is renamed into place, so no file is ever unaccounted for.
 const OBJECTS: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("objects");
+/// (upstream, repository, digest) -> how the cache learned that the repository holds the
+/// digest ([`LinkSource`]). A cached blob is served under a repository only with a row here:
+/// the blob files are shared, the right to read them is per repository.
+const LINKS: TableDefinition<(&str, &str, &str), u8> = TableDefinition::new("links");
+
+/// How a repository came to be known to hold a digest. Kept for whoever reads the table; the
+/// serving rule does not depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkSource {
+    /// A manifest of the repository references it, or it was fetched under the repository.
+    Fetched = 1,
+    /// The upstream answered a HEAD of it under the repository.
+    Confirmed = 2,
+    /// An imported bundle names it under the repository.
+    Imported = 3,
+    /// Rebuilt from manifests and tags when a cache without links was opened.
+    Rebuilt = 4,
+}
 
 pub struct Meta {
     db: Database,
     tag_memo: Mutex<TagMemo>,
+    link_memo: Mutex<LinkMemo>,
+    /// The store predates links: `rebuild_links` must run before anything is served.
+    links_missing: bool,
 }
+
+/// Links as last read, so that a cached blob costs a set lookup rather than a read transaction
+/// (the cached-blob rate is the figure the mirror is measured by). Only present links are
+/// remembered; every removal forgets them all and moves `generation` on, as [`TagMemo`] does.
+#[derive(Default)]
+struct LinkMemo {
+    generation: u64,
+    /// Keyed by `link_key`.
+    present: std::collections::HashSet<String>,
+}
+
+/// Links remembered at most; past it the memo starts over.
+const LINK_MEMO_MAX: usize = 65_536;
+
+/// The link memo's key, `"<upstream>\0<repo>\0<digest>"`.
+/// Built by hand, the digest written in place: one allocation per cached blob request.
+fn link_key(upstream: &str, repo: &str, digest: &Digest) -> String {
+    use std::fmt::Write as _;
+    // "sha256:" and 64 hex digits, the common case; longer digests just grow the string.
+    let mut key = String::with_capacity(upstream.len() + repo.len() + 2 + 71);
+    key.push_str(upstream);
+    key.push('\0');
+    key.push_str(repo);
+    key.push('\0');
+    let _ = write!(key, "{digest}");
+    key
+}
+
+/// `<upstream>/<repo>`, as objects record who committed them, split in two; `None` for what
+/// names no repository (`(imported)`).
+pub fn split_repo_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('/')
+        .filter(|(u, r)| !u.is_empty() && !r.is_empty())
+}
+
+/// One link to write: (upstream, repository, digest).
+pub type Link = (String, String, Digest);
 
 /// Tag rows as last read, so that a cached tag costs a map lookup rather than a read
 /// transaction. Sound because every write to the tags table goes through this `Meta` (redb lets
@@ -92,6 +153,45 @@ fn migrate_tags(tx: &redb::WriteTransaction) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether a store holds nothing yet (a new cache, which starts with links).
+fn is_empty(tx: &redb::WriteTransaction) -> io::Result<bool> {
+    Ok(tx
+        .open_table(OBJECTS)
+        .map_err(io_err)?
+        .is_empty()
+        .map_err(io_err)?
+        && tx
+            .open_table(MANIFESTS)
+            .map_err(io_err)?
+            .is_empty()
+            .map_err(io_err)?
+        && tx
+            .open_table(TAGS)
+            .map_err(io_err)?
+            .is_empty()
+            .map_err(io_err)?)
+}
+
+fn insert_link(
+    table: &mut redb::Table<'_, (&'static str, &'static str, &'static str), u8>,
+    upstream: &str,
+    repo: &str,
+    digest: &str,
+    how: LinkSource,
+) -> io::Result<()> {
+    // The first way it was learned stays: a later confirmation says nothing new.
+    if table
+        .get((upstream, repo, digest))
+        .map_err(io_err)?
+        .is_none()
+    {
+        table
+            .insert((upstream, repo, digest), how as u8)
+            .map_err(io_err)?;
+    }
+    Ok(())
+}
+
 /// One committed object as the metadata knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectRow {
@@ -124,11 +224,161 @@ impl Meta {
         tx.open_table(MANIFESTS).map_err(io_err)?;
         tx.open_table(OBJECTS).map_err(io_err)?;
         migrate_tags(&tx)?;
+        let has_links = tx
+            .list_tables()
+            .map_err(io_err)?
+            .any(|t| t.name() == LINKS.name());
+        // A new store starts with links; one written before them gets its table only from
+        // `rebuild_links`, in the transaction that fills it, so a crash midway rebuilds again.
+        let links_missing = !has_links && !is_empty(&tx)?;
+        if !has_links && !links_missing {
+            tx.open_table(LINKS).map_err(io_err)?;
+        }
         tx.commit().map_err(io_err)?;
         Ok(Meta {
             db,
             tag_memo: Mutex::new(TagMemo::default()),
+            link_memo: Mutex::new(LinkMemo::default()),
+            links_missing,
         })
+    }
+
+    // === links ===
+
+    /// Whether the store was written before links existed and must have them rebuilt.
+    pub fn links_missing(&self) -> bool {
+        self.links_missing
+    }
+
+    /// Whether `upstream`'s repository `repo` is known to hold `digest`.
+    pub fn linked(&self, upstream: &str, repo: &str, digest: &Digest) -> io::Result<bool> {
+        let key = link_key(upstream, repo, digest);
+        let generation = {
+            let memo = self.link_memo.lock();
+            if memo.present.contains(&key) {
+                return Ok(true);
+            }
+            memo.generation
+        };
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = match tx.open_table(LINKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(io_err(e)),
+        };
+        let d = &key[upstream.len() + repo.len() + 2..];
+        let found = table.get((upstream, repo, d)).map_err(io_err)?.is_some();
+        if found {
+            let mut memo = self.link_memo.lock();
+            if memo.generation == generation {
+                if memo.present.len() >= LINK_MEMO_MAX {
+                    memo.present.clear();
+                }
+                memo.present.insert(key);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records that `upstream`'s `repo` holds `digest`.
+    pub fn put_link(
+        &self,
+        upstream: &str,
+        repo: &str,
+        digest: &Digest,
+        how: LinkSource,
+    ) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut links = tx.open_table(LINKS).map_err(io_err)?;
+            insert_link(&mut links, upstream, repo, &digest.to_string(), how)?;
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    /// Every link (for tests and inspection).
+    pub fn links(&self) -> io::Result<Vec<Link>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = match tx.open_table(LINKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io_err)? {
+            let (k, _) = row.map_err(io_err)?;
+            let (u, r, d) = k.value();
+            if let Ok(d) = d.parse() {
+                out.push((u.to_owned(), r.to_owned(), d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives a store written before links its links, from what it knows: every object's
+    /// committing repository, every tag, and every digest a cached manifest linked to a
+    /// repository references (through indexes, as deep as they are cached). `read` reads a
+    /// cached manifest's bytes. One transaction, which also creates the table. Blocking.
+    pub fn rebuild_links(&self, read: impl Fn(&Digest) -> Option<Vec<u8>>) -> io::Result<usize> {
+        let mut seeds: Vec<Link> = Vec::new();
+        let manifests: std::collections::HashSet<String> = {
+            let tx = self.db.begin_read().map_err(io_err)?;
+            let objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            for row in objects.iter().map_err(io_err)? {
+                let (k, v) = row.map_err(io_err)?;
+                if let (Some((u, r)), Ok(d)) = (split_repo_key(v.value().2), k.value().parse()) {
+                    seeds.push((u.to_owned(), r.to_owned(), d));
+                }
+            }
+            let tags = tx.open_table(TAGS).map_err(io_err)?;
+            for row in tags.iter().map_err(io_err)? {
+                let (k, v) = row.map_err(io_err)?;
+                let (u, r, _, _) = k.value();
+                if let Ok(d) = v.value().0.parse() {
+                    seeds.push((u.to_owned(), r.to_owned(), d));
+                }
+            }
+            let table = tx.open_table(MANIFESTS).map_err(io_err)?;
+            let mut names = std::collections::HashSet::new();
+            for row in table.iter().map_err(io_err)? {
+                names.insert(row.map_err(io_err)?.0.value().to_owned());
+            }
+            names
+        };
+        let mut refs: HashMap<Digest, Vec<Digest>> = HashMap::new();
+        let mut links: std::collections::HashSet<Link> = std::collections::HashSet::new();
+        let mut todo = seeds;
+        while let Some(link) = todo.pop() {
+            if links.contains(&link) {
+                continue;
+            }
+            let (u, r, d) = &link;
+            if manifests.contains(&d.to_string()) {
+                let children = refs.entry(d.clone()).or_insert_with(|| {
+                    read(d)
+                        .map(|b| crate::oci::descriptor::referenced_digests(&b))
+                        .unwrap_or_default()
+                });
+                todo.extend(children.iter().map(|c| (u.clone(), r.clone(), c.clone())));
+            }
+            links.insert(link);
+        }
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut table = tx.open_table(LINKS).map_err(io_err)?;
+            for (u, r, d) in &links {
+                insert_link(&mut table, u, r, &d.to_string(), LinkSource::Rebuilt)?;
+            }
+        }
+        tx.commit().map_err(io_err)?;
+        Ok(links.len())
+    }
+
+    /// After links were removed: forgets every remembered one.
+    fn forget_links(&self) {
+        let mut memo = self.link_memo.lock();
+        memo.generation += 1;
+        memo.present.clear();
     }
 
     /// Every cached entry of one tag (one per media type seen).
@@ -208,7 +458,25 @@ impl Meta {
         media_type: &str,
         tag: Option<(&str, &str, &str, SystemTime)>,
     ) -> io::Result<()> {
+        self.put_manifest_linked(digest, media_type, tag, None)
+    }
+
+    /// `put_manifest`, and in the same transaction the links of `links.0`'s repository
+    /// `links.1` to the manifest itself and to `links.2` (what it references).
+    pub fn put_manifest_linked(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        tag: Option<(&str, &str, &str, SystemTime)>,
+        links: Option<(&str, &str, &[Digest], LinkSource)>,
+    ) -> io::Result<()> {
         let tx = self.db.begin_write().map_err(io_err)?;
+        if let Some((upstream, repo, refs, how)) = links {
+            let mut table = tx.open_table(LINKS).map_err(io_err)?;
+            for d in std::iter::once(digest).chain(refs) {
+                insert_link(&mut table, upstream, repo, &d.to_string(), how)?;
+            }
+        }
         {
             let mut manifests = tx.open_table(MANIFESTS).map_err(io_err)?;
             manifests
@@ -254,7 +522,8 @@ impl Meta {
     }
 
     /// Records a committed object. Durable before the caller renames the file into place.
-    /// Returns the size of the row it replaced, if there was one.
+    /// Returns the size of the row it replaced, if there was one. The repository that
+    /// committed it (`<upstream>/<repo>`: the upstream served it there) is linked to it.
     pub fn put_object(
         &self,
         digest: &Digest,
@@ -264,6 +533,10 @@ impl Meta {
     ) -> io::Result<Option<u64>> {
         let tx = self.db.begin_write().map_err(io_err)?;
         let old;
+        if let Some((u, r)) = split_repo_key(repo) {
+            let mut links = tx.open_table(LINKS).map_err(io_err)?;
+            insert_link(&mut links, u, r, &digest.to_string(), LinkSource::Fetched)?;
+        }
         {
             let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
             old = objects
@@ -279,8 +552,12 @@ impl Meta {
     pub fn put_objects(&self, rows: &[(Digest, u64, String)], now: SystemTime) -> io::Result<()> {
         let tx = self.db.begin_write().map_err(io_err)?;
         {
+            let mut links = tx.open_table(LINKS).map_err(io_err)?;
             let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
             for (digest, size, repo) in rows {
+                if let Some((u, r)) = split_repo_key(repo) {
+                    insert_link(&mut links, u, r, &digest.to_string(), LinkSource::Fetched)?;
+                }
                 objects
                     .insert(
                         digest.to_string().as_str(),
@@ -361,7 +638,8 @@ impl Meta {
     }
 
     /// Forgets objects, and the tags that pointed at any of them (a tag whose manifest is gone
-    /// would only send every request upstream anyway).
+    /// would only send every request upstream anyway), and their links; a repository whose
+    /// last linked manifest goes loses all its links (nothing it holds is known any more).
     /// Returns the count and total size of the rows that were there.
     pub fn remove_objects(&self, digests: &[Digest]) -> io::Result<(u64, u64)> {
         let names: std::collections::HashSet<String> =
@@ -371,19 +649,57 @@ impl Meta {
         {
             let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
             let mut manifests = tx.open_table(MANIFESTS).map_err(io_err)?;
+            let mut gone_manifests = std::collections::HashSet::new();
             for d in &names {
                 if let Some(v) = objects.remove(d.as_str()).map_err(io_err)? {
                     count += 1;
                     bytes += v.value().0;
                 }
-                manifests.remove(d.as_str()).map_err(io_err)?;
+                if manifests.remove(d.as_str()).map_err(io_err)?.is_some() {
+                    gone_manifests.insert(d.as_str());
+                }
             }
             let mut tags = tx.open_table(TAGS).map_err(io_err)?;
             tags.retain(|_, (digest, _)| !names.contains(digest))
                 .map_err(io_err)?;
+            let mut links = tx.open_table(LINKS).map_err(io_err)?;
+            let mut touched: std::collections::BTreeSet<(String, String)> = Default::default();
+            links
+                .retain(|(u, r, d), _| {
+                    if gone_manifests.contains(d) {
+                        touched.insert((u.to_owned(), r.to_owned()));
+                    }
+                    !names.contains(d)
+                })
+                .map_err(io_err)?;
+            for (u, r) in touched {
+                let mut holds_a_manifest = false;
+                for row in links
+                    .range((u.as_str(), r.as_str(), "")..)
+                    .map_err(io_err)?
+                {
+                    let (k, _) = row.map_err(io_err)?;
+                    let (ku, kr, d) = k.value();
+                    if (ku, kr) != (u.as_str(), r.as_str()) {
+                        break;
+                    }
+                    if manifests.get(d).map_err(io_err)?.is_some() {
+                        holds_a_manifest = true;
+                        break;
+                    }
+                }
+                if !holds_a_manifest {
+                    links
+                        .retain_in((u.as_str(), r.as_str(), "").., |(ku, kr, _), _| {
+                            (ku, kr) != (u.as_str(), r.as_str())
+                        })
+                        .map_err(io_err)?;
+                }
+            }
         }
         let committed = tx.commit().map_err(io_err);
         self.forget_tags(None);
+        self.forget_links();
         committed?;
         Ok((count, bytes))
     }
@@ -515,5 +831,100 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].digest, d2);
         assert_eq!(*left, *m.read_tags("docker.io", "library/x", "1").unwrap());
+    }
+
+    #[test]
+    fn links_follow_commits_manifests_and_evictions() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(&dir.path().join("meta.redb")).unwrap();
+        assert!(!m.links_missing(), "a new store starts with links");
+        let (layer, manifest, other) = (
+            Digest::sha256_of(b"layer"),
+            Digest::sha256_of(b"manifest"),
+            Digest::sha256_of(b"other"),
+        );
+        let now = SystemTime::now();
+        m.put_object(&layer, 5, "up/team/app", now).unwrap();
+        m.put_object(&other, 5, "(imported)", now).unwrap();
+        assert!(m.linked("up", "team/app", &layer).unwrap());
+        assert!(!m.linked("up", "team/other", &layer).unwrap());
+        assert!(!m.linked("up", "(imported)", &other).unwrap());
+        m.put_manifest_linked(
+            &manifest,
+            "application/a",
+            None,
+            Some((
+                "up",
+                "team/b",
+                std::slice::from_ref(&layer),
+                LinkSource::Fetched,
+            )),
+        )
+        .unwrap();
+        assert!(m.linked("up", "team/b", &layer).unwrap());
+        assert!(m.linked("up", "team/b", &manifest).unwrap());
+        m.put_link("up", "team/c", &layer, LinkSource::Confirmed)
+            .unwrap();
+        assert!(m.linked("up", "team/c", &layer).unwrap());
+        // team/b's last manifest goes: so does everything it was known to hold.
+        m.remove_objects(std::slice::from_ref(&manifest)).unwrap();
+        assert!(!m.linked("up", "team/b", &layer).unwrap());
+        assert!(m.linked("up", "team/app", &layer).unwrap());
+        // The blob goes: every link to it goes.
+        m.remove_objects(std::slice::from_ref(&layer)).unwrap();
+        assert!(m.links().unwrap().is_empty(), "{:?}", m.links().unwrap());
+    }
+
+    /// A cache written before links must not turn every cached blob into a miss.
+    #[test]
+    fn a_store_without_links_gets_them_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let (config, layer, image) = (
+            Digest::sha256_of(b"config"),
+            Digest::sha256_of(b"layer"),
+            format!(
+                r#"{{"config":{{"digest":"{}","size":6}},"layers":[{{"digest":"{}","size":5}}]}}"#,
+                Digest::sha256_of(b"config"),
+                Digest::sha256_of(b"layer")
+            ),
+        );
+        let image_digest = Digest::sha256_of(image.as_bytes());
+        let index = format!(r#"{{"manifests":[{{"digest":"{image_digest}","size":1}}]}}"#);
+        let index_digest = Digest::sha256_of(index.as_bytes());
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        {
+            let m = Meta::open(&path).unwrap();
+            m.put_manifest(
+                &index_digest,
+                "application/i",
+                Some(("up", "team/app", "1", t)),
+            )
+            .unwrap();
+            m.put_manifest(&image_digest, "application/m", None)
+                .unwrap();
+            m.put_object(&layer, 5, "up/team/first", t).unwrap();
+            // As the previous version left it: no links table.
+            let tx = m.db.begin_write().unwrap();
+            tx.delete_table(LINKS).unwrap();
+            tx.commit().unwrap();
+        }
+        let m = Meta::open(&path).unwrap();
+        assert!(m.links_missing());
+        assert!(!m.linked("up", "team/app", &layer).unwrap());
+        let read = |d: &Digest| {
+            [(&index_digest, &index), (&image_digest, &image)]
+                .into_iter()
+                .find(|(k, _)| *k == d)
+                .map(|(_, v)| v.as_bytes().to_vec())
+        };
+        m.rebuild_links(read).unwrap();
+        for d in [&index_digest, &image_digest, &config, &layer] {
+            assert!(m.linked("up", "team/app", d).unwrap(), "{d}");
+        }
+        assert!(m.linked("up", "team/first", &layer).unwrap());
+        assert!(!m.linked("up", "team/first", &config).unwrap());
+        drop(m);
+        assert!(!Meta::open(&path).unwrap().links_missing(), "rebuilt once");
     }
 }

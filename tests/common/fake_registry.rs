@@ -461,11 +461,28 @@ impl FakeRegistry {
         self.push_image_as(repo, tag, layer_sizes, true)
     }
 
+    /// Pushes an OCI image with a random config and these layers (so that images in several
+    /// repositories can share a layer); tags it if `tag` is given.
+    pub fn push_image_with(&self, repo: &str, tag: Option<&str>, layers: &[Bytes]) -> Image {
+        self.push_image_bytes(repo, tag, layers.to_vec(), false)
+    }
+
     fn push_image_as(
         &self,
         repo: &str,
         tag: Option<&str>,
         layer_sizes: &[usize],
+        docker: bool,
+    ) -> Image {
+        let layers = layer_sizes.iter().map(|&n| random_blob(n)).collect();
+        self.push_image_bytes(repo, tag, layers, docker)
+    }
+
+    fn push_image_bytes(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        layers: Vec<Bytes>,
         docker: bool,
     ) -> Image {
         let nonce = hex::encode(random_blob(8));
@@ -477,12 +494,9 @@ impl FakeRegistry {
             .unwrap(),
         );
         let config_digest = self.push_blob(repo, config.clone());
-        let layers: Vec<(String, Bytes)> = layer_sizes
-            .iter()
-            .map(|&n| {
-                let b = random_blob(n);
-                (self.push_blob(repo, b.clone()), b)
-            })
+        let layers: Vec<(String, Bytes)> = layers
+            .into_iter()
+            .map(|b| (self.push_blob(repo, b.clone()), b))
             .collect();
         let (mt, config_mt, layer_mt) = if docker {
             (

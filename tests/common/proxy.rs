@@ -109,6 +109,11 @@ impl Proxy {
         }
     }
 
+    /// The running server (its mirror, for eviction passes).
+    pub fn server(&self) -> &cachalot::server::Server {
+        self.server.as_ref().expect("proxy running")
+    }
+
     /// Where it listens.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.addr
