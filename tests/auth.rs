@@ -333,3 +333,91 @@ async fn an_upstream_401_is_passed_on_without_inviting_a_login() {
     // Logging in again would not help: cachalot's own upstream credentials are at fault.
     assert_eq!(r.header("www-authenticate"), None);
 }
+
+/// The issue's scenario end to end in one mirror: a private repository upstream (the mirror
+/// holds its credentials), pulled by a user allowed to; then its config and layer digests named
+/// under a public repository by another user and anonymously: 404, and not one byte of them.
+/// And the other user asking under the private repository itself is denied before the upstream.
+#[tokio::test]
+async fn a_private_layer_pulled_by_one_user_is_not_served_to_another_under_a_public_path() {
+    let fake = FakeRegistry::start().await;
+    fake.set_token_auth(TokenAuth {
+        required_credentials: Some(("robot".into(), "auth-scoped-secret".into())),
+        ..TokenAuth::default()
+    });
+    fake.set_private("org/private", 401);
+    let private = fake.push_image("org/private", Some("v1"), &[30_000, 2_000]);
+    let public = fake.push_image("org/public", Some("v1"), &[1_000]);
+    // SAFETY: a variable no other test names; cachalot reads it only after this returns.
+    unsafe { std::env::set_var("CACHALOT_TEST_AUTH_SCOPED_PW", "auth-scoped-secret") };
+    let up = UpstreamSpec::new(UP, &fake.url(), true)
+        .with("username = \"robot\"\npassword_env = \"CACHALOT_TEST_AUTH_SCOPED_PW\"");
+    let rules = format!(
+        r#"anonymous = true
+
+[[access]]
+users = ["alice"]
+repositories = ["{UP}/org/**"]
+allow = true
+
+[[access]]
+users = ["*"]
+repositories = ["{UP}/org/public"]
+allow = true
+"#
+    );
+    let env = AuthEnv::start(fake, vec![up], &[ALICE, BOB], &rules).await;
+
+    // Alice pulls the private image: manifest, config, layers.
+    let r = env.get("/v2/org/private/manifests/v1", Some(ALICE)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let blobs: Vec<_> = std::iter::once(&private.config)
+        .chain(&private.layers)
+        .collect();
+    for (d, bytes) in &blobs {
+        let r = env
+            .get(&format!("/v2/org/private/blobs/{d}"), Some(ALICE))
+            .await;
+        assert_eq!(r.status, 200, "alice {d}");
+        assert!(r.body == *bytes);
+    }
+    // Bob and anonymous callers may pull the public image.
+    for who in [Some(BOB), None] {
+        let r = env.get("/v2/org/public/manifests/v1", who).await;
+        assert_eq!(r.status, 200, "{who:?}: {}", r.text());
+        let d = &public.layers[0].0;
+        let r = env.get(&format!("/v2/org/public/blobs/{d}"), who).await;
+        assert_eq!(r.status, 200, "{who:?} public layer");
+    }
+
+    // The private digests under the public path: the upstream's 404, none of the bytes.
+    for who in [Some(BOB), None] {
+        for (d, bytes) in &blobs {
+            for method in [Method::GET, Method::HEAD] {
+                let path = format!("/v2/org/public/blobs/{d}");
+                let r = env.send(method.clone(), &path, who).await;
+                assert_eq!(r.status, 404, "{who:?} {method} {path}: {}", r.text());
+                assert!(
+                    !r.body.windows(64).any(|w| w == &bytes[..64]),
+                    "{who:?} {method} {path}: the body carries the private blob"
+                );
+                assert!(r.body.len() < 1024, "{who:?} {method} {path}");
+            }
+        }
+    }
+    // Under the private repository itself: denied, and the upstream is not asked.
+    let before = env.fake.total();
+    let (d, _) = blobs[1];
+    let r = env
+        .get(&format!("/v2/org/private/blobs/{d}"), Some(BOB))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("DENIED"));
+    let r = env.get(&format!("/v2/org/private/blobs/{d}"), None).await;
+    assert_challenge(&r, "cachalot", "anonymous under the private repository");
+    assert_eq!(
+        env.fake.total(),
+        before,
+        "refused requests reached the upstream"
+    );
+}
