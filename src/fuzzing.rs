@@ -3,6 +3,7 @@
 //! parser that faces the network or the user, and panics only when the parser breaks a promise
 //! (a panic inside the parser itself is the other kind of finding). Not a stable API.
 
+use crate::auth::{RepoPattern, htpasswd::parse as parse_htpasswd};
 use crate::config::Config;
 use crate::http::handlers::{RangeAnswer, parse_range};
 use crate::http::route::{Route, route as route_request};
@@ -26,6 +27,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("range", range),
     ("manifest", manifest),
     ("config", config),
+    ("htpasswd", htpasswd),
+    ("access", access),
 ];
 
 /// A request line: the first byte picks the method, the rest is the path. Names the router
@@ -153,5 +156,40 @@ pub fn config(data: &[u8]) {
         if let Err(e) = Config::from_toml_str(&printed) {
             panic!("check-config printed a config that does not load: {e}\n{printed}");
         }
+    }
+}
+
+/// An htpasswd file as `[auth] htpasswd` names it: every user it loads has a name a client can
+/// send (no `:`, not empty) and a bcrypt hash.
+pub fn htpasswd(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(h) = parse_htpasswd(s) {
+        for name in h.names() {
+            assert!(!name.is_empty() && !name.contains(':'), "user {name:?}");
+            let hash = h.hash(name).expect("a listed user has a hash");
+            assert!(hash.starts_with("$2"), "{name:?} loaded with a non-bcrypt hash");
+        }
+    }
+}
+
+/// An `[[access]]` repository pattern (first line) against a name (second line): matching never
+/// panics, and a pattern without wildcards matches the name it spells.
+pub fn access(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (pattern, name) = s.split_once('\n').unwrap_or((s, ""));
+    let Ok(p) = RepoPattern::parse(pattern) else {
+        return;
+    };
+    if let Some((upstream, repo)) = name.split_once('/') {
+        let _ = p.matches(upstream, repo);
+    }
+    if !pattern.contains('*')
+        && let Some((upstream, repo)) = pattern.split_once('/')
+    {
+        assert!(p.matches(upstream, repo), "{pattern:?} does not match itself");
     }
 }

@@ -406,12 +406,6 @@ fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-#[doc(hidden)]
-/// For the fuzz targets: the htpasswd parser, from outside the crate.
-pub fn fuzz_htpasswd(text: &str) -> bool {
-    htpasswd::parse(text).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
