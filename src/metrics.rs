@@ -196,6 +196,13 @@ pub struct Metrics {
     pub ratelimit_remaining: IntGaugeVec,
     pub followers_waiting: IntGauge,
     pub cache_max_size: IntGauge,
+    /// Connections being served on `server.listen`, and the most it serves at once.
+    pub connections_open: IntGauge,
+    pub connections_limit: IntGauge,
+    /// Requests waiting for a turn under an upstream's `max_connections`.
+    pub upstream_waiting: IntGaugeVec,
+    /// 1 while an upstream's circuit breaker is open (taken for down).
+    pub upstream_circuit_open: IntGaugeVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
@@ -355,6 +362,22 @@ impl Metrics {
                 "cachalot_cache_max_size_bytes",
                 "The configured disk bound of the cache (cache.max_size).",
             ),
+            connections_open: d.gauge(
+                "cachalot_connections_open",
+                "Client connections being served on server.listen.",
+            ),
+            connections_limit: d.gauge(
+                "cachalot_connections_limit",
+                "The most client connections served at once (server.max_connections).",
+            ),
+            upstream_waiting: d.gauge_vec(
+                "cachalot_upstream_requests_waiting",
+                "Requests waiting for a turn under the upstream's max_connections.",
+            ),
+            upstream_circuit_open: d.gauge_vec(
+                "cachalot_upstream_circuit_open",
+                "1 while the upstream's circuit breaker is open: requests fail at once, cached content is served.",
+            ),
             cache_size_bytes: d.gauge(
                 "cachalot_cache_size_bytes",
                 "Bytes of content in the cache.",
@@ -410,6 +433,8 @@ impl Metrics {
                     .with_label_values(&[u, f.as_str()]);
             }
             self.upstream_rate_limited.with_label_values(&[u]);
+            self.upstream_waiting.with_label_values(&[u]);
+            self.upstream_circuit_open.with_label_values(&[u]);
             for result in ["ok", "error"] {
                 self.token_fetches.with_label_values(&[u, result]);
             }
