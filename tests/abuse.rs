@@ -113,17 +113,18 @@ async fn slow_heads_do_not_delay_others_and_are_closed_at_the_header_timeout() {
     .await;
     let addr = proxy.addr();
 
-    // Three kinds of slowloris: half an HTTP/1 head, half the HTTP/2 preface (before
-    // hyper knows the protocol), and nothing at all.
-    let partial: [&[u8]; 3] = [
+    // Four kinds of slowloris: half an HTTP/1 head, half the HTTP/2 preface (before hyper
+    // knows the protocol), the whole preface and settings but no request, and nothing at all.
+    let partial: [&[u8]; 4] = [
         b"GET /v2/ HTTP/1.1\r\nhost: x\r\nx-slow: ",
         b"PRI * HTTP/2",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
         b"",
     ];
     let mut stalled = Vec::new();
     for i in 0..300 {
         let mut s = connect(addr).await;
-        s.write_all(partial[i % 3]).await.unwrap();
+        s.write_all(partial[i % partial.len()]).await.unwrap();
         stalled.push(s);
     }
 
