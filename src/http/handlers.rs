@@ -71,7 +71,13 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
         }
     };
     resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
-    if carries_body(&req) && req.version() < Version::HTTP_2 {
+    // The status first: it is cheaper than the headers, and only a refusal carries a body.
+    if matches!(
+        resp.status(),
+        StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED
+    ) && carries_body(&req)
+        && req.version() < Version::HTTP_2
+    {
         // The body was never read: closing is the only way not to read it, since the next
         // request on this connection would start after it.
         resp.headers_mut()

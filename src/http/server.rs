@@ -20,6 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -398,16 +399,26 @@ where
     F: Future<Output = Result<(), E>>,
     E: From<&'static str>,
 {
-    let deadline = async {
-        tokio::time::sleep(timeout).await;
-        if started.load(Ordering::Relaxed) {
-            std::future::pending::<()>().await;
+    let mut conn = std::pin::pin!(conn);
+    // Dropped once a head has come, so that later wake-ups of the connection (every
+    // request's) neither poll nor keep a timer.
+    let mut deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r);
         }
-    };
-    tokio::select! {
-        r = conn => r,
-        () = deadline => Err(E::from("no complete request head within server.header_timeout")),
-    }
+        if let Some(sleep) = deadline.as_mut() {
+            if started.load(Ordering::Relaxed) {
+                deadline = None;
+            } else if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(E::from(
+                    "no complete request head within server.header_timeout",
+                )));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, Error> {
