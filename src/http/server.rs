@@ -43,6 +43,10 @@ const COMMIT_DRAIN: Duration = Duration::from_secs(10);
 /// default (about 400 KiB) would let each of `max_connections` slow heads hold that much.
 const MAX_HEAD_BUFFER: usize = 64 * 1024;
 
+/// File descriptors kept for everything but client connections: cache files being read and
+/// written, upstream connections, the metadata store, the metrics listener.
+const FD_RESERVE: u64 = 256;
+
 /// Limits of the metrics listener, which serves one scraper or two.
 const METRICS_LISTENER_CONNECTIONS: usize = 64;
 
@@ -130,7 +134,7 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
     crate::airgap::spawn_refresh(&config, &mirror, stopped.clone());
     let limits = Limits {
         header_timeout: config.server.header_timeout.0,
-        max_connections: config.server.max_connections,
+        max_connections: connection_budget(config.server.max_connections),
         open: Some(state.metrics.connections_open.clone()),
     };
     state
@@ -214,6 +218,45 @@ impl Drop for Slot {
             g.dec();
         }
     }
+}
+
+/// `server.max_connections`, lowered (with a warning) to what the process's open-file limit
+/// leaves after [`FD_RESERVE`]: past it, accepts would fail with EMFILE, and so would the
+/// opens of cached files that the connections already held are waiting for.
+fn connection_budget(configured: usize) -> usize {
+    let Some(limit) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| open_files_limit(&t))
+    else {
+        return configured;
+    };
+    let budget = if limit > 2 * FD_RESERVE {
+        limit - FD_RESERVE
+    } else {
+        limit / 2
+    };
+    let budget = usize::try_from(budget.max(1)).unwrap_or(usize::MAX);
+    if budget < configured {
+        warn!(
+            configured,
+            max_connections = budget,
+            open_files_limit = limit,
+            "server.max_connections lowered to what the open-file limit allows (raise ulimit -n to serve more)"
+        );
+        budget
+    } else {
+        configured
+    }
+}
+
+/// The soft "Max open files" limit from `/proc/self/limits`; `None` when unlimited or absent.
+fn open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Serves `listener` until `stopped`: each connection in its own task (after the TLS
@@ -443,4 +486,26 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcce
     .map_err(|e| Error::Internal(format!("server.tls_cert/tls_key: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_soft_open_files_limit() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files_limit(text), Some(1024));
+        let unlimited = text.replace("1024  ", "unlimited");
+        assert_eq!(open_files_limit(&unlimited), None);
+        assert_eq!(open_files_limit("nothing here"), None);
+    }
+
+    #[test]
+    fn the_connection_budget_never_exceeds_the_configuration() {
+        assert!(connection_budget(2) <= 2);
+        assert!(connection_budget(1) == 1);
+    }
 }
