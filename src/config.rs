@@ -143,6 +143,15 @@ pub struct ServerConfig {
     /// network. `/metrics` stays on `listen` too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// A connection that has not sent a complete request head this long after it was
+    /// accepted (or after its previous response, when kept alive) is closed: slow or
+    /// endless heads (slowloris) cannot hold connections.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Dur,
+    /// Connections served at once, on `listen`. Past it, new connections wait in the
+    /// listen backlog until one closes, so the ones held stay responsive.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 /// `[cache]`: where and how much to cache.
@@ -223,6 +232,17 @@ pub struct UpstreamConfig {
     /// Response-header and idle-body timeout for this upstream.
     #[serde(default = "default_timeout")]
     pub timeout: Dur,
+    /// At most this many requests to this upstream at once (each held until its response
+    /// body ends); excess waits its turn. Unset: unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Consecutive connect failures or timeouts after which the upstream is taken for down
+    /// (its circuit opens): requests fail at once, cached content is served without asking it.
+    #[serde(default = "default_circuit_break_after")]
+    pub circuit_break_after: u32,
+    /// How long an open circuit stays open before one probe request is let through.
+    #[serde(default = "default_circuit_pause")]
+    pub circuit_pause: Dur,
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -266,6 +286,18 @@ fn default_connect_timeout() -> Dur {
 fn default_timeout() -> Dur {
     Dur(Duration::from_secs(30))
 }
+fn default_header_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_circuit_break_after() -> u32 {
+    3
+}
+fn default_circuit_pause() -> Dur {
+    Dur(Duration::from_secs(10))
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -274,6 +306,8 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             metrics_listen: None,
+            header_timeout: default_header_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -308,6 +342,9 @@ impl UpstreamConfig {
             insecure_skip_verify: false,
             connect_timeout: default_connect_timeout(),
             timeout: default_timeout(),
+            max_connections: None,
+            circuit_break_after: default_circuit_break_after(),
+            circuit_pause: default_circuit_pause(),
         }
     }
 
@@ -512,6 +549,12 @@ impl Config {
                 self.log.level
             ));
         }
+        if self.server.header_timeout.0.is_zero() {
+            return bad("server.header_timeout: must be greater than zero".into());
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections: must be at least 1".into());
+        }
         if self.cache.memory.0 < 1 << 20 {
             return bad("cache.memory: must be at least 1MiB".into());
         }
@@ -582,6 +625,21 @@ impl Config {
         }
         if u.timeout.0.is_zero() {
             return bad(format!("{}: must be greater than zero", key("timeout")));
+        }
+        if u.max_connections == Some(0) {
+            return bad(format!("{}: must be at least 1", key("max_connections")));
+        }
+        if u.circuit_break_after == 0 {
+            return bad(format!(
+                "{}: must be at least 1",
+                key("circuit_break_after")
+            ));
+        }
+        if u.circuit_pause.0.is_zero() {
+            return bad(format!(
+                "{}: must be greater than zero",
+                key("circuit_pause")
+            ));
         }
         Ok(())
     }
@@ -1012,5 +1070,37 @@ mod tests {
         assert!(c.tls_warnings()[0].contains("r.test"));
         let again = Config::from_toml_str(&c.to_toml()).unwrap();
         assert!(again.upstream[0].insecure_skip_verify);
+    }
+
+    #[test]
+    fn abuse_limits_have_defaults_and_are_checked() {
+        let c = Config::from_toml_str("[[upstream]]\nname = \"a\"\nurl = \"http://a\"\n").unwrap();
+        assert_eq!(c.server.header_timeout.0, Duration::from_secs(10));
+        assert_eq!(c.server.max_connections, 4096);
+        assert_eq!(c.upstream[0].max_connections, None);
+        assert_eq!(c.upstream[0].circuit_break_after, 3);
+        assert_eq!(c.upstream[0].circuit_pause.0, Duration::from_secs(10));
+        for (text, key) in [
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nheader_timeout = \"0s\"\n",
+                "server.header_timeout",
+            ),
+            (
+                "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nmax_connections = 0\n",
+                "upstream[0].max_connections",
+            ),
+            (
+                "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\ncircuit_break_after = 0\n",
+                "upstream[0].circuit_break_after",
+            ),
+            (
+                "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\ncircuit_pause = \"0s\"\n",
+                "upstream[0].circuit_pause",
+            ),
+        ] {
+            let e = Config::from_toml_str(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
     }
 }

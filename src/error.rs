@@ -57,6 +57,12 @@ pub enum UpstreamFault {
     DigestMismatch { expected: String, actual: String },
     #[error("body ended after {got} of {expected} bytes")]
     Truncated { expected: u64, got: u64 },
+    /// The upstream was taken for down after repeated connect failures or timeouts (its
+    /// circuit is open), so it was not contacted; `retry_after` is when it will be tried again.
+    #[error(
+        "is unreachable (repeated connect failures or timeouts); not contacted until it is probed again"
+    )]
+    CircuitOpen { retry_after: HeaderValue },
     /// The mirror runs offline and the content is not cached.
     #[error("not contacted: the mirror is offline and this is not cached")]
     Offline,
@@ -148,6 +154,10 @@ impl Error {
                 fault: UpstreamFault::Status { retry_after, .. },
                 ..
             } => retry_after.as_ref(),
+            Error::Upstream {
+                fault: UpstreamFault::CircuitOpen { retry_after },
+                ..
+            } => Some(retry_after),
             _ => None,
         }
     }
@@ -183,6 +193,10 @@ impl Error {
                     format!("upstream {upstream} {fault}"),
                 )
                 .with_status(StatusCode::GATEWAY_TIMEOUT),
+                UpstreamFault::CircuitOpen { .. } => OciError::new(
+                    ErrorCode::Unavailable,
+                    format!("upstream {upstream} {fault}, and this is not cached"),
+                ),
                 UpstreamFault::Offline => OciError::new(
                     not_found,
                     format!("not cached, and the mirror is offline ({upstream} not contacted)"),

@@ -169,7 +169,10 @@ pub fn htpasswd(data: &[u8]) {
         for name in h.names() {
             assert!(!name.is_empty() && !name.contains(':'), "user {name:?}");
             let hash = h.hash(name).expect("a listed user has a hash");
-            assert!(hash.starts_with("$2"), "{name:?} loaded with a non-bcrypt hash");
+            assert!(
+                hash.starts_with("$2"),
+                "{name:?} loaded with a non-bcrypt hash"
+            );
         }
     }
 }
@@ -190,6 +193,9 @@ pub fn access(data: &[u8]) {
     if !pattern.contains('*')
         && let Some((upstream, repo)) = pattern.split_once('/')
     {
-        assert!(p.matches(upstream, repo), "{pattern:?} does not match itself");
+        assert!(
+            p.matches(upstream, repo),
+            "{pattern:?} does not match itself"
+        );
     }
 }

@@ -228,6 +228,13 @@ pub struct Metrics {
     pub auth_reloads: IntCounterVec,
     /// Cached blobs asked for under a repository not known to hold them, by answer.
     pub blob_link_checks: IntCounterVec,
+    /// Connections being served on `server.listen`, and the most it serves at once.
+    pub connections_open: IntGauge,
+    pub connections_limit: IntGauge,
+    /// Requests waiting for a turn under an upstream's `max_connections`.
+    pub upstream_waiting: IntGaugeVec,
+    /// 1 while an upstream's circuit breaker is open (taken for down).
+    pub upstream_circuit_open: IntGaugeVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
@@ -397,6 +404,22 @@ impl Metrics {
                 "Blobs asked for under a repository not known to hold them, checked with the upstream, by result (confirmed, refused, failed).",
                 &["result"],
             ),
+            connections_open: d.gauge(
+                "cachalot_connections_open",
+                "Client connections being served on server.listen.",
+            ),
+            connections_limit: d.gauge(
+                "cachalot_connections_limit",
+                "The most client connections served at once (server.max_connections).",
+            ),
+            upstream_waiting: d.gauge_vec(
+                "cachalot_upstream_requests_waiting",
+                "Requests waiting for a turn under the upstream's max_connections.",
+            ),
+            upstream_circuit_open: d.gauge_vec(
+                "cachalot_upstream_circuit_open",
+                "1 while the upstream's circuit breaker is open: requests fail at once, cached content is served.",
+            ),
             cache_size_bytes: d.gauge(
                 "cachalot_cache_size_bytes",
                 "Bytes of content in the cache.",
@@ -474,6 +497,8 @@ impl Metrics {
                     .with_label_values(&[u, f.as_str()]);
             }
             self.upstream_rate_limited.with_label_values(&[u]);
+            self.upstream_waiting.with_label_values(&[u]);
+            self.upstream_circuit_open.with_label_values(&[u]);
             for result in ["ok", "error"] {
                 self.token_fetches.with_label_values(&[u, result]);
             }

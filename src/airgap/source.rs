@@ -351,7 +351,7 @@ fn protocol(m: String) -> Error {
 }
 
 /// The server's OCI error message, which already names the upstream and what went wrong.
-async fn server_error(resp: http::Response<hyper::body::Incoming>) -> Error {
+async fn server_error(resp: http::Response<crate::upstream::UpstreamBody>) -> Error {
     let status = resp.status();
     let body = resp
         .into_body()

@@ -84,6 +84,21 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
             .insert(header::WWW_AUTHENTICATE, auth.challenge().clone());
     }
     resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
+    // The status first: it is cheaper than the headers, and only a refusal carries a body.
+    if matches!(
+        resp.status(),
+        StatusCode::BAD_REQUEST
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+    ) && carries_body(&req)
+        && req.version() < Version::HTTP_2
+    {
+        // The body was never read: closing is the only way not to read it, since the next
+        // request on this connection would start after it.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     state.metrics.request(label, resp.status(), started);
     super::log::finish_response(resp, span, started, state.metrics.clone())
 }
@@ -104,6 +119,17 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         _ => None,
     };
     crate::telemetry::record_user(who.as_ref().map_or(crate::auth::ANONYMOUS, Principal::name));
+    // Nothing cachalot serves takes a body, so none is read, whatever its size (writes keep
+    // their 405 below, which says more to a `docker push`).
+    if carries_body(req) && r != Route::Unsupported {
+        return Err(Error::Client(
+            OciError::new(
+                ErrorCode::Unsupported,
+                "a request body is not accepted: this mirror only serves pulls",
+            )
+            .with_status(StatusCode::BAD_REQUEST),
+        ));
+    }
     match r {
         Route::Base => Ok(json_ok(b"{}".to_vec(), head)),
         Route::Manifest { name, reference } => {
@@ -153,6 +179,16 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         )),
         Route::NotFound => Err(Error::client(ErrorCode::NameUnknown, "no such endpoint")),
     }
+}
+
+/// Whether the request announces a body (HTTP/1 `Content-Length` other than 0, or any
+/// `Transfer-Encoding`), which hyper would otherwise read, or drain, before the next request.
+fn carries_body<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
 }
 
 /// The `/metrics` answer, on the main listener and on `server.metrics_listen` alike.

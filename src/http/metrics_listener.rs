@@ -28,6 +28,7 @@ pub(crate) async fn spawn(
         name: "server.metrics_listen",
         tls: None,
         sendfile: false,
+        limits: super::server::Limits::metrics_listener(),
     };
     let task = tokio::spawn(super::server::accept_loop(
         listener, stopped, mirror, answer,

@@ -12,14 +12,16 @@ use crate::storage::{Disk, RealDisk, Store};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -33,6 +35,18 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long `shutdown` waits for verified blobs to be committed (an fsync and a rename each).
 const COMMIT_DRAIN: Duration = Duration::from_secs(10);
+
+/// The most a connection buffers while reading a request head; a longer head gets 431 and
+/// the connection is closed. Registry clients send heads of a few kilobytes; hyper's own
+/// default (about 400 KiB) would let each of `max_connections` slow heads hold that much.
+const MAX_HEAD_BUFFER: usize = 64 * 1024;
+
+/// File descriptors kept for everything but client connections: cache files being read and
+/// written, upstream connections, the metadata store, the metrics listener.
+const FD_RESERVE: u64 = 256;
+
+/// Limits of the metrics listener, which serves one scraper or two.
+const METRICS_LISTENER_CONNECTIONS: usize = 64;
 
 /// A running server. Dropping it does not stop it; call `shutdown`.
 pub struct Server {
@@ -125,11 +139,21 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         None => (None, None),
     };
     crate::airgap::spawn_refresh(&config, &mirror, stopped.clone());
+    let limits = Limits {
+        header_timeout: config.server.header_timeout.0,
+        max_connections: connection_budget(config.server.max_connections),
+        open: Some(state.metrics.connections_open.clone()),
+    };
+    state
+        .metrics
+        .connections_limit
+        .set(i64::try_from(limits.max_connections).unwrap_or(i64::MAX));
     let listener = Listener {
         tcp: listener,
         name: "server.listen",
         tls,
         sendfile: true,
+        limits,
     };
     let task = tokio::spawn(accept_loop(listener, stopped, state, handle));
     Ok(Server {
@@ -151,6 +175,95 @@ pub(super) struct Listener {
     pub tls: Option<TlsAcceptor>,
     /// It serves blobs: plain connections send them with sendfile.
     pub sendfile: bool,
+    pub limits: Limits,
+}
+
+/// What one listener's connections may take.
+pub(super) struct Limits {
+    /// A request head not complete this long after the connection was accepted (or after
+    /// its previous response): the connection is closed.
+    pub header_timeout: Duration,
+    /// Connections served at once; past it, the loop stops accepting and new connections
+    /// wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Counts the connections being served, when this listener's are to be shown.
+    pub open: Option<prometheus::IntGauge>,
+}
+
+impl Limits {
+    /// The limits of the `/metrics`-only listener: the same head timeout, few connections.
+    pub(super) fn metrics_listener() -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            max_connections: METRICS_LISTENER_CONNECTIONS,
+            open: None,
+        }
+    }
+}
+
+/// Held by a connection's task for as long as it runs: its place under `max_connections`.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Option<prometheus::IntGauge>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: Option<prometheus::IntGauge>) -> Slot {
+        if let Some(g) = &open {
+            g.inc();
+        }
+        Slot {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(g) = &self.open {
+            g.dec();
+        }
+    }
+}
+
+/// `server.max_connections`, lowered (with a warning) to what the process's open-file limit
+/// leaves after [`FD_RESERVE`]: past it, accepts would fail with EMFILE, and so would the
+/// opens of cached files that the connections already held are waiting for.
+fn connection_budget(configured: usize) -> usize {
+    let Some(limit) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| open_files_limit(&t))
+    else {
+        return configured;
+    };
+    let budget = if limit > 2 * FD_RESERVE {
+        limit - FD_RESERVE
+    } else {
+        limit / 2
+    };
+    let budget = usize::try_from(budget.max(1)).unwrap_or(usize::MAX);
+    if budget < configured {
+        warn!(
+            configured,
+            max_connections = budget,
+            open_files_limit = limit,
+            "server.max_connections lowered to what the open-file limit allows (raise ulimit -n to serve more)"
+        );
+        budget
+    } else {
+        configured
+    }
+}
+
+/// The soft "Max open files" limit from `/proc/self/limits`; `None` when unlimited or absent.
+fn open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Serves `listener` until `stopped`: each connection in its own task (after the TLS
@@ -169,7 +282,19 @@ pub(super) async fn accept_loop<S, A, F>(
 {
     let mut conns = JoinSet::new();
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(listener.limits.max_connections));
+    let mut permit: Option<OwnedSemaphorePermit> = None;
     loop {
+        // A place is taken before accepting: at the limit, connections wait in the backlog
+        // (the client sees a slow connect, not an error) rather than being accepted and
+        // starved, and those already served keep their share of the machine.
+        if permit.is_none() {
+            permit = tokio::select! {
+                _ = stopped.changed() => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                p = slots.clone().acquire_owned() => Some(p.expect("the semaphore is never closed")),
+            };
+        }
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -192,14 +317,23 @@ pub(super) async fn accept_loop<S, A, F>(
         // The watcher is taken now, not in the task: a connection accepted just before the
         // stop must still hear of it.
         let watcher = graceful.watcher();
-        conns.spawn(serve_connection(
+        let slot = Slot::new(
+            permit.take().expect("taken above"),
+            listener.limits.open.clone(),
+        );
+        let served = serve_connection(
             conn,
             peer,
             listener.sendfile,
             state.clone(),
             answer,
             watcher,
-        ));
+            listener.limits.header_timeout,
+        );
+        conns.spawn(async move {
+            let _slot = slot;
+            served.await;
+        });
     }
     // Closing the socket now refuses new connections instead of leaving them in the backlog.
     let name = listener.name;
@@ -239,6 +373,7 @@ async fn serve_connection<S, A, F>(
     state: Arc<S>,
     answer: A,
     watcher: Watcher,
+    header_timeout: Duration,
 ) where
     S: Send + Sync + 'static,
     A: Fn(Arc<S>, Request<Incoming>) -> F + Copy + Send + 'static,
@@ -250,7 +385,12 @@ async fn serve_connection<S, A, F>(
         Conn::Sendfile(s) => Some(s.queue()),
         _ => None,
     };
+    // Set once the first request head is complete: from then on hyper's own header timeout
+    // (HTTP/1, between requests) takes over.
+    let started = Arc::new(AtomicBool::new(false));
+    let seen = started.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
+        seen.store(true, Ordering::Relaxed);
         if let Some(q) = &queue {
             req.extensions_mut().insert(q.clone());
         }
@@ -260,6 +400,12 @@ async fn serve_connection<S, A, F>(
         async move { Ok::<_, std::convert::Infallible>(answer(state, req).await) }
     });
     let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BUFFER);
+    builder.http2().timer(TokioTimer::new());
     if sendfile {
         // Body chunks must reach the socket as the slices they were yielded as, never
         // flattened into hyper's own buffer: sendfile placeholders depend on it.
@@ -268,17 +414,17 @@ async fn serve_connection<S, A, F>(
     let result = match conn {
         Conn::Plain(s) => {
             let conn = builder.serve_connection(TokioIo::new(s), service);
-            watcher.watch(conn).await
+            first_head(watcher.watch(conn), &started, header_timeout).await
         }
         Conn::Sendfile(s) => {
             let conn = builder.serve_connection(TokioIo::new(s), service);
-            watcher.watch(conn).await
+            first_head(watcher.watch(conn), &started, header_timeout).await
         }
         Conn::Tls(acceptor, stream) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => {
                     let conn = builder.serve_connection(TokioIo::new(s), service);
-                    watcher.watch(conn).await
+                    first_head(watcher.watch(conn), &started, header_timeout).await
                 }
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -290,5 +436,59 @@ async fn serve_connection<S, A, F>(
     };
     if let Err(e) = result {
         debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves `conn` but gives up on it when no request head was complete within `timeout`.
+///
+/// hyper's HTTP/1 header timeout starts only once the protocol is known, and the auto builder
+/// waits for the first bytes to know it without a deadline; HTTP/2 has none at all. A client
+/// that connects and sends nothing, or a partial preface, is closed here.
+async fn first_head<F, E>(conn: F, started: &AtomicBool, timeout: Duration) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+    E: From<&'static str>,
+{
+    let mut conn = std::pin::pin!(conn);
+    // Dropped once a head has come, so that later wake-ups of the connection (every
+    // request's) neither poll nor keep a timer.
+    let mut deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if let Some(sleep) = deadline.as_mut() {
+            if started.load(Ordering::Relaxed) {
+                deadline = None;
+            } else if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(E::from(
+                    "no complete request head within server.header_timeout",
+                )));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_soft_open_files_limit() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files_limit(text), Some(1024));
+        let unlimited = text.replace("1024  ", "unlimited");
+        assert_eq!(open_files_limit(&unlimited), None);
+        assert_eq!(open_files_limit("nothing here"), None);
+    }
+
+    #[test]
+    fn the_connection_budget_never_exceeds_the_configuration() {
+        assert!(connection_budget(2) <= 2);
+        assert!(connection_budget(1) == 1);
     }
 }

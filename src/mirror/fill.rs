@@ -13,12 +13,12 @@ use crate::error::{Error, UpstreamFault};
 use crate::metrics::{BodyFault, Metrics};
 use crate::oci::Digest;
 use crate::storage::{BlobWriter, ReadAt};
+use crate::upstream::UpstreamBody;
 use crate::upstream::{Op, Upstream};
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use http::Method;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -221,7 +221,7 @@ impl AgeLimit {
 #[allow(clippy::too_many_arguments)]
 async fn copy_body(
     up: &Upstream,
-    mut body: Incoming,
+    mut body: UpstreamBody,
     mut writer: Box<dyn BlobWriter>,
     hasher: &Hasher,
     guard: &FillGuard,
@@ -277,7 +277,7 @@ async fn copy_body(
 /// holds back bytes that followers could already have. Returns whether the body ended.
 async fn next_frames(
     up: &Upstream,
-    body: &mut Incoming,
+    body: &mut UpstreamBody,
     buf: &mut BytesMut,
     deadline: Instant,
     len: Option<u64>,

@@ -7,10 +7,10 @@ use super::Target;
 use super::inflight::HashState;
 use crate::error::{Error, UpstreamFault};
 use crate::oci::{Digest, Verifier};
+use crate::upstream::UpstreamBody;
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::collections::VecDeque;
 
 /// The part `pos..end` of a blob, read from an upstream body and checked against its digest.
@@ -18,7 +18,7 @@ pub(super) struct Relay {
     t: Target,
     digest: Digest,
     /// `None` until the resuming GET has been sent.
-    body: Option<Incoming>,
+    body: Option<UpstreamBody>,
     /// Where a resuming GET starts: the hash covers the bytes before it.
     resume_at: u64,
     hash: Verifier,
@@ -39,7 +39,7 @@ impl Relay {
     pub(super) fn pass_through(
         t: Target,
         digest: Digest,
-        body: Incoming,
+        body: UpstreamBody,
         len: Option<u64>,
     ) -> Relay {
         let hash = Verifier::new(digest.algorithm());
@@ -70,7 +70,7 @@ impl Relay {
     fn new(
         t: Target,
         digest: Digest,
-        body: Option<Incoming>,
+        body: Option<UpstreamBody>,
         resume_at: u64,
         hash: Verifier,
         len: Option<u64>,

@@ -182,6 +182,7 @@ impl Mirror {
         let resp = tokio::time::timeout(REVALIDATE_DEADLINE.min(up.body_timeout()), head)
             .await
             .map_err(|_| {
+                up.note_timeout();
                 Error::upstream(
                     up.name(),
                     crate::error::UpstreamFault::Timeout("revalidating a tag"),

@@ -10,6 +10,7 @@
 //! sent to, and never come back within that request.
 
 use super::auth::{self, BearerChallenge, Credentials, Secret, Token, TokenCache};
+use super::breaker::{Breaker, Change};
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::Metrics;
@@ -26,9 +27,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::RwLock;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use url::Url;
 
@@ -66,6 +70,12 @@ pub struct Upstream {
     inner: Arc<Inner>,
 }
 
+impl Inner {
+    fn breaker_pause_ms(&self) -> u128 {
+        self.breaker.pause().as_millis()
+    }
+}
+
 struct Inner {
     name: String,
     /// The configured url; its path (often `/`) is the prefix of every request path.
@@ -81,6 +91,65 @@ struct Inner {
     /// The upstream challenged with Basic: send Basic credentials up front.
     basic: AtomicBool,
     metrics: Arc<Metrics>,
+    /// `max_connections`: a request takes a permit before it is sent and keeps it until its
+    /// response body ends.
+    limit: Option<Arc<Semaphore>>,
+    breaker: Breaker,
+}
+
+/// The body of an upstream response: hyper's, holding the request's place under the
+/// upstream's `max_connections` until it ends (or is dropped).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, permit: Option<OwnedSemaphorePermit>) -> UpstreamBody {
+        UpstreamBody { inner, permit }
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            // Over: the next request may go, even if the caller keeps this body around.
+            self.permit = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts a request waiting for its turn, until it has it or gives up.
+struct Waiting(prometheus::IntGauge);
+
+impl Waiting {
+    fn new(g: prometheus::IntGauge) -> Waiting {
+        g.inc();
+        Waiting(g)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl fmt::Debug for Upstream {
@@ -162,6 +231,8 @@ impl Upstream {
                 bearer: RwLock::new(None),
                 basic: AtomicBool::new(false),
                 metrics,
+                limit: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+                breaker: Breaker::new(cfg.circuit_break_after, cfg.circuit_pause.0),
             }),
         })
     }
@@ -200,7 +271,87 @@ impl Upstream {
     /// [`UpstreamFault::Timeout`]; other transport errors, bad redirects and more than
     /// [`MAX_REDIRECTS`] redirects -> [`UpstreamFault::Protocol`]; a token endpoint that does
     /// not answer 200 -> [`UpstreamFault::Status`] with its status.
-    pub async fn send(&self, req: UpstreamRequest<'_>) -> crate::Result<Response<Incoming>> {
+    ///
+    /// Load: with `max_connections`, the request first waits for its turn, which it keeps
+    /// until the returned body ends or is dropped. While the upstream's circuit is open
+    /// (see `breaker.rs`) nothing is sent: [`UpstreamFault::CircuitOpen`] at once.
+    pub async fn send(&self, req: UpstreamRequest<'_>) -> crate::Result<Response<UpstreamBody>> {
+        // Fail before queueing: a request for a down upstream must not wait for a turn first.
+        self.inner
+            .breaker
+            .check()
+            .map_err(|wait| self.circuit_open(wait))?;
+        let permit = match &self.inner.limit {
+            Some(limit) => {
+                let _waiting = Waiting::new(
+                    self.inner
+                        .metrics
+                        .upstream_waiting
+                        .with_label_values(&[self.inner.name.as_str()]),
+                );
+                Some(
+                    limit
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| Error::Internal("upstream limit closed".into()))?,
+                )
+            }
+            None => None,
+        };
+        let _admitted = self
+            .inner
+            .breaker
+            .admit()
+            .map_err(|wait| self.circuit_open(wait))?;
+        let resp = self.send_admitted(req).await?;
+        Ok(resp.map(|b| UpstreamBody::new(b, permit)))
+    }
+
+    /// Whether this upstream's circuit is open (it is taken for down).
+    pub fn circuit_open_now(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    /// Counts a timeout the caller applied itself (a deadline shorter than the header
+    /// timeout, as tag revalidation has) towards the circuit breaker, as if `send` had met it.
+    pub fn note_timeout(&self) {
+        let change = self.inner.breaker.failure();
+        self.breaker_changed(change);
+    }
+
+    fn circuit_open(&self, wait: Duration) -> Error {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        self.fault(UpstreamFault::CircuitOpen {
+            retry_after: HeaderValue::from(secs),
+        })
+    }
+
+    fn breaker_changed(&self, change: Option<Change>) {
+        let name = self.inner.name.as_str();
+        let gauge = self
+            .inner
+            .metrics
+            .upstream_circuit_open
+            .with_label_values(&[name]);
+        match change {
+            Some(Change::Opened) => {
+                gauge.set(1);
+                tracing::warn!(
+                    upstream = name,
+                    pause_ms = self.inner.breaker_pause_ms(),
+                    "upstream taken for down after repeated connect failures or timeouts: circuit open, serving from cache"
+                );
+            }
+            Some(Change::Closed) => {
+                gauge.set(0);
+                tracing::info!(upstream = name, "upstream answers again: circuit closed");
+            }
+            None => {}
+        }
+    }
+
+    async fn send_admitted(&self, req: UpstreamRequest<'_>) -> crate::Result<Response<Incoming>> {
         let url = join_url(&self.inner.base, &req.path_and_query)
             .map_err(|m| Error::Internal(format!("upstream path {m}")))?;
         let scope = match req.op {
@@ -278,7 +429,7 @@ impl Upstream {
     /// that needs the whole body by a deadline sets one around this). Failures name this upstream: no frame in
     /// time -> [`UpstreamFault::Timeout`]; a broken body or more than `cap` bytes ->
     /// [`UpstreamFault::Protocol`]. On failure the body is dropped, which closes its connection.
-    pub async fn read_small(&self, mut body: Incoming, cap: usize) -> crate::Result<Bytes> {
+    pub async fn read_small(&self, mut body: UpstreamBody, cap: usize) -> crate::Result<Bytes> {
         let mut buf = BytesMut::new();
         loop {
             let frame = tokio::time::timeout(self.inner.body_timeout, body.frame())
@@ -301,7 +452,7 @@ impl Upstream {
     }
 
     /// The error for a non-success response: a Status fault keeping `Retry-After`.
-    pub fn status_error(&self, resp: &Response<Incoming>) -> Error {
+    pub fn status_error<B>(&self, resp: &Response<B>) -> Error {
         self.status_error_parts(resp.status(), resp.headers())
     }
 
@@ -396,7 +547,10 @@ impl Upstream {
         // frame, must come within the body timeout.
         let body = tokio::time::timeout(
             self.inner.body_timeout,
-            self.read_small(resp.into_body(), MAX_TOKEN_RESPONSE),
+            self.read_small(
+                UpstreamBody::new(resp.into_body(), None),
+                MAX_TOKEN_RESPONSE,
+            ),
         )
         .await
         .map_err(|_| self.fault(UpstreamFault::Timeout("reading the token response")))??;
@@ -506,6 +660,13 @@ impl Upstream {
         .await;
         let elapsed = started.elapsed();
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let change = match &outcome {
+            Ok(Ok(_)) => self.inner.breaker.success(),
+            Ok(Err(e)) if e.is_connect() => self.inner.breaker.failure(),
+            Err(_) => self.inner.breaker.failure(),
+            Ok(Err(_)) => None,
+        };
+        self.breaker_changed(change);
         match outcome {
             Ok(Ok(resp)) => {
                 let status = resp.status();
@@ -927,7 +1088,7 @@ mod tests {
         }
     }
 
-    async fn body(r: Response<Incoming>) -> String {
+    async fn body(r: Response<UpstreamBody>) -> String {
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
 

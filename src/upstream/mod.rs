@@ -2,7 +2,8 @@
 //! auth, redirects and timeouts. The mirror calls [`Upstream::send`] and interprets the answer.
 
 pub mod auth;
+mod breaker;
 pub mod client;
 pub mod tls;
 
-pub use client::{Op, Upstream, UpstreamRequest};
+pub use client::{Op, Upstream, UpstreamBody, UpstreamRequest};

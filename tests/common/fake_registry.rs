@@ -325,6 +325,12 @@ struct State {
     token_seq: AtomicU64,
     manifest_delay: Mutex<Option<Duration>>,
     extra_headers: Mutex<Vec<(String, String)>>,
+    /// Requests being answered (until their response body is sent or dropped), and the most
+    /// there ever were at once.
+    in_flight: Arc<AtomicU64>,
+    max_in_flight: Arc<AtomicU64>,
+    /// While true, requests are recorded and then left unanswered.
+    hang: watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
@@ -362,6 +368,9 @@ impl FakeRegistry {
             token_seq: AtomicU64::new(1),
             extra_headers: Mutex::new(Vec::new()),
             manifest_delay: Mutex::default(),
+            in_flight: Arc::default(),
+            max_in_flight: Arc::default(),
+            hang: watch::channel(false).0,
         });
         let server = ServerHandle::spawn(listener, registry_handler(state.clone()));
         FakeRegistry {
@@ -653,6 +662,17 @@ impl FakeRegistry {
             .count()
     }
 
+    /// The most requests the fake was answering at once (a response counts until its body has
+    /// been sent or dropped).
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> u64 {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
     /// Forgets the request log.
     pub fn reset_counts(&self) {
         lock(&self.state.log).clear();
@@ -696,6 +716,12 @@ impl FakeRegistry {
     /// Sleep this long between 16 KiB chunks of every blob body.
     pub fn set_chunk_delay(&self, d: Option<Duration>) {
         *lock(&self.state.chunk_delay) = d;
+    }
+
+    /// While `on`, every request is recorded and then left unanswered on its open connection
+    /// (an upstream that accepts and hangs). Turning it off answers the ones still waiting.
+    pub fn set_hang(&self, on: bool) {
+        self.state.hang.send_replace(on);
     }
 
     /// Sleep this long before answering any manifest request.
@@ -931,7 +957,51 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     v.strip_prefix("Bearer ").map(|s| s.trim().to_string())
 }
 
+/// Counts a request as in flight until dropped (with its response body).
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(state: &State) -> InFlight {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done.
+struct CountedBody {
+    inner: RespBody,
+    _in_flight: InFlight,
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 async fn handle(state: &State, req: Request<Incoming>) -> Response<RespBody> {
+    let in_flight = InFlight::new(state);
     let index = {
         let mut log = lock(&state.log);
         log.push(Recorded {
@@ -943,6 +1013,8 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<RespBody> {
         });
         log.len() - 1
     };
+    let mut hang = state.hang.subscribe();
+    let _ = hang.wait_for(|h| !*h).await;
     let mut resp = handle_inner(state, req).await;
     for (k, v) in lock(&state.extra_headers).iter() {
         if let (Ok(k), Ok(v)) = (
@@ -955,7 +1027,13 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<RespBody> {
     if let Some(r) = lock(&state.log).get_mut(index) {
         r.status = Some(resp.status().as_u16());
     }
-    resp
+    resp.map(|inner| {
+        CountedBody {
+            inner,
+            _in_flight: in_flight,
+        }
+        .boxed()
+    })
 }
 
 async fn handle_inner(state: &State, req: Request<Incoming>) -> Response<RespBody> {
