@@ -123,10 +123,21 @@ fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    // SIGHUP means "reload" (the htpasswd file and the server certificate listen for it
+    // themselves); its default action would end the process, so it is taken over before
+    // anything else, whatever the config reloads.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let server = match cachalot::server::spawn(config).await {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    if let Some(mut hup) = hup {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP received: files with changes are reloaded, the rest kept");
+            }
+        });
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

@@ -227,70 +227,116 @@ impl Drop for Child {
     }
 }
 
+/// `cachalot serve` as a child process on a free port, its output in `serve.log` of `dir`.
+struct Serving {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Serving {
+    /// Starts serve with `config` (its `listen` filled in from `{addr}`) and waits until it
+    /// accepts connections.
+    fn start(dir: &tempfile::TempDir, config: &str) -> Serving {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let cfg = write(dir, &config.replace("{addr}", &addr.to_string()));
+        let log = dir.path().join("serve.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Child(
+            cachalot()
+                .args(["serve", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap(),
+        );
+        let s = Serving { child, addr, log };
+        s.wait("serve did not start", || {
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+        s
+    }
+
+    /// Polls `done` until it holds; fails with the log after a safety timeout.
+    fn wait(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "safety timeout: {what}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn hup(&self) {
+        let hup = Command::new("kill")
+            .args(["-HUP", &self.child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+    }
+}
+
 #[test]
 fn sighup_rereads_the_htpasswd_file_and_the_server_keeps_running() {
     let dir = tempfile::tempdir().unwrap();
     let h = dir.path().join("htpasswd");
     std::fs::write(&h, htpasswd_line("alice", "pw-a")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let cfg = write(
+    let s = Serving::start(
         &dir,
         &format!(
-            "[server]\nlisten = \"{addr}\"\n[cache]\ndir = {:?}\n\
+            "[server]\nlisten = \"{{addr}}\"\n[cache]\ndir = {:?}\n\
              [[upstream]]\nname = \"r.local\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n\
              [auth]\nhtpasswd = {:?}\n",
             dir.path().join("cache").to_str().unwrap(),
             h.to_str().unwrap()
         ),
     );
-    let log = dir.path().join("serve.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Child(
-        cachalot()
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let wait = |what: &str, done: &dyn Fn() -> bool| {
-        while !done() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "safety timeout: {what}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
-    wait("serve did not start", &|| {
-        std::net::TcpStream::connect(addr).is_ok()
-    });
+    let addr = s.addr;
     assert_eq!(status_of(addr, "/v2/", Some(("alice", "pw-a"))), 200);
     assert_eq!(status_of(addr, "/v2/", Some(("bob", "pw-b"))), 401);
 
     std::fs::write(&h, htpasswd_line("bob", "pw-b")).unwrap();
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    wait("no reload on SIGHUP", &|| {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("trigger=\"SIGHUP\"")
+    s.hup();
+    s.wait("no reload on SIGHUP", || {
+        s.log_text().contains("trigger=\"SIGHUP\"")
     });
     // SIGHUP's default action is to end the process; this one is still serving.
     assert_eq!(status_of(addr, "/v2/", Some(("bob", "pw-b"))), 200);
     assert_eq!(status_of(addr, "/v2/", Some(("alice", "pw-a"))), 401);
     assert_eq!(status_of(addr, "/healthz", None), 200);
+}
+
+/// A service manager's `reload` (SIGHUP) must not stop a mirror that has nothing to reload.
+#[test]
+fn sighup_without_auth_or_tls_keeps_the_server_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Serving::start(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"{{addr}}\"\n[cache]\ndir = {:?}\n\
+             [[upstream]]\nname = \"r.local\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n",
+            dir.path().join("cache").to_str().unwrap(),
+        ),
+    );
+    s.hup();
+    s.wait("SIGHUP not logged", || {
+        s.log_text().contains("SIGHUP received")
+    });
+    assert_eq!(status_of(s.addr, "/healthz", None), 200);
+    assert_eq!(status_of(s.addr, "/v2/", None), 200);
 }
