@@ -381,3 +381,36 @@ async fn a_cached_manifest_by_digest_is_scoped_like_its_blobs() {
         assert_eq!(r.status, status, "offline {repo}: {}", r.text());
     }
 }
+
+/// A referrer names its subject without holding it: an artifact pushed to a public repository
+/// with a private image as its subject must not make that image readable there once the
+/// artifact is pulled through the mirror (review finding on the first cut, which linked it).
+#[tokio::test]
+async fn a_referrer_naming_a_private_image_does_not_open_it_to_its_repository() {
+    let env = Env::start().await;
+    let private = env.fake.push_image("team/private", Some("v1"), &[2_000]);
+    pull(&env, "team/private", "v1", &private).await;
+    let attack = env
+        .fake
+        .push_referrer("team/public", &private.manifest, "application/x.example");
+    let r = env
+        .client
+        .get(&env.v2(&format!("team/public/manifests/{}", attack.digest)))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let m = &private.manifest;
+    let r = env
+        .client
+        .get(&env.v2(&format!("team/public/manifests/{}", m.digest)))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(!contains(&r.body, &m.bytes), "the private manifest leaked");
+    for (d, bytes) in std::iter::once(&private.config).chain(&private.layers) {
+        let r = env
+            .client
+            .get(&env.v2(&format!("team/public/blobs/{d}")))
+            .await;
+        assert_refused(&r, 404, &format!("GET team/public@{d}"), bytes);
+    }
+}

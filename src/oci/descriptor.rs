@@ -122,9 +122,11 @@ pub fn parse_refs(media_type: &str, bytes: &[u8]) -> Result<Refs, String> {
     Ok(Refs::Image { config, layers })
 }
 
-/// Every digest a manifest names: an index's manifests, an image's config and layers, an
-/// artifact's blobs, and a referrer's subject. What a repository holding the manifest holds
-/// too, for scoping blobs. Lenient: a descriptor whose digest does not parse is skipped, and
+/// Every digest a manifest holds: an index's manifests, an image's config and layers, an
+/// artifact's blobs. What a repository holding the manifest holds too, for scoping blobs. Not a
+/// referrer's `subject`: a referrer names its subject without holding it (a registry accepts
+/// one whose subject lives elsewhere), so linking it would let anyone who can push an artifact
+/// to a public repository read a private image through the mirror by its digest. Lenient: a descriptor whose digest does not parse is skipped, and
 /// bytes that are not JSON name nothing (the manifest was verified by digest, not by schema).
 pub fn referenced_digests(bytes: &[u8]) -> Vec<Digest> {
     #[derive(Deserialize)]
@@ -141,8 +143,6 @@ pub fn referenced_digests(bytes: &[u8]) -> Vec<Digest> {
         layers: Vec<Named>,
         #[serde(default)]
         blobs: Vec<Named>,
-        #[serde(default)]
-        subject: Option<Named>,
     }
     let Ok(any) = serde_json::from_slice::<Any>(bytes) else {
         return Vec::new();
@@ -152,14 +152,12 @@ pub fn referenced_digests(bytes: &[u8]) -> Vec<Digest> {
         config,
         layers,
         blobs,
-        subject,
     } = any;
     manifests
         .into_iter()
         .chain(config)
         .chain(layers)
         .chain(blobs)
-        .chain(subject)
         .filter_map(|n| n.digest.parse().ok())
         .collect()
 }
@@ -226,7 +224,7 @@ mod tests {
             .iter()
             .map(Digest::to_string)
             .collect();
-        assert_eq!(got, [d('a'), d('b'), d('c')]);
+        assert_eq!(got, [d('a'), d('b')], "a subject is named, not held");
         let artifact = format!(
             r#"{{"blobs":[{{"digest":"{}"}},{{"digest":"md5:x"}}],"manifests":[{{"digest":"{}"}}]}}"#,
             d('e'),
