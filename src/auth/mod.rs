@@ -40,9 +40,12 @@ const VERIFIED_CAPACITY: u64 = 10_000;
 const MAX_WAITING_CHECKS: usize = 1024;
 /// How often the htpasswd file's metadata is looked at.
 const RELOAD_POLL: Duration = Duration::from_secs(2);
-/// Checked against when the user is unknown, so that an unknown name takes about as long to
-/// refuse as a wrong password (`htpasswd -nbB -C 5`).
+/// Checked against when the user is unknown and the file has no user to borrow a hash from
+/// (`htpasswd -nbB -C 5`).
 const DUMMY_HASH: &str = "$2y$05$OfxqV8uSmCCoR8eQqSLpWujMx8dpYFNT4R/x6bsmgx55oK/JfqnPa";
+/// Refused credentials remembered, apart from the verified ones so that a flood of distinct
+/// wrong passwords can never push a real user's verdict out.
+const REFUSED_CAPACITY: usize = 1_024;
 
 /// Why a request was refused, the `reason` label of `cachalot_auth_failures_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +73,10 @@ impl Failure {
 /// The users of the htpasswd file as last loaded, and the file's identity then.
 struct Users {
     htpasswd: Htpasswd,
+    /// What an unknown user's password is checked against: the file's costliest hash, so that
+    /// refusing an unknown name takes as long as refusing a known one's wrong password, and
+    /// timing does not tell which names exist.
+    dummy: String,
     /// Bumped on every successful load; a remembered verdict from an older one is ignored.
     generation: u64,
 }
@@ -88,6 +95,7 @@ struct Verdict {
 /// clearing a shard that is full of live entries; entries expire after `VERIFIED_TTL`.
 struct Verified {
     shards: [RwLock<Shard>; VERIFIED_SHARDS],
+    per_shard: usize,
 }
 
 /// Verdicts and when they were made.
@@ -97,13 +105,18 @@ const VERIFIED_SHARDS: usize = 16;
 
 impl Default for Verified {
     fn default() -> Self {
-        Verified {
-            shards: std::array::from_fn(|_| RwLock::new(HashMap::new())),
-        }
+        Verified::with_capacity(VERIFIED_CAPACITY as usize)
     }
 }
 
 impl Verified {
+    fn with_capacity(n: usize) -> Verified {
+        Verified {
+            shards: std::array::from_fn(|_| RwLock::new(HashMap::new())),
+            per_shard: n.div_ceil(VERIFIED_SHARDS),
+        }
+    }
+
     fn shard(&self, key: &[u8; 32]) -> &RwLock<Shard> {
         &self.shards[usize::from(key[0]) % VERIFIED_SHARDS]
     }
@@ -116,7 +129,7 @@ impl Verified {
 
     fn insert(&self, key: [u8; 32], v: Verdict) {
         let mut shard = self.shard(&key).write();
-        let per_shard = VERIFIED_CAPACITY as usize / VERIFIED_SHARDS;
+        let per_shard = self.per_shard;
         if shard.len() >= per_shard && !shard.contains_key(&key) {
             shard.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
             if shard.len() >= per_shard {
@@ -135,6 +148,44 @@ impl Verified {
     }
 }
 
+impl Users {
+    fn new(htpasswd: Htpasswd, generation: u64) -> Users {
+        let dummy = htpasswd
+            .names()
+            .filter_map(|n| htpasswd.hash(n))
+            .max_by_key(|h| bcrypt_cost(h))
+            .unwrap_or(DUMMY_HASH)
+            .to_owned();
+        Users {
+            htpasswd,
+            dummy,
+            generation,
+        }
+    }
+}
+
+/// The cost of a `$2y$NN$...` hash (0 when unreadable: the file parser only admits bcrypt).
+fn bcrypt_cost(hash: &str) -> u32 {
+    hash.get(4..6).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// One credential check waiting for a bcrypt slot, counted while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    /// Counts one more waiting check, or `None` when `MAX_WAITING_CHECKS` already wait.
+    fn enter(count: &'a AtomicUsize) -> Option<Waiting<'a>> {
+        let w = Waiting(count);
+        (count.fetch_add(1, Ordering::AcqRel) < MAX_WAITING_CHECKS).then_some(w)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The running `[auth]` and `[[access]]` state, shared by every request.
 pub struct Auth {
     challenge: HeaderValue,
@@ -145,7 +196,8 @@ pub struct Auth {
     /// The htpasswd file's (inode, length, mtime, ctime) at the last look.
     file_stamp: Mutex<Option<FileStamp>>,
     verified: Verified,
-    bcrypt_slots: Semaphore,
+    refused: Verified,
+    bcrypt_slots: Arc<Semaphore>,
     waiting_checks: AtomicUsize,
     rules: Rules,
     failures: [IntCounter; 3],
@@ -212,14 +264,12 @@ impl Auth {
             challenge,
             anonymous: a.anonymous(),
             htpasswd_path: a.htpasswd.clone(),
-            users: RwLock::new(Arc::new(Users {
-                htpasswd,
-                generation: 0,
-            })),
+            users: RwLock::new(Arc::new(Users::new(htpasswd, 0))),
             generation: AtomicU64::new(0),
             file_stamp: Mutex::new(file_stamp),
             verified: Verified::default(),
-            bcrypt_slots: Semaphore::new(slots),
+            refused: Verified::with_capacity(REFUSED_CAPACITY),
+            bcrypt_slots: Arc::new(Semaphore::new(slots)),
             waiting_checks: AtomicUsize::new(0),
             rules,
             failures: Failure::ALL.map(|f| metrics.auth_failures.with_label_values(&[f.as_str()])),
@@ -247,9 +297,14 @@ impl Auth {
             .try_into()
             .expect("SHA-256 is 32 bytes");
         let generation = self.generation.load(Ordering::Acquire);
-        let verdict = match self.verified.get(&key) {
-            Some(v) if v.generation == generation => v,
-            _ => Box::pin(self.check(key, value)).await?,
+        let remembered = self
+            .verified
+            .get(&key)
+            .or_else(|| self.refused.get(&key))
+            .filter(|v| v.generation == generation);
+        let verdict = match remembered {
+            Some(v) => v,
+            None => Box::pin(self.check(key, value)).await?,
         };
         match verdict.user {
             Some(u) => Ok(Principal::User(u)),
@@ -269,19 +324,27 @@ impl Auth {
         };
         let (hash, known) = match users.htpasswd.hash(&user) {
             Some(h) => (h.to_owned(), true),
-            None => (DUMMY_HASH.to_owned(), false),
+            None => (users.dummy.clone(), false),
         };
-        if self.waiting_checks.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_CHECKS {
-            self.waiting_checks.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::client(
+        // Counted down by a guard: a request dropped while it waits (a client that resets its
+        // stream) must not leave its count behind, or enough of them lock everyone out.
+        let waiting = Waiting::enter(&self.waiting_checks).ok_or_else(|| {
+            Error::client(
                 ErrorCode::TooManyRequests,
                 "too many credential checks in progress; retry shortly",
-            ));
-        }
-        let permit = self.bcrypt_slots.acquire().await;
-        self.waiting_checks.fetch_sub(1, Ordering::AcqRel);
-        let _permit = permit.map_err(|_| Error::Internal("credential checks closed".into()))?;
+            )
+        })?;
+        let permit = self
+            .bcrypt_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("credential checks closed".into()))?;
+        drop(waiting);
+        // The slot goes with the hash: a check whose request is dropped keeps its slot until
+        // bcrypt is done, so dropped requests cannot run more checks at once than the slots.
         let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false)
         })
         .await
@@ -293,7 +356,12 @@ impl Auth {
         // Remembered only if the file did not change meanwhile; either way this answer stands
         // for this request, which arrived before the change.
         if users.generation == self.generation.load(Ordering::Acquire) {
-            self.verified.insert(key, verdict.clone());
+            let remembered = if verdict.user.is_some() {
+                &self.verified
+            } else {
+                &self.refused
+            };
+            remembered.insert(key, verdict.clone());
         }
         Ok(verdict)
     }
@@ -344,13 +412,11 @@ impl Auth {
         let count = htpasswd.len();
         let mut users = self.users.write();
         let generation = users.generation + 1;
-        *users = Arc::new(Users {
-            htpasswd,
-            generation,
-        });
+        *users = Arc::new(Users::new(htpasswd, generation));
         self.generation.store(generation, Ordering::Release);
         drop(users);
         self.verified.clear();
+        self.refused.clear();
         let trigger = if force { "SIGHUP" } else { "file changed" };
         info!(users = count, file = %path.display(), trigger, "htpasswd reloaded");
         Ok(true)
@@ -429,6 +495,61 @@ mod tests {
         assert_eq!(v.get(&key).map(|v| v.generation), Some(2));
         v.clear();
         assert!(v.get(&key).is_none());
+    }
+
+    #[test]
+    fn refused_verdicts_never_push_out_verified_ones() {
+        let (verified, refused) = (
+            Verified::default(),
+            Verified::with_capacity(REFUSED_CAPACITY),
+        );
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k
+        };
+        verified.insert(
+            key(u32::MAX),
+            Verdict {
+                user: Some(Arc::from("alice")),
+                generation: 1,
+            },
+        );
+        for i in 0..(REFUSED_CAPACITY as u32 * 4) {
+            refused.insert(
+                key(i),
+                Verdict {
+                    user: None,
+                    generation: 1,
+                },
+            );
+        }
+        let total: usize = refused.shards.iter().map(|s| s.read().len()).sum();
+        assert!(total <= REFUSED_CAPACITY, "{total}");
+        assert!(verified.get(&key(u32::MAX)).is_some());
+    }
+
+    #[test]
+    fn a_dropped_wait_gives_its_place_back() {
+        let count = AtomicUsize::new(0);
+        let held: Vec<_> = (0..MAX_WAITING_CHECKS)
+            .map(|_| Waiting::enter(&count).expect("room"))
+            .collect();
+        assert!(Waiting::enter(&count).is_none(), "past the bound");
+        assert_eq!(count.load(Ordering::Acquire), MAX_WAITING_CHECKS);
+        drop(held);
+        assert_eq!(count.load(Ordering::Acquire), 0);
+        assert!(Waiting::enter(&count).is_some());
+    }
+
+    #[test]
+    fn unknown_users_are_checked_against_the_costliest_hash() {
+        let cheap = "$2y$05$OfxqV8uSmCCoR8eQqSLpWujMx8dpYFNT4R/x6bsmgx55oK/JfqnPa";
+        let dear = "$2y$11$OfxqV8uSmCCoR8eQqSLpWujMx8dpYFNT4R/x6bsmgx55oK/JfqnPa";
+        let h = htpasswd::parse(&format!("a:{cheap}\nb:{dear}\n")).unwrap();
+        assert_eq!(Users::new(h, 0).dummy, dear);
+        let empty = htpasswd::parse("").unwrap();
+        assert_eq!(Users::new(empty, 0).dummy, DUMMY_HASH);
     }
 
     #[test]
