@@ -227,6 +227,14 @@ async fn offline_serves_linked_blobs_and_refuses_the_rest() {
     let r = env.client.get(&url).await;
     assert_refused(&r, 404, "GET team/b offline", &shared);
     assert_eq!(r.error_code().as_deref(), Some("BLOB_UNKNOWN"));
+    // Word for word what a digest the cache never held gets: the refusal does not tell what
+    // the cache holds for other repositories.
+    let never = format!("sha256:{}", "0".repeat(64));
+    let r2 = env
+        .client
+        .get(&env.v2(&format!("team/b/blobs/{never}")))
+        .await;
+    assert_eq!((r2.status, r2.text()), (r.status, r.text()));
     let r = env.client.head(&url).await;
     assert_refused(&r, 404, "HEAD team/b offline", &shared);
     assert_eq!(env.fake.total(), 0, "offline: the upstream is never asked");

@@ -13,7 +13,7 @@ use super::relay::Relay;
 use super::{Mirror, Target};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::{Kind, LinkCheck, Lookup, Metrics, Source};
-use crate::oci::{Digest, ErrorCode};
+use crate::oci::Digest;
 use crate::storage::meta::LinkSource;
 use crate::storage::{Access, Blob, ReadAt};
 use bytes::Bytes;
@@ -405,14 +405,9 @@ impl Mirror {
     ) -> Result<u64, Error> {
         if self.offline {
             count_check(&self.metrics, LinkCheck::Refused);
-            return Err(Error::client(
-                ErrorCode::BlobUnknown,
-                format!(
-                    "blob unknown to repository {}/{}: the mirror is offline",
-                    t.upstream.name(),
-                    t.repo
-                ),
-            ));
+            // The very answer a blob that is not cached gets: a different one would tell any
+            // caller which digests the cache holds for other repositories.
+            return Err(Error::upstream(t.upstream.name(), UpstreamFault::Offline));
         }
         let key = LinkCheckKey {
             upstream: t.upstream.name().to_owned(),

@@ -350,14 +350,8 @@ impl Mirror {
     /// client's error; offline, the manifest is unknown here.
     async fn confirm_manifest(&self, t: &Target, digest: &Digest) -> Result<(), Error> {
         if self.offline {
-            return Err(Error::client(
-                ErrorCode::ManifestUnknown,
-                format!(
-                    "manifest unknown to repository {}/{}: the mirror is offline",
-                    t.upstream.name(),
-                    t.repo
-                ),
-            ));
+            // As for a manifest that is not cached, so the answer does not tell what is.
+            return Err(self.offline_error(t));
         }
         let up = &t.upstream;
         let resp = up
