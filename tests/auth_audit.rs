@@ -6,29 +6,8 @@ mod common;
 
 use common::auth_env::*;
 use common::proxy::UP;
-use parking_lot::Mutex;
-use std::io::Write;
-use std::sync::Arc;
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
+use common::capture::Capture;
 
 #[tokio::test]
 async fn every_pull_is_logged_with_user_upstream_repository_and_digest_and_no_password() {
@@ -67,7 +46,7 @@ allow = true
     // The request line is written when the response body is dropped, which hyper may do
     // after the client has read it: one more exchange on the connection settles that.
     env.get("/healthz", None).await;
-    let log = String::from_utf8_lossy(&capture.0.lock()).into_owned();
+    let log = capture.text();
     for secret in [
         ALICE.1.to_string(),
         "wrong-pw-Zq9".into(),

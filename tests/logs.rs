@@ -3,42 +3,13 @@
 
 mod common;
 
-use parking_lot::Mutex;
-use std::io::Write;
-use std::sync::Arc;
-
 use cachalot::config::LogFormat;
 use common::*;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::MakeWriter;
 
 const PASSWORD: &str = "pw-never-logged-7Qx";
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock()).into_owned()
-    }
-}
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
+use common::capture::Capture;
 
 /// Pulls an image through token auth with credentials, logging at `trace` into a buffer; returns
 /// the log and the bearer tokens the fake issued.

@@ -198,27 +198,9 @@ async fn a_private_ca_registry_is_refused_without_ca_file_and_pulled_with_it() {
     with.shutdown().await;
 }
 
-/// A log sink for one test: the current-thread runtime of `#[tokio::test]` polls every
-/// cachalot task on the test's thread, so a thread-local default subscriber sees them all.
-#[derive(Clone, Default)]
-struct Capture(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
+#[path = "common/capture.rs"]
+mod capture;
+use capture::Capture;
 
 #[tokio::test]
 async fn an_mtls_registry_is_refused_without_client_cert_and_the_log_says_why() {
@@ -237,7 +219,7 @@ async fn an_mtls_registry_is_refused_without_client_cert_and_the_log_says_why() 
     // client's message has no TLS reason in it; the log has.
     assert_refused(&without, "tls.test").await;
     without.shutdown().await;
-    let log = String::from_utf8_lossy(&capture.0.lock()).into_owned();
+    let log = capture.text();
     assert!(
         log.contains("asked for a TLS client certificate and none is configured"),
         "{log}"
@@ -275,7 +257,7 @@ async fn insecure_skip_verify_pulls_from_a_private_ca_registry_without_ca_file_a
         capture.clone(),
     ));
     let (server, _d) = cachalot(&reg.registry.url(), "insecure_skip_verify = true\n").await;
-    let log = String::from_utf8_lossy(&capture.0.lock()).into_owned();
+    let log = capture.text();
     assert!(
         log.contains("WARN") && log.contains("insecure_skip_verify") && log.contains("tls.test"),
         "no warning at start: {log}"

@@ -14,7 +14,6 @@ use super::{Mirror, Target};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::{Kind, LinkCheck, Lookup, Metrics, Source};
 use crate::oci::Digest;
-use crate::storage::meta::LinkSource;
 use crate::storage::{Access, Blob, ReadAt};
 use bytes::Bytes;
 use http::Method;
@@ -502,16 +501,6 @@ async fn confirm_task(
         ));
     }
     count_check(&metrics, LinkCheck::Confirmed);
-    let (u, r, d) = (up.name().to_owned(), t.repo.to_string(), digest.clone());
-    let saved = tokio::task::spawn_blocking(move || {
-        store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
-    })
-    .await;
-    // Not remembered costs another HEAD next time, not this answer.
-    match saved {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
-        Err(e) => warn!(error = %e, "link write task failed"),
-    }
+    super::remember_confirmed(store, &t, &digest).await;
     Ok(len.unwrap_or_default())
 }

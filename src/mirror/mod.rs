@@ -372,22 +372,7 @@ impl Mirror {
                 )),
             ));
         }
-        let (store, u, r, d) = (
-            self.store.clone(),
-            up.name().to_owned(),
-            t.repo.to_string(),
-            digest.clone(),
-        );
-        let saved = tokio::task::spawn_blocking(move || {
-            store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
-        })
-        .await;
-        // Not remembered costs another HEAD next time, not this answer.
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
-            Err(e) => warn!(error = %e, "link write task failed"),
-        }
+        remember_confirmed(self.store.clone(), t, digest).await;
         Ok(())
     }
 
@@ -584,6 +569,25 @@ fn manifest_links(store: &Store, bytes: &[u8]) -> Vec<Digest> {
         }
     }
     out
+}
+
+/// Records that the upstream confirmed `t`'s repository holds `digest`. A failure is logged
+/// and costs another HEAD next time, not this answer.
+async fn remember_confirmed(store: Arc<Store>, t: &Target, digest: &Digest) {
+    let (u, r, d) = (
+        t.upstream.name().to_owned(),
+        t.repo.to_string(),
+        digest.clone(),
+    );
+    let saved = tokio::task::spawn_blocking(move || {
+        store.meta().put_link(&u, &r, &d, LinkSource::Confirmed)
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, digest = %digest, "could not record a confirmed link"),
+        Err(e) => warn!(error = %e, "link write task failed"),
+    }
 }
 
 pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {

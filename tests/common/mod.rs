@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod auth_env;
+pub mod capture;
 pub mod client;
 pub mod fake_registry;
 pub mod proxy;
