@@ -498,3 +498,71 @@ async fn error_answers_do_not_open_the_circuit() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body, other.manifest.bytes);
 }
+
+/// An HTTP/2 connection that went quiet after its requests is closed at the header timeout, as
+/// an idle HTTP/1 keep-alive one is, so idle HTTP/2 clients cannot hold the connection budget
+/// for ever; one whose response is still being read stays open past it.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_and_a_streaming_one_is_not() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let fake = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Larger than the client's flow-control windows: the server cannot finish sending it
+    // before the client reads.
+    let blob = random_blob(16 << 20);
+    let digest = fake.push_blob("h2/app", blob.clone());
+    let proxy = proxy_with(
+        &fake,
+        &dir,
+        CacheSpec::default(),
+        "header_timeout = \"1s\"",
+        "",
+    )
+    .await;
+    let path = format!("/v2/h2/app/blobs/{digest}");
+    let warm = TestClient::new()
+        .get(&format!("{}{path}", proxy.url()))
+        .await;
+    assert_eq!(warm.status, 200);
+
+    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(format!("http://{}{path}", proxy.addr()))
+        .version(hyper::Version::HTTP_2)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::with_capacity(blob.len());
+    let first = body.frame().await.expect("a first frame").unwrap();
+    got.extend_from_slice(first.data_ref().expect("data"));
+    // Reading stalls for longer than the timeout; the stream is open, so the connection stays.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    got.extend_from_slice(
+        &body
+            .collect()
+            .await
+            .expect("the rest of the body")
+            .to_bytes(),
+    );
+    assert!(
+        got == blob[..],
+        "the blob arrived whole over the stalled stream"
+    );
+
+    // Now nothing is open and nothing is asked: the server closes the connection.
+    // Closed is what counts, whether the client saw a clean end or a reset.
+    let _closed = tokio::time::timeout(SAFETY, conn)
+        .await
+        .expect("safety timeout: the idle HTTP/2 connection was never closed")
+        .expect("connection task");
+}

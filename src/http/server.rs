@@ -9,7 +9,8 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::storage::{Disk, RealDisk, Store};
-use http::{Request, Response};
+use http::{Request, Response, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,9 +18,9 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -385,19 +386,27 @@ async fn serve_connection<S, A, F>(
         Conn::Sendfile(s) => Some(s.queue()),
         _ => None,
     };
-    // Set once the first request head is complete: from then on hyper's own header timeout
-    // (HTTP/1, between requests) takes over.
-    let started = Arc::new(AtomicBool::new(false));
-    let seen = started.clone();
+    let activity = Arc::new(Activity::new());
+    let seen = activity.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
-        seen.store(true, Ordering::Relaxed);
+        // HTTP/2 streams are counted until their response ends, for the idle deadline; HTTP/1
+        // needs nothing (hyper's header timer covers the time between its requests).
+        let stream = (req.version() == Version::HTTP_2).then(|| seen.stream_opened());
+        seen.started.store(true, Ordering::Release);
         if let Some(q) = &queue {
             req.extensions_mut().insert(q.clone());
         }
         // The answer's future is made inside the block rather than moved into it: it is
         // kilobytes large, and a cached manifest's request paid for the copy.
         let state = state.clone();
-        async move { Ok::<_, std::convert::Infallible>(answer(state, req).await) }
+        async move {
+            let resp = answer(state, req).await;
+            let resp = match stream {
+                Some(s) => resp.map(|body| StreamBody { body, _stream: s }.boxed_unsync()),
+                None => resp,
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -414,17 +423,17 @@ async fn serve_connection<S, A, F>(
     let result = match conn {
         Conn::Plain(s) => {
             let conn = builder.serve_connection(TokioIo::new(s), service);
-            first_head(watcher.watch(conn), &started, header_timeout).await
+            first_head(watcher.watch(conn), &activity, header_timeout).await
         }
         Conn::Sendfile(s) => {
             let conn = builder.serve_connection(TokioIo::new(s), service);
-            first_head(watcher.watch(conn), &started, header_timeout).await
+            first_head(watcher.watch(conn), &activity, header_timeout).await
         }
         Conn::Tls(acceptor, stream) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => {
                     let conn = builder.serve_connection(TokioIo::new(s), service);
-                    first_head(watcher.watch(conn), &started, header_timeout).await
+                    first_head(watcher.watch(conn), &activity, header_timeout).await
                 }
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -439,32 +448,131 @@ async fn serve_connection<S, A, F>(
     }
 }
 
-/// Serves `conn` but gives up on it when no request head was complete within `timeout`.
+/// What a connection's requests say about it, for [`first_head`].
+struct Activity {
+    /// A request head has been complete.
+    started: AtomicBool,
+    /// It speaks HTTP/2 (set before `started`).
+    h2: AtomicBool,
+    /// HTTP/2 streams whose response has not ended.
+    open: AtomicUsize,
+    /// When the last HTTP/2 response ended, in milliseconds since `born`.
+    last_end: AtomicU64,
+    born: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    fn stream_opened(self: &Arc<Self>) -> OpenStream {
+        self.h2.store(true, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenStream(self.clone())
+    }
+
+    /// How long the connection has had no HTTP/2 stream open (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_end.load(Ordering::Acquire));
+        self.born.elapsed().saturating_sub(last)
+    }
+}
+
+/// One HTTP/2 stream being answered; its end is when the response body is dropped.
+struct OpenStream(Arc<Activity>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let now = u64::try_from(self.0.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_end.fetch_max(now, Ordering::AcqRel);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An HTTP/2 response body, holding its stream open until it ends.
+struct StreamBody {
+    body: Body,
+    _stream: OpenStream,
+}
+
+impl http_body::Body for StreamBody {
+    type Data = bytes::Bytes;
+    type Error = super::body::BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves `conn` but gives up on it when no request head was complete within `timeout`, and,
+/// for HTTP/2, when no stream has been open for `timeout`.
 ///
 /// hyper's HTTP/1 header timeout starts only once the protocol is known, and the auto builder
 /// waits for the first bytes to know it without a deadline; HTTP/2 has none at all. A client
-/// that connects and sends nothing, or a partial preface, is closed here.
-async fn first_head<F, E>(conn: F, started: &AtomicBool, timeout: Duration) -> Result<(), E>
+/// that connects and sends nothing, or a partial preface, is closed here; so is an HTTP/2
+/// connection that went quiet after its requests (or sends half a HEADERS frame), which would
+/// otherwise hold one of `server.max_connections` for ever.
+async fn first_head<F, E>(conn: F, activity: &Activity, timeout: Duration) -> Result<(), E>
 where
     F: Future<Output = Result<(), E>>,
     E: From<&'static str>,
 {
     let mut conn = std::pin::pin!(conn);
-    // Dropped once a head has come, so that later wake-ups of the connection (every
-    // request's) neither poll nor keep a timer.
+    // Dropped once an HTTP/1 head has come, so that later wake-ups of the connection (every
+    // request's) neither poll nor keep a timer; HTTP/2 keeps it as the idle deadline.
     let mut deadline = Some(Box::pin(tokio::time::sleep(timeout)));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(r);
         }
-        if let Some(sleep) = deadline.as_mut() {
-            if started.load(Ordering::Relaxed) {
-                deadline = None;
-            } else if sleep.as_mut().poll(cx).is_ready() {
+        let Some(sleep) = deadline.as_mut() else {
+            return Poll::Pending;
+        };
+        let started = activity.started.load(Ordering::Acquire);
+        if started && !activity.h2.load(Ordering::Relaxed) {
+            deadline = None;
+            return Poll::Pending;
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            if !started {
                 return Poll::Ready(Err(E::from(
                     "no complete request head within server.header_timeout",
                 )));
             }
+            let idle = activity.idle_for();
+            if idle >= timeout {
+                return Poll::Ready(Err(E::from(
+                    "HTTP/2 connection idle for server.header_timeout",
+                )));
+            }
+            // Busy, or idle for less than the timeout: look again when it would be due.
+            let wait = if idle.is_zero() {
+                timeout
+            } else {
+                timeout - idle
+            };
+            sleep.as_mut().reset(tokio::time::Instant::now() + wait);
         }
         Poll::Pending
     })
