@@ -19,6 +19,9 @@ enum State {
     },
     Open {
         until: Instant,
+        /// The probe was dropped without an outcome: a failure noted now (a caller's own
+        /// timeout, which is what dropped it) starts the pause again.
+        probe_lost: bool,
     },
     /// One probe request is out; everything else fails at once until it ends.
     Probing,
@@ -52,6 +55,7 @@ impl Drop for Admission<'_> {
             if *s == State::Probing {
                 *s = State::Open {
                     until: Instant::now(),
+                    probe_lost: true,
                 };
             }
         }
@@ -72,7 +76,7 @@ impl Breaker {
     pub(crate) fn check(&self) -> Result<(), Duration> {
         match *self.state.lock() {
             State::Closed { .. } => Ok(()),
-            State::Open { until } => {
+            State::Open { until, .. } => {
                 let now = Instant::now();
                 if now >= until {
                     Ok(())
@@ -92,7 +96,7 @@ impl Breaker {
                 breaker: self,
                 probe: false,
             }),
-            State::Open { until } => {
+            State::Open { until, .. } => {
                 let now = Instant::now();
                 if now < until {
                     return Err(until - now);
@@ -122,6 +126,7 @@ impl Breaker {
         let mut s = self.state.lock();
         let open = State::Open {
             until: Instant::now() + self.pause,
+            probe_lost: false,
         };
         match *s {
             State::Closed { failures } if failures + 1 >= self.after => {
@@ -137,6 +142,14 @@ impl Breaker {
             State::Probing => {
                 *s = open;
                 Some(Change::Opened)
+            }
+            // The probe's caller gave up on it (a revalidation's own deadline): the upstream
+            // hung again, so it gets its pause rather than the next request probing at once.
+            State::Open {
+                probe_lost: true, ..
+            } => {
+                *s = open;
+                None
             }
             // A request let through before the circuit opened: it says nothing new.
             State::Open { .. } => None,
@@ -197,5 +210,20 @@ mod tests {
         drop(b.admit().unwrap());
         assert!(b.is_open());
         assert!(b.admit().is_ok());
+    }
+
+    #[test]
+    fn a_probe_its_caller_timed_out_restarts_the_pause() {
+        let b = Breaker::new(1, Duration::from_secs(3600));
+        b.failure();
+        *b.state.lock() = State::Open {
+            until: Instant::now(),
+            probe_lost: false,
+        };
+        // The probe goes out, its caller's deadline drops it, and the caller notes the timeout.
+        drop(b.admit().unwrap());
+        assert_eq!(b.failure(), None);
+        assert!(b.check().is_err(), "the pause starts again");
+        assert!(b.admit().is_err());
     }
 }
