@@ -85,13 +85,14 @@ pub fn record_target(upstream: &str, repo: &str) {
 }
 
 /// Records who is pulling on the current request span. Never the credentials.
-pub fn record_user(user: &str) {
-    Span::current().record(USER_FIELD, user);
+/// The span is passed in: `Span::current` costs a registry lookup, on every request.
+pub fn record_user(span: &Span, user: &str) {
+    span.record(USER_FIELD, user);
 }
 
 /// Records the digest served on the current request span.
-pub fn record_digest(digest: &dyn std::fmt::Display) {
-    Span::current().record(DIGEST_FIELD, tracing::field::display(digest));
+pub fn record_digest(span: &Span, digest: &dyn std::fmt::Display) {
+    span.record(DIGEST_FIELD, tracing::field::display(digest));
 }
 
 /// Records the cache lookup result on the current request span.

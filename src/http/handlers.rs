@@ -16,7 +16,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{Instrument, error};
+use tracing::{Instrument, Span, error};
 
 /// What every request handler shares.
 pub(crate) struct AppState {
@@ -50,7 +50,7 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
         _ => ErrorCode::NameUnknown,
     };
     let span = crate::telemetry::request_span(&method, label.as_str());
-    let outcome = AssertUnwindSafe(dispatch(&state, r, &req))
+    let outcome = AssertUnwindSafe(dispatch(&state, r, &req, &span))
         .catch_unwind()
         .instrument(span.clone())
         .await;
@@ -108,7 +108,7 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
 /// manifest handler is boxed too since repository scoping grew its future: one allocation
 /// costs less than the copies (about 700 instructions per cached manifest request less,
 /// `benches/callgrind.sh`).
-async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply {
+async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Span) -> Reply {
     let head = req.method() == Method::HEAD;
     let ns = query_param(req.uri().query(), "ns");
     let mirror = &state.mirror;
@@ -120,7 +120,10 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
         }
         _ => None,
     };
-    crate::telemetry::record_user(who.as_ref().map_or(crate::auth::ANONYMOUS, Principal::name));
+    crate::telemetry::record_user(
+        span,
+        who.as_ref().map_or(crate::auth::ANONYMOUS, Principal::name),
+    );
     // Nothing cachalot serves takes a body, so none is read, whatever its size (writes keep
     // their 405 below, which says more to a `docker push`).
     if carries_body(req) && r != Route::Unsupported {
@@ -143,7 +146,7 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>) -> Reply 
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            Box::pin(manifest(state, &t, reference, &accept, req, head)).await
+            Box::pin(manifest(state, &t, reference, &accept, req, head, span)).await
         }
         Route::Blob { name, digest } => {
             let t = mirror.route(name, ns.as_deref())?;
@@ -232,6 +235,7 @@ async fn manifest<B>(
     accept: &Accept,
     req: &Request<B>,
     head: bool,
+    span: &Span,
 ) -> Reply {
     let mirror = &state.mirror;
     let m = if reference.contains(':') {
@@ -248,7 +252,7 @@ async fn manifest<B>(
     };
     let h = &m.headers;
     if let Ok(d) = h.digest.to_str() {
-        crate::telemetry::record_digest(&d);
+        crate::telemetry::record_digest(span, &d);
     }
     let content_type = h
         .content_type
@@ -288,7 +292,7 @@ async fn blob<B>(
     req: &Request<B>,
     head: bool,
 ) -> Reply {
-    crate::telemetry::record_digest(digest);
+    crate::telemetry::record_digest(&Span::current(), digest);
     let builder = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", digest.to_string())
@@ -488,7 +492,7 @@ async fn referrers(
     head: bool,
 ) -> Reply {
     let mirror = &state.mirror;
-    crate::telemetry::record_digest(digest);
+    crate::telemetry::record_digest(&Span::current(), digest);
     let mut path = format!("/v2/{}/referrers/{}", t.repo, digest);
     if let Some(at) = query_param(query, "artifactType") {
         path.push('?');
