@@ -494,43 +494,9 @@ impl Config {
                     .into(),
             );
         }
+        // The pattern grammar is auth's (pure, no I/O); a bad rule must stop check-config too.
         crate::auth::Rules::compile(&self.access).map_err(ConfigError::Invalid)?;
         Ok(())
-    }
-
-    /// Warnings about the `[auth]` and `[[access]]` settings that are allowed but likely
-    /// mistakes: rules naming users the htpasswd file lacks, Basic credentials over plain HTTP.
-    /// `htpasswd` is the parsed file, when there is one.
-    pub fn auth_warnings(&self, htpasswd: Option<&crate::auth::Htpasswd>) -> Vec<String> {
-        let Some(a) = &self.auth else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        if a.htpasswd.is_some() && self.server.tls_cert.is_none() {
-            out.push(
-                "auth: server.tls_cert is not set, so Basic credentials travel in clear text; \
-                 serve HTTPS or keep the mirror on a trusted network"
-                    .to_owned(),
-            );
-        }
-        out.extend(crate::auth::unknown_users(&self.access, |u| {
-            htpasswd.is_some_and(|h| h.contains(u))
-        }));
-        for (i, r) in self.access.iter().enumerate() {
-            for (j, p) in r.repositories.iter().enumerate() {
-                let up = crate::auth::RepoPattern::parse(p)
-                    .ok()
-                    .and_then(|p| p.literal_upstream().map(str::to_owned));
-                if let Some(up) = up
-                    && !self.upstream.iter().any(|u| u.name == up)
-                {
-                    out.push(format!(
-                        "access[{i}].repositories[{j}]: {p:?} names upstream {up:?}, which no [[upstream]] has"
-                    ));
-                }
-            }
-        }
-        out
     }
 
     fn validate_server_and_cache(&self) -> Result<(), ConfigError> {
@@ -1006,24 +972,6 @@ mod tests {
         // Without htpasswd, anonymous callers are the only ones, and may pull.
         let c = Config::from_toml_str("[auth]\n").unwrap();
         assert!(c.auth.unwrap().anonymous());
-    }
-
-    #[test]
-    fn auth_warnings_name_users_and_upstreams() {
-        let c = Config::from_toml_str(
-            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[auth]\nhtpasswd = \"/h\"\n[[access]]\nusers = [\"alice\", \"bob\", \"ci-*\"]\nrepositories = [\"docker.io/**\", \"dockr.io/x\"]\nallow = true\n",
-        )
-        .unwrap();
-        let h = crate::auth::htpasswd::parse(&format!(
-            "alice:{}\n",
-            "$2y$05$OfxqV8uSmCCoR8eQqSLpWujMx8dpYFNT4R/x6bsmgx55oK/JfqnPa"
-        ))
-        .unwrap();
-        let w = c.auth_warnings(Some(&h));
-        assert_eq!(w.len(), 3, "{w:?}");
-        assert!(w[0].contains("clear text"), "{w:?}");
-        assert!(w[1].contains("access[0].users[1]: \"bob\""), "{w:?}");
-        assert!(w[2].contains("access[0].repositories[1]"), "{w:?}");
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn check_auth(c: &Config) -> Result<Vec<String>, cachalot::config::ConfigError> 
         }
         None => None,
     };
-    Ok(c.auth_warnings(htpasswd.as_ref()))
+    Ok(cachalot::auth::warnings(c, htpasswd.as_ref()))
 }
 
 /// Reads every configured password and TLS file now, so a missing variable or file fails at

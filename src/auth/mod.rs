@@ -148,6 +148,42 @@ impl Verified {
     }
 }
 
+/// Warnings about the `[auth]` and `[[access]]` settings that are allowed but likely
+/// mistakes: rules naming users the htpasswd file lacks, Basic credentials over plain HTTP.
+/// `htpasswd` is the parsed file, when there is one. Here rather than in `config`, which
+/// knows nothing of htpasswd files.
+pub fn warnings(config: &Config, htpasswd: Option<&Htpasswd>) -> Vec<String> {
+    let Some(a) = &config.auth else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if a.htpasswd.is_some() && config.server.tls_cert.is_none() {
+        out.push(
+            "auth: server.tls_cert is not set, so Basic credentials travel in clear text; \
+             serve HTTPS or keep the mirror on a trusted network"
+                .to_owned(),
+        );
+    }
+    out.extend(unknown_users(&config.access, |u| {
+        htpasswd.is_some_and(|h| h.contains(u))
+    }));
+    for (i, r) in config.access.iter().enumerate() {
+        for (j, p) in r.repositories.iter().enumerate() {
+            let up = RepoPattern::parse(p)
+                .ok()
+                .and_then(|p| p.literal_upstream().map(str::to_owned));
+            if let Some(up) = up
+                && !config.upstream.iter().any(|u| u.name == up)
+            {
+                out.push(format!(
+                    "access[{i}].repositories[{j}]: {p:?} names upstream {up:?}, which no [[upstream]] has"
+                ));
+            }
+        }
+    }
+    out
+}
+
 impl Users {
     fn new(htpasswd: Htpasswd, generation: u64) -> Users {
         let dummy = htpasswd
@@ -246,7 +282,7 @@ impl Auth {
             }
             None => (Htpasswd::default(), None),
         };
-        for w in config.auth_warnings(Some(&htpasswd)) {
+        for w in warnings(config, Some(&htpasswd)) {
             warn!("{w}");
         }
         let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", a.realm))
@@ -550,6 +586,24 @@ mod tests {
         assert_eq!(Users::new(h, 0).dummy, dear);
         let empty = htpasswd::parse("").unwrap();
         assert_eq!(Users::new(empty, 0).dummy, DUMMY_HASH);
+    }
+
+    #[test]
+    fn auth_warnings_name_users_and_upstreams() {
+        let c = crate::config::Config::from_toml_str(
+            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[auth]\nhtpasswd = \"/h\"\n[[access]]\nusers = [\"alice\", \"bob\", \"ci-*\"]\nrepositories = [\"docker.io/**\", \"dockr.io/x\"]\nallow = true\n",
+        )
+        .unwrap();
+        let h = htpasswd::parse(&format!(
+            "alice:{}\n",
+            "$2y$05$OfxqV8uSmCCoR8eQqSLpWujMx8dpYFNT4R/x6bsmgx55oK/JfqnPa"
+        ))
+        .unwrap();
+        let w = warnings(&c, Some(&h));
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("clear text"), "{w:?}");
+        assert!(w[1].contains("access[0].users[1]: \"bob\""), "{w:?}");
+        assert!(w[2].contains("access[0].repositories[1]"), "{w:?}");
     }
 
     #[test]
