@@ -370,6 +370,21 @@ async fn breaker_env() -> Env {
     .await
 }
 
+/// [`breaker_env`] with `lib/app:v1` pulled (so cached) and `lib/other:v1` only upstream.
+async fn breaker_env_with_a_cached_image() -> (Env, Image, Image) {
+    let env = breaker_env().await;
+    let cached = env.fake.push_image("lib/app", Some("v1"), &[1000]);
+    let other = env.fake.push_image("lib/other", Some("v1"), &[1000]);
+    let r = env.client.get(&env.v2("lib/app/manifests/v1")).await;
+    assert_eq!(r.status, 200);
+    let r = env
+        .client
+        .get(&env.v2(&format!("lib/app/blobs/{}", cached.layers[0].0)))
+        .await;
+    assert_eq!(r.status, 200);
+    (env, cached, other)
+}
+
 async fn circuit_open(env: &Env) -> f64 {
     env.metric("cachalot_upstream_circuit_open", &[("upstream", UP)])
         .await
@@ -437,16 +452,7 @@ async fn assert_open_then_recovers(
 
 #[tokio::test]
 async fn a_hanging_upstream_opens_the_circuit_and_cached_content_is_served_at_once() {
-    let env = breaker_env().await;
-    let cached = env.fake.push_image("lib/app", Some("v1"), &[1000]);
-    let other = env.fake.push_image("lib/other", Some("v1"), &[1000]);
-    let r = env.client.get(&env.v2("lib/app/manifests/v1")).await;
-    assert_eq!(r.status, 200);
-    let r = env
-        .client
-        .get(&env.v2(&format!("lib/app/blobs/{}", cached.layers[0].0)))
-        .await;
-    assert_eq!(r.status, 200);
+    let (env, cached, other) = breaker_env_with_a_cached_image().await;
     assert_eq!(circuit_open(&env).await, 0.0);
 
     env.fake.set_hang(true);
@@ -460,16 +466,7 @@ async fn a_hanging_upstream_opens_the_circuit_and_cached_content_is_served_at_on
 
 #[tokio::test]
 async fn a_refusing_upstream_opens_the_circuit_too() {
-    let env = breaker_env().await;
-    let cached = env.fake.push_image("lib/app", Some("v1"), &[1000]);
-    let other = env.fake.push_image("lib/other", Some("v1"), &[1000]);
-    let r = env.client.get(&env.v2("lib/app/manifests/v1")).await;
-    assert_eq!(r.status, 200);
-    let r = env
-        .client
-        .get(&env.v2(&format!("lib/app/blobs/{}", cached.layers[0].0)))
-        .await;
-    assert_eq!(r.status, 200);
+    let (env, cached, other) = breaker_env_with_a_cached_image().await;
 
     env.fake.stop().await;
     for _ in 0..2 {
