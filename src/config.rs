@@ -31,6 +31,130 @@ pub struct Config {
     /// Who may pull what; the first rule matching the user and the repository decides.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub access: Vec<AccessRule>,
+    /// Where blobs and shared metadata live: the cache directory alone, or a bucket behind it.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Replicas that act as one cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[storage]`: `fs` keeps everything under `cache.dir`; `s3` keeps blobs, manifests and the
+/// shared records in a bucket, with `cache.dir` as the local tier in front of it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub backend: Backend,
+    /// Any S3-compatible service; AWS S3 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Prepended to every key, so one bucket can hold several caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); default true when `endpoint` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Bound on the shared store, enforced by gc passes; unbounded when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Fs,
+    S3,
+}
+
+impl StorageConfig {
+    /// The access key id and secret, read from their environment variables or files; `None`
+    /// when neither is configured (the environment's own credentials, as on AWS).
+    pub fn credentials(&self) -> Result<Option<(String, String)>, ConfigError> {
+        let id = secret(
+            "storage.access_key_id",
+            &self.access_key_id_env,
+            &self.access_key_id_file,
+        )?;
+        let key = secret(
+            "storage.secret_access_key",
+            &self.secret_access_key_env,
+            &self.secret_access_key_file,
+        )?;
+        match (id, key) {
+            (Some(id), Some(key)) => Ok(Some((id, key))),
+            (None, None) => Ok(None),
+            (Some(_), None) => {
+                bad("storage.secret_access_key_env: required with an access key id".into())
+            }
+            (None, Some(_)) => {
+                bad("storage.access_key_id_env: required with a secret access key".into())
+            }
+        }
+    }
+}
+
+/// A secret named by an environment variable or a file (`<key>_env`, `<key>_file`).
+fn secret(
+    key: &str,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(var) = env {
+        return std::env::var(var).map(Some).map_err(|_| {
+            ConfigError::Invalid(format!("{key}_env: environment variable {var} is not set"))
+        });
+    }
+    if let Some(path) = file {
+        let s = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Invalid(format!("{key}_file: cannot read {}: {e}", path.display()))
+        })?;
+        return Ok(Some(s.trim_end_matches(['\n', '\r']).to_owned()));
+    }
+    Ok(None)
+}
+
+/// `[cluster]`: replicas behind one Service that share one bucket and fetch each blob once.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Every replica's base URL, this one's included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// `host:port` re-resolved for the peers' addresses (a Kubernetes headless Service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_dns: Option<String>,
+    /// This replica's own entry; detected from local addresses when absent.
+    #[serde(default, rename = "self", skip_serializing_if = "Option::is_none")]
+    pub self_url: Option<String>,
+    /// The environment variable holding the secret peers prove themselves with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        match secret("cluster.secret", &self.secret_env, &self.secret_file)? {
+            Some(s) if s.len() >= 16 => Ok(s),
+            Some(_) => bad("cluster.secret_env: the secret must be at least 16 characters".into()),
+            None => bad("cluster.secret_env: required (peers prove themselves with it)".into()),
+        }
+    }
 }
 
 /// `[auth]`: client authentication, Basic, as distribution's htpasswd mode.
@@ -408,6 +532,8 @@ impl Config {
             prefetch: Vec::new(),
             auth: None,
             access: Vec::new(),
+            storage: StorageConfig::default(),
+            cluster: None,
         }
     }
 
@@ -462,6 +588,97 @@ impl Config {
             self.validate_prefetch(i, p)?;
         }
         self.validate_auth()?;
+        self.validate_storage()?;
+        self.validate_cluster()?;
+        Ok(())
+    }
+
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        let s = &self.storage;
+        if s.backend == Backend::Fs {
+            let set = [
+                ("endpoint", s.endpoint.is_some()),
+                ("bucket", s.bucket.is_some()),
+                ("max_size", s.max_size.is_some()),
+                ("access_key_id_env", s.access_key_id_env.is_some()),
+                ("secret_access_key_env", s.secret_access_key_env.is_some()),
+            ];
+            if let Some((k, _)) = set.iter().find(|(_, on)| *on) {
+                return bad(format!("storage.{k}: only used with backend = \"s3\""));
+            }
+            return Ok(());
+        }
+        match &s.bucket {
+            None => return bad("storage.bucket: required with backend = \"s3\"".into()),
+            Some(b) if b.is_empty() || b.contains('/') => {
+                return bad(format!("storage.bucket: {b:?} is not a bucket name"));
+            }
+            _ => {}
+        }
+        if let Some(e) = &s.endpoint {
+            match url::Url::parse(e) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return bad(format!("storage.endpoint: {e:?} is not an http(s) URL")),
+            }
+        }
+        if s.access_key_id_env.is_some() && s.access_key_id_file.is_some() {
+            return bad("storage.access_key_id_file: set either _env or _file, not both".into());
+        }
+        if s.secret_access_key_env.is_some() && s.secret_access_key_file.is_some() {
+            return bad(
+                "storage.secret_access_key_file: set either _env or _file, not both".into(),
+            );
+        }
+        if s.max_size.is_some_and(|m| m.0 == 0) {
+            return bad("storage.max_size: must be greater than zero".into());
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        if c.peers.is_empty() == c.peers_dns.is_none() {
+            return bad("cluster.peers: set either peers or peers_dns".into());
+        }
+        for (i, p) in c.peers.iter().chain(c.self_url.iter()).enumerate() {
+            let key = if i < c.peers.len() {
+                format!("cluster.peers[{i}]")
+            } else {
+                "cluster.self".to_owned()
+            };
+            match url::Url::parse(p) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.path() == "/" => {}
+                _ => {
+                    return bad(format!(
+                        "{key}: {p:?} is not a base URL such as http://10.0.0.11:5000"
+                    ));
+                }
+            }
+        }
+        if let Some(d) = &c.peers_dns
+            && d.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return bad(format!("cluster.peers_dns: {d:?} is not host:port"));
+        }
+        if c.secret_env.is_some() && c.secret_file.is_some() {
+            return bad(
+                "cluster.secret_file: set either secret_env or secret_file, not both".into(),
+            );
+        }
+        if c.secret_env.is_none() && c.secret_file.is_none() {
+            return bad("cluster.secret_env: required (peers prove themselves with it)".into());
+        }
+        if self.storage.backend != Backend::S3 {
+            return bad(
+                "cluster: replicas share one cache through [storage] backend = \"s3\"".into(),
+            );
+        }
         Ok(())
     }
 
@@ -734,7 +951,7 @@ fn key_at_line(text: &str, line: usize) -> Option<String> {
     })
 }
 
-fn bad(message: String) -> Result<(), ConfigError> {
+fn bad<T>(message: String) -> Result<T, ConfigError> {
     Err(ConfigError::Invalid(message))
 }
 
@@ -993,6 +1210,39 @@ mod tests {
         );
         let e = Config::from_toml_str("[server]\ntls_cert = \"/c.pem\"\n").unwrap_err();
         assert!(e.to_string().contains("server.tls_key"), "{e}");
+    }
+
+    #[test]
+    fn storage_and_cluster_keys() {
+        let s3 = "[storage]\nbackend = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\nbucket = \"cachalot\"\nregion = \"garage\"\nmax_size = \"2TiB\"\n";
+        let c = Config::from_toml_str(s3).unwrap();
+        assert_eq!(c.storage.backend, Backend::S3);
+        assert_eq!(c.storage.max_size, Some(ByteSize(2 << 40)));
+        assert!(Config::from_toml_str(&c.to_toml()).is_ok());
+        let e = Config::from_toml_str("[storage]\nbackend = \"s3\"\n").unwrap_err();
+        assert!(e.to_string().contains("storage.bucket"), "{e}");
+        let e = Config::from_toml_str("[storage]\nbucket = \"b\"\n").unwrap_err();
+        assert!(e.to_string().contains("only used with backend"), "{e}");
+        let e = Config::from_toml_str("[storage]\nbackend = \"ftp\"\n").unwrap_err();
+        assert!(e.to_string().contains("storage.backend"), "{e}");
+        let e = Config::from_toml_str(&format!("{s3}endpoint2 = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("endpoint2"), "{e}");
+
+        let cluster = "[cluster]\npeers = [\"http://10.0.0.11:5000\", \"http://10.0.0.12:5000\"]\nself = \"http://10.0.0.11:5000\"\nsecret_env = \"S\"\n";
+        let c = Config::from_toml_str(&format!("{s3}{cluster}")).unwrap();
+        let cc = c.cluster.as_ref().unwrap();
+        assert_eq!(cc.self_url.as_deref(), Some("http://10.0.0.11:5000"));
+        assert!(Config::from_toml_str(&c.to_toml()).is_ok());
+        let e = Config::from_toml_str(cluster).unwrap_err();
+        assert!(e.to_string().contains("backend = \"s3\""), "{e}");
+        let e = Config::from_toml_str(&format!("{s3}[cluster]\nsecret_env = \"S\"\n")).unwrap_err();
+        assert!(e.to_string().contains("cluster.peers"), "{e}");
+        let bad_peer = format!("{s3}[cluster]\npeers = [\"10.0.0.1:5000\"]\nsecret_env = \"S\"\n");
+        let e = Config::from_toml_str(&bad_peer).unwrap_err();
+        assert!(e.to_string().contains("cluster.peers[0]"), "{e}");
+        let no_secret = format!("{s3}[cluster]\npeers_dns = \"svc:5000\"\n");
+        let e = Config::from_toml_str(&no_secret).unwrap_err();
+        assert!(e.to_string().contains("cluster.secret_env"), "{e}");
     }
 
     #[test]
