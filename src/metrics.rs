@@ -94,15 +94,18 @@ pub enum Lookup {
     Coalesced,
     Stale,
     Revalidated,
+    /// Served by the replica that owns it (`[cluster]`), not filled here.
+    Peer,
 }
 
 /// Every lookup result, in declaration order.
-const LOOKUPS: [Lookup; 5] = [
+const LOOKUPS: [Lookup; 6] = [
     Lookup::Hit,
     Lookup::Miss,
     Lookup::Coalesced,
     Lookup::Stale,
     Lookup::Revalidated,
+    Lookup::Peer,
 ];
 
 impl Kind {
@@ -122,6 +125,7 @@ impl Lookup {
             Lookup::Coalesced => "coalesced",
             Lookup::Stale => "stale",
             Lookup::Revalidated => "revalidated",
+            Lookup::Peer => "peer",
         }
     }
 }
@@ -191,6 +195,59 @@ impl LinkCheck {
     }
 }
 
+/// Which way a request between replicas went: the `direction` label of
+/// `cachalot_peer_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerDirection {
+    /// Sent by this replica to the owner of something.
+    Out,
+    /// Received from another replica.
+    In,
+}
+
+/// How a request between replicas ended: the `result` label of `cachalot_peer_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerResult {
+    /// Out: the peer answered (any status but 401 and 5xx). In: the signature was valid.
+    Ok,
+    /// Out: no answer (connect failure, broken connection) or a 5xx.
+    Error,
+    /// The signature was refused: out, the peer answered 401; in, the request was forged,
+    /// stale or signed with another secret. Either way the replicas disagree on the secret.
+    Refused,
+    /// Out: no response headers in time.
+    Timeout,
+}
+
+impl PeerDirection {
+    pub const ALL: [PeerDirection; 2] = [PeerDirection::Out, PeerDirection::In];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PeerDirection::Out => "out",
+            PeerDirection::In => "in",
+        }
+    }
+}
+
+impl PeerResult {
+    pub const ALL: [PeerResult; 4] = [
+        PeerResult::Ok,
+        PeerResult::Error,
+        PeerResult::Refused,
+        PeerResult::Timeout,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PeerResult::Ok => "ok",
+            PeerResult::Error => "error",
+            PeerResult::Refused => "refused",
+            PeerResult::Timeout => "timeout",
+        }
+    }
+}
+
 /// The metrics registry and its series.
 pub struct Metrics {
     registry: Registry,
@@ -235,10 +292,15 @@ pub struct Metrics {
     pub upstream_waiting: IntGaugeVec,
     /// 1 while an upstream's circuit breaker is open (taken for down).
     pub upstream_circuit_open: IntGaugeVec,
+    /// Requests between replicas (`[cluster]`), by direction and result.
+    pub peer_requests: IntCounterVec,
+    /// Replicas taken for live, this one included.
+    pub cluster_peers_live: IntGauge,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
     served_series: [IntCounter; 3],
+    peer_series: [[IntCounter; PeerResult::ALL.len()]; PeerDirection::ALL.len()],
     duration_series: [Histogram; RouteLabel::ALL.len()],
     /// `requests_total{route, code}` for the codes most answers carry, made on first use (so
     /// that, as for every other code, a series appears with its first request).
@@ -301,13 +363,18 @@ impl Metrics {
         let d = Defs(&registry);
         let lookups = d.counter(
             "cachalot_cache_lookups_total",
-            "Cache lookups by kind (manifest, blob) and result (hit, miss, coalesced, stale, revalidated).",
+            "Cache lookups by kind (manifest, blob) and result (hit, miss, coalesced, stale, revalidated, peer).",
             &["kind", "result"],
         );
         let served_bytes = d.counter(
             "cachalot_served_bytes_total",
             "Body bytes sent to clients, by source.",
             &["source"],
+        );
+        let peer_requests = d.counter(
+            "cachalot_peer_requests_total",
+            "Requests between replicas, by direction (out, in) and result (ok, error, refused, timeout).",
+            &["direction", "result"],
         );
         let request_duration = d.histogram(
             "cachalot_request_duration_seconds",
@@ -420,6 +487,10 @@ impl Metrics {
                 "cachalot_upstream_circuit_open",
                 "1 while the upstream's circuit breaker is open: requests fail at once, cached content is served.",
             ),
+            cluster_peers_live: d.gauge(
+                "cachalot_cluster_peers_live",
+                "Replicas of the cluster taken for live (answering /healthz), this one included.",
+            ),
             cache_size_bytes: d.gauge(
                 "cachalot_cache_size_bytes",
                 "Bytes of content in the cache.",
@@ -458,7 +529,13 @@ impl Metrics {
             // Indexed by `RouteLabel as usize`.
             duration_series: RouteLabel::ALL
                 .map(|route| request_duration.with_label_values(&[route.as_str()])),
+            // Indexed by `PeerDirection as usize` and `PeerResult as usize`; every one exists at
+            // zero, so an alert on refused peer requests sees the first one.
+            peer_series: PeerDirection::ALL.map(|d| {
+                PeerResult::ALL.map(|r| peer_requests.with_label_values(&[d.as_str(), r.as_str()]))
+            }),
             request_series: Default::default(),
+            peer_requests,
             lookups,
             served_bytes,
             request_duration,
@@ -567,6 +644,11 @@ impl Metrics {
         }
     }
 
+    /// Counts one request between replicas.
+    pub fn peer_request(&self, direction: PeerDirection, result: PeerResult) {
+        self.peer_series[direction as usize][result as usize].inc();
+    }
+
     pub fn served(&self, source: Source, bytes: u64) {
         self.served_series[source as usize].inc_by(bytes);
     }
@@ -611,6 +693,27 @@ mod tests {
             "cachalot_upstream_first_byte_seconds_count{op=\"token\",upstream=\"docker.io\"} 0"
         ));
         assert!(!text.contains("cachalot_upstream_ratelimit_remaining"));
+    }
+
+    #[test]
+    fn peer_series_exist_at_zero_and_count() {
+        let m = Metrics::new(&[]);
+        m.lookup(Kind::Blob, Lookup::Peer);
+        m.peer_request(PeerDirection::In, PeerResult::Refused);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("cachalot_cache_lookups_total{kind=\"blob\",result=\"peer\"} 1"));
+        assert!(text.contains("cachalot_cache_lookups_total{kind=\"manifest\",result=\"peer\"} 0"));
+        assert!(
+            text.contains("cachalot_peer_requests_total{direction=\"in\",result=\"refused\"} 1")
+        );
+        for d in ["out", "in"] {
+            for r in ["ok", "error", "timeout"] {
+                let line =
+                    format!("cachalot_peer_requests_total{{direction=\"{d}\",result=\"{r}\"}} 0");
+                assert!(text.contains(&line), "{line}");
+            }
+        }
+        assert!(text.contains("cachalot_cluster_peers_live 0"));
     }
 
     #[test]
