@@ -1,0 +1,98 @@
+//! The HTTP client replicas talk to each other with: pooled hyper-util over hyper-rustls
+//! (plain HTTP, the usual case inside a cluster, or HTTPS checked against the webpki roots), a
+//! short connect timeout and a deadline on the response headers.
+//!
+//! The body is not covered by any deadline here: it streams as the owner produces it, and the
+//! caller applies its idle-body timeout between frames, as for an upstream body.
+
+use crate::config::ConfigError;
+use crate::error::UpstreamFault;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A peer on the same network answers a TCP handshake in well under this; one that does not is
+/// down or partitioned, and the caller is better off filling the blob itself.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub(super) struct PeerClient {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+}
+
+/// Why no response came.
+#[derive(Debug)]
+pub(super) enum Failure {
+    Timeout(&'static str),
+    Fault(UpstreamFault),
+}
+
+impl PeerClient {
+    pub(super) fn new() -> Result<PeerClient, ConfigError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::Invalid(format!("cluster.peers: TLS setup: {e}")))?
+            .with_root_certificates(rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            })
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(PeerClient { client })
+    }
+
+    /// Sends `req` and waits at most `timeout` for the response headers (the connect timeout
+    /// included). Dropping the returned future abandons the request and its connection.
+    pub(super) async fn send(
+        &self,
+        req: Request<Empty<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, Failure> {
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(Failure::Timeout("waiting for the peer's response headers")),
+        }
+    }
+}
+
+/// Connect failures (refused, DNS, TLS) are Connect, a connect timeout is a Timeout, anything
+/// after connecting is Protocol.
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut msg = e.to_string();
+    let mut timed_out = false;
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    match (e.is_connect(), timed_out) {
+        (true, true) => Failure::Timeout("connecting to the peer"),
+        (true, false) => Failure::Fault(UpstreamFault::Connect(msg)),
+        (false, _) => Failure::Fault(UpstreamFault::Protocol(msg)),
+    }
+}
