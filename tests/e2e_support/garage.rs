@@ -184,7 +184,15 @@ impl Garage {
         assign.extend(self.nodes.iter().map(|n| n.id.as_str()));
         self.cli(0, &assign).await?;
         self.cli(0, &["layout", "apply", "--version", "1"]).await?;
-        self.cli(0, &["bucket", "create", BUCKET]).await?;
+        // Creating a bucket needs the new layout on a quorum of nodes, which can lag the apply
+        // on a loaded machine ("Layout not ready"); a create that failed late may have landed.
+        self.poll(0, "create the bucket", |g| async move {
+            if g.cli(0, &["bucket", "info", BUCKET]).await.is_ok() {
+                return Ok(true);
+            }
+            g.cli(0, &["bucket", "create", BUCKET]).await.map(|_| true)
+        })
+        .await?;
         self.cli(
             0,
             &[
