@@ -1,13 +1,14 @@
 //! End-to-end test support: a real upstream registry (Debian's `docker-registry`, the reference
 //! distribution registry) behind an in-process token issuer, OCI layouts built from Rust and pushed
-//! with `skopeo`, and small HTTP helpers.
+//! with `skopeo`, a Garage cluster as the shared S3 store, and small HTTP helpers.
 //!
 //! Each test binary that uses this module declares `mod e2e_support;`. Not every binary uses every
-//! helper, hence the `dead_code` allowance.
-#![allow(dead_code)]
+//! helper or re-export, hence the `dead_code` and `unused_imports` allowances.
+#![allow(dead_code, unused_imports)]
 
 pub mod cachalot;
 pub mod certs;
+pub mod garage;
 pub mod http;
 pub mod issuer;
 pub mod oci;
