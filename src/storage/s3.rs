@@ -102,7 +102,7 @@ impl Bucket {
         };
         b = b
             .with_bucket_name(bucket)
-            .with_http_connector(HyperConnector)
+            .with_http_connector(HyperConnector::default())
             .with_retry(retry_config());
         if let Some(region) = &cfg.region {
             b = b.with_region(region);
