@@ -248,6 +248,73 @@ impl PeerResult {
     }
 }
 
+/// A request to the bucket (`[storage] backend = "s3"`); the `op` label of the storage series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageOp {
+    Head,
+    Get,
+    /// A whole small object (manifest, record, marker) in one PUT.
+    Put,
+    /// Starting a multipart upload, or one of its parts.
+    Upload,
+    /// Completing a multipart upload: the moment a blob becomes visible.
+    Complete,
+    Abort,
+    Delete,
+    /// A whole listing (every page of it).
+    List,
+}
+
+impl StorageOp {
+    pub const ALL: [StorageOp; 8] = [
+        StorageOp::Head,
+        StorageOp::Get,
+        StorageOp::Put,
+        StorageOp::Upload,
+        StorageOp::Complete,
+        StorageOp::Abort,
+        StorageOp::Delete,
+        StorageOp::List,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StorageOp::Head => "head",
+            StorageOp::Get => "get",
+            StorageOp::Put => "put",
+            StorageOp::Upload => "upload",
+            StorageOp::Complete => "complete",
+            StorageOp::Abort => "abort",
+            StorageOp::Delete => "delete",
+            StorageOp::List => "list",
+        }
+    }
+}
+
+/// How a bucket request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageResult {
+    Ok,
+    NotFound,
+    Error,
+}
+
+impl StorageResult {
+    pub const ALL: [StorageResult; 3] = [
+        StorageResult::Ok,
+        StorageResult::NotFound,
+        StorageResult::Error,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StorageResult::Ok => "ok",
+            StorageResult::NotFound => "not_found",
+            StorageResult::Error => "error",
+        }
+    }
+}
+
 /// The metrics registry and its series.
 pub struct Metrics {
     registry: Registry,
@@ -296,6 +363,9 @@ pub struct Metrics {
     pub peer_requests: IntCounterVec,
     /// Replicas taken for live, this one included.
     pub cluster_peers_live: IntGauge,
+    /// Requests to the bucket, by op and result; and their durations, by op.
+    pub storage_requests: IntCounterVec,
+    pub storage_request_seconds: HistogramVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
     lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
@@ -519,6 +589,16 @@ impl Metrics {
                 "Loads of a changed htpasswd file, by result (ok; error: the users loaded before are kept).",
                 &["result"],
             ),
+            storage_requests: d.counter(
+                "cachalot_storage_requests_total",
+                "Requests to the storage bucket, by operation and result (ok, not_found, error).",
+                &["op", "result"],
+            ),
+            storage_request_seconds: d.histogram(
+                "cachalot_storage_request_seconds",
+                "Time for a request to the storage bucket (to its response headers; a listing whole), by operation.",
+                &["op"],
+            ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
             lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
@@ -565,6 +645,12 @@ impl Metrics {
         }
         for r in ["ok", "failed"] {
             self.tls_reloads.with_label_values(&[r]);
+        }
+        for op in StorageOp::ALL.map(StorageOp::as_str) {
+            for r in StorageResult::ALL.map(StorageResult::as_str) {
+                self.storage_requests.with_label_values(&[op, r]);
+            }
+            self.storage_request_seconds.with_label_values(&[op]);
         }
         for u in upstreams {
             self.upstream_bytes.with_label_values(&[u]);
@@ -661,6 +747,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one bucket request and observes its duration since `started`.
+    pub fn storage_request(&self, op: StorageOp, result: StorageResult, started: Instant) {
+        self.storage_requests
+            .with_label_values(&[op.as_str(), result.as_str()])
+            .inc();
+        self.storage_request_seconds
+            .with_label_values(&[op.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -693,6 +789,10 @@ mod tests {
             "cachalot_upstream_first_byte_seconds_count{op=\"token\",upstream=\"docker.io\"} 0"
         ));
         assert!(!text.contains("cachalot_upstream_ratelimit_remaining"));
+        assert!(
+            text.contains("cachalot_storage_requests_total{op=\"complete\",result=\"error\"} 0")
+        );
+        assert!(text.contains("cachalot_storage_request_seconds_count{op=\"list\"} 0"));
     }
 
     #[test]

@@ -20,6 +20,8 @@ mod fs;
 #[cfg(test)]
 mod memory;
 pub mod meta;
+pub mod s3;
+mod s3_http;
 
 use crate::oci::{Digest, Verified};
 use parking_lot::Mutex;
@@ -32,6 +34,7 @@ pub use fs::{Disk, DiskFile, FsStore, RealDisk};
 #[cfg(test)]
 pub(crate) use memory::MemoryStore;
 pub use meta::{Meta, ObjectRow, TagEntry};
+pub use s3::{Bucket, BucketRead, S3Store, Upload};
 
 /// Bytes and objects committed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
