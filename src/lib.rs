@@ -26,6 +26,6 @@ pub use error::{Error, Result};
 
 /// Starting and stopping the server, for the binary and for tests.
 pub mod server {
-    pub use crate::http::server::{Server, spawn, spawn_with};
+    pub use crate::http::server::{Server, SpawnOptions, spawn, spawn_with, spawn_with_options};
     pub use crate::http::tls::check_pair as check_tls_pair;
 }

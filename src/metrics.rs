@@ -96,16 +96,19 @@ pub enum Lookup {
     Revalidated,
     /// Served by the replica that owns it (`[cluster]`), not filled here.
     Peer,
+    /// Not in this replica's cache directory, found in the shared bucket (`[storage]`).
+    Bucket,
 }
 
 /// Every lookup result, in declaration order.
-const LOOKUPS: [Lookup; 6] = [
+const LOOKUPS: [Lookup; 7] = [
     Lookup::Hit,
     Lookup::Miss,
     Lookup::Coalesced,
     Lookup::Stale,
     Lookup::Revalidated,
     Lookup::Peer,
+    Lookup::Bucket,
 ];
 
 impl Kind {
@@ -126,6 +129,7 @@ impl Lookup {
             Lookup::Stale => "stale",
             Lookup::Revalidated => "revalidated",
             Lookup::Peer => "peer",
+            Lookup::Bucket => "bucket",
         }
     }
 }
@@ -330,6 +334,8 @@ pub struct Metrics {
     /// Server certificate reloads (file change or SIGHUP), by result (ok, failed).
     pub tls_reloads: IntCounterVec,
     pub fills_in_flight: IntGauge,
+    /// Fills whose peer or bucket failed midway and went on from the upstream, by source.
+    pub fill_source_fallbacks: IntCounterVec,
     pub cache_write_errors: IntCounter,
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
@@ -490,6 +496,11 @@ impl Metrics {
             fills_in_flight: d.gauge(
                 "cachalot_fills_in_flight",
                 "Blob fills from upstream in progress.",
+            ),
+            fill_source_fallbacks: d.counter(
+                "cachalot_fill_source_fallbacks_total",
+                "Fills whose source (peer, bucket) failed midway and went on from the upstream at the byte reached.",
+                &["from"],
             ),
             cache_write_errors: d.register(
                 IntCounter::new(
@@ -701,6 +712,11 @@ impl Metrics {
         self.upstream_body_errors
             .with_label_values(&[upstream, fault.as_str()])
             .inc();
+    }
+
+    /// Counts a fill that left a failed `from` (peer, bucket) for the upstream.
+    pub fn fill_source_fallback(&self, from: &str) {
+        self.fill_source_fallbacks.with_label_values(&[from]).inc();
     }
 
     /// Observes a whole upstream operation that started at `started`.

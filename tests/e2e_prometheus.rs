@@ -358,10 +358,12 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
                     ("blob", "stale", 0.0),
                     ("blob", "revalidated", 0.0),
                     ("blob", "peer", 0.0),
+                    ("blob", "bucket", 0.0),
                     ("manifest", "coalesced", 0.0),
                     ("manifest", "stale", 0.0),
                     ("manifest", "revalidated", 0.0),
                     ("manifest", "peer", 0.0),
+                    ("manifest", "bucket", 0.0),
                 ]
                 .into_iter()
                 .map(|(k, r, n)| (vec![("kind", k), ("result", r)], Check::Rate(n)))

@@ -5,6 +5,7 @@ use super::body::{self, Body};
 use super::route::{Route, route};
 use super::sendfile::FileQueue;
 use crate::auth::{Auth, Principal};
+use crate::cluster::PeerCheck;
 use crate::error::Error;
 use crate::metrics::{Metrics, Source};
 use crate::mirror::{BlobSource, Mirror, Target};
@@ -112,10 +113,28 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
     let head = req.method() == Method::HEAD;
     let ns = query_param(req.uri().query(), "ns");
     let mirror = &state.mirror;
+    // A peer replica asks on behalf of a client it has authenticated and authorized itself; a
+    // signature that does not check out is refused before anything else.
+    let forwarded = match mirror.cluster() {
+        Some(c) => {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            match c.check(req.method(), path, req.headers()) {
+                PeerCheck::NotPeer => false,
+                PeerCheck::Peer => true,
+                PeerCheck::Forged => {
+                    return Err(Error::client(
+                        ErrorCode::Unauthorized,
+                        "peer request with a signature that does not check out",
+                    ));
+                }
+            }
+        }
+        None => false,
+    };
     // Authentication comes first, before routing can tell a caller which upstreams exist;
     // access rules are checked once a route names the upstream and repository.
     let who = match &state.auth {
-        Some(auth) if !matches!(r, Route::Healthz | Route::Readyz) => {
+        Some(auth) if !forwarded && !matches!(r, Route::Healthz | Route::Readyz) => {
             Some(auth.authenticate(req.headers()).await?)
         }
         _ => None,
@@ -138,7 +157,8 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
     match r {
         Route::Base => Ok(json_ok(b"{}".to_vec(), head)),
         Route::Manifest { name, reference } => {
-            let t = mirror.route(name, ns.as_deref())?;
+            let mut t = mirror.route(name, ns.as_deref())?;
+            t.forwarded = forwarded;
             authorize(state, who.as_ref(), &t)?;
             let accept = Accept::parse(
                 req.headers()
@@ -149,7 +169,8 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
             Box::pin(manifest(state, &t, reference, &accept, req, head, span)).await
         }
         Route::Blob { name, digest } => {
-            let t = mirror.route(name, ns.as_deref())?;
+            let mut t = mirror.route(name, ns.as_deref())?;
+            t.forwarded = forwarded;
             authorize(state, who.as_ref(), &t)?;
             let digest = parse_digest(digest)?;
             Box::pin(blob(state, &t, &digest, req, head)).await

@@ -4,10 +4,11 @@
 use super::body::Body;
 use super::handlers::{AppState, handle};
 use super::sendfile::SendfileStream;
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
+use crate::storage::s3::Bucket;
 use crate::storage::{Disk, RealDisk, Store};
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
@@ -83,6 +84,16 @@ impl Server {
         let _ = self.housekeeping.await;
     }
 
+    /// Stops at once, as a crash would: connections are dropped mid-response, nothing drains.
+    /// For tests of what the rest of a cluster does when a replica dies.
+    pub fn abort(self) {
+        self.task.abort();
+        self.housekeeping.abort();
+        if let Some(t) = self.metrics_task {
+            t.abort();
+        }
+    }
+
     /// Waits until the server stops (it only stops through `shutdown`).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
@@ -96,6 +107,29 @@ pub async fn spawn(config: Config) -> Result<Server, Error> {
 
 /// `spawn`, with cache writes going through `disk` (tests use it to make writes fail).
 pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, Error> {
+    spawn_with_options(config, SpawnOptions { disk, bucket: None }).await
+}
+
+/// What a test may put in place of the real thing.
+pub struct SpawnOptions {
+    /// Cache writes go through it.
+    pub disk: Arc<dyn Disk>,
+    /// With `[storage] backend = "s3"`: this store instead of the configured endpoint.
+    pub bucket: Option<Arc<dyn object_store::ObjectStore>>,
+}
+
+impl Default for SpawnOptions {
+    fn default() -> Self {
+        SpawnOptions {
+            disk: Arc::new(RealDisk),
+            bucket: None,
+        }
+    }
+}
+
+/// `spawn`, with `options` in place of the real disk or bucket.
+pub async fn spawn_with_options(config: Config, options: SpawnOptions) -> Result<Server, Error> {
+    let SpawnOptions { disk, bucket } = options;
     let dir = config.cache.dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open_with(&dir, disk))
         .await
@@ -103,10 +137,21 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         .map_err(|e| Error::Internal(format!("cache.dir {}: {e}", config.cache.dir.display())))?;
     let names: Vec<&str> = config.upstream.iter().map(|u| u.name.as_str()).collect();
     let metrics = Arc::new(Metrics::new(&names));
+    let bucket = match (config.storage.backend, bucket) {
+        (Backend::Fs, _) => None,
+        (Backend::S3, Some(store)) => {
+            let prefix = config.storage.prefix.as_deref().unwrap_or("");
+            Some(Bucket::with_store(store, prefix, metrics.clone()))
+        }
+        (Backend::S3, None) => Some(
+            Bucket::connect(&config.storage, metrics.clone())
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        ),
+    };
+    let store = store.with_bucket(bucket);
     metrics
         .cache_max_size
         .set(i64::try_from(config.cache.max_size.0).unwrap_or(i64::MAX));
-    let mirror = Arc::new(Mirror::new(&config, Arc::new(store), metrics.clone())?);
     let tls_pair = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => Some(super::tls::Reloadable::load(cert, key, metrics.clone())?),
         _ => None,
@@ -116,6 +161,19 @@ pub async fn spawn_with(config: Config, disk: Arc<dyn Disk>) -> Result<Server, E
         .await
         .map_err(|e| Error::Internal(format!("server.listen {}: {e}", config.server.listen)))?;
     let addr = listener.local_addr()?;
+    // The cluster learns this replica's own URL from the address actually bound.
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let cluster = crate::cluster::Cluster::new(c, addr, metrics.clone())
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            cluster.start();
+            info!(me = %cluster.me(), peers = c.peers.len(), "cluster member");
+            Some(cluster)
+        }
+        None => None,
+    };
+    let mirror =
+        Arc::new(Mirror::new(&config, Arc::new(store), metrics.clone())?.with_cluster(cluster));
     info!(%addr, tls = tls.is_some(), upstreams = ?names, "cachalot listening");
     let auth = crate::auth::Auth::from_config(&config, &metrics)?;
     let state = Arc::new(AppState {

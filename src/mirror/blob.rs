@@ -7,17 +7,20 @@
 //! to it (a manifest of the repository names it, a fill under it stored it, or the upstream
 //! confirmed it with a HEAD under it). Until then the request is the upstream's to answer.
 
-use super::fill::FillTask;
+use super::fill::{FillBody, FillTask, Opened, Tee};
 use super::inflight::{Joined, Progress, Readable};
 use super::relay::Relay;
 use super::{Mirror, Target};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::{Kind, LinkCheck, Lookup, Metrics, Source};
 use crate::oci::Digest;
+use crate::storage::s3::{Bucket, Upload};
 use crate::storage::{Access, Blob, ReadAt};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::Method;
 use std::sync::Arc;
+use tokio::sync::oneshot;
 use tracing::{Instrument, info_span, warn};
 
 /// The next piece of a blob a response may send.
@@ -201,7 +204,11 @@ impl Mirror {
         let mut allowed = self.linked(t, digest)?;
         if allowed && let Some(b) = blobs.open(digest, Access::Read)? {
             self.lookup(Kind::Blob, Lookup::Hit);
+            self.note_shared_read(digest);
             return Ok(BlobSource::stored(b));
+        }
+        if !allowed {
+            allowed = self.bucket_linked(t, digest).await;
         }
         let owner = owner(t);
         if !allowed {
@@ -219,7 +226,8 @@ impl Mirror {
                 }
             }
         }
-        if self.offline {
+        // Offline, the bucket is the one place left to fill from.
+        if self.offline && !(allowed && self.bucket_len(t, digest).await.is_some()) {
             self.lookup(Kind::Blob, Lookup::Miss);
             return Err(self.offline_error(t));
         }
@@ -244,10 +252,11 @@ impl Mirror {
                 fill
             }
             Ok(Joined::Started(fill, guard, (writer, reader))) => {
-                self.lookup(Kind::Blob, Lookup::Miss);
+                let (open, from) = self.fill_source(t, digest, allowed);
                 let task = FillTask {
                     t: t.clone(),
                     digest: digest.clone(),
+                    open,
                     writer,
                     reader,
                     guard,
@@ -256,6 +265,7 @@ impl Mirror {
                     min_rate: self.fill_min_rate,
                 };
                 tokio::spawn(task.run().instrument(info_span!("fill", digest = %digest)));
+                self.lookup(Kind::Blob, from.await.unwrap_or(Lookup::Miss));
                 fill
             }
             Err(NoFill::Committed(b)) => {
@@ -290,6 +300,130 @@ impl Mirror {
             end: None,
             _following: None,
         })
+    }
+
+    /// Where a fill starts reading: the bucket when it holds the blob and `t`'s repository is
+    /// known to (`linked`), else the replica that owns the digest when that is another one (and
+    /// this request is not itself a peer's), else the upstream, copied into the bucket as it
+    /// passes. The leader's lookup is counted by where the fill started, once it knows.
+    fn fill_source(
+        &self,
+        t: &Target,
+        digest: &Digest,
+        linked: bool,
+    ) -> (
+        Option<BoxFuture<'static, Result<Opened, Error>>>,
+        oneshot::Receiver<Lookup>,
+    ) {
+        let (told, heard) = oneshot::channel();
+        let bucket = self.store.bucket().cloned();
+        let offline = self.offline;
+        let owner = match &self.cluster {
+            Some(c) if !t.forwarded && !offline => {
+                c.owner(&digest.to_string()).map(|p| (c.clone(), p))
+            }
+            _ => None,
+        };
+        if bucket.is_none() && owner.is_none() {
+            let _ = told.send(Lookup::Miss);
+            return (None, heard);
+        }
+        let (t, digest) = (t.clone(), digest.clone());
+        let open = async move {
+            if let Some(b) = bucket.as_ref().filter(|_| linked) {
+                match b.get(&digest, None).await {
+                    Ok(Some(read)) => {
+                        // Marked read now, so no replica's gc takes it while it streams.
+                        if let Err(e) = b.touch(std::slice::from_ref(&digest)).await {
+                            warn!(error = %e, digest = %digest, "could not mark a bucket read");
+                        }
+                        let _ = told.send(Lookup::Bucket);
+                        return Ok(Opened {
+                            body: FillBody::Bucket(read.body),
+                            len: Some(read.len),
+                            tee: None,
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(error = %e, digest = %digest, "the bucket failed; fetching the blob elsewhere")
+                    }
+                }
+            }
+            if let Some((cluster, peer)) = owner {
+                // Under the upstream's name, which every replica routes the same way.
+                let path = format!("/v2/{}/{}/blobs/{}", t.upstream.name(), t.repo, digest);
+                match cluster
+                    .fetch(&peer, Method::GET, &path, http::HeaderMap::new())
+                    .await
+                {
+                    Ok(resp) if resp.status().is_success() => {
+                        let _ = told.send(Lookup::Peer);
+                        let len = super::content_length(resp.headers());
+                        return Ok(Opened {
+                            body: FillBody::Peer(resp.into_body()),
+                            len,
+                            tee: None,
+                        });
+                    }
+                    Ok(resp) => {
+                        warn!(peer = %peer, status = %resp.status(), digest = %digest, "the owner could not serve the blob; fetching it here");
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer, error = %e, digest = %digest, "the owner is unreachable; fetching the blob here");
+                    }
+                }
+            }
+            let _ = told.send(Lookup::Miss);
+            if offline {
+                return Err(Error::upstream(t.upstream.name(), UpstreamFault::Offline));
+            }
+            let mut opened = super::fill::from_upstream(&t, &digest, 0).await?;
+            opened.tee = bucket.map(|b| {
+                Box::new(BucketCopy {
+                    upload: b.upload(&digest),
+                    bucket: b,
+                    upstream: t.upstream.name().to_owned(),
+                    repo: t.repo.to_string(),
+                }) as Box<dyn Tee>
+            });
+            Ok(opened)
+        };
+        (Some(Box::pin(open)), heard)
+    }
+
+    /// The length of a blob the bucket holds for `t`'s repository. A failing bucket has none.
+    async fn bucket_len(&self, t: &Target, digest: &Digest) -> Option<u64> {
+        let b = self.store.bucket()?;
+        if !(self.linked(t, digest).unwrap_or(false) || self.bucket_linked(t, digest).await) {
+            return None;
+        }
+        match b.head(digest).await {
+            Ok(len) => len,
+            Err(e) => {
+                warn!(error = %e, "the bucket failed a HEAD");
+                None
+            }
+        }
+    }
+
+    /// Whether the bucket says `t`'s repository holds `digest` (another replica fetched or
+    /// confirmed it there); remembered here when it does. A failing bucket says no.
+    pub(super) async fn bucket_linked(&self, t: &Target, digest: &Digest) -> bool {
+        let Some(b) = self.store.bucket() else {
+            return false;
+        };
+        match b.linked(t.upstream.name(), t.repo.as_str(), digest).await {
+            Ok(true) => {
+                super::remember_link(self.store.clone(), t, digest).await;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                warn!(error = %e, "the bucket failed a link lookup");
+                false
+            }
+        }
     }
 
     /// Makes sure a blob is committed to the cache, fetching it if needed; `on_progress` hears
@@ -364,6 +498,10 @@ impl Mirror {
                 self.lookup(Kind::Blob, how);
                 return Ok(len);
             }
+        }
+        if let Some(len) = self.bucket_len(t, digest).await {
+            self.lookup(Kind::Blob, Lookup::Bucket);
+            return Ok(len);
         }
         self.lookup(Kind::Blob, Lookup::Miss);
         if self.offline {
@@ -503,4 +641,35 @@ async fn confirm_task(
     count_check(&metrics, LinkCheck::Confirmed);
     super::remember_confirmed(store, &t, &digest).await;
     Ok(len.unwrap_or_default())
+}
+
+/// An upstream fill's copy on its way into the bucket, linked to the repository it was fetched
+/// under once complete, so every replica may serve it there.
+struct BucketCopy {
+    upload: Upload,
+    bucket: Bucket,
+    upstream: String,
+    repo: String,
+}
+
+impl Tee for BucketCopy {
+    fn write(&mut self, data: Bytes) -> std::io::Result<()> {
+        self.upload.write(data)
+    }
+
+    fn finish(
+        self: Box<Self>,
+        proof: crate::oci::Verified,
+    ) -> BoxFuture<'static, std::io::Result<()>> {
+        Box::pin(async move {
+            let BucketCopy {
+                upload,
+                bucket,
+                upstream,
+                repo,
+            } = *self;
+            upload.finish(&proof).await?;
+            bucket.put_link(&upstream, &repo, proof.digest()).await
+        })
+    }
 }

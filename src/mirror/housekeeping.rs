@@ -6,7 +6,7 @@ use super::Mirror;
 use crate::metrics::Metrics;
 use crate::storage::evict;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -14,10 +14,19 @@ use tracing::{info, warn};
 /// else triggered one.
 const EVICT_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How often the bucket is listed for a gc pass: a listing of a large bucket is many requests.
+const BUCKET_GC_INTERVAL: Duration = Duration::from_secs(300);
+
+/// A blob read or written in the bucket this recently is never removed by gc: a replica marks it
+/// read when it starts reading it, and an upload is dated when it completes. A read that outlasts
+/// the grace and loses its blob goes on from the upstream at the byte it reached.
+const BUCKET_GC_GRACE: Duration = Duration::from_secs(15 * 60);
+
 impl Mirror {
     /// Runs until `stopped` turns true. Never stops the server: a failed pass is logged.
     pub async fn housekeeping(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
         let mut first = true;
+        let mut last_gc: Option<Instant> = None;
         loop {
             if !first {
                 tokio::select! {
@@ -40,9 +49,46 @@ impl Mirror {
                 Ok(Err(e)) => warn!(error = %e, "eviction pass failed"),
                 Err(e) => warn!(error = %e, "eviction task failed"),
             }
+            self.bucket_round(&mut last_gc).await;
         }
+        self.bucket_round(&mut last_gc).await;
         let m = self.clone();
         let _ = tokio::task::spawn_blocking(move || m.store.blobs().sync()).await;
+    }
+
+    /// The bucket's share of housekeeping: marks the blobs read here since the last round as
+    /// read in the bucket, and, every `BUCKET_GC_INTERVAL`, runs a gc pass when this replica
+    /// owns the gc (one replica at a time, by the same ownership as everything else; a pass on
+    /// two at once is still safe). A failing bucket is logged and tried again next round.
+    async fn bucket_round(&self, last_gc: &mut Option<Instant>) {
+        let Some(b) = self.store.bucket() else {
+            return;
+        };
+        let reads: Vec<_> = self.shared_reads.lock().drain().collect();
+        if !reads.is_empty()
+            && let Err(e) = b.touch(&reads).await
+        {
+            warn!(error = %e, blobs = reads.len(), "could not mark reads in the bucket");
+        }
+        let Some(max_size) = self.bucket_max_size else {
+            return;
+        };
+        if last_gc.is_some_and(|t| t.elapsed() < BUCKET_GC_INTERVAL) {
+            return;
+        }
+        *last_gc = Some(Instant::now());
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.owner("gc").is_some())
+        {
+            return;
+        }
+        match b.gc(max_size, BUCKET_GC_GRACE).await {
+            Ok((0, _)) => {}
+            Ok((count, bytes)) => info!(count, bytes, "bucket gc pass removed blobs"),
+            Err(e) => warn!(error = %e, "bucket gc pass failed"),
+        }
     }
 
     /// Runs one eviction pass now, with the configured policy or a bound of `max_size`.

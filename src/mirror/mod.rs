@@ -22,6 +22,7 @@ use crate::metrics::{Kind, Lookup, Metrics};
 use crate::oci::manifest::{self, Accept, MAX_MANIFEST_SIZE, ManifestError};
 use crate::oci::{Digest, ErrorCode, RepoName};
 use crate::storage::meta::LinkSource;
+use crate::storage::s3::Bucket;
 use crate::storage::{Access, Store, Usage};
 use crate::upstream::{Op, Upstream, UpstreamRequest};
 use bytes::Bytes;
@@ -89,6 +90,9 @@ pub struct Target {
     pub client_name: String,
     /// The `ns` the client sent, echoed back in `Link`s.
     pub ns: Option<String>,
+    /// Asked by a peer replica on behalf of its client: served here, never passed on to
+    /// another peer, so peer traffic cannot loop.
+    pub forwarded: bool,
 }
 
 impl Target {
@@ -154,6 +158,13 @@ pub struct Mirror {
     /// Woken after each commit, so eviction runs as soon as the cache passes its bound.
     evict_wakeup: Arc<tokio::sync::Notify>,
     eviction: crate::storage::evict::Policy,
+    /// The replicas this one shares the cache with, when `[cluster]` is configured.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Blobs read from this replica's cache directory since the last housekeeping round, to be
+    /// marked read in the bucket, so its eviction sees every replica's reads.
+    shared_reads: parking_lot::Mutex<std::collections::HashSet<Digest>>,
+    /// `storage.max_size`: the bound gc passes keep the bucket under.
+    bucket_max_size: Option<u64>,
 }
 
 /// Cap on passthrough bodies (tags lists, referrer indexes), which are buffered.
@@ -203,7 +214,28 @@ impl Mirror {
             cache_dir: config.cache.dir.clone(),
             evict_wakeup: Arc::new(tokio::sync::Notify::new()),
             eviction: config.eviction_policy(),
+            cluster: None,
+            shared_reads: Default::default(),
+            bucket_max_size: config.storage.max_size.map(|m| m.0),
         })
+    }
+
+    /// Makes this mirror one replica of `cluster`: misses it does not own are asked of their
+    /// owner before the upstream.
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Mirror {
+        self.cluster = cluster;
+        self
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Notes a read of a blob this replica holds, for the bucket's eviction order.
+    fn note_shared_read(&self, digest: &Digest) {
+        if self.store.bucket().is_some() {
+            self.shared_reads.lock().insert(digest.clone());
+        }
     }
 
     /// Counts a cache lookup, and records its result on the request's span for the log line.
@@ -286,6 +318,7 @@ impl Mirror {
             repo,
             client_name: name.to_owned(),
             ns: ns.map(str::to_owned),
+            forwarded: false,
         })
     }
 
@@ -306,10 +339,16 @@ impl Mirror {
         digest: &Digest,
     ) -> Result<Arc<Manifest>, Error> {
         if let Some(m) = self.cached_manifest(digest).await? {
-            if !self.linked(t, digest)? {
+            if !self.linked(t, digest)? && !self.bucket_linked(t, digest).await {
                 self.confirm_manifest(t, digest).await?;
             }
             self.lookup(Kind::Manifest, Lookup::Hit);
+            return Ok(m);
+        }
+        if self.bucket_linked(t, digest).await
+            && let Some(m) = self.bucket_manifest(digest, None).await
+        {
+            self.lookup(Kind::Manifest, Lookup::Bucket);
             return Ok(m);
         }
         if self.offline {
@@ -403,6 +442,48 @@ impl Mirror {
         Ok(Some(m))
     }
 
+    /// A manifest from the bucket, checked against its digest like any other, then kept here
+    /// (with `tag` when a tag record named it: upstream, repo, tag, when it was last checked).
+    /// `None` when the bucket does not hold it, or fails.
+    async fn bucket_manifest(
+        &self,
+        digest: &Digest,
+        tag: Option<(String, String, String, std::time::SystemTime)>,
+    ) -> Option<Arc<Manifest>> {
+        let b = self.store.bucket()?;
+        let bytes = match b.get_small(digest, MAX_MANIFEST_SIZE).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(error = %e, digest = %digest, "the bucket failed a manifest read");
+                return None;
+            }
+        };
+        let checked = match manifest::verify(&bytes, &HeaderMap::new(), Some(digest)) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, digest = %digest, "manifest in the bucket refused");
+                return None;
+            }
+        };
+        let m = Arc::new(Manifest::new(digest.clone(), checked.media_type, bytes));
+        let (st, m2, proof) = (self.store.clone(), m.clone(), checked.proof);
+        let saved = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            crate::storage::put_small(&**st.blobs(), &m2.bytes, proof, "(bucket)")?;
+            let tag = tag
+                .as_ref()
+                .map(|(u, r, t, at)| (u.as_str(), r.as_str(), t.as_str(), *at));
+            st.meta().put_manifest(&m2.digest, &m2.media_type, tag)
+        })
+        .await;
+        if !matches!(saved, Ok(Ok(()))) {
+            self.metrics.cache_write_errors.inc();
+            warn!(digest = %m.digest, "could not keep a manifest read from the bucket");
+        }
+        self.memory.insert(m.digest.clone(), m.clone()).await;
+        Some(m)
+    }
+
     /// A future (to run as its own task) that GETs a manifest, verifies it, and stores it, with
     /// the tag that named it if any.
     fn fetch_manifest_task(
@@ -415,6 +496,7 @@ impl Mirror {
     ) -> impl std::future::Future<Output = Result<Arc<Manifest>, Error>> + Send + 'static {
         let t = t.clone();
         let store = self.store.clone();
+        let bucket = store.bucket().cloned();
         let memory = self.memory.clone();
         let metrics = self.metrics.clone();
         async move {
@@ -447,6 +529,8 @@ impl Mirror {
                     Error::upstream(up.name(), e.into())
                 })?;
             let proof = checked.proof;
+            let bucket_proof = proof.clone();
+            let tag_name = tag.clone();
             let m = Arc::new(Manifest::new(
                 proof.digest().clone(),
                 checked.media_type,
@@ -454,7 +538,7 @@ impl Mirror {
             ));
             let (st, m2) = (store.clone(), m.clone());
             let (upname, repo) = (up.name().to_owned(), t.repo.to_string());
-            let saved = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let saved = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Digest>> {
                 let repo_key = format!("{upname}/{repo}");
                 crate::storage::put_small(&**st.blobs(), &m2.bytes, proof, &repo_key)?;
                 let tag = tag.as_deref().map(|tag| {
@@ -473,17 +557,25 @@ impl Mirror {
                     &m2.media_type,
                     tag,
                     Some((&upname, &repo, &refs, LinkSource::Fetched)),
-                )
+                )?;
+                Ok(refs)
             })
             .await;
-            match saved {
-                Ok(Ok(())) => {}
+            let refs = match saved {
+                Ok(Ok(refs)) => refs,
                 // The client still gets its manifest; the cache just does not keep it.
                 Ok(Err(e)) => {
                     metrics.cache_write_errors.inc();
                     warn!(error = %e, digest = %m.digest, "could not cache manifest");
+                    Vec::new()
                 }
-                Err(e) => warn!(error = %e, "manifest write task failed"),
+                Err(e) => {
+                    warn!(error = %e, "manifest write task failed");
+                    Vec::new()
+                }
+            };
+            if let Some(b) = &bucket {
+                share_manifest(b, &store, &t, &m, bucket_proof, tag_name.as_deref(), &refs).await;
             }
             memory.insert(m.digest.clone(), m.clone()).await;
             Ok(m)
@@ -571,9 +663,69 @@ fn manifest_links(store: &Store, bytes: &[u8]) -> Vec<Digest> {
     out
 }
 
+/// Puts a manifest fetched from the upstream into the bucket, with what it links to `t`'s
+/// repository and the tag that named it, so every replica serves it without asking upstream.
+/// Awaited before the client's answer, so a replica asked next finds it. A failing bucket is
+/// logged and costs only the sharing.
+async fn share_manifest(
+    bucket: &Bucket,
+    store: &Arc<Store>,
+    t: &Target,
+    m: &Manifest,
+    proof: crate::oci::Verified,
+    tag: Option<&str>,
+    refs: &[Digest],
+) {
+    let (up, repo) = (t.upstream.name(), t.repo.as_str());
+    let shared = async {
+        bucket.put_small(m.bytes.clone(), &proof).await?;
+        bucket.put_link(up, repo, &m.digest).await?;
+        for d in refs {
+            bucket.put_link(up, repo, d).await?;
+        }
+        if let Some(tag) = tag {
+            share_tag(bucket, store, up, repo, tag).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    if let Err(e) = shared.await {
+        warn!(error = %e, digest = %m.digest, "could not share a manifest through the bucket");
+    }
+}
+
+/// Writes this replica's entries for a tag to the bucket.
+async fn share_tag(
+    bucket: &Bucket,
+    store: &Arc<Store>,
+    up: &str,
+    repo: &str,
+    tag: &str,
+) -> std::io::Result<()> {
+    let (st, u, r, tg) = (
+        store.clone(),
+        up.to_owned(),
+        repo.to_owned(),
+        tag.to_owned(),
+    );
+    let entries = tokio::task::spawn_blocking(move || st.meta().tags(&u, &r, &tg))
+        .await
+        .map_err(std::io::Error::other)??;
+    bucket.put_tag(up, repo, tag, &entries).await
+}
+
 /// Records that the upstream confirmed `t`'s repository holds `digest`. A failure is logged
 /// and costs another HEAD next time, not this answer.
 async fn remember_confirmed(store: Arc<Store>, t: &Target, digest: &Digest) {
+    if let Some(b) = store.bucket()
+        && let Err(e) = b.put_link(t.upstream.name(), t.repo.as_str(), digest).await
+    {
+        warn!(error = %e, digest = %digest, "could not share a confirmed link through the bucket");
+    }
+    remember_link(store, t, digest).await
+}
+
+/// Records here that `t`'s repository holds `digest`.
+async fn remember_link(store: Arc<Store>, t: &Target, digest: &Digest) {
     let (u, r, d) = (
         t.upstream.name().to_owned(),
         t.repo.to_string(),

@@ -49,6 +49,11 @@ impl Mirror {
             }
         }
         if self.offline {
+            let local = found.as_ref().map(Found::entry);
+            if let Some(m) = self.shared_tag(t, tag, accept, local).await {
+                self.lookup(Kind::Manifest, Lookup::Bucket);
+                return Ok(m);
+            }
             self.lookup(Kind::Manifest, Lookup::Miss);
             return Err(self.offline_error(t));
         }
@@ -96,6 +101,9 @@ impl Mirror {
         accept: &Accept,
         entry: Option<TagEntry>,
     ) -> Result<(Arc<Manifest>, Lookup), Error> {
+        if let Some(m) = self.shared_tag(t, tag, accept, entry.as_ref()).await {
+            return Ok((m, Lookup::Bucket));
+        }
         let Some(entry) = entry else {
             let m = self.fetch_by_tag(t, tag, accept).await?;
             return Ok((m, Lookup::Miss));
@@ -116,12 +124,18 @@ impl Mirror {
                     ),
                 );
                 let e = entry.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    store
-                        .meta()
+                let st = store.clone();
+                let touched = tokio::task::spawn_blocking(move || {
+                    st.meta()
                         .touch_tag(&key.0, &key.1, &key.2, &e, SystemTime::now())
                 })
                 .await;
+                if let (Ok(Ok(())), Some(b)) = (touched, store.bucket()) {
+                    let (up, repo) = (t.upstream.name(), t.repo.as_str());
+                    if let Err(e) = super::share_tag(b, &store, up, repo, tag.as_str()).await {
+                        info!(error = %e, tag = %tag, "could not share a revalidated tag through the bucket");
+                    }
+                }
                 debug!(tag = %tag, "tag revalidated");
                 Ok((cached, Lookup::Revalidated))
             }
@@ -152,6 +166,56 @@ impl Mirror {
                 Ok((cached, Lookup::Stale))
             }
         }
+    }
+
+    /// A tag's manifest as another replica left it in the bucket: used when its entry there is
+    /// younger than `tag_ttl` and than what this replica knows (`local`), so a tag is fetched
+    /// or revalidated once for all replicas. `None` when the bucket has nothing better or fails.
+    async fn shared_tag(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &Accept,
+        local: Option<&TagEntry>,
+    ) -> Option<Arc<Manifest>> {
+        let b = self.store.bucket()?;
+        let (up, repo) = (t.upstream.name(), t.repo.as_str());
+        let entries = match b.tags(up, repo, tag.as_str()).await {
+            Ok(e) => e,
+            Err(e) => {
+                info!(error = %e, tag = %tag, "the bucket failed a tag lookup");
+                return None;
+            }
+        };
+        let entry = entries.into_iter().find(|e| accept.allows(&e.media_type))?;
+        let fresh = entry
+            .checked
+            .elapsed()
+            .map(|age| age < self.tag_ttl)
+            .unwrap_or(true);
+        let newer = local.is_none_or(|l| entry.checked > l.checked);
+        if !(fresh || self.offline) || !newer {
+            return None;
+        }
+        let at = (
+            up.to_owned(),
+            repo.to_owned(),
+            tag.to_string(),
+            entry.checked,
+        );
+        let m = match self.cached_manifest(&entry.digest).await.ok().flatten() {
+            Some(m) => {
+                let (st, e) = (self.store.clone(), entry.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    st.meta().touch_tag(&at.0, &at.1, &at.2, &e, at.3)
+                })
+                .await;
+                m
+            }
+            None => self.bucket_manifest(&entry.digest, Some(at)).await?,
+        };
+        debug!(tag = %tag, digest = %m.digest, "tag from the bucket");
+        Some(m)
     }
 
     async fn fetch_by_tag(

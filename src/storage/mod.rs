@@ -265,6 +265,8 @@ pub fn put_small(
 pub struct Store {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<Meta>,
+    /// With `[storage] backend = "s3"`: the bucket every replica shares, behind this store.
+    bucket: Option<s3::Bucket>,
     /// One eviction pass at a time: a second pass flushing reads between another's listing
     /// and its removal would hide those reads from it.
     pass_lock: Mutex<()>,
@@ -286,8 +288,19 @@ impl Store {
         Store {
             blobs,
             meta,
+            bucket: None,
             pass_lock: Mutex::new(()),
         }
+    }
+
+    /// Puts the shared bucket behind this (local) store.
+    pub fn with_bucket(mut self, bucket: Option<s3::Bucket>) -> Store {
+        self.bucket = bucket;
+        self
+    }
+
+    pub fn bucket(&self) -> Option<&s3::Bucket> {
+        self.bucket.as_ref()
     }
 
     pub fn blobs(&self) -> &Arc<dyn BlobStore> {
