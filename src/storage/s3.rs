@@ -1018,10 +1018,18 @@ impl BlobStore for S3Store {
         }))
     }
 
+    /// Re-reads the access times from one fresh listing, not a HEAD per row: a listing dates
+    /// objects to the millisecond on Garage, a HEAD only to the second.
     fn remove(&self, rows: &[ObjectRow]) -> io::Result<Vec<Digest>> {
+        let now: HashMap<Digest, SystemTime> = self
+            .rt
+            .block_on(self.bucket.objects())?
+            .into_iter()
+            .map(|r| (r.digest, r.last_access))
+            .collect();
         let mut removed = Vec::new();
         for row in rows {
-            match self.rt.block_on(self.bucket.last_access(&row.digest))? {
+            match now.get(&row.digest).copied() {
                 None => self.known.lock().remove(&row.digest),
                 Some(t) if may_be_after(t, row.last_access) => {}
                 Some(_) => {
