@@ -641,8 +641,9 @@ impl Inner {
                 r.meta.size
             )));
         }
+        // Within the cap, checked above.
+        let mut buf = Vec::with_capacity(r.meta.size as usize);
         let mut body = r.into_stream();
-        let mut buf = Vec::with_capacity(r_len(cap));
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| store_error(StorageOp::Get, e))?;
             if buf.len() + chunk.len() > cap {
@@ -656,18 +657,13 @@ impl Inner {
     }
 }
 
-/// A starting capacity for small reads: enough for most manifests, without reserving `cap`.
-fn r_len(cap: usize) -> usize {
-    cap.min(64 << 10)
-}
-
 // === impl Upload ===
 
 /// A blob being uploaded while its fill runs. [`write`](Self::write) never waits: parts
-/// ([`PART_SIZE`], [`PARTS_IN_FLIGHT`] at once) are sent by a spawned task. When the bucket
-/// falls [`MAX_PENDING`] bytes behind, or a request fails, the upload is aborted and every
-/// later `write` is an error: the fill carries on without the bucket. A blob smaller than one
-/// part is sent in a single PUT by [`finish`](Self::finish) instead.
+/// (8 MiB, 4 at once) are sent by a spawned task. When the bucket falls 64 MiB behind, or a
+/// request fails, the upload is aborted and every later `write` is an error: the fill carries
+/// on without the bucket. A blob smaller than one part is sent in a single PUT by
+/// [`finish`](Self::finish) instead.
 ///
 /// Nothing is visible in the bucket before `finish` has checked the proof. Dropping an
 /// unfinished upload aborts it in the background.
@@ -1018,10 +1014,18 @@ impl BlobStore for S3Store {
         }))
     }
 
+    /// Re-reads the access times from one fresh listing, not a HEAD per row: a listing dates
+    /// objects to the millisecond on Garage, a HEAD only to the second.
     fn remove(&self, rows: &[ObjectRow]) -> io::Result<Vec<Digest>> {
+        let now: HashMap<Digest, SystemTime> = self
+            .rt
+            .block_on(self.bucket.objects())?
+            .into_iter()
+            .map(|r| (r.digest, r.last_access))
+            .collect();
         let mut removed = Vec::new();
         for row in rows {
-            match self.rt.block_on(self.bucket.last_access(&row.digest))? {
+            match now.get(&row.digest).copied() {
                 None => self.known.lock().remove(&row.digest),
                 Some(t) if may_be_after(t, row.last_access) => {}
                 Some(_) => {
