@@ -119,6 +119,12 @@ fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
         u.password()?;
         cachalot::upstream::tls::client_config(u)?;
     }
+    if c.storage.backend == cachalot::config::Backend::S3 {
+        c.storage.credentials()?;
+    }
+    if let Some(cluster) = &c.cluster {
+        cluster.secret()?;
+    }
     Ok(())
 }
 

@@ -301,13 +301,16 @@ pub enum StorageResult {
     Ok,
     NotFound,
     Error,
+    /// Not sent: the bucket failed too often just before (see `storage::s3`'s breaker).
+    Skipped,
 }
 
 impl StorageResult {
-    pub const ALL: [StorageResult; 3] = [
+    pub const ALL: [StorageResult; 4] = [
         StorageResult::Ok,
         StorageResult::NotFound,
         StorageResult::Error,
+        StorageResult::Skipped,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -315,6 +318,7 @@ impl StorageResult {
             StorageResult::Ok => "ok",
             StorageResult::NotFound => "not_found",
             StorageResult::Error => "error",
+            StorageResult::Skipped => "skipped",
         }
     }
 }

@@ -48,6 +48,14 @@ fn bad_configs_fail_with_one_line_naming_the_problem() {
             "[[upstream]]\nname = \"a\"\nurl = \"https://a\"\nusername = \"u\"\npassword_env = \"CACHALOT_TEST_SURELY_UNSET\"\n",
             "CACHALOT_TEST_SURELY_UNSET",
         ),
+        (
+            "[storage]\nbackend = \"s3\"\nbucket = \"b\"\naccess_key_id_env = \"CACHALOT_TEST_KEY_UNSET\"\nsecret_access_key_env = \"CACHALOT_TEST_KEY_UNSET\"\n",
+            "storage.access_key_id_env",
+        ),
+        (
+            "[storage]\nbackend = \"s3\"\nbucket = \"b\"\n[cluster]\npeers = [\"http://127.0.0.1:5000\"]\nsecret_file = \"/nonexistent/secret\"\n",
+            "cluster.secret_file",
+        ),
     ] {
         let p = write(&dir, text);
         let out = cachalot()

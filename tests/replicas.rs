@@ -295,3 +295,60 @@ async fn owner_of(r: &Replicas, digest: &str) -> usize {
             .unwrap_or_else(|| panic!("owner {peer:?} is not a replica")),
     }
 }
+
+/// A bucket that refuses every connection costs caching, not pulls: the image comes through
+/// from the upstream, whole and right, and the failures are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_bucket_costs_caching_not_pulls() {
+    let fake = FakeRegistry::start().await;
+    let img = fake.push_image("team/app", Some("v1"), &[300_000, 1000]);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("id"), "GK0000\n").unwrap();
+    std::fs::write(keys.path().join("secret"), "0000\n").unwrap();
+    let ups = [UpstreamSpec::new(UP, &fake.url(), true)];
+    let toml = format!(
+        "{}\n[storage]\nbackend = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"cachalot\"\nregion = \"garage\"\naccess_key_id_file = {:?}\nsecret_access_key_file = {:?}\n",
+        config_toml(dir.path(), &CacheSpec::default(), &ups),
+        free_port(),
+        keys.path().join("id"),
+        keys.path().join("secret"),
+    );
+    let proxy = Proxy::start(&toml).await;
+    let client = TestClient::new();
+    let v2 = |p: &str| format!("{}/v2/team/app/{p}", proxy.url());
+    let started = std::time::Instant::now();
+    let m = client.get(&v2("manifests/v1")).await;
+    assert_eq!(m.status, 200);
+    assert_eq!(m.body, img.manifest.bytes);
+    for (d, bytes) in std::iter::once(&img.config).chain(&img.layers) {
+        let resp = client.get(&v2(&format!("blobs/{d}"))).await;
+        assert_eq!(resp.status, 200);
+        assert!(resp.body == *bytes, "wrong bytes for {d}");
+    }
+    eprintln!("pull with a dead bucket took {:?}", started.elapsed());
+    let text = client.get(&format!("{}/metrics", proxy.url())).await.text();
+    assert!(
+        metric_value(
+            &text,
+            "cachalot_storage_requests_total",
+            &[("result", "error")]
+        ) > 0.0,
+        "bucket failures are not counted"
+    );
+    // After a few failures the bucket is left alone instead of being asked on every miss.
+    assert!(
+        metric_value(
+            &text,
+            "cachalot_storage_requests_total",
+            &[("result", "skipped")]
+        ) > 0.0,
+        "a dead bucket is asked on every miss"
+    );
+    // Cached here all the same: a second pull is served from the cache directory.
+    let before = fake.total();
+    for (d, _) in std::iter::once(&img.config).chain(&img.layers) {
+        assert_eq!(client.get(&v2(&format!("blobs/{d}"))).await.status, 200);
+    }
+    assert_eq!(fake.total(), before);
+}

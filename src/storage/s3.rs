@@ -70,6 +70,51 @@ struct Inner {
     /// Without leading or trailing `/`; empty for none.
     prefix: String,
     metrics: Arc<Metrics>,
+    breaker: Breaker,
+}
+
+/// Failures in a row after which the bucket is left alone for [`BUCKET_PAUSE`].
+const BUCKET_BREAK_AFTER: u32 = 3;
+/// How long a failing bucket is left alone: calls fail at once meanwhile, so a bucket that is
+/// down or hangs costs a pull nothing but the few calls that found it out. Then one more try.
+const BUCKET_PAUSE: Duration = Duration::from_secs(10);
+
+/// Counts failures in a row and, past the limit, refuses calls until the pause is over.
+#[derive(Default)]
+struct Breaker {
+    failures: std::sync::atomic::AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    fn open(&self) -> bool {
+        let mut until = self.open_until.lock();
+        match *until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                // The pause is over: calls go again, and the next failure re-opens at once.
+                *until = None;
+                self.failures
+                    .store(BUCKET_BREAK_AFTER - 1, Ordering::Relaxed);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BUCKET_BREAK_AFTER {
+            let mut until = self.open_until.lock();
+            if until.is_none() {
+                tracing::warn!(pause = ?BUCKET_PAUSE, "the bucket keeps failing; leaving it alone for a while");
+                *until = Some(Instant::now() + BUCKET_PAUSE);
+            }
+        }
+    }
 }
 
 /// A blob read from the bucket.
@@ -157,6 +202,7 @@ impl Bucket {
                 store,
                 prefix: prefix.trim_matches('/').to_owned(),
                 metrics,
+                breaker: Breaker::default(),
             }),
         }
     }
@@ -536,12 +582,21 @@ impl Inner {
         request: impl Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
         let started = Instant::now();
+        if self.breaker.open() {
+            self.metrics
+                .storage_request(op, StorageResult::Skipped, started);
+            return Err(object_store::Error::Generic {
+                store: "bucket",
+                source: "skipped: the bucket failed repeatedly just before".into(),
+            });
+        }
         let r = request.await;
         let result = match &r {
             Ok(_) => StorageResult::Ok,
             Err(object_store::Error::NotFound { .. }) => StorageResult::NotFound,
             Err(_) => StorageResult::Error,
         };
+        self.breaker.record(result != StorageResult::Error);
         self.metrics.storage_request(op, result, started);
         r
     }
@@ -1201,6 +1256,26 @@ impl BlobWriter for S3Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_failing_in_a_row_is_left_alone_then_tried_again() {
+        let b = Breaker::default();
+        for _ in 0..BUCKET_BREAK_AFTER - 1 {
+            b.record(false);
+            assert!(!b.open());
+        }
+        b.record(true);
+        b.record(false);
+        assert!(!b.open(), "a success in between starts the count again");
+        for _ in 0..BUCKET_BREAK_AFTER {
+            b.record(false);
+        }
+        assert!(b.open());
+        *b.open_until.lock() = Some(Instant::now());
+        assert!(!b.open(), "the pause is over");
+        b.record(false);
+        assert!(b.open(), "one more failure after the pause re-opens it");
+    }
     use crate::oci::Algorithm;
     use object_store::memory::InMemory;
     use object_store::throttle::{ThrottleConfig, ThrottledStore};

@@ -27,8 +27,12 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// From the request sent (its body included) to the response headers.
+/// From the request sent (its body included) to the response headers, for writes, whose
+/// bodies are parts of megabytes.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for reads (GET, HEAD, listings, deletes), which carry no body: a bucket slower than
+/// this to start answering costs a pull more than going to the upstream would.
+const READ_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest silence between two frames of a response body.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -125,26 +129,27 @@ impl HttpService for HyperService {
                     http::HeaderValue::from_static(USER_AGENT),
                 );
             }
-            let res =
-                match tokio::time::timeout(self.header_timeout, self.client.request(req)).await {
-                    Ok(Ok(res)) => res,
-                    Ok(Err(e)) => {
-                        let kind = request_error_kind(&e);
-                        return Err(HttpError::new(kind, e));
-                    }
-                    Err(_) => {
-                        return Err(HttpError::new(
-                            HttpErrorKind::Timeout,
-                            io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                format!(
-                                    "no response from the bucket within {:?}",
-                                    self.header_timeout
-                                ),
-                            ),
-                        ));
-                    }
-                };
+            let wait = if matches!(*req.method(), http::Method::PUT | http::Method::POST) {
+                self.header_timeout
+            } else {
+                self.header_timeout.min(READ_HEADER_TIMEOUT)
+            };
+            let res = match tokio::time::timeout(wait, self.client.request(req)).await {
+                Ok(Ok(res)) => res,
+                Ok(Err(e)) => {
+                    let kind = request_error_kind(&e);
+                    return Err(HttpError::new(kind, e));
+                }
+                Err(_) => {
+                    return Err(HttpError::new(
+                        HttpErrorKind::Timeout,
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no response from the bucket within {:?}", wait),
+                        ),
+                    ));
+                }
+            };
             let (parts, body) = res.into_parts();
             let body = body.map_err(|e| {
                 let kind = body_error_kind(&e);
