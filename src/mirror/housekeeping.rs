@@ -84,7 +84,17 @@ impl Mirror {
         {
             return;
         }
-        match b.gc(max_size, BUCKET_GC_GRACE).await {
+        // The pins this replica can resolve (images it holds); see the README on pins.
+        let (store, pins) = (self.store.clone(), self.eviction.pins.clone());
+        let keep =
+            match tokio::task::spawn_blocking(move || evict::pinned_digests(&store, &pins)).await {
+                Ok(Ok(keep)) => keep,
+                _ => {
+                    warn!("could not resolve pins; bucket gc skipped this round");
+                    return;
+                }
+            };
+        match b.gc_sparing(max_size, BUCKET_GC_GRACE, &keep).await {
             Ok((0, _)) => {}
             Ok((count, bytes)) => info!(count, bytes, "bucket gc pass removed blobs"),
             Err(e) => warn!(error = %e, "bucket gc pass failed"),

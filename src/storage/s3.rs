@@ -34,7 +34,7 @@ use object_store::{
     PutPayload, RetryConfig,
 };
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::ops::Range;
@@ -413,6 +413,16 @@ impl Bucket {
     /// are removed too. Returns the count and bytes of blobs this pass deleted (a victim two
     /// passes delete at the same moment is counted by both).
     pub async fn gc(&self, max_size: u64, grace: Duration) -> io::Result<(u64, u64)> {
+        self.gc_sparing(max_size, grace, &HashSet::new()).await
+    }
+
+    /// [`gc`](Self::gc), never removing a blob in `keep` (pinned images).
+    pub async fn gc_sparing(
+        &self,
+        max_size: u64,
+        grace: Duration,
+        keep: &HashSet<Digest>,
+    ) -> io::Result<(u64, u64)> {
         let now = self.bucket_now().await?;
         let cutoff = now.checked_sub(grace).unwrap_or(UNIX_EPOCH);
         let (mut rows, orphans) = self.listing().await?;
@@ -422,6 +432,9 @@ impl Bucket {
         for row in rows {
             if total <= max_size || may_be_after(row.last_access, cutoff) {
                 break;
+            }
+            if keep.contains(&row.digest) {
+                continue;
             }
             match self.last_access(&row.digest).await? {
                 // Gone already (another pass, or a delete): it no longer counts.
@@ -1660,6 +1673,18 @@ mod tests {
         assert!(at(&ds[0]) > at(&ds[2]));
         // Room for two: the one read least recently goes, not the one written first.
         assert_eq!(b.gc(2000, Duration::ZERO).await.unwrap(), (1, 1000));
+        assert_eq!(present(&b, &ds).await, [true, false, true]);
+    }
+
+    #[tokio::test]
+    async fn gc_spares_pinned_blobs_and_takes_the_next_instead() {
+        let (b, _) = bucket();
+        let ds = aged_blobs(&b, 3).await;
+        let keep: HashSet<Digest> = [ds[0].clone()].into();
+        assert_eq!(
+            b.gc_sparing(2000, Duration::ZERO, &keep).await.unwrap(),
+            (1, 1000)
+        );
         assert_eq!(present(&b, &ds).await, [true, false, true]);
     }
 
