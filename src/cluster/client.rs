@@ -14,8 +14,6 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// A peer on the same network answers a TCP handshake in well under this; one that does not is
@@ -36,28 +34,9 @@ pub(super) enum Failure {
 
 impl PeerClient {
     pub(super) fn new() -> Result<PeerClient, ConfigError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::Invalid(format!("cluster.peers: TLS setup: {e}")))?
-            .with_root_certificates(rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            })
-            .with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let tls = crate::upstream::tls::public_roots()
+            .map_err(|e| ConfigError::Invalid(format!("cluster.peers: TLS setup: {e}")))?;
+        let client = crate::upstream::client::pooled_client(tls, CONNECT_TIMEOUT);
         Ok(PeerClient { client })
     }
 

@@ -64,6 +64,33 @@ pub struct UpstreamRequest<'a> {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// A pooled HTTP/1 + HTTP/2 client, TLS by `tls` and plain HTTP alike, that gives up connecting
+/// after `connect_timeout`: how every outgoing client is built (upstreams, peers, the bucket).
+pub(crate) fn pooled_client<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+) -> Client<HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https)
+}
+
 /// One configured upstream registry. Cheap to clone (an `Arc` inside).
 #[derive(Clone)]
 pub struct Upstream {
@@ -196,10 +223,6 @@ impl Upstream {
             None => None,
         };
 
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout.0));
         let tls = super::tls::client_config(cfg)?;
         if cfg.insecure_skip_verify {
             tracing::warn!(
@@ -208,16 +231,7 @@ impl Upstream {
                  the network path can impersonate it"
             );
         }
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let client = pooled_client(tls, cfg.connect_timeout.0);
 
         Ok(Upstream {
             inner: Arc::new(Inner {
