@@ -352,3 +352,26 @@ async fn a_dead_bucket_costs_caching_not_pulls() {
     }
     assert_eq!(fake.total(), before);
 }
+
+/// A tag asked of every replica at once is resolved by its owner, once for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_asked_of_every_replica_at_once_is_fetched_once() {
+    let r = Replicas::start(3).await;
+    let img = r.fake.push_image("team/app", Some("v2"), &[1000]);
+    // A slow answer keeps the owner's fetch open while the others ask.
+    r.fake
+        .set_manifest_delay(Some(Duration::from_millis(300)));
+    let mut tasks = vec![];
+    for i in 0..6 {
+        let url = r.v2(i % 3, "team/app/manifests/v2");
+        tasks.push(tokio::spawn(async move {
+            TestClient::unpooled().get(&url).await
+        }));
+    }
+    for t in tasks {
+        let resp = t.await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, img.manifest.bytes);
+    }
+    assert_eq!(r.fake.manifest_gets("team/app", "v2"), 1);
+}

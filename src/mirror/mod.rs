@@ -494,6 +494,21 @@ impl Mirror {
         expect: Option<Digest>,
         tag: Option<String>,
     ) -> impl std::future::Future<Output = Result<Arc<Manifest>, Error>> + Send + 'static {
+        self.fetch_manifest_via(t, reference, accept, expect, tag, None)
+    }
+
+    /// [`fetch_manifest_task`](Self::fetch_manifest_task), from the replica that owns the
+    /// reference when `via` names one: it resolves it once for every replica (and has already
+    /// shared what it found through the bucket), and its answer is checked like an upstream's.
+    fn fetch_manifest_via(
+        &self,
+        t: &Target,
+        reference: String,
+        accept: Accept,
+        expect: Option<Digest>,
+        tag: Option<String>,
+        via: Option<(Arc<crate::cluster::Cluster>, crate::cluster::Peer)>,
+    ) -> impl std::future::Future<Output = Result<Arc<Manifest>, Error>> + Send + 'static {
         let t = t.clone();
         let store = self.store.clone();
         let bucket = store.bucket().cloned();
@@ -502,19 +517,37 @@ impl Mirror {
         async move {
             let up = &t.upstream;
             let started = std::time::Instant::now();
-            let resp = up
-                .send(t.manifest_request(Method::GET, &reference, &accept))
-                .await?;
-            if !resp.status().is_success() {
-                return Err(up.status_error(&resp));
-            }
-            let (parts, body) = resp.into_parts();
-            let bytes = up.read_small(body, MAX_MANIFEST_SIZE).await?;
-            metrics.upstream_done(up.name(), Op::Manifest.as_str(), started);
-            metrics
-                .upstream_bytes
-                .with_label_values(&[up.name()])
-                .inc_by(bytes.len() as u64);
+            let (parts, bytes) = match &via {
+                None => {
+                    let resp = up
+                        .send(t.manifest_request(Method::GET, &reference, &accept))
+                        .await?;
+                    if !resp.status().is_success() {
+                        return Err(up.status_error(&resp));
+                    }
+                    let (parts, body) = resp.into_parts();
+                    let bytes = up.read_small(body, MAX_MANIFEST_SIZE).await?;
+                    metrics.upstream_done(up.name(), Op::Manifest.as_str(), started);
+                    metrics
+                        .upstream_bytes
+                        .with_label_values(&[up.name()])
+                        .inc_by(bytes.len() as u64);
+                    (parts, bytes)
+                }
+                Some((cluster, peer)) => {
+                    let mut extra = HeaderMap::new();
+                    if let Ok(v) = HeaderValue::try_from(accept.upstream_value()) {
+                        extra.insert(header::ACCEPT, v);
+                    }
+                    let path = format!("/v2/{}/{}/manifests/{}", up.name(), t.repo, reference);
+                    let resp = cluster.fetch(peer, Method::GET, &path, extra).await?;
+                    if !resp.status().is_success() {
+                        return Err(up.status_error(&resp));
+                    }
+                    let (parts, body) = resp.into_parts();
+                    (parts, up.read_small(body, MAX_MANIFEST_SIZE).await?)
+                }
+            };
             // A body that fails its check is never stored.
             let checked =
                 manifest::verify(&bytes, &parts.headers, expect.as_ref()).map_err(|e| {
@@ -574,7 +607,7 @@ impl Mirror {
                     Vec::new()
                 }
             };
-            if let Some(b) = &bucket {
+            if let Some(b) = bucket.as_ref().filter(|_| via.is_none()) {
                 share_manifest(b, &store, &t, &m, bucket_proof, tag_name.as_deref(), &refs).await;
             }
             memory.insert(m.digest.clone(), m.clone()).await;

@@ -104,6 +104,23 @@ impl Mirror {
         if let Some(m) = self.shared_tag(t, tag, accept, entry.as_ref()).await {
             return Ok((m, Lookup::Bucket));
         }
+        if let Some(owner) = self.tag_owner(t, tag) {
+            let peer = owner.1.clone();
+            let via = self.fetch_manifest_via(
+                t,
+                tag.to_string(),
+                accept.clone(),
+                None,
+                Some(tag.to_string()),
+                Some(owner),
+            );
+            match via.await {
+                Ok(m) => return Ok((m, Lookup::Peer)),
+                Err(e) => {
+                    info!(peer = %peer, error = %e, tag = %tag, "the tag's owner could not resolve it; resolving it here")
+                }
+            }
+        }
         let Some(entry) = entry else {
             let m = self.fetch_by_tag(t, tag, accept).await?;
             return Ok((m, Lookup::Miss));
@@ -216,6 +233,18 @@ impl Mirror {
         };
         debug!(tag = %tag, digest = %m.digest, "tag from the bucket");
         Some(m)
+    }
+
+    /// The replica that resolves this tag for every replica, when it is another one and this
+    /// request is not itself a peer's.
+    fn tag_owner(
+        &self,
+        t: &Target,
+        tag: &Tag,
+    ) -> Option<(Arc<crate::cluster::Cluster>, crate::cluster::Peer)> {
+        let c = self.cluster.as_ref().filter(|_| !t.forwarded && !self.offline)?;
+        let key = format!("{}/{}:{}", t.upstream.name(), t.repo, tag);
+        c.owner(&key).map(|p| (c.clone(), p))
     }
 
     async fn fetch_by_tag(

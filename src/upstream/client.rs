@@ -443,7 +443,10 @@ impl Upstream {
     /// that needs the whole body by a deadline sets one around this). Failures name this upstream: no frame in
     /// time -> [`UpstreamFault::Timeout`]; a broken body or more than `cap` bytes ->
     /// [`UpstreamFault::Protocol`]. On failure the body is dropped, which closes its connection.
-    pub async fn read_small(&self, mut body: UpstreamBody, cap: usize) -> crate::Result<Bytes> {
+    pub async fn read_small<B>(&self, mut body: B, cap: usize) -> crate::Result<Bytes>
+    where
+        B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    {
         let mut buf = BytesMut::new();
         loop {
             let frame = tokio::time::timeout(self.inner.body_timeout, body.frame())
