@@ -359,8 +359,7 @@ async fn a_tag_asked_of_every_replica_at_once_is_fetched_once() {
     let r = Replicas::start(3).await;
     let img = r.fake.push_image("team/app", Some("v2"), &[1000]);
     // A slow answer keeps the owner's fetch open while the others ask.
-    r.fake
-        .set_manifest_delay(Some(Duration::from_millis(300)));
+    r.fake.set_manifest_delay(Some(Duration::from_millis(300)));
     let mut tasks = vec![];
     for i in 0..6 {
         let url = r.v2(i % 3, "team/app/manifests/v2");

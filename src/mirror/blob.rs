@@ -263,6 +263,7 @@ impl Mirror {
                     metrics: self.metrics.clone(),
                     evict_wakeup: self.evict_wakeup.clone(),
                     min_rate: self.fill_min_rate,
+                    offline: self.offline,
                 };
                 tokio::spawn(task.run().instrument(info_span!("fill", digest = %digest)));
                 self.lookup(Kind::Blob, from.await.unwrap_or(Lookup::Miss));
@@ -333,10 +334,14 @@ impl Mirror {
             if let Some(b) = bucket.as_ref().filter(|_| linked) {
                 match b.get(&digest, None).await {
                     Ok(Some(read)) => {
-                        // Marked read now, so no replica's gc takes it while it streams.
-                        if let Err(e) = b.touch(std::slice::from_ref(&digest)).await {
-                            warn!(error = %e, digest = %digest, "could not mark a bucket read");
-                        }
+                        // Marked read now, so no replica's gc takes it while it streams; the
+                        // bytes need not wait for the mark.
+                        let (b, d) = (b.clone(), digest.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = b.touch(std::slice::from_ref(&d)).await {
+                                warn!(error = %e, digest = %d, "could not mark a bucket read");
+                            }
+                        });
                         let _ = told.send(Lookup::Bucket);
                         return Ok(Opened {
                             body: FillBody::Bucket(read.body),
@@ -351,8 +356,7 @@ impl Mirror {
                 }
             }
             if let Some((cluster, peer)) = owner {
-                // Under the upstream's name, which every replica routes the same way.
-                let path = format!("/v2/{}/{}/blobs/{}", t.upstream.name(), t.repo, digest);
+                let path = super::peer_path(&t, &format!("blobs/{digest}"));
                 match cluster
                     .fetch(&peer, Method::GET, &path, http::HeaderMap::new())
                     .await

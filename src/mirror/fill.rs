@@ -102,11 +102,9 @@ impl FillBody {
             {
                 let drop = (*skip).min(d.len() as u64);
                 *skip -= drop;
-                let rest = d.slice(drop as usize..);
-                if rest.is_empty() {
-                    continue;
-                }
-                return Frame::Data(rest);
+                // Possibly empty: the caller waits afresh for each frame, so skipping a long
+                // prefix is never taken for an idle body.
+                return Frame::Data(d.slice(drop as usize..));
             }
             return frame;
         }
@@ -143,6 +141,8 @@ pub(super) struct FillTask {
     pub evict_wakeup: Arc<tokio::sync::Notify>,
     /// `cache.fill_min_rate`, bytes per second.
     pub min_rate: u64,
+    /// `cache.offline`.
+    pub offline: bool,
 }
 
 /// How a fill ended.
@@ -180,10 +180,11 @@ impl FillTask {
             metrics,
             evict_wakeup,
             min_rate,
+            offline,
         } = self;
         metrics.fills_in_flight.inc();
         let outcome = fetch(
-            &t, &digest, open, writer, reader, &guard, &metrics, min_rate,
+            &t, &digest, open, writer, reader, &guard, &metrics, min_rate, offline,
         )
         .await;
         metrics.fills_in_flight.dec();
@@ -235,6 +236,7 @@ async fn fetch(
     guard: &FillGuard,
     metrics: &Metrics,
     min_rate: u64,
+    offline: bool,
 ) -> Outcome {
     let up = &t.upstream;
     let started = Instant::now();
@@ -262,6 +264,7 @@ async fn fetch(
         len,
         limit: &limit,
         metrics,
+        offline,
     };
     let copied = copy.run(body, writer, tee).await;
     if let Some(at) = upstream_started {
@@ -380,6 +383,8 @@ struct Copy<'a> {
     len: Option<u64>,
     limit: &'a AgeLimit,
     metrics: &'a Metrics,
+    /// `cache.offline`: a failed peer or bucket is not replaced by the upstream.
+    offline: bool,
 }
 
 impl Copy<'_> {
@@ -402,6 +407,11 @@ impl Copy<'_> {
             let deadline = self.limit.deadline(self.len.unwrap_or(0).max(have));
             eof = match self.next_frames(&mut body, &mut buf, deadline, have).await {
                 Ok(eof) => eof,
+                Err(Stop::Elsewhere(why)) if self.offline => {
+                    warn!(digest = %self.digest, error = %why, "fill source failed, and offline there is nowhere else to go");
+                    let offline = Error::upstream(up.name(), UpstreamFault::Offline);
+                    return Err((Stop::Upstream(offline), written));
+                }
                 Err(Stop::Elsewhere(why)) => {
                     // Bytes already here were read whole; the upstream supplies the rest.
                     let at = written + buf.len() as u64;
@@ -428,7 +438,7 @@ impl Copy<'_> {
                 ));
                 return Err((Stop::Upstream(Error::upstream(up.name(), e)), written));
             }
-            let chunk = std::mem::replace(&mut buf, BytesMut::new());
+            let chunk = std::mem::take(&mut buf);
             let (w, wrote, chunk) = tokio::task::spawn_blocking(move || {
                 let wrote = writer.write(&chunk);
                 (writer, wrote, chunk)
@@ -437,21 +447,18 @@ impl Copy<'_> {
             .map_err(|e| (Stop::Upstream(Error::Internal(e.to_string())), written))?;
             writer = w;
             wrote.map_err(|e| (Stop::Store(e), written))?;
-            buf = match &mut tee {
-                Some(t) if body.is_upstream() => {
-                    if let Err(e) = t.write(chunk.freeze()) {
-                        warn!(error = %e, digest = %self.digest, "the bucket's copy fell behind or failed; cached here only");
-                        tee = None;
-                    }
-                    BytesMut::with_capacity(FILL_CHUNK)
+            if let Some(t) = tee.as_mut().filter(|_| body.is_upstream()) {
+                // A copy of exactly these bytes: handing over the buffer itself would keep its
+                // whole capacity alive for each small frame the bucket has not taken yet.
+                if let Err(e) = t.write(Bytes::copy_from_slice(&chunk)) {
+                    warn!(error = %e, digest = %self.digest, "the bucket's copy fell behind or failed; cached here only");
+                    tee = None;
                 }
-                _ => {
-                    // The hash reads the stored bytes back, so the buffer is free again.
-                    let mut chunk = chunk;
-                    chunk.clear();
-                    chunk
-                }
-            };
+            }
+            // The hash reads the stored bytes back, so the buffer is free again.
+            let mut chunk = chunk;
+            chunk.clear();
+            buf = chunk;
             let now = writer.written();
             self.hasher.written(now);
             if body.is_upstream() {

@@ -26,7 +26,8 @@ impl Mirror {
     /// Runs until `stopped` turns true. Never stops the server: a failed pass is logged.
     pub async fn housekeeping(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
         let mut first = true;
-        let mut last_gc: Option<Instant> = None;
+        // Not at start: the replica does not know its peers yet, and would think it owns the gc.
+        let mut last_gc = Instant::now();
         loop {
             if !first {
                 tokio::select! {
@@ -49,9 +50,10 @@ impl Mirror {
                 Ok(Err(e)) => warn!(error = %e, "eviction pass failed"),
                 Err(e) => warn!(error = %e, "eviction task failed"),
             }
-            self.bucket_round(&mut last_gc).await;
+            self.bucket_round(Some(&mut last_gc)).await;
         }
-        self.bucket_round(&mut last_gc).await;
+        // Reads noted since the last round still count; a gc pass would only delay the stop.
+        self.bucket_round(None).await;
         let m = self.clone();
         let _ = tokio::task::spawn_blocking(move || m.store.blobs().sync()).await;
     }
@@ -60,7 +62,7 @@ impl Mirror {
     /// read in the bucket, and, every `BUCKET_GC_INTERVAL`, runs a gc pass when this replica
     /// owns the gc (one replica at a time, by the same ownership as everything else; a pass on
     /// two at once is still safe). A failing bucket is logged and tried again next round.
-    async fn bucket_round(&self, last_gc: &mut Option<Instant>) {
+    async fn bucket_round(&self, last_gc: Option<&mut Instant>) {
         let Some(b) = self.store.bucket() else {
             return;
         };
@@ -70,13 +72,13 @@ impl Mirror {
         {
             warn!(error = %e, blobs = reads.len(), "could not mark reads in the bucket");
         }
-        let Some(max_size) = self.bucket_max_size else {
+        let (Some(max_size), Some(last_gc)) = (self.bucket_max_size, last_gc) else {
             return;
         };
-        if last_gc.is_some_and(|t| t.elapsed() < BUCKET_GC_INTERVAL) {
+        if last_gc.elapsed() < BUCKET_GC_INTERVAL {
             return;
         }
-        *last_gc = Some(Instant::now());
+        *last_gc = Instant::now();
         if self
             .cluster
             .as_ref()

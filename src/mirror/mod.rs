@@ -539,7 +539,7 @@ impl Mirror {
                     if let Ok(v) = HeaderValue::try_from(accept.upstream_value()) {
                         extra.insert(header::ACCEPT, v);
                     }
-                    let path = format!("/v2/{}/{}/manifests/{}", up.name(), t.repo, reference);
+                    let path = peer_path(&t, &format!("manifests/{reference}"));
                     let resp = cluster.fetch(peer, Method::GET, &path, extra).await?;
                     if !resp.status().is_success() {
                         return Err(up.status_error(&resp));
@@ -607,8 +607,14 @@ impl Mirror {
                     Vec::new()
                 }
             };
-            if let Some(b) = bucket.as_ref().filter(|_| via.is_none()) {
-                share_manifest(b, &store, &t, &m, bucket_proof, tag_name.as_deref(), &refs).await;
+            if let Some(b) = bucket.filter(|_| via.is_none()) {
+                // In the background: the client's answer does not wait for the bucket. A
+                // replica asked meanwhile asks the tag's owner, which has it.
+                let (store, t, m) = (store.clone(), t.clone(), m.clone());
+                tokio::spawn(async move {
+                    share_manifest(&b, &store, &t, &m, bucket_proof, tag_name.as_deref(), &refs)
+                        .await
+                });
             }
             memory.insert(m.digest.clone(), m.clone()).await;
             Ok(m)
@@ -698,8 +704,7 @@ fn manifest_links(store: &Store, bytes: &[u8]) -> Vec<Digest> {
 
 /// Puts a manifest fetched from the upstream into the bucket, with what it links to `t`'s
 /// repository and the tag that named it, so every replica serves it without asking upstream.
-/// Awaited before the client's answer, so a replica asked next finds it. A failing bucket is
-/// logged and costs only the sharing.
+/// A failing bucket is logged and costs only the sharing.
 async fn share_manifest(
     bucket: &Bucket,
     store: &Arc<Store>,
@@ -712,10 +717,18 @@ async fn share_manifest(
     let (up, repo) = (t.upstream.name(), t.repo.as_str());
     let shared = async {
         bucket.put_small(m.bytes.clone(), &proof).await?;
-        bucket.put_link(up, repo, &m.digest).await?;
-        for d in refs {
-            bucket.put_link(up, repo, d).await?;
+        // A few at a time: an image of many layers is that many small PUTs.
+        let digests: Vec<&Digest> = std::iter::once(&m.digest).chain(refs).collect();
+        for batch in digests.chunks(8) {
+            let mut puts = Vec::with_capacity(batch.len());
+            for d in batch {
+                puts.push(bucket.put_link(up, repo, d));
+            }
+            for put in futures_util::future::join_all(puts).await {
+                put?;
+            }
         }
+        // The tag last: a replica that finds it finds what it names.
         if let Some(tag) = tag {
             share_tag(bucket, store, up, repo, tag).await?;
         }
@@ -746,13 +759,28 @@ async fn share_tag(
     bucket.put_tag(up, repo, tag, &entries).await
 }
 
+/// The path a peer is asked for `what` (`blobs/<digest>`, `manifests/<ref>`) of `t`'s
+/// repository: routed by `ns`, which names any configured upstream, where a path prefix would
+/// need the upstream's name to be a valid repository component (`registry.corp:5000` is not).
+fn peer_path(t: &Target, what: &str) -> String {
+    let ns: String = form_urlencoded::byte_serialize(t.upstream.name().as_bytes()).collect();
+    format!("/v2/{}/{what}?ns={ns}", t.repo)
+}
+
 /// Records that the upstream confirmed `t`'s repository holds `digest`. A failure is logged
 /// and costs another HEAD next time, not this answer.
 async fn remember_confirmed(store: Arc<Store>, t: &Target, digest: &Digest) {
-    if let Some(b) = store.bucket()
-        && let Err(e) = b.put_link(t.upstream.name(), t.repo.as_str(), digest).await
-    {
-        warn!(error = %e, digest = %digest, "could not share a confirmed link through the bucket");
+    if let Some(b) = store.bucket().cloned() {
+        let (u, r, d) = (
+            t.upstream.name().to_owned(),
+            t.repo.to_string(),
+            digest.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = b.put_link(&u, &r, &d).await {
+                warn!(error = %e, digest = %d, "could not share a confirmed link through the bucket");
+            }
+        });
     }
     remember_link(store, t, digest).await
 }

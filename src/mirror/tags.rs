@@ -147,11 +147,14 @@ impl Mirror {
                         .touch_tag(&key.0, &key.1, &key.2, &e, SystemTime::now())
                 })
                 .await;
-                if let (Ok(Ok(())), Some(b)) = (touched, store.bucket()) {
-                    let (up, repo) = (t.upstream.name(), t.repo.as_str());
-                    if let Err(e) = super::share_tag(b, &store, up, repo, tag.as_str()).await {
-                        info!(error = %e, tag = %tag, "could not share a revalidated tag through the bucket");
-                    }
+                if let (Ok(Ok(())), Some(b)) = (touched, store.bucket().cloned()) {
+                    let (up, repo) = (t.upstream.name().to_owned(), t.repo.to_string());
+                    let tag = tag.to_string();
+                    tokio::spawn(async move {
+                        if let Err(e) = super::share_tag(&b, &store, &up, &repo, &tag).await {
+                            info!(error = %e, tag = %tag, "could not share a revalidated tag through the bucket");
+                        }
+                    });
                 }
                 debug!(tag = %tag, "tag revalidated");
                 Ok((cached, Lookup::Revalidated))
@@ -242,7 +245,10 @@ impl Mirror {
         t: &Target,
         tag: &Tag,
     ) -> Option<(Arc<crate::cluster::Cluster>, crate::cluster::Peer)> {
-        let c = self.cluster.as_ref().filter(|_| !t.forwarded && !self.offline)?;
+        let c = self
+            .cluster
+            .as_ref()
+            .filter(|_| !t.forwarded && !self.offline)?;
         let key = format!("{}/{}:{}", t.upstream.name(), t.repo, tag);
         c.owner(&key).map(|p| (c.clone(), p))
     }

@@ -73,6 +73,10 @@ struct Inner {
     breaker: Breaker,
 }
 
+/// The longest a HEAD or GET waits for the bucket's answer (its headers), retries included: a
+/// bucket slower than this costs a client more than the upstream would.
+const BUCKET_READ_DEADLINE: Duration = Duration::from_secs(3);
+
 /// Failures in a row after which the bucket is left alone for [`BUCKET_PAUSE`].
 const BUCKET_BREAK_AFTER: u32 = 3;
 /// How long a failing bucket is left alone: calls fail at once meanwhile, so a bucket that is
@@ -92,10 +96,9 @@ impl Breaker {
         match *until {
             Some(t) if Instant::now() < t => true,
             Some(_) => {
-                // The pause is over: calls go again, and the next failure re-opens at once.
-                *until = None;
-                self.failures
-                    .store(BUCKET_BREAK_AFTER - 1, Ordering::Relaxed);
+                // The pause is over: this call is the one try; the others keep going without
+                // the bucket until it answers, so a bucket still hanging costs one call a pause.
+                *until = Some(Instant::now() + BUCKET_PAUSE);
                 false
             }
             None => false,
@@ -105,14 +108,15 @@ impl Breaker {
     fn record(&self, ok: bool) {
         if ok {
             self.failures.store(0, Ordering::Relaxed);
+            *self.open_until.lock() = None;
             return;
         }
         if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BUCKET_BREAK_AFTER {
             let mut until = self.open_until.lock();
             if until.is_none() {
                 tracing::warn!(pause = ?BUCKET_PAUSE, "the bucket keeps failing; leaving it alone for a while");
-                *until = Some(Instant::now() + BUCKET_PAUSE);
             }
+            *until = Some(Instant::now() + BUCKET_PAUSE);
         }
     }
 }
@@ -603,7 +607,19 @@ impl Inner {
                 source: "skipped: the bucket failed repeatedly just before".into(),
             });
         }
-        let r = request.await;
+        // A read is on a client's way; the retries inside it must not outlast the deadline.
+        let r = match op {
+            StorageOp::Head | StorageOp::Get => {
+                match tokio::time::timeout(BUCKET_READ_DEADLINE, request).await {
+                    Ok(r) => r,
+                    Err(_) => Err(object_store::Error::Generic {
+                        store: "bucket",
+                        source: format!("no answer within {BUCKET_READ_DEADLINE:?}").into(),
+                    }),
+                }
+            }
+            _ => request.await,
+        };
         let result = match &r {
             Ok(_) => StorageResult::Ok,
             Err(object_store::Error::NotFound { .. }) => StorageResult::NotFound,
@@ -1285,9 +1301,15 @@ mod tests {
         }
         assert!(b.open());
         *b.open_until.lock() = Some(Instant::now());
-        assert!(!b.open(), "the pause is over");
+        assert!(!b.open(), "the pause is over: one call tries");
+        assert!(b.open(), "the others wait for that one's answer");
         b.record(false);
-        assert!(b.open(), "one more failure after the pause re-opens it");
+        assert!(b.open(), "a failed try re-opens it");
+        *b.open_until.lock() = Some(Instant::now());
+        assert!(!b.open());
+        b.record(true);
+        assert!(!b.open(), "a successful try closes it");
+        assert!(!b.open());
     }
     use crate::oci::Algorithm;
     use object_store::memory::InMemory;
