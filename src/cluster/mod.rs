@@ -13,6 +13,7 @@ mod discover;
 mod rendezvous;
 mod sign;
 
+pub use rendezvous::owner_of;
 pub use sign::{PEER_HEADER, PeerCheck};
 
 use crate::config::{ClusterConfig, ConfigError};

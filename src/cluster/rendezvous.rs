@@ -34,6 +34,18 @@ pub(super) fn owner<'a>(key: &str, members: impl IntoIterator<Item = &'a str>) -
         .map(|(_, _, i)| i)
 }
 
+/// Which of `members` (base URLs, written as in `cluster.peers`) owns `key` while all of them
+/// are live: the index every one of them computes, for tools and tests that predict an owner
+/// from outside the cluster. Each URL is hashed in its normalized form, as the replicas hash
+/// it. `None` when `members` is empty or one of them is not a URL.
+pub fn owner_of(members: &[&str], key: &str) -> Option<usize> {
+    let urls = members
+        .iter()
+        .map(|m| url::Url::parse(m).ok().map(String::from))
+        .collect::<Option<Vec<String>>>()?;
+    owner(key, urls.iter().map(String::as_str))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +91,22 @@ mod tests {
         }
         // A fair split is 1000 each; 850 is far outside the binomial spread (sd ≈ 26).
         assert!(counts.iter().all(|&c| c > 850), "{counts:?}");
+    }
+
+    #[test]
+    fn owner_of_agrees_with_the_replicas_on_peers_as_configured() {
+        // Written without the trailing slash, as in a config file; the replicas hash the
+        // normalized URL, so an unnormalized hash would name another owner for most keys.
+        let configured = [
+            "http://10.0.0.11:5000",
+            "http://10.0.0.12:5000",
+            "http://10.0.0.13:5000",
+        ];
+        for i in 0..1000 {
+            assert_eq!(owner_of(&configured, &key(i)), owner(&key(i), MEMBERS));
+        }
+        assert_eq!(owner_of(&[], "k"), None);
+        assert_eq!(owner_of(&["http://10.0.0.11:5000", "not a url"], "k"), None);
     }
 
     proptest::proptest! {
