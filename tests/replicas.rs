@@ -22,6 +22,10 @@ struct Replicas {
     secret: tempfile::NamedTempFile,
     dirs: Vec<tempfile::TempDir>,
     client: TestClient,
+    /// TOML appended to every replica's config.
+    extra: String,
+    /// An `Authorization` value for the replicas' own endpoints, when `[auth]` is on.
+    authorization: Option<String>,
 }
 
 /// A port nothing listens on now, for a replica whose URL its peers must know before it starts.
@@ -35,6 +39,10 @@ fn free_port() -> u16 {
 
 impl Replicas {
     async fn start(n: usize) -> Replicas {
+        Replicas::start_with(n, "", None).await
+    }
+
+    async fn start_with(n: usize, extra: &str, authorization: Option<String>) -> Replicas {
         let fake = FakeRegistry::start().await;
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peers = ports
@@ -52,6 +60,8 @@ impl Replicas {
             secret,
             dirs: Vec::new(),
             client: TestClient::unpooled(),
+            extra: extra.to_owned(),
+            authorization,
         };
         for port in ports {
             r.spawn(port).await;
@@ -65,9 +75,10 @@ impl Replicas {
         let base = config_toml(dir, &CacheSpec::default(), &ups)
             .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
         format!(
-            "{base}\n[storage]\nbackend = \"s3\"\nbucket = \"cachalot\"\n\n[cluster]\npeers = {:?}\nself = \"http://127.0.0.1:{port}\"\nsecret_file = {:?}\n",
+            "{base}\n[storage]\nbackend = \"s3\"\nbucket = \"cachalot\"\n\n[cluster]\npeers = {:?}\nself = \"http://127.0.0.1:{port}\"\nsecret_file = {:?}\n{}",
             self.peers,
-            self.secret.path()
+            self.secret.path(),
+            self.extra,
         )
     }
 
@@ -115,7 +126,13 @@ impl Replicas {
     }
 
     async fn metric(&self, i: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let r = self.client.get(&format!("{}/metrics", self.urls[i])).await;
+        let auth: Vec<(&str, &str)> = self
+            .authorization
+            .iter()
+            .map(|a| ("authorization", a.as_str()))
+            .collect();
+        let url = format!("{}/metrics", self.urls[i]);
+        let r = self.client.send(http::Method::GET, &url, &auth).await;
         assert_eq!(r.status, 200);
         metric_value(&r.text(), name, labels)
     }
@@ -373,4 +390,41 @@ async fn a_tag_asked_of_every_replica_at_once_is_fetched_once() {
         assert_eq!(resp.body, img.manifest.bytes);
     }
     assert_eq!(r.fake.manifest_gets("team/app", "v2"), 1);
+}
+
+/// With `[auth]`, a replica forwards an authenticated client's miss to the owner, which serves
+/// the peer without credentials of its own; a client without them, or a forged peer header,
+/// gets 401 on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_auth_peers_serve_each_other_and_clients_still_need_credentials() {
+    let htpasswd = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(htpasswd.path(), auth_env::htpasswd_text(&[("alice", "pw")])).unwrap();
+    let extra = format!("\n[auth]\nhtpasswd = {:?}\n", htpasswd.path());
+    let alice = auth_env::basic("alice", "pw");
+    let r = Replicas::start_with(3, &extra, Some(alice.clone())).await;
+    let blob = random_blob(300_000);
+    let d = r.fake.push_blob("team/app", blob.clone());
+    let other = (owner_of(&r, &d).await + 1) % 3;
+    let url = r.v2(other, &format!("team/app/blobs/{d}"));
+    assert_eq!(r.client.get(&url).await.status, 401);
+    let forged = [("x-cachalot-peer", "1700000000.00")];
+    assert_eq!(
+        r.client.send(http::Method::GET, &url, &forged).await.status,
+        401
+    );
+    let resp = r
+        .client
+        .send(http::Method::GET, &url, &[("authorization", &alice)])
+        .await;
+    assert_eq!(resp.status, 200);
+    assert!(resp.body == blob);
+    let by_peer = r
+        .metric(
+            other,
+            "cachalot_cache_lookups_total",
+            &[("kind", "blob"), ("result", "peer")],
+        )
+        .await;
+    assert_eq!(by_peer, 1.0, "not served through the owner");
+    assert_eq!(r.fake.blob_gets("team/app", &d), 1);
 }
