@@ -79,8 +79,8 @@ fn main() -> ExitCode {
         Mode {
             full,
             layer_bytes: 32 << 20,
-            throughput_rounds: 5,
-            pull_rounds: 3,
+            throughput_rounds: 9,
+            pull_rounds: 5,
         }
     } else {
         Mode {
@@ -719,15 +719,17 @@ enum Pull {
     OneS3,
     ThreeCluster,
     ThreeFs,
+    OneFs,
 }
 
 impl Pull {
-    const ALL: [Pull; 5] = [
+    const ALL: [Pull; 6] = [
         Pull::Direct,
         Pull::Direct3,
         Pull::OneS3,
         Pull::ThreeCluster,
         Pull::ThreeFs,
+        Pull::OneFs,
     ];
 
     fn tag(self) -> &'static str {
@@ -737,6 +739,7 @@ impl Pull {
             Pull::OneS3 => "one",
             Pull::ThreeCluster => "three",
             Pull::ThreeFs => "threefs",
+            Pull::OneFs => "onefs",
         }
     }
 }
@@ -749,6 +752,8 @@ struct PullRun {
     upstream_ratio: Option<f64>,
     /// Layers the bucket held whole once the replicas settled.
     in_bucket: Option<usize>,
+    /// CPU seconds from the start of the pull until the replicas settled.
+    cpu: CpuUse,
 }
 
 struct Pulls {
@@ -771,19 +776,20 @@ impl Pulls {
 }
 
 async fn cold_pulls(env: &Env, rounds: usize) -> Res<Pulls> {
+    let procs = Procs::find();
     let mut runs = vec![Vec::new(); Pull::ALL.len()];
     for round in 0..rounds {
         for k in 0..Pull::ALL.len() {
             let i = (k + round) % Pull::ALL.len();
             let p = Pull::ALL[i];
             let prefix = format!("bench-pull-{round}-{}", p.tag());
-            runs[i].push(cold_pull(env, p, &prefix).await?);
+            runs[i].push(cold_pull(env, &procs, p, &prefix).await?);
         }
     }
     Ok(Pulls { runs })
 }
 
-async fn cold_pull(env: &Env, p: Pull, prefix: &str) -> Res<PullRun> {
+async fn cold_pull(env: &Env, procs: &Procs, p: Pull, prefix: &str) -> Res<PullRun> {
     let registry = env.registry.url();
     let replicas = match p {
         Pull::Direct | Pull::Direct3 => Vec::new(),
@@ -799,9 +805,9 @@ async fn cold_pull(env: &Env, p: Pull, prefix: &str) -> Res<PullRun> {
             .await?,
         ],
         Pull::ThreeCluster => Replica::cluster(env, 3, prefix).await?,
-        Pull::ThreeFs => {
+        Pull::ThreeFs | Pull::OneFs => {
             let mut v = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..if p == Pull::OneFs { 1 } else { 3 } {
                 let spec = Spec {
                     port: 0,
                     bucket: None,
@@ -817,6 +823,7 @@ async fn cold_pull(env: &Env, p: Pull, prefix: &str) -> Res<PullRun> {
         Pull::Direct3 => vec![registry.as_str(); 3],
         _ => replicas.iter().map(|r| r.url.as_str()).collect(),
     };
+    let cpu_before = procs.cpu();
     let started = Instant::now();
     try_join_all(bases.iter().map(|b| pull(b, &env.image))).await?;
     let secs = started.elapsed().as_secs_f64();
@@ -824,12 +831,15 @@ async fn cold_pull(env: &Env, p: Pull, prefix: &str) -> Res<PullRun> {
         secs,
         ..PullRun::default()
     };
-    if !replicas.is_empty() {
+    if replicas.is_empty() {
+        run.cpu = procs.cpu().since(&cpu_before);
+    } else {
         let mut upstream = 0.0;
         for r in &replicas {
             r.settle().await?;
             upstream += r.upstream_bytes().await?;
         }
+        run.cpu = procs.cpu().since(&cpu_before);
         run.upstream_ratio = Some(upstream / env.image.total_bytes() as f64);
         if matches!(p, Pull::OneS3 | Pull::ThreeCluster) {
             run.in_bucket = Some(env.layers_in_bucket(prefix).await?);
@@ -905,63 +915,76 @@ fn print_table(env: &Env, tp: &Throughput, pulls: &Pulls, steal: Option<f64>) {
         "2. Cold pull of the image ({:.1} MB), seconds, median of {pull_rounds} rounds",
         mb(env.image.total_bytes())
     );
-    let (c1, c3) = (pulls.secs(Pull::Direct), pulls.secs(Pull::Direct3));
-    let rows = [
+    /// A row: what, which pull, and the baselines it is a ratio to.
+    type Row<'a> = (&'a str, Pull, &'a [(&'a str, Pull)]);
+    let rows: [Row; 6] = [
+        ("(c)  docker-registry, 1 client", Pull::Direct, &[]),
         (
-            "(c)  docker-registry, 1 client",
-            Pull::Direct,
-            String::new(),
-        ),
-        (
-            "(c3) docker-registry, 3 clients",
-            Pull::Direct3,
-            format!("{:.2}x (c)", c3 / c1),
+            "(f)  1 fs replica, 1 client",
+            Pull::OneFs,
+            &[("c", Pull::Direct)],
         ),
         (
             "(a)  1 s3 replica, 1 client",
             Pull::OneS3,
-            format!("{:.2}x (c)", pulls.secs(Pull::OneS3) / c1),
+            &[("c", Pull::Direct), ("f", Pull::OneFs)],
         ),
         (
-            "(b)  3 s3 replicas in a cluster, 3 clients",
-            Pull::ThreeCluster,
-            format!(
-                "{:.2}x (c), {:.2}x (c3)",
-                pulls.secs(Pull::ThreeCluster) / c1,
-                pulls.secs(Pull::ThreeCluster) / c3
-            ),
+            "(c3) docker-registry, 3 clients",
+            Pull::Direct3,
+            &[("c", Pull::Direct)],
         ),
         (
             "(e)  3 fs replicas, no cluster, 3 clients",
             Pull::ThreeFs,
-            format!(
-                "{:.2}x (c), {:.2}x (c3)",
-                pulls.secs(Pull::ThreeFs) / c1,
-                pulls.secs(Pull::ThreeFs) / c3
-            ),
+            &[("c", Pull::Direct), ("c3", Pull::Direct3)],
+        ),
+        (
+            "(b)  3 s3 replicas in a cluster, 3 clients",
+            Pull::ThreeCluster,
+            &[
+                ("c", Pull::Direct),
+                ("c3", Pull::Direct3),
+                ("e", Pull::ThreeFs),
+            ],
         ),
     ];
-    for (what, p, ratio) in rows {
-        let each: Vec<String> = pulls
-            .of(p)
+    println!(
+        "   {:<43} {:>7}  {:<34} {:<17} rounds (s)",
+        "", "median", "ratios", "CPU s: this/G/R"
+    );
+    for (what, p, baselines) in rows {
+        let secs = pulls.secs(p);
+        let ratios: Vec<String> = baselines
             .iter()
-            .map(|r| format!("{:.2}", r.secs))
+            .map(|(name, b)| format!("{:.2}x ({name})", secs / pulls.secs(*b)))
             .collect();
-        let bucket = pulls
+        let runs = pulls.of(p);
+        let cpu =
+            |f: fn(&CpuUse) -> f64| median(&runs.iter().map(|r| f(&r.cpu)).collect::<Vec<_>>());
+        let cpu = format!(
+            "{:.1}/{:.1}/{:.1}",
+            cpu(|c| c.this),
+            cpu(|c| c.garage),
+            cpu(|c| c.registry)
+        );
+        let each: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.secs)).collect();
+        println!(
+            "   {what:<43} {secs:>5.2} s  {:<34} {cpu:<17} {}",
+            ratios.join(", "),
+            each.join(" ")
+        );
+    }
+    for (what, p) in [("(a)", Pull::OneS3), ("(b)", Pull::ThreeCluster)] {
+        let whole: Vec<String> = pulls
             .of(p)
             .iter()
             .filter_map(|r| r.in_bucket)
             .map(|n| format!("{n}/{LAYERS}"))
-            .collect::<Vec<_>>();
-        let bucket = if bucket.is_empty() {
-            String::new()
-        } else {
-            format!("  layers in bucket: {}", bucket.join(" "))
-        };
+            .collect();
         println!(
-            "   {what:<44} {:>6.2} s  {ratio:<22} rounds: {}{bucket}",
-            pulls.secs(p),
-            each.join(" ")
+            "   {what}: layers whole in the bucket once settled, per round: {}",
+            whole.join(" ")
         );
     }
 
@@ -971,6 +994,7 @@ fn print_table(env: &Env, tp: &Throughput, pulls: &Pulls, steal: Option<f64>) {
         ("(a) 1 s3 replica", Pull::OneS3),
         ("(b) 3 s3 replicas in a cluster", Pull::ThreeCluster),
         ("(e) 3 fs replicas, no cluster", Pull::ThreeFs),
+        ("(f) 1 fs replica", Pull::OneFs),
     ] {
         let each = pulls.upstream_ratio(p);
         let shown: Vec<String> = each.iter().map(|v| format!("{v:.3}")).collect();
@@ -1022,6 +1046,101 @@ fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// The processes a cold pull's CPU time is counted in: this one (the replicas and the clients),
+/// Garage's nodes and the registry; the last two found by their command lines (the binary's
+/// name, and a path under this process's temp dirs).
+#[derive(Default)]
+struct Procs {
+    garage: Vec<u32>,
+    registry: Vec<u32>,
+}
+
+/// CPU seconds (user + system).
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    this: f64,
+    garage: f64,
+    registry: f64,
+}
+
+impl Procs {
+    fn find() -> Procs {
+        let me = std::process::id();
+        let ours = |args: &[String], dir: &str| {
+            let mark = format!("/{dir}-{me}-");
+            args.iter().any(|a| a.contains(&mark))
+        };
+        let mut procs = Procs::default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return procs;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let bin = args
+                .first()
+                .and_then(|a| Path::new(a).file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // The `sh` supervisors name the same files; only the binaries themselves count.
+            if bin == "garage" && args.iter().any(|a| a == "server") && ours(&args, "garage") {
+                procs.garage.push(pid);
+            } else if bin == "docker-registry" && ours(&args, "registry") {
+                procs.registry.push(pid);
+            }
+        }
+        procs
+    }
+
+    fn cpu(&self) -> CpuUse {
+        let sum = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(&p.to_string())).sum();
+        CpuUse {
+            this: cpu_seconds("self"),
+            garage: sum(&self.garage),
+            registry: sum(&self.registry),
+        }
+    }
+}
+
+impl CpuUse {
+    fn since(&self, earlier: &CpuUse) -> CpuUse {
+        CpuUse {
+            this: self.this - earlier.this,
+            garage: self.garage - earlier.garage,
+            registry: self.registry - earlier.registry,
+        }
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, all threads, in seconds; 0 when it cannot be read.
+fn cpu_seconds(pid: &str) -> f64 {
+    // Clock ticks: USER_HZ is 100 on every Linux architecture this runs on.
+    const TICKS: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / TICKS
 }
 
 /// The machine's CPU time (`/proc/stat`, first line), to report how much the host stole.
