@@ -2,10 +2,12 @@
 //! a 3-node Garage (replication factor 3) on loopback, Debian's `docker-registry` (no auth) seeded
 //! with one image of `LAYERS` random layers, and cachalot replicas as in-process servers.
 //!
-//! `cargo bench --bench replicas` (release; about 2 minutes): 4 layers of 32 MiB. Without
-//! `--bench` (as `cargo test --all-targets` runs it): a smoke run, 4 layers of 1 MiB, one round.
+//! `cargo bench --bench replicas` (release; about a minute once built): 4 layers of 32 MiB.
+//! Without `--bench` (as `cargo test --all-targets` runs it): a smoke run, 4 layers of 1 MiB,
+//! one round.
 //! Needs `docker-registry` and `garage` (see `tests/e2e_support/garage.rs`); without them it
-//! says so and skips, unless `CI` is set.
+//! says so and skips, unless `CI` is set. Exits 1 when a body is wrong, a status is not 200, or
+//! a figure did not measure what it says (a "bucket" read that did not come from the bucket).
 //!
 //! The figures (MB = 10^6 bytes; every figure is a median over rounds whose order rotates, so
 //! drifting background load hits each alike):
@@ -16,19 +18,25 @@
 //!    holding them, (d) the bucket itself (`cachalot::storage::Bucket`, the same S3 client the
 //!    replicas use). (a)/(c) is what the bucket costs a hit (about 1.0 expected); (b)/(d) is
 //!    what going through a replica costs a read from the bucket (local write, verification).
+//!    Clients count bytes without hashing here: (a) and (c) served the same bodies checked
+//!    when they were filled, and a replica verifies what it reads from the bucket.
 //! 2. Cold-pull time of the whole image, as a client pulls (manifest by tag, config, then the
-//!    layers at once; every body hashed and checked): (c) straight from `docker-registry`, and
-//!    (c3) three clients at once straight from it; (a) through one replica over the bucket, no
-//!    cluster; (b) through three replicas in a cluster, one client per replica, all at once;
-//!    (e) through three independent `fs` replicas, one client each. Every round starts with new
-//!    replicas, new cache dirs and a new key prefix in the bucket (an empty cache). Ratios to (c)
-//!    (and (b), (e) to (c3), the same three clients without a mirror).
+//!    layers at once; every body hashed and checked): (c) straight from `docker-registry`, (f)
+//!    through one `fs` cachalot, (a) through one replica over the bucket, no cluster; (c3) three
+//!    clients at once straight from the registry, (e) through three independent `fs` replicas,
+//!    one client each, (b) through three replicas in a cluster, one client each, all at once.
+//!    Every round starts with new replicas, new cache dirs and a new key prefix in the bucket
+//!    (an empty cache). Each row gives its ratios to the rows it is compared with, and the CPU
+//!    seconds spent from the start of the pull until the replicas settled (their bucket copies
+//!    complete), by this process (replicas and clients), Garage's nodes and the registry.
 //! 3. Upstream bytes per pulled byte: the sum of `cachalot_upstream_bytes_total` over the
 //!    replicas of a cold pull divided by the image's distinct bytes (manifest, config, layers):
 //!    about 1.0 for (b), the point of the cluster, against about 3.0 for (e).
 //!
-//! The clients run in this process, on the same 2 cores as the replicas, Garage and the registry:
-//! absolute figures are low and move with other load; the ratios are what to read.
+//! Everything runs on this machine: the clients and replicas in this process, Garage's three
+//! nodes and the registry beside them. On a small machine they compete for the same cores, so a
+//! pull over the bucket also waits for Garage's CPU (see its column), which a real deployment
+//! runs elsewhere; absolute figures move with other load, and the ratios are what to read.
 
 #[path = "../tests/e2e_support/mod.rs"]
 mod e2e_support;
