@@ -666,6 +666,16 @@ impl Config {
         {
             return bad(format!("cluster.peers_dns: {d:?} is not host:port"));
         }
+        // Replicas found by DNS are named by their addresses, so this one must be too, or it
+        // would not know itself among them and would ask itself as a peer.
+        if c.peers_dns.is_some()
+            && let Some(me) = &c.self_url
+            && url::Url::parse(me).is_ok_and(|u| matches!(u.host(), Some(url::Host::Domain(_))))
+        {
+            return bad(format!(
+                "cluster.self: {me:?} must be this replica's IP address with peers_dns, as the name resolves to addresses"
+            ));
+        }
         if c.secret_env.is_some() && c.secret_file.is_some() {
             return bad(
                 "cluster.secret_file: set either secret_env or secret_file, not both".into(),
@@ -1240,6 +1250,11 @@ mod tests {
         let bad_peer = format!("{s3}[cluster]\npeers = [\"10.0.0.1:5000\"]\nsecret_env = \"S\"\n");
         let e = Config::from_toml_str(&bad_peer).unwrap_err();
         assert!(e.to_string().contains("cluster.peers[0]"), "{e}");
+        let by_name = format!(
+            "{s3}[cluster]\npeers_dns = \"svc:5000\"\nself = \"http://me.svc:5000\"\nsecret_env = \"S\"\n"
+        );
+        let e = Config::from_toml_str(&by_name).unwrap_err();
+        assert!(e.to_string().contains("cluster.self"), "{e}");
         let no_secret = format!("{s3}[cluster]\npeers_dns = \"svc:5000\"\n");
         let e = Config::from_toml_str(&no_secret).unwrap_err();
         assert!(e.to_string().contains("cluster.secret_env"), "{e}");

@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+mod outbound;
 pub mod storage;
 pub mod telemetry;
 pub mod upstream;

@@ -34,9 +34,9 @@ pub(super) enum Failure {
 
 impl PeerClient {
     pub(super) fn new() -> Result<PeerClient, ConfigError> {
-        let tls = crate::upstream::tls::public_roots()
+        let tls = crate::outbound::public_roots()
             .map_err(|e| ConfigError::Invalid(format!("cluster.peers: TLS setup: {e}")))?;
-        let client = crate::upstream::client::pooled_client(tls, CONNECT_TIMEOUT);
+        let client = crate::outbound::pooled_client(tls, CONNECT_TIMEOUT);
         Ok(PeerClient { client })
     }
 

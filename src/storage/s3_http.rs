@@ -57,12 +57,11 @@ impl object_store::client::HttpConnector for HyperConnector {
         let allow_http = options
             .get_config_value(&ClientConfigKey::AllowHttp)
             .is_some_and(|v| v == "true");
-        let tls =
-            crate::upstream::tls::public_roots().map_err(|e| object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            })?;
-        let client = crate::upstream::client::pooled_client(tls, CONNECT_TIMEOUT);
+        let tls = crate::outbound::public_roots().map_err(|e| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(e),
+        })?;
+        let client = crate::outbound::pooled_client(tls, CONNECT_TIMEOUT);
         Ok(HttpClient::new(HyperService {
             client,
             allow_http,

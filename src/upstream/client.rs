@@ -24,7 +24,6 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::RwLock;
 use std::fmt;
 use std::pin::Pin;
@@ -63,33 +62,6 @@ pub struct UpstreamRequest<'a> {
 }
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
-/// A pooled HTTP/1 + HTTP/2 client, TLS by `tls` and plain HTTP alike, that gives up connecting
-/// after `connect_timeout`: how every outgoing client is built (upstreams, peers, the bucket).
-pub(crate) fn pooled_client<B>(
-    tls: rustls::ClientConfig,
-    connect_timeout: Duration,
-) -> Client<HttpsConnector<HttpConnector>, B>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(https)
-}
 
 /// One configured upstream registry. Cheap to clone (an `Arc` inside).
 #[derive(Clone)]
@@ -231,7 +203,7 @@ impl Upstream {
                  the network path can impersonate it"
             );
         }
-        let client = pooled_client(tls, cfg.connect_timeout.0);
+        let client = crate::outbound::pooled_client(tls, cfg.connect_timeout.0);
 
         Ok(Upstream {
             inner: Arc::new(Inner {

@@ -18,18 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The rustls client config for `cfg`'s connections, ALPN left empty for hyper-rustls to fill.
-/// TLS that trusts the public web PKI (webpki roots) and presents no certificate: peers and
-/// the bucket.
-pub(crate) fn public_roots() -> Result<ClientConfig, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth())
-}
-
 pub fn client_config(cfg: &UpstreamConfig) -> Result<ClientConfig, ConfigError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
