@@ -54,6 +54,9 @@ const PARTS_IN_FLIGHT: usize = 4;
 /// Bytes written to an [`Upload`] and not yet acknowledged by the bucket, past which the upload
 /// gives up: the fill it tees must never wait for the bucket, nor hold unbounded memory.
 const MAX_PENDING: u64 = 64 << 20;
+/// The same bound over all of a bucket's uploads at once: many slow cold layers must not add up
+/// to gigabytes waiting for a slow bucket.
+const MAX_PENDING_TOTAL: u64 = 256 << 20;
 /// Records read whole (tag lists): a bigger one is not ours.
 const RECORD_CAP: usize = 1 << 20;
 /// Small PUTs (touches) sent at once.
@@ -71,6 +74,9 @@ struct Inner {
     prefix: String,
     metrics: Arc<Metrics>,
     breaker: Breaker,
+    /// Bytes waiting in all uploads, and the bound on them.
+    pending_total: Arc<AtomicU64>,
+    max_pending_total: u64,
 }
 
 /// The longest a HEAD or GET waits for the bucket's answer (its headers), retries included: a
@@ -207,6 +213,8 @@ impl Bucket {
                 prefix: prefix.trim_matches('/').to_owned(),
                 metrics,
                 breaker: Breaker::default(),
+                pending_total: Arc::new(AtomicU64::new(0)),
+                max_pending_total: MAX_PENDING_TOTAL,
             }),
         }
     }
@@ -757,6 +765,8 @@ pub struct Upload {
     tx: Option<mpsc::UnboundedSender<Msg>>,
     shared: Arc<Shared>,
     task: Option<JoinHandle<io::Result<()>>>,
+    /// `Inner::max_pending_total`.
+    max_total: u64,
 }
 
 enum Msg {
@@ -765,10 +775,11 @@ enum Msg {
     Finish,
 }
 
-#[derive(Default)]
 struct Shared {
     /// Bytes written and not yet acknowledged by the bucket.
     pending: AtomicU64,
+    /// The bucket's count of bytes waiting in all uploads, which this one's are part of.
+    total: Arc<AtomicU64>,
     failed: AtomicBool,
     /// Why, once `failed`.
     why: Mutex<String>,
@@ -776,7 +787,31 @@ struct Shared {
     given_up: tokio::sync::Notify,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Whatever never reached the bucket no longer waits for it.
+        self.total
+            .fetch_sub(*self.pending.get_mut(), Ordering::AcqRel);
+    }
+}
+
 impl Shared {
+    fn new(total: Arc<AtomicU64>) -> Shared {
+        Shared {
+            pending: AtomicU64::new(0),
+            total,
+            failed: AtomicBool::new(false),
+            why: Mutex::new(String::new()),
+            given_up: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// `len` bytes reached the bucket.
+    fn sent(&self, len: u64) {
+        self.pending.fetch_sub(len, Ordering::AcqRel);
+        self.total.fetch_sub(len, Ordering::AcqRel);
+    }
+
     fn fail(&self, why: String) {
         let mut w = self.why.lock();
         if !self.failed.swap(true, Ordering::AcqRel) {
@@ -795,13 +830,15 @@ impl Shared {
 
 impl Upload {
     fn start(inner: Arc<Inner>, digest: Digest) -> Upload {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(inner.pending_total.clone()));
+        let max_total = inner.max_pending_total;
         let mut upload = Upload {
             digest: digest.clone(),
             written: 0,
             tx: None,
             shared: shared.clone(),
             task: None,
+            max_total,
         };
         let Ok(rt) = Handle::try_current() else {
             shared.fail("no tokio runtime to upload from".into());
@@ -830,9 +867,11 @@ impl Upload {
         };
         let len = data.len() as u64;
         let pending = self.shared.pending.fetch_add(len, Ordering::AcqRel) + len;
-        if pending > MAX_PENDING {
+        let total = self.shared.total.fetch_add(len, Ordering::AcqRel) + len;
+        if pending > MAX_PENDING || total > self.max_total {
             self.shared.fail(format!(
-                "the bucket is too slow: {pending} bytes waiting, more than {MAX_PENDING}"
+                "the bucket is too slow: {pending} bytes waiting here, {total} in all uploads (bounds {MAX_PENDING} and {})",
+                self.max_total
             ));
             self.tx = None;
             return Err(self.shared.error(&self.digest));
@@ -935,7 +974,7 @@ async fn pump(
             Some((len, sent)) = in_flight.next(), if !in_flight.is_empty() => {
                 let sent: object_store::Result<()> = sent;
                 sent.map_err(|e| store_error(StorageOp::Upload, e))?;
-                shared.pending.fetch_sub(len, Ordering::AcqRel);
+                shared.sent(len);
             }
             msg = rx.recv(), if in_flight.len() < PARTS_IN_FLIGHT => match msg {
                 Some(Msg::Data(mut data)) => {
@@ -971,7 +1010,7 @@ async fn pump(
     }
     while let Some((len, sent)) = in_flight.next().await {
         sent.map_err(|e| store_error(StorageOp::Upload, e))?;
-        shared.pending.fetch_sub(len, Ordering::AcqRel);
+        shared.sent(len);
     }
     inner
         .call(StorageOp::Complete, upload.complete())
@@ -1475,6 +1514,41 @@ mod tests {
         drop(up);
         until_counted(&m, StorageOp::Abort, 1).await;
         assert_eq!(count(&m, StorageOp::Complete, StorageResult::Ok), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_together_are_bounded_and_give_their_share_back() {
+        let slow = ThrottledStore::new(
+            InMemory::new(),
+            ThrottleConfig {
+                wait_put_per_call: Duration::from_secs(60),
+                ..ThrottleConfig::default()
+            },
+        );
+        let (mut b, _) = bucket_over(Arc::new(slow));
+        Arc::get_mut(&mut b.inner).unwrap().max_pending_total = 3 << 20;
+        let mib = Bytes::from(vec![7u8; 1 << 20]);
+        let (d1, d2) = (Digest::sha256_of(b"one"), Digest::sha256_of(b"two"));
+        let mut one = b.upload(&d1);
+        let mut two = b.upload(&d2);
+        one.write(mib.clone()).unwrap();
+        one.write(mib.clone()).unwrap();
+        two.write(mib.clone()).unwrap();
+        assert!(
+            two.write(mib.clone()).is_err(),
+            "past the bound for all uploads"
+        );
+        drop(two);
+        drop(one);
+        // Given up and dropped, their bytes no longer count: a new upload has the room.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.inner.pending_total.load(Ordering::Acquire) > 0 {
+            assert!(Instant::now() < deadline, "the share was never given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut three = b.upload(&Digest::sha256_of(b"three"));
+        three.write(mib.clone()).unwrap();
+        three.write(mib).unwrap();
     }
 
     #[tokio::test]
