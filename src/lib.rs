@@ -9,6 +9,7 @@
 
 pub mod airgap;
 pub mod auth;
+pub mod client_config;
 pub mod cluster;
 pub mod config;
 pub mod error;

@@ -22,6 +22,7 @@ struct Cli {
 enum Command {
     /// Run the mirror (on the built-in default without --config).
     Serve {
+        /// The configuration file (TOML); config/cachalot.toml documents every key.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Never contact an upstream; serve only what is cached.
@@ -30,11 +31,13 @@ enum Command {
     },
     /// Parse and validate a config file and print the effective config.
     CheckConfig {
+        /// The configuration file to check.
         #[arg(long)]
         config: PathBuf,
     },
     /// Run one eviction pass over the cache and print what it removed.
     Gc {
+        /// The configuration file of the cache.
         #[arg(long)]
         config: PathBuf,
         /// Print what would be removed, remove nothing.
@@ -47,6 +50,36 @@ enum Command {
     Export(cachalot::airgap::cli::ExportArgs),
     /// Verify a bundle and load it into the cache.
     Import(cachalot::airgap::cli::ImportArgs),
+    /// Print (or write) what a client needs to pull through the mirror.
+    ClientConfig {
+        /// The client to configure.
+        #[arg(value_enum)]
+        client: cachalot::client_config::Client,
+        /// The mirror's base URL as the clients reach it, e.g. http://mirror:5000.
+        #[arg(long)]
+        mirror: String,
+        /// Registries (upstream names) to configure, comma-separated; all of the config's when absent.
+        #[arg(long, value_delimiter = ',')]
+        registries: Vec<String>,
+        /// The mirror's configuration file; the built-in default's upstreams when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Do not verify the mirror's TLS certificate.
+        #[arg(long)]
+        insecure: bool,
+        /// The CA certificate (PEM) that signed the mirror's, as a path on the client.
+        #[arg(long)]
+        ca_file: Option<String>,
+        /// Write the files under this directory instead of printing them.
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +105,42 @@ fn main() -> ExitCode {
         Command::Prefetch(args) => cachalot::airgap::cli::prefetch(args),
         Command::Export(args) => cachalot::airgap::cli::export(args),
         Command::Import(args) => cachalot::airgap::cli::import(args),
+        Command::ClientConfig {
+            client,
+            mirror,
+            registries,
+            config,
+            insecure,
+            ca_file,
+            output_dir,
+        } => {
+            let config = match config {
+                Some(path) => match Config::load(&path) {
+                    Ok(c) => c,
+                    Err(e) => return fail(e),
+                },
+                None => Config::builtin_default(),
+            };
+            let opts = match cachalot::client_config::parse_mirror(&mirror) {
+                Ok(mirror) => cachalot::client_config::Options {
+                    mirror,
+                    registries,
+                    insecure,
+                    ca_file,
+                },
+                Err(e) => return fail(e),
+            };
+            match cachalot::client_config::render(client, &config, &opts) {
+                Ok(out) => write_client_config(&out, output_dir.as_deref()),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cachalot", &mut script);
+            emit(&script)
+        }
         Command::Serve { config, offline } => {
             let mut config = match config {
                 Some(path) => match Config::load(&path) {
@@ -110,6 +179,55 @@ fn check_auth(c: &Config) -> Result<Vec<String>, cachalot::config::ConfigError> 
 
 /// Reads every configured password and TLS file now, so a missing variable or file fails at
 /// start (and in `check-config`) with its key named, not at the first pull.
+/// Prints the snippets (each under a comment naming its path), or writes them under `dir`.
+fn write_client_config(
+    out: &cachalot::client_config::Output,
+    dir: Option<&std::path::Path>,
+) -> ExitCode {
+    match dir {
+        None => {
+            let text: String = out
+                .snippets
+                .iter()
+                .map(|s| format!("# {}\n{}\n", s.path, s.content))
+                .collect();
+            if emit(text.as_bytes()) != ExitCode::SUCCESS {
+                return ExitCode::FAILURE;
+            }
+        }
+        Some(dir) => {
+            for s in &out.snippets {
+                let path = dir.join(&s.relative);
+                let written = path
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::write(&path, &s.content));
+                if let Err(e) = written {
+                    return fail(format!(
+                        "--output-dir: cannot write {}: {e}",
+                        path.display()
+                    ));
+                }
+                println!("wrote {} (for {})", path.display(), s.path);
+            }
+        }
+    }
+    for n in &out.notes {
+        eprintln!("cachalot: note: {n}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn emit(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(format!("writing to stdout: {e}")),
+    }
+}
+
 fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
     if let (Some(cert), Some(key)) = (&c.server.tls_cert, &c.server.tls_key) {
         cachalot::server::check_tls_pair(cert, key)

@@ -348,3 +348,107 @@ fn sighup_without_auth_or_tls_keeps_the_server_running() {
     assert_eq!(status_of(s.addr, "/healthz", None), 200);
     assert_eq!(status_of(s.addr, "/v2/", None), 200);
 }
+
+/// Every option of every command says what it is for in `--help`.
+#[test]
+fn every_option_has_help_text() {
+    for sub in [
+        "serve",
+        "check-config",
+        "gc",
+        "prefetch",
+        "export",
+        "import",
+        "client-config",
+        "completions",
+    ] {
+        let out = cachalot().args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{sub} --help");
+        let text = String::from_utf8(out.stdout).unwrap();
+        for line in text.lines() {
+            let t = line.trim();
+            if t.starts_with("--") && !t.starts_with("--help") && !t.starts_with("--version") {
+                // clap puts the help after the option on the same line (or the next, when long).
+                let undocumented = !t.contains("  ") && {
+                    let next = text.lines().skip_while(|l| *l != line).nth(1).unwrap_or("");
+                    next.trim().is_empty() || next.trim_start().starts_with('-')
+                };
+                assert!(!undocumented, "{sub}: {t:?} has no help text");
+            }
+        }
+    }
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cachalot().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("client-config"),
+            "{shell}: {}",
+            &text[..text.len().min(200)]
+        );
+    }
+}
+
+#[test]
+fn client_config_writes_files_and_refuses_bad_input_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cachalot()
+        .args([
+            "client-config",
+            "containerd",
+            "--mirror",
+            "http://mirror:5000",
+        ])
+        .args(["--registries", "docker.io,ghcr.io", "--output-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hub = std::fs::read_to_string(dir.path().join("certs.d/docker.io/hosts.toml")).unwrap();
+    assert!(hub.contains("[host.\"http://mirror:5000\"]"), "{hub}");
+    assert!(dir.path().join("certs.d/ghcr.io/hosts.toml").exists());
+    assert!(dir.path().join("certs.d/_default/hosts.toml").exists());
+    assert!(!dir.path().join("certs.d/quay.io").exists());
+    for (args, needle) in [
+        (
+            vec!["client-config", "docker", "--mirror", "mirror:5000"],
+            "--mirror",
+        ),
+        (
+            vec![
+                "client-config",
+                "podman",
+                "--mirror",
+                "http://m:5000",
+                "--registries",
+                "nope.test",
+            ],
+            "nope.test",
+        ),
+        (
+            vec![
+                "client-config",
+                "docker",
+                "--mirror",
+                "http://m:5000",
+                "--registries",
+                "ghcr.io",
+            ],
+            "Docker Hub",
+        ),
+    ] {
+        let out = cachalot().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{err:?} should name {needle}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    }
+}

@@ -16,6 +16,7 @@ use std::time::Instant;
 /// Which images, and how to fetch them (shared by `prefetch` and `export`).
 #[derive(clap::Args, Debug)]
 pub struct Selection {
+    /// The mirror's configuration file (its upstreams and cache).
     #[arg(long)]
     pub config: PathBuf,
     /// Platforms to fetch from multi-platform images: os/arch[/variant], comma-separated
@@ -49,6 +50,7 @@ pub struct ExportArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
+    /// The configuration file of the cache to load into.
     #[arg(long)]
     pub config: PathBuf,
     /// The bundle to load.
