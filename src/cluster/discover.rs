@@ -137,6 +137,19 @@ fn detect_listed(peers: &[Peer], listen: SocketAddr) -> Result<Peer, ConfigError
     }
 }
 
+/// The addresses among `addrs` (of one family, as [`one_family`] picks) that are this
+/// machine's, sorted and without repeats.
+fn local_ips(addrs: Vec<SocketAddr>) -> Vec<IpAddr> {
+    let mut local: Vec<IpAddr> = one_family(addrs)
+        .iter()
+        .map(|a| a.ip())
+        .filter(|ip| is_local(*ip))
+        .collect();
+    local.sort();
+    local.dedup();
+    local
+}
+
 /// This replica among the addresses `name` resolves to; failing that (a headless Service lists
 /// a replica only once it is ready, and the first one never would be), the one address of this
 /// machine's host name, as a pod's `/etc/hosts` maps it.
@@ -145,13 +158,7 @@ fn detect_resolved(name: &str, port: u16, scheme: &str) -> Result<Peer, ConfigEr
         .to_socket_addrs()
         .map(Vec::from_iter)
         .unwrap_or_default();
-    let mut local: Vec<IpAddr> = one_family(resolved)
-        .iter()
-        .map(|a| a.ip())
-        .filter(|ip| is_local(*ip))
-        .collect();
-    local.sort();
-    local.dedup();
+    let mut local = local_ips(resolved);
     if local.is_empty()
         && let Some(host) = hostname()
     {
@@ -159,18 +166,12 @@ fn detect_resolved(name: &str, port: u16, scheme: &str) -> Result<Peer, ConfigEr
             .to_socket_addrs()
             .map(Vec::from_iter)
             .unwrap_or_default();
-        local = one_family(
+        local = local_ips(
             addrs
                 .into_iter()
                 .filter(|a| !a.ip().is_loopback())
                 .collect(),
-        )
-        .iter()
-        .map(|a| a.ip())
-        .filter(|ip| is_local(*ip))
-        .collect();
-        local.sort();
-        local.dedup();
+        );
     }
     match local.as_slice() {
         [ip] => peer_at(scheme, SocketAddr::new(*ip, port))
