@@ -447,11 +447,29 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
     let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
 
     // A client starts the pull; the upstream stops mid-body, the fill is in progress.
+    // The kill must land once the client holds the response head, so that what it sees is a
+    // 200 whose body breaks off, not a connection that closed before any answer.
     let url = c.blob_url(&w.digest);
-    let pull = tokio::spawn(async move { TestClient::new().get_drained(&url).await });
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let pull = tokio::spawn(async move {
+        let resp = TestClient::new()
+            .send_raw(hyper::Method::GET, &url, &[])
+            .await;
+        let (parts, body) = resp.into_parts();
+        let _ = head_tx.send(());
+        (
+            parts.status,
+            parts.headers,
+            common::client::drain(body).await,
+        )
+    });
     tokio::time::timeout(SAFETY, gate.reached())
         .await
         .expect("safety timeout: the pull never reached the pause point");
+    tokio::time::timeout(SAFETY, head_rx)
+        .await
+        .expect("safety timeout: no response head while the fill is paused")
+        .expect("pull task");
     let deadline = tokio::time::Instant::now() + SAFETY;
     loop {
         let grown = temp_files(w.path())
@@ -593,11 +611,29 @@ async fn gc_against_a_running_server_leaves_its_fill_alone() {
     let w = World::new().await;
     let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
     let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
+    // The kill must land once the client holds the response head, so that what it sees is a
+    // 200 whose body breaks off, not a connection that closed before any answer.
     let url = c.blob_url(&w.digest);
-    let pull = tokio::spawn(async move { TestClient::new().get_drained(&url).await });
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let pull = tokio::spawn(async move {
+        let resp = TestClient::new()
+            .send_raw(hyper::Method::GET, &url, &[])
+            .await;
+        let (parts, body) = resp.into_parts();
+        let _ = head_tx.send(());
+        (
+            parts.status,
+            parts.headers,
+            common::client::drain(body).await,
+        )
+    });
     tokio::time::timeout(SAFETY, gate.reached())
         .await
         .expect("safety timeout: the pull never reached the pause point");
+    tokio::time::timeout(SAFETY, head_rx)
+        .await
+        .expect("safety timeout: no response head while the fill is paused")
+        .expect("pull task");
     let deadline = tokio::time::Instant::now() + SAFETY;
     while temp_files(w.path()).is_empty() {
         assert!(
