@@ -535,3 +535,98 @@ async fn the_server_refreshes_prefetch_lists_in_the_background() {
         r.stderr
     );
 }
+
+/// `export` without a platform option writes what the cache holds: an image prefetched with
+/// every platform is exported whole (a plain export once kept only this machine's platform and
+/// left an index whose other entries were missing, unreadable by `skopeo copy --all`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_export_writes_the_platforms_the_cache_holds() {
+    let fake = FakeRegistry::start().await;
+    let img = seed(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &fake.url(), false, "127.0.0.1:0", "");
+    let multi = format!("{UP}/team/app:multi");
+    let export = |name: &'static str| {
+        let (cfg, bundle, multi) = (cfg.clone(), dir.path().join(name), multi.clone());
+        async move {
+            let r = cachalot(&[
+                "export",
+                "--config",
+                s(&cfg),
+                "--output",
+                s(&bundle),
+                &multi,
+            ])
+            .await;
+            assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+            r.stdout
+        }
+    };
+
+    // Only arm64 is held: arm64 is what a plain export writes, and nothing of amd64 is fetched.
+    let r = cachalot(&[
+        "prefetch",
+        "--config",
+        s(&cfg),
+        "--platform",
+        "linux/arm64",
+        &multi,
+    ])
+    .await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    fake.reset_counts();
+    let out = export("arm.tar").await;
+    // index + arm64 manifest + its config and 2 layers.
+    assert!(
+        out.contains("1 platform, 3 blobs") && out.contains("5 blobs"),
+        "{out}"
+    );
+    assert!(out.contains("0 blobs fetched"), "{out}");
+    for d in blobs_of(&img.amd) {
+        assert_eq!(
+            fake.blob_gets("team/app", &d),
+            0,
+            "amd64 blob {d} was fetched"
+        );
+    }
+
+    // Every platform held: a plain export writes them all, fetching nothing.
+    let r = cachalot(&["prefetch", "--config", s(&cfg), "--all-platforms", &multi]).await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    fake.reset_counts();
+    let out = export("all.tar").await;
+    // index + 2 manifests + 2 x (config + 2 layers).
+    assert!(
+        out.contains("2 platforms, 6 blobs") && out.contains("9 blobs"),
+        "{out}"
+    );
+    assert!(out.contains("0 blobs fetched"), "{out}");
+    for d in blobs_of(&img.amd).into_iter().chain(blobs_of(&img.arm)) {
+        assert_eq!(
+            fake.blob_gets("team/app", &d),
+            0,
+            "blob {d} was fetched again"
+        );
+    }
+
+    // A cache that holds nothing of the image: this machine's platform, fetched.
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_cfg = write_config(fresh.path(), &fake.url(), false, "127.0.0.1:0", "");
+    let bundle = fresh.path().join("host.tar");
+    let r = cachalot(&[
+        "export",
+        "--config",
+        s(&fresh_cfg),
+        "--output",
+        s(&bundle),
+        &multi,
+    ])
+    .await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("1 platform, 3 blobs") && r.stdout.contains("3 blobs fetched"),
+        "{}",
+        r.stdout
+    );
+    let _ = img.index;
+}

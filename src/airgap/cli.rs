@@ -6,7 +6,7 @@ use super::prefetch::{self, Display, Options, Platforms, Prefetched, Progress, h
 use super::source::Source;
 use crate::config::Config;
 use crate::error::Error;
-use crate::oci::ImageRef;
+use crate::oci::{ImageRef, PlatformSpec};
 use crate::storage::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +20,7 @@ pub struct Selection {
     #[arg(long)]
     pub config: PathBuf,
     /// Platforms to fetch from multi-platform images: os/arch[/variant], comma-separated
-    /// (default: this machine's).
+    /// (default: this machine's; for export, the platforms the cache holds, else this machine's).
     #[arg(long, value_delimiter = ',', conflicts_with = "all_platforms")]
     pub platform: Vec<String>,
     /// Fetch every platform of multi-platform images.
@@ -132,12 +132,17 @@ type Results = Vec<(ImageRef, Result<Prefetched, Error>)>;
 /// Loads the config and runs the selection's prefetch; prints per-image lines and a summary.
 /// `Err` is a setup failure (every bad reference, or the one other cause); image failures are
 /// in the results.
+/// With `held_by_default` (export), no platform option means the platforms the cache holds
+/// whole, or this machine's when it holds none.
 async fn run_selection(
     config: &Config,
     sel: &Selection,
+    held_by_default: bool,
 ) -> Result<(Arc<Source>, Results), Vec<Error>> {
     let platforms = if sel.all_platforms {
         Platforms::All
+    } else if sel.platform.is_empty() && held_by_default {
+        Platforms::Held(vec![PlatformSpec::host()])
     } else {
         Platforms::parse(&sel.platform).map_err(|e| vec![e.context("--platform")])?
     };
@@ -219,7 +224,7 @@ pub fn prefetch(sel: Selection) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(e),
     };
-    match rt.block_on(run_selection(&config, &sel)) {
+    match rt.block_on(run_selection(&config, &sel, false)) {
         Err(errors) => fail_all(&errors),
         Ok((_, results)) if report_failures(&results) => ExitCode::FAILURE,
         Ok(_) => ExitCode::SUCCESS,
@@ -237,7 +242,7 @@ pub fn export(args: ExportArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(e),
     };
-    let (source, results) = match rt.block_on(run_selection(&config, &args.selection)) {
+    let (source, results) = match rt.block_on(run_selection(&config, &args.selection, true)) {
         Ok(r) => r,
         Err(errors) => return fail_all(&errors),
     };

@@ -18,6 +18,10 @@ use tokio::sync::{Semaphore, oneshot};
 pub enum Platforms {
     All,
     Only(Vec<PlatformSpec>),
+    /// Every platform whose manifest and blobs the cache already holds, or these when it holds
+    /// none: what `export` writes by default, so that an image prefetched with every platform
+    /// is exported whole without asking for them again.
+    Held(Vec<PlatformSpec>),
 }
 
 impl Platforms {
@@ -165,10 +169,17 @@ async fn one(
         })?;
         match refs {
             Refs::Index(children) => {
-                let chosen = select(&children, &opts.platforms)
-                    .map_err(|e| e.context(format!("index {}", m.digest)))?;
-                for c in chosen {
-                    let child = fetch_manifest(source, image, &c, sem).await?;
+                let chosen = match &opts.platforms {
+                    Platforms::Held(specs) => held(source, image, &children, specs, sem).await,
+                    other => select(&children, other)
+                        .map(|c| c.into_iter().map(|d| (d, None)).collect::<Vec<_>>()),
+                }
+                .map_err(|e| e.context(format!("index {}", m.digest)))?;
+                for (c, fetched) in chosen {
+                    let child = match fetched {
+                        Some(child) => child,
+                        None => fetch_manifest(source, image, &c, sem).await?,
+                    };
                     out.platforms += 1;
                     queue.push((child, is_referrer));
                 }
@@ -234,12 +245,46 @@ async fn permit(sem: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, Err
         .map_err(|e| Error::Internal(format!("prefetch: {e}")))
 }
 
+/// The entries the cache holds whole (the manifest and each blob it names), with their
+/// manifests already read; when it holds none, the entries `specs` select, to be fetched.
+/// Fails only when neither finds anything, with `select`'s error.
+async fn held(
+    source: &Source,
+    image: &ImageRef,
+    children: &[Descriptor],
+    specs: &[PlatformSpec],
+    sem: &Semaphore,
+) -> Result<Vec<(Descriptor, Option<Fetched>)>, Error> {
+    let mut chosen = Vec::new();
+    for c in children {
+        if !source.is_cached(&c.digest) {
+            continue;
+        }
+        let m = fetch_manifest(source, image, c, sem).await?;
+        let whole = match descriptor::parse_refs(&m.media_type, &m.bytes) {
+            Ok(Refs::Image { config, layers }) => std::iter::once(&config)
+                .chain(&layers)
+                .all(|d| source.is_cached(&d.digest)),
+            // A nested index or an unreadable manifest is not a platform the cache holds whole.
+            _ => false,
+        };
+        if whole {
+            chosen.push((c.clone(), Some(m)));
+        }
+    }
+    if !chosen.is_empty() {
+        return Ok(chosen);
+    }
+    let wanted = select(children, &Platforms::Only(specs.to_vec()))?;
+    Ok(wanted.into_iter().map(|d| (d, None)).collect())
+}
+
 /// The index entries the platform selection wants. When nothing matches, the platforms asked
 /// for are unknown to the image (`MANIFEST_UNKNOWN`), and the error names what it offers.
 fn select(children: &[Descriptor], platforms: &Platforms) -> Result<Vec<Descriptor>, Error> {
     let specs = match platforms {
         Platforms::All => return Ok(children.to_vec()),
-        Platforms::Only(specs) => specs,
+        Platforms::Only(specs) | Platforms::Held(specs) => specs,
     };
     let chosen: Vec<Descriptor> = children
         .iter()
