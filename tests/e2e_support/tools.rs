@@ -89,3 +89,34 @@ pub fn sweep_stale_tempdirs() {
         }
     }
 }
+
+/// Returns true when every program of `tools` is in `PATH`. When one is missing: under CI this
+/// panics; otherwise it prints a SKIPPED line naming them and `install` (how to get them), and
+/// returns false. The same policy as [`e2e_tools_available`], for other tests' own tools.
+pub fn tools_available(tools: &[&str], install: &str) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| find_in_path(tool).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_owned();
+    let msg = format!(
+        "{test}: required program(s) not found in PATH: {}. Install them with `{install}`.",
+        missing.join(", ")
+    );
+    if under_ci() {
+        panic!("{msg} CI is set, so this is a failure, not a skip.");
+    }
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {msg} (CI is unset, so the test is skipped.)"
+    );
+    false
+}
