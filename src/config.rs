@@ -336,6 +336,26 @@ pub struct UpstreamConfig {
     /// File holding the password or token (trailing newline ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// A Docker credential helper that answers the username and password: `ecr-login` runs
+    /// `docker-credential-ecr-login get` (found on PATH) with the registry on stdin, as Docker
+    /// does; a value containing `/` is the helper's own path. Not with `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_helper: Option<String>,
+    /// A command (program and arguments, no shell) whose standard output, trailing newline
+    /// removed, is the password for `username`: `["aws", "ecr", "get-login-password"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_command: Option<Vec<String>>,
+    /// How long an answer of `credential_helper` or `credential_command` is used before it is
+    /// asked again (in the background; the old answer serves meanwhile). Helpers do not say
+    /// when what they answer expires, so this stays well inside the shortest lifetime among
+    /// them (GCR access tokens: 1 hour; ECR passwords: 12 hours). Default 15m. Whatever it is,
+    /// an upstream or token realm refusing the answer with 401 has it asked again at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_refresh: Option<Dur>,
+    /// How long `credential_helper` or `credential_command` may run before it is killed (with
+    /// any process it started). Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_timeout: Option<Dur>,
     /// PEM bundle of CA certificates trusted for this upstream in addition to the webpki
     /// roots (a registry behind a private CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -378,6 +398,9 @@ impl fmt::Debug for UpstreamConfig {
             .field("username", &self.username)
             .field("password_env", &self.password_env)
             .field("password_file", &self.password_file)
+            .field("credential_helper", &self.credential_helper)
+            .field("credential_command", &self.credential_command)
+            .field("credential_refresh", &self.credential_refresh)
             .field("ca_file", &self.ca_file)
             .field("client_cert", &self.client_cert)
             .field("client_key", &self.client_key)
@@ -460,6 +483,10 @@ impl UpstreamConfig {
             username: None,
             password_env: None,
             password_file: None,
+            credential_helper: None,
+            credential_command: None,
+            credential_refresh: None,
+            credential_timeout: None,
             ca_file: None,
             client_cert: None,
             client_key: None,
@@ -494,6 +521,79 @@ impl UpstreamConfig {
         }
         Ok(None)
     }
+}
+
+/// How long a credential helper's or command's answer is used by default.
+pub const DEFAULT_CREDENTIAL_REFRESH: Duration = Duration::from_secs(15 * 60);
+/// How long a credential helper or command may run by default.
+pub const DEFAULT_CREDENTIAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl UpstreamConfig {
+    /// The program `credential_helper` or `credential_command` runs, as configured (a name
+    /// looked up on PATH, or a path), with the key that names it.
+    pub fn credential_program(&self) -> Option<(&'static str, String)> {
+        if let Some(h) = &self.credential_helper {
+            let program = if h.contains('/') {
+                h.clone()
+            } else {
+                format!("docker-credential-{h}")
+            };
+            return Some(("credential_helper", program));
+        }
+        let program = self.credential_command.as_ref()?.first()?;
+        Some(("credential_command", program.clone()))
+    }
+
+    /// Fails, naming the key, when the credential helper or command is not an executable file
+    /// (on PATH, or at its path): what `check-config` and `serve` check at start. The program
+    /// is not run: it may be slow, or reach a cloud's API.
+    pub fn check_credential_program(&self) -> Result<(), ConfigError> {
+        let Some((key, program)) = self.credential_program() else {
+            return Ok(());
+        };
+        if find_program(&program).is_some() {
+            return Ok(());
+        }
+        let where_ = if program.contains('/') {
+            "is not an executable file"
+        } else {
+            "is not on PATH"
+        };
+        bad(format!(
+            "upstream {:?}: {key}: {program} {where_}",
+            self.name
+        ))
+    }
+
+    /// `credential_refresh`, or its default.
+    pub fn credential_refresh(&self) -> Duration {
+        self.credential_refresh
+            .map_or(DEFAULT_CREDENTIAL_REFRESH, |d| d.0)
+    }
+
+    /// `credential_timeout`, or its default.
+    pub fn credential_timeout(&self) -> Duration {
+        self.credential_timeout
+            .map_or(DEFAULT_CREDENTIAL_TIMEOUT, |d| d.0)
+    }
+}
+
+/// Where `program` would be run from: itself when it contains a `/`, else the first
+/// executable file of that name in a PATH directory (as `execvp` searches).
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| d.join(program))
+        .find(|p| executable(p))
 }
 
 /// A configuration error, as one line that names the key or file at fault.
@@ -800,15 +900,7 @@ impl Config {
         if uri.query().is_some() {
             return bad(format!("{}: {:?} must not have a query", key("url"), u.url));
         }
-        if u.password_env.is_some() && u.password_file.is_some() {
-            return bad(format!(
-                "{}: set password_env or password_file, not both",
-                key("password_env")
-            ));
-        }
-        if (u.password_env.is_some() || u.password_file.is_some()) && u.username.is_none() {
-            return bad(format!("{}: a password needs a username", key("username")));
-        }
+        self.validate_upstream_credentials(i, u)?;
         self.validate_upstream_tls(i, u)?;
         if u.connect_timeout.0.is_zero() {
             return bad(format!(
@@ -833,6 +925,81 @@ impl Config {
                 "{}: must be greater than zero",
                 key("circuit_pause")
             ));
+        }
+        Ok(())
+    }
+
+    /// One source of a password at most, and the username where it is needed. The sources
+    /// themselves (variable, file, program) are checked at start and by `check-config`.
+    fn validate_upstream_credentials(
+        &self,
+        i: usize,
+        u: &UpstreamConfig,
+    ) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("upstream[{i}].{k}");
+        let sources = [
+            ("password_env", u.password_env.is_some()),
+            ("password_file", u.password_file.is_some()),
+            ("credential_helper", u.credential_helper.is_some()),
+            ("credential_command", u.credential_command.is_some()),
+        ];
+        let set: Vec<&str> = sources
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(k, _)| *k)
+            .collect();
+        if let [first, second, ..] = set[..] {
+            return bad(format!(
+                "{}: set one of password_env, password_file, credential_helper, \
+                 credential_command, not both {first} and {second} (upstream {:?})",
+                key(second),
+                u.name
+            ));
+        }
+        if let Some(h) = &u.credential_helper {
+            if h.is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return bad(format!(
+                    "{}: {h:?} is not a helper name (ecr-login) or path",
+                    key("credential_helper")
+                ));
+            }
+            if u.username.is_some() {
+                return bad(format!(
+                    "{}: the credential helper answers the username; remove it (upstream {:?})",
+                    key("username"),
+                    u.name
+                ));
+            }
+        }
+        if let Some(argv) = &u.credential_command
+            && argv.first().is_none_or(|p| p.is_empty())
+        {
+            return bad(format!(
+                "{}: must name a program, as [\"aws\", \"ecr\", \"get-login-password\"]",
+                key("credential_command")
+            ));
+        }
+        let password =
+            u.password_env.is_some() || u.password_file.is_some() || u.credential_command.is_some();
+        if password && u.username.is_none() {
+            return bad(format!("{}: a password needs a username", key("username")));
+        }
+        for (k, d) in [
+            ("credential_refresh", u.credential_refresh),
+            ("credential_timeout", u.credential_timeout),
+        ] {
+            match d {
+                Some(_) if u.credential_helper.is_none() && u.credential_command.is_none() => {
+                    return bad(format!(
+                        "{}: only used with credential_helper or credential_command",
+                        key(k)
+                    ));
+                }
+                Some(d) if d.0.is_zero() => {
+                    return bad(format!("{}: must be greater than zero", key(k)));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -1283,6 +1450,108 @@ mod tests {
         assert!(c.tls_warnings()[0].contains("r.test"));
         let again = Config::from_toml_str(&c.to_toml()).unwrap();
         assert!(again.upstream[0].insecure_skip_verify);
+    }
+
+    #[test]
+    fn one_source_of_a_password_per_upstream() {
+        let up = "[[upstream]]\nname = \"r.test\"\nurl = \"https://r.test\"\n";
+        let c = Config::from_toml_str(&format!("{up}credential_helper = \"ecr-login\"\n")).unwrap();
+        assert_eq!(
+            c.upstream[0].credential_program(),
+            Some(("credential_helper", "docker-credential-ecr-login".into()))
+        );
+        assert_eq!(
+            c.upstream[0].credential_refresh(),
+            DEFAULT_CREDENTIAL_REFRESH
+        );
+        let again = Config::from_toml_str(&c.to_toml()).unwrap();
+        assert_eq!(
+            again.upstream[0].credential_helper.as_deref(),
+            Some("ecr-login")
+        );
+        let c = Config::from_toml_str(&format!(
+            "{up}username = \"AWS\"\ncredential_command = [\"aws\", \"ecr\", \"get-login-password\"]\ncredential_refresh = \"1h\"\ncredential_timeout = \"10s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.upstream[0].credential_refresh(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(c.upstream[0].credential_timeout(), Duration::from_secs(10));
+        assert!(Config::from_toml_str(&c.to_toml()).is_ok());
+        for (extra, key) in [
+            (
+                "username = \"u\"\npassword_env = \"P\"\ncredential_command = [\"x\"]\n",
+                "upstream[0].credential_command: set one of",
+            ),
+            (
+                "password_file = \"/p\"\ncredential_helper = \"gcr\"\n",
+                "upstream[0].credential_helper: set one of",
+            ),
+            (
+                "username = \"u\"\npassword_env = \"P\"\npassword_file = \"/p\"\n",
+                "upstream[0].password_file",
+            ),
+            (
+                "credential_helper = \"ecr-login\"\nusername = \"AWS\"\n",
+                "upstream[0].username: the credential helper answers",
+            ),
+            (
+                "credential_helper = \"\"\n",
+                "upstream[0].credential_helper",
+            ),
+            (
+                "credential_helper = \"ecr login\"\n",
+                "upstream[0].credential_helper",
+            ),
+            (
+                "credential_command = [\"gcloud\"]\n",
+                "upstream[0].username: a password needs a username",
+            ),
+            (
+                "username = \"u\"\ncredential_command = []\n",
+                "upstream[0].credential_command: must name a program",
+            ),
+            (
+                "credential_refresh = \"1h\"\n",
+                "upstream[0].credential_refresh: only used with",
+            ),
+            (
+                "credential_helper = \"gcr\"\ncredential_timeout = \"0s\"\n",
+                "upstream[0].credential_timeout: must be greater than zero",
+            ),
+            (
+                "credential_helper = \"gcr\"\ncredential_refresh = \"soon\"\n",
+                "upstream.credential_refresh",
+            ),
+        ] {
+            let e = Config::from_toml_str(&format!("{up}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{extra:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_credential_program_must_be_found() {
+        let mut u = UpstreamConfig::new("r.test", "https://r.test");
+        u.credential_helper = Some("surely-not-a-helper-xyz".into());
+        let e = u.check_credential_program().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "upstream \"r.test\": credential_helper: docker-credential-surely-not-a-helper-xyz is not on PATH"
+        );
+        u.credential_helper = Some("/nonexistent/docker-credential-x".into());
+        let e = u.check_credential_program().unwrap_err().to_string();
+        assert!(e.ends_with("is not an executable file"), "{e}");
+        u.credential_helper = None;
+        u.credential_command = Some(vec!["/bin/sh".into(), "-c".into(), "echo pw".into()]);
+        u.check_credential_program().unwrap();
+        // Found on PATH (every Unix has sh on it), and a plain file is not a program.
+        assert!(find_program("sh").is_some());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(find_program(f.path().to_str().unwrap()).is_none());
     }
 
     #[test]

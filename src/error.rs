@@ -63,6 +63,10 @@ pub enum UpstreamFault {
         "is unreachable (repeated connect failures or timeouts); not contacted until it is probed again"
     )]
     CircuitOpen { retry_after: HeaderValue },
+    /// Its credentials could not be had: the credential helper or command failed (the log
+    /// says how, with its stderr).
+    #[error("could not get credentials: {0}")]
+    Credentials(String),
     /// The mirror runs offline and the content is not cached.
     #[error("not contacted: the mirror is offline and this is not cached")]
     Offline,

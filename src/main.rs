@@ -177,8 +177,6 @@ fn check_auth(c: &Config) -> Result<Vec<String>, cachalot::config::ConfigError> 
     Ok(cachalot::auth::warnings(c, htpasswd.as_ref()))
 }
 
-/// Reads every configured password and TLS file now, so a missing variable or file fails at
-/// start (and in `check-config`) with its key named, not at the first pull.
 /// Prints the snippets (each under a comment naming its path), or writes them under `dir`.
 fn write_client_config(
     out: &cachalot::client_config::Output,
@@ -228,6 +226,9 @@ fn emit(bytes: &[u8]) -> ExitCode {
     }
 }
 
+/// Reads every configured password and TLS file now, and finds every credential helper and
+/// command (without running them), so a missing variable, file or program fails at start (and
+/// in `check-config`) with its key named, not at the first pull.
 fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
     if let (Some(cert), Some(key)) = (&c.server.tls_cert, &c.server.tls_key) {
         cachalot::server::check_tls_pair(cert, key)
@@ -235,6 +236,7 @@ fn check_credentials(c: &Config) -> Result<(), cachalot::config::ConfigError> {
     }
     for u in &c.upstream {
         u.password()?;
+        u.check_credential_program()?;
         cachalot::upstream::tls::client_config(u)?;
     }
     if c.storage.backend == cachalot::config::Backend::S3 {

@@ -452,3 +452,74 @@ fn client_config_writes_files_and_refuses_bad_input_in_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
     }
 }
+
+// === credential helpers and commands ===
+
+/// check-config finds a credential helper on PATH without running it (it may reach a cloud),
+/// refuses one that is missing in one line naming the key, and prints no secret.
+#[test]
+fn check_config_finds_credential_helpers_on_path_without_running_them() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let ran = dir.path().join("ran");
+    let helper = bin.join("docker-credential-fake");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\ntouch {ran:?}\necho '{{\"Username\":\"u\",\"Secret\":\"helper-secret-9Zq\"}}'\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = |extra: &str| {
+        write(
+            &dir,
+            &format!(
+                "[[upstream]]\nname = \"123456789012.dkr.ecr.eu-west-1.amazonaws.com\"\nurl = \"https://123456789012.dkr.ecr.eu-west-1.amazonaws.com\"\n{extra}"
+            ),
+        )
+    };
+    let run = |p: &std::path::Path| {
+        cachalot()
+            .args(["check-config", "--config"])
+            .arg(p)
+            .env("PATH", &bin)
+            .output()
+            .unwrap()
+    };
+
+    let out = run(&config("credential_helper = \"fake\"\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("credential_helper = \"fake\""), "{text}");
+    assert!(!text.contains("helper-secret-9Zq") && !stderr.contains("helper-secret-9Zq"));
+    assert!(!ran.exists(), "check-config ran the helper");
+
+    for (extra, needle) in [
+        (
+            "credential_helper = \"ecr-login\"\n",
+            "credential_helper: docker-credential-ecr-login is not on PATH",
+        ),
+        (
+            "username = \"AWS\"\ncredential_command = [\"aws\", \"ecr\", \"get-login-password\"]\n",
+            "credential_command: aws is not on PATH",
+        ),
+        (
+            "credential_helper = \"/nonexistent/docker-credential-x\"\n",
+            "credential_helper: /nonexistent/docker-credential-x is not an executable file",
+        ),
+        (
+            "credential_helper = \"fake\"\nusername = \"AWS\"\n",
+            "upstream[0].username",
+        ),
+    ] {
+        let out = run(&config(extra));
+        assert!(!out.status.success(), "{extra}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{err:?} should name {needle}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    }
+}

@@ -106,3 +106,68 @@ fn the_auth_example_is_valid_when_uncommented() {
     assert_eq!(c.access.len(), 1);
     assert_eq!(c.access[0].repositories[1], "ghcr.io/myorg/**");
 }
+
+/// config/cloud.toml parses as shipped, and with every commented-out upstream uncommented
+/// (the `#   ` alternatives left out), one per cloud registry, each valid with its credentials.
+#[test]
+fn the_cloud_example_is_valid_with_every_registry_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cloud.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let start = 1 + text.find("\n[[upstream]]").expect("an [[upstream]]");
+    let uncommented: String = text[start..]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .filter(|l| {
+            l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let full = format!("{}{uncommented}", &text[..start]);
+    let c = Config::from_toml_str(&full).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    let names: Vec<&str> = c.upstream.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "docker.io",
+            "ghcr.io",
+            "europe-docker.pkg.dev",
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+            "myregistry.azurecr.io",
+            "quay.io",
+            "harbor.example.com",
+            "registry.gitlab.com",
+            "acme.jfrog.io",
+        ]
+    );
+    let by_name = |n: &str| c.upstream.iter().find(|u| u.name == n).unwrap();
+    assert_eq!(
+        by_name("123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+            .credential_program()
+            .map(|(_, p)| p),
+        Some("docker-credential-ecr-login".to_owned())
+    );
+    assert_eq!(
+        by_name("myregistry.azurecr.io").username.as_deref(),
+        Some("00000000-0000-0000-0000-000000000000")
+    );
+    assert!(
+        by_name("myregistry.azurecr.io")
+            .credential_command
+            .is_some()
+    );
+    assert_eq!(by_name("quay.io").username.as_deref(), Some("myorg+puller"));
+    assert!(
+        by_name("acme.jfrog.io")
+            .url
+            .ends_with("/api/docker/docker-remote")
+    );
+    // Each upstream has one source of a password, and a username unless a helper answers it.
+    for u in &c.upstream[1..] {
+        assert!(
+            u.username.is_some() != u.credential_helper.is_some(),
+            "{}",
+            u.name
+        );
+    }
+}

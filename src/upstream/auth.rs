@@ -248,7 +248,18 @@ pub struct Credentials {
     pub password: Secret,
 }
 
+/// The username that marks the secret as an identity token (an OAuth2 refresh token), as
+/// Docker reads a credential helper's answer: ACR's `acr-env` helper answers so, and
+/// `username = "<token>"` says the same of a configured password.
+pub const IDENTITY_TOKEN_USERNAME: &str = "<token>";
+
 impl Credentials {
+    /// The identity token, when these credentials are one: it is not sent as Basic
+    /// credentials but exchanged at the token realm (OAuth2 `grant_type=refresh_token`).
+    pub fn identity_token(&self) -> Option<&Secret> {
+        (self.username == IDENTITY_TOKEN_USERNAME).then_some(&self.password)
+    }
+
     /// The `Authorization: Basic ...` header value (RFC 7617), marked sensitive.
     pub fn basic_header(&self) -> http::HeaderValue {
         use base64::Engine as _;

@@ -9,17 +9,18 @@
 //! credentials are dropped as soon as a redirect leaves the scheme, host and port they were
 //! sent to, and never come back within that request.
 
-use super::auth::{self, BearerChallenge, Credentials, Secret, Token, TokenCache};
+use super::auth::{self, BearerChallenge, Token, TokenCache};
 use super::breaker::{Breaker, Change};
+use super::credentials::{CredentialSource, Issued};
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::Metrics;
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    ACCEPT, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -61,7 +62,11 @@ pub struct UpstreamRequest<'a> {
     pub range: Option<HeaderValue>,
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+// Full, not Empty: an identity token is exchanged in a POST with a form body.
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// OAuth2 `client_id` sent with an identity token (Docker sends `registry-client`).
+const OAUTH_CLIENT_ID: &str = "cachalot";
 
 /// One configured upstream registry. Cheap to clone (an `Arc` inside).
 #[derive(Clone)]
@@ -80,7 +85,8 @@ struct Inner {
     /// The configured url; its path (often `/`) is the prefix of every request path.
     base: Url,
     client: HttpClient,
-    creds: Option<Credentials>,
+    /// Fixed, or asked of a helper or command (and asked again when refused).
+    creds: Option<CredentialSource>,
     header_timeout: Duration,
     body_timeout: Duration,
     tokens: TokenCache,
@@ -156,7 +162,7 @@ impl fmt::Debug for Upstream {
         f.debug_struct("Upstream")
             .field("name", &self.inner.name)
             .field("base", &self.inner.base.as_str())
-            .field("username", &self.inner.creds.as_ref().map(|c| &c.username))
+            .field("credentials", &self.inner.creds)
             .finish_non_exhaustive()
     }
 }
@@ -166,14 +172,15 @@ impl fmt::Debug for Upstream {
 enum Auth {
     None,
     Bearer(Token),
-    Basic,
+    Basic(Arc<Issued>),
 }
 
 // === impl Upstream ===
 
 impl Upstream {
-    /// Builds the client. Reads the password (env or file) now; fails on an invalid url or an
-    /// unreadable password.
+    /// Builds the client. Reads a fixed password (env or file) now; fails on an invalid url or
+    /// an unreadable password. A credential helper or command first runs when credentials are
+    /// needed.
     pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> crate::Result<Upstream> {
         let url = Url::parse(&cfg.url).map_err(|_| {
             ConfigError::Invalid(format!(
@@ -187,13 +194,7 @@ impl Upstream {
                 cfg.name, cfg.url
             ))
         })?;
-        let creds = match &cfg.username {
-            Some(u) => Some(Credentials {
-                username: u.clone(),
-                password: Secret::new(cfg.password()?.unwrap_or_default()),
-            }),
-            None => None,
-        };
+        let creds = CredentialSource::from_config(cfg, &base)?;
 
         let tls = super::tls::client_config(cfg)?;
         if cfg.insecure_skip_verify {
@@ -253,8 +254,13 @@ impl Upstream {
     /// help (the token was fetched during this call for the same realm and scope, or there are
     /// no credentials for Basic).
     ///
+    /// Credentials from a helper or command that the upstream (Basic) or its token realm
+    /// refuses with a 401 are asked for again, and the request or token fetch retried once with
+    /// the new answer (see `credentials.rs` for how often the helper may run).
+    ///
     /// Failures: connect errors -> [`UpstreamFault::Connect`]; connect or header timeouts ->
-    /// [`UpstreamFault::Timeout`]; other transport errors, bad redirects and more than
+    /// [`UpstreamFault::Timeout`]; a credential helper or command that fails ->
+    /// [`UpstreamFault::Credentials`]; other transport errors, bad redirects and more than
     /// [`MAX_REDIRECTS`] redirects -> [`UpstreamFault::Protocol`]; a token endpoint that does
     /// not answer 200 -> [`UpstreamFault::Status`] with its status.
     ///
@@ -355,8 +361,10 @@ impl Upstream {
                 ..ch
             };
             Auth::Bearer(self.token(key, &ch).await?)
-        } else if self.inner.basic.load(Ordering::Relaxed) && self.inner.creds.is_some() {
-            Auth::Basic
+        } else if self.inner.basic.load(Ordering::Relaxed)
+            && let Some(creds) = &self.inner.creds
+        {
+            self.basic_auth(creds.get().await.map_err(|e| self.credentials_fault(e))?)
         } else {
             Auth::None
         };
@@ -399,12 +407,35 @@ impl Upstream {
                 .await;
         }
         let basic = challenges.iter().any(|c| c.scheme == auth::Scheme::Basic);
-        if basic && self.inner.creds.is_some() && !matches!(auth, Auth::Basic) {
-            self.inner.basic.store(true, Ordering::Relaxed);
-            drop(resp);
-            return self.send_following(&req, &url, &Auth::Basic, 2).await;
+        let Some(creds) = self.inner.creds.as_ref().filter(|_| basic) else {
+            return Ok(resp);
+        };
+        let next = match &auth {
+            // Refused: others, if the helper or command has them (asked once for a burst).
+            Auth::Basic(used) => creds.refused(used).await,
+            _ => creds.get().await.map(Some),
         }
-        Ok(resp)
+        .map_err(|e| self.credentials_fault(e))?;
+        let Some(Auth::Basic(next)) = next.map(|c| self.basic_auth(c)) else {
+            return Ok(resp);
+        };
+        self.inner.basic.store(true, Ordering::Relaxed);
+        drop(resp);
+        self.send_following(&req, &url, &Auth::Basic(next), 2).await
+    }
+
+    /// Basic auth with `creds`, unless they are an identity token (only a token realm takes
+    /// those, as Docker does).
+    fn basic_auth(&self, creds: Arc<Issued>) -> Auth {
+        if creds.creds.identity_token().is_some() {
+            return Auth::None;
+        }
+        Auth::Basic(creds)
+    }
+
+    /// The error for credentials that could not be had (already logged where it happened).
+    fn credentials_fault(&self, why: String) -> Error {
+        self.fault(UpstreamFault::Credentials(why))
     }
 
     /// Reads a small body (a manifest, a tags list, a token answer) whole, for a caller that
@@ -497,37 +528,26 @@ impl Upstream {
     }
 
     async fn fetch_token_inner(&self, ch: &BearerChallenge) -> crate::Result<Token> {
-        let url: Uri = auth::token_url(&ch.realm, ch.service.as_deref(), ch.scope.as_deref())
-            .parse()
-            .ok()
-            .filter(|u: &Uri| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-            })
-            .ok_or_else(|| {
-                self.fault(UpstreamFault::Protocol(
-                    "token realm is not an http(s) URL".into(),
-                ))
-            })?;
-        let mut builder = Request::get(url.clone()).header(USER_AGENT, USER_AGENT_VALUE);
-        if let Some(c) = &self.inner.creds {
-            if url.scheme_str() == Some("https") || self.inner.base.scheme() == "http" {
-                builder = builder.header(AUTHORIZATION, c.basic_header());
-            } else {
-                tracing::warn!(
-                    upstream = %self.inner.name,
-                    realm_host = url.host().unwrap_or(""),
-                    "token realm is plain http; not sending credentials to it"
-                );
+        let creds = match &self.inner.creds {
+            Some(source) => Some(source.get().await.map_err(|e| self.credentials_fault(e))?),
+            None => None,
+        };
+        let mut resp = self.token_request(ch, creds.as_deref()).await?;
+        if let (Some(source), Some(used)) = (&self.inner.creds, &creds) {
+            // A refresh token is refused as OAuth2 says (400 invalid_grant), or with a 401.
+            let refused = resp.status() == StatusCode::UNAUTHORIZED
+                || (used.creds.identity_token().is_some()
+                    && resp.status() == StatusCode::BAD_REQUEST);
+            if refused
+                && let Some(next) = source
+                    .refused(used)
+                    .await
+                    .map_err(|e| self.credentials_fault(e))?
+            {
+                drop(resp);
+                resp = self.token_request(ch, Some(&next)).await?;
             }
         }
-        let request = builder
-            .body(Empty::new())
-            .map_err(|e| Error::Internal(format!("token request: {e}")))?;
-        let span = tracing::debug_span!("upstream", op = Op::Token.as_str(), registry = %self.inner.name, attempt = 1);
-        let resp = self
-            .request(Op::Token.as_str(), request)
-            .instrument(span)
-            .await?;
         if resp.status() != StatusCode::OK {
             tracing::debug!(status = resp.status().as_u16(), "token endpoint refused");
             return Err(self.status_error_parts(resp.status(), resp.headers()));
@@ -554,6 +574,76 @@ impl Upstream {
         })
     }
 
+    /// One request to the token realm of `ch`. Without credentials, or with a username and
+    /// password: `GET realm?service=..&scope=..`, with Basic credentials. With an identity
+    /// token: Docker's OAuth2 exchange, a form `POST` to the realm with
+    /// `grant_type=refresh_token`. Credentials are not sent to a plain-http realm of an https
+    /// upstream.
+    async fn token_request(
+        &self,
+        ch: &BearerChallenge,
+        creds: Option<&Issued>,
+    ) -> crate::Result<Response<Incoming>> {
+        let http_url = |s: &str| {
+            s.parse()
+                .ok()
+                .filter(|u: &Uri| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                })
+                .ok_or_else(|| {
+                    self.fault(UpstreamFault::Protocol(
+                        "token realm is not an http(s) URL".into(),
+                    ))
+                })
+        };
+        let url = http_url(&auth::token_url(
+            &ch.realm,
+            ch.service.as_deref(),
+            ch.scope.as_deref(),
+        ))?;
+        let creds = creds.filter(|_| {
+            let safe = url.scheme_str() == Some("https") || self.inner.base.scheme() == "http";
+            if !safe {
+                tracing::warn!(
+                    upstream = %self.inner.name,
+                    realm_host = url.host().unwrap_or(""),
+                    "token realm is plain http; not sending credentials to it"
+                );
+            }
+            safe
+        });
+        let request = match creds.map(|c| (&c.creds, c.creds.identity_token())) {
+            Some((_, Some(refresh_token))) => {
+                let mut form = form_urlencoded::Serializer::new(String::new());
+                form.append_pair("grant_type", "refresh_token")
+                    .append_pair("refresh_token", refresh_token.expose())
+                    .append_pair("client_id", OAUTH_CLIENT_ID);
+                if let Some(s) = &ch.service {
+                    form.append_pair("service", s);
+                }
+                if let Some(s) = &ch.scope {
+                    form.append_pair("scope", s);
+                }
+                Request::post(http_url(&ch.realm)?)
+                    .header(USER_AGENT, USER_AGENT_VALUE)
+                    .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(Full::new(Bytes::from(form.finish())))
+            }
+            Some((c, None)) => Request::get(url)
+                .header(USER_AGENT, USER_AGENT_VALUE)
+                .header(AUTHORIZATION, c.basic_header())
+                .body(Full::default()),
+            None => Request::get(url)
+                .header(USER_AGENT, USER_AGENT_VALUE)
+                .body(Full::default()),
+        }
+        .map_err(|e| Error::Internal(format!("token request: {e}")))?;
+        let span = tracing::debug_span!("upstream", op = Op::Token.as_str(), registry = %self.inner.name, attempt = 1);
+        self.request(Op::Token.as_str(), request)
+            .instrument(span)
+            .await
+    }
+
     /// Sends one attempt, following up to [`MAX_REDIRECTS`] redirects. Authorization is dropped
     /// for good as soon as a hop leaves the origin it was meant for.
     async fn send_following(
@@ -568,7 +658,7 @@ impl Upstream {
             let mut authorization = match auth {
                 Auth::None => None,
                 Auth::Bearer(t) => t.header(),
-                Auth::Basic => self.inner.creds.as_ref().map(Credentials::basic_header),
+                Auth::Basic(c) => Some(c.creds.basic_header()),
             };
             let mut url = url.clone();
             for hop in 0..=MAX_REDIRECTS {
@@ -585,7 +675,7 @@ impl Upstream {
                 if let Some(a) = &authorization {
                     b = b.header(AUTHORIZATION, a.clone());
                 }
-                let request = b.body(Empty::new()).map_err(|e| {
+                let request = b.body(Full::default()).map_err(|e| {
                     self.fault(UpstreamFault::Protocol(format!(
                         "cannot build request: {e}"
                     )))
@@ -635,7 +725,7 @@ impl Upstream {
     async fn request(
         &self,
         op: &'static str,
-        request: Request<Empty<Bytes>>,
+        request: Request<Full<Bytes>>,
     ) -> crate::Result<Response<Incoming>> {
         let m = &self.inner.metrics;
         let name = self.inner.name.as_str();

@@ -4,6 +4,7 @@
 pub mod auth;
 mod breaker;
 pub mod client;
+pub mod credentials;
 pub mod tls;
 
 pub use client::{Op, Upstream, UpstreamBody, UpstreamRequest};

@@ -3,8 +3,10 @@
 //! It serves the pull side of the distribution spec from memory, counts every request it
 //! receives, and can lie on demand: wrong bytes for a digest, truncated or slow bodies, a body
 //! that pauses mid-way until the test releases it, 429/5xx answers, a stopped listener
-//! (connection refused on a known port), token and Basic auth, private repositories, and 307
-//! redirects of blob GETs to a second server (the "CDN") that rejects any `Authorization`.
+//! (connection refused on a known port), token and Basic auth (credentials that can be rotated,
+//! and an OAuth2 refresh-token exchange at the realm, as ACR's), private repositories, 307
+//! redirects of blob GETs to a second server (the "CDN") that rejects any `Authorization`, and
+//! a path prefix everything lives under (`/artifactory/api/docker/<repo>/v2/...`).
 //!
 //! Dropping a [`FakeRegistry`] or [`FakeCdn`] stops it.
 
@@ -331,6 +333,10 @@ struct State {
     max_in_flight: Arc<AtomicU64>,
     /// While true, requests are recorded and then left unanswered.
     hang: watch::Sender<bool>,
+    /// Everything (the API and the token realm) lives under this path; other paths are 404.
+    prefix: Mutex<Option<String>>,
+    /// The refresh token the realm exchanges in an OAuth2 POST (`grant_type=refresh_token`).
+    refresh_token: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
@@ -371,6 +377,8 @@ impl FakeRegistry {
             in_flight: Arc::default(),
             max_in_flight: Arc::default(),
             hang: watch::channel(false).0,
+            prefix: Mutex::default(),
+            refresh_token: Mutex::default(),
         });
         let server = ServerHandle::spawn(listener, registry_handler(state.clone()));
         FakeRegistry {
@@ -760,9 +768,31 @@ impl FakeRegistry {
         *lock(&self.state.redirect) = cdn.map(|c| c.url());
     }
 
-    /// Number of tokens issued so far.
+    /// Number of requests to the token realm so far (each issues a token or is refused).
     pub fn tokens_issued(&self) -> usize {
-        self.count("GET", "/token") + self.count("POST", "/token")
+        self.token_requests().len()
+    }
+
+    /// The requests made to the token realm, in order.
+    pub fn token_requests(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == "/token" || r.path.ends_with("/v2/token"))
+            .collect()
+    }
+
+    /// Serves everything under `prefix` (`/artifactory/api/docker/docker-remote`), as a
+    /// repository manager does: `/v2/` is `<prefix>/v2/`, the token realm `<prefix>/v2/token`,
+    /// and any path outside the prefix is 404.
+    pub fn set_path_prefix(&self, prefix: Option<&str>) {
+        *lock(&self.state.prefix) = prefix.map(|p| p.trim_end_matches('/').to_string());
+    }
+
+    /// With token auth, the realm also exchanges this refresh token (an identity token) for an
+    /// authenticated token in an OAuth2 form POST, as ACR's `/oauth2/token` does; any other
+    /// refresh token is refused with 401.
+    pub fn set_refresh_token(&self, token: Option<&str>) {
+        *lock(&self.state.refresh_token) = token.map(str::to_string);
     }
 }
 
@@ -902,7 +932,7 @@ fn route(path: &str) -> Route {
     if path == "/v2/" || path == "/v2" {
         return Route::Base;
     }
-    if path == "/token" {
+    if path == "/token" || path == "/v2/token" {
         return Route::Token;
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
@@ -1038,12 +1068,36 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<RespBody> {
 
 async fn handle_inner(state: &State, req: Request<Incoming>) -> Response<RespBody> {
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let full_path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let headers = req.headers().clone();
+    let prefix = lock(&state.prefix).clone();
+    let path = match &prefix {
+        None => full_path,
+        Some(p) => match full_path.strip_prefix(p.as_str()) {
+            Some(rest) if rest.starts_with('/') => rest.to_string(),
+            _ => {
+                return oci_error(
+                    StatusCode::NOT_FOUND,
+                    "NAME_UNKNOWN",
+                    "fake: not under the path prefix",
+                    &[],
+                );
+            }
+        },
+    };
     let route = route(&path);
 
     if matches!(route, Route::Token) {
+        if method == Method::POST {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return oauth2_token_endpoint(state, &body);
+        }
         return token_endpoint(state, &headers, query.as_deref());
     }
     if matches!(route, Route::Unknown) {
@@ -1110,10 +1164,11 @@ async fn handle_inner(state: &State, req: Request<Incoming>) -> Response<RespBod
         AuthMode::Token(_) => {
             let scope = repo.as_ref().map(|r| format!("repository:{r}:pull"));
             let challenge = |err: Option<&str>| {
-                let mut c = format!(
-                    "Bearer realm=\"http://{}/token\",service=\"fake-registry\"",
-                    state.addr
-                );
+                let realm = match &prefix {
+                    Some(p) => format!("http://{}{p}/v2/token", state.addr),
+                    None => format!("http://{}/token", state.addr),
+                };
+                let mut c = format!("Bearer realm=\"{realm}\",service=\"fake-registry\"");
                 if let Some(s) = &scope {
                     c.push_str(&format!(",scope=\"{s}\""));
                 }
@@ -1230,6 +1285,60 @@ fn token_endpoint(state: &State, headers: &HeaderMap, query: Option<&str>) -> Re
         },
     );
     let body = json!({"token": token, "access_token": token, "expires_in": cfg.expires_in});
+    full(
+        StatusCode::OK,
+        &[("content-type", "application/json".into())],
+        serde_json::to_vec(&body).unwrap(),
+    )
+}
+
+/// Docker's OAuth2 exchange of an identity token (distribution's `fetchTokenWithOAuth`): a form
+/// with `grant_type=refresh_token`, `refresh_token`, `client_id`, `service` and `scope`
+/// (space-separated); the answer has `access_token`, as OAuth2's does.
+fn oauth2_token_endpoint(state: &State, body: &[u8]) -> Response<RespBody> {
+    let (AuthMode::Token(cfg), Some(expected)) = (
+        lock(&state.auth).clone(),
+        lock(&state.refresh_token).clone(),
+    ) else {
+        return oci_error(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "fake: no OAuth2 exchange here",
+            &[],
+        );
+    };
+    let form: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+    let get = |k: &str| form.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str());
+    let oauth_error = |status: StatusCode, error: &str| {
+        full(
+            status,
+            &[("content-type", "application/json".into())],
+            serde_json::to_vec(&json!({ "error": error })).unwrap(),
+        )
+    };
+    if get("grant_type") != Some("refresh_token") || get("client_id").is_none() {
+        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type");
+    }
+    if get("refresh_token") != Some(expected.as_str()) {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_grant");
+    }
+    let scopes: Vec<String> = get("scope")
+        .unwrap_or("")
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let n = state.token_seq.fetch_add(1, Ordering::Relaxed);
+    let token = format!("fakeoauth-{n}-{}", hex::encode(random_blob(8)));
+    lock(&state.tokens).insert(
+        token.clone(),
+        IssuedToken {
+            expires: Instant::now() + cfg.token_lifetime,
+            scopes,
+            authenticated: true,
+        },
+    );
+    let body = json!({"access_token": token, "expires_in": cfg.expires_in, "scope": get("scope")});
     full(
         StatusCode::OK,
         &[("content-type", "application/json".into())],
