@@ -352,6 +352,8 @@ pub struct Metrics {
     /// Time for a whole upstream operation (auth, redirects and body included).
     pub upstream_duration: HistogramVec,
     pub upstream_rate_limited: IntCounterVec,
+    /// Runs of an upstream's `credential_helper` / `credential_command`, by result.
+    pub credential_runs: IntCounterVec,
     pub ratelimit_limit: IntGaugeVec,
     pub ratelimit_remaining: IntGaugeVec,
     pub followers_waiting: IntGauge,
@@ -532,6 +534,11 @@ impl Metrics {
                 "cachalot_upstream_rate_limited_total",
                 "Upstream answers with status 429 (Too Many Requests).",
                 &["upstream"],
+            ),
+            credential_runs: d.counter(
+                "cachalot_upstream_credential_runs_total",
+                "Runs of an upstream's credential_helper or credential_command, by result (ok, error).",
+                &["upstream", "result"],
             ),
             // Not pre-created: a zero `remaining` for an upstream that never sent the header
             // would read as an exhausted rate limit.

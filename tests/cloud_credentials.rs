@@ -462,6 +462,14 @@ exit 1"#
         .await;
     assert_eq!(r.status, 502);
     assert_eq!(helper.runs(), 2, "not run again right after failing");
+    // An operator alerts on the failures without reading the log.
+    let runs = "cachalot_upstream_credential_runs_total";
+    for (result, want) in [("ok", 1.0), ("error", 1.0)] {
+        let got = env
+            .metric(runs, &[("upstream", UP), ("result", result)])
+            .await;
+        assert_eq!(got, want, "{runs}{{result={result}}}");
+    }
 
     let text = log.text();
     assert!(

@@ -506,6 +506,11 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
             "sum by (upstream) (increase(cachalot_upstream_rate_limited_total[10m])) > 0",
             Expect::Series(vec![(up.to_vec(), Check::Increase(1.0))]),
         ),
+        // No upstream of this test has a credential helper: nothing failed.
+        (
+            "sum by (upstream) (increase(cachalot_upstream_credential_runs_total{result=\"error\"}[15m])) > 0",
+            Expect::Empty,
+        ),
         // Not firing whether or not the lifecycle code exports the cache size.
         (
             "cachalot_cache_size_bytes / cachalot_cache_max_size_bytes > 0.9",

@@ -194,7 +194,8 @@ impl Upstream {
                 cfg.name, cfg.url
             ))
         })?;
-        let creds = CredentialSource::from_config(cfg, &base)?;
+        let creds =
+            CredentialSource::from_config(cfg, &base, Some(metrics.credential_runs.clone()))?;
 
         let tls = super::tls::client_config(cfg)?;
         if cfg.insecure_skip_verify {

@@ -65,6 +65,7 @@ struct Asked {
     how: How,
     refresh: Duration,
     timeout: Duration,
+    runs: Option<prometheus::IntCounterVec>,
     state: Mutex<State>,
     /// Held while the program runs: the single flight.
     running: Arc<tokio::sync::Mutex<()>>,
@@ -135,9 +136,11 @@ impl CredentialSource {
     /// The upstream's credentials as configured; `None` when it has none. A fixed password is
     /// read now (an unset variable or unreadable file is an error naming the key); helpers and
     /// commands run when credentials are first needed.
+    /// `runs` counts each run of a helper or command by upstream and result.
     pub fn from_config(
         cfg: &UpstreamConfig,
         url: &Url,
+        runs: Option<prometheus::IntCounterVec>,
     ) -> Result<Option<CredentialSource>, ConfigError> {
         let how = if let Some(h) = &cfg.credential_helper {
             let program = if h.contains('/') {
@@ -174,6 +177,7 @@ impl CredentialSource {
             how,
             refresh: cfg.credential_refresh(),
             timeout: cfg.credential_timeout(),
+            runs,
             state: Mutex::default(),
             running: Arc::default(),
         })))))
@@ -306,6 +310,11 @@ impl Asked {
         let (key, program) = self.program();
         let (outcome, stderr) = self.run().await;
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(runs) = &self.runs {
+            let result = if outcome.is_ok() { "ok" } else { "error" };
+            runs.with_label_values(&[self.upstream.as_str(), result])
+                .inc();
+        }
         let mut st = self.state.lock();
         st.runs += 1;
         // Whatever secret the helper answered, now or before, is cut out of its stderr.
@@ -648,7 +657,9 @@ mod tests {
 
     fn source(cfg: &UpstreamConfig) -> CredentialSource {
         let url = Url::parse(&cfg.url).unwrap();
-        CredentialSource::from_config(cfg, &url).unwrap().unwrap()
+        CredentialSource::from_config(cfg, &url, None)
+            .unwrap()
+            .unwrap()
     }
 
     /// A script in `dir` that counts its runs in `dir/runs` and answers the password
