@@ -83,9 +83,12 @@ enum Command {
     /// Exit 0 when the server answers 200 on its health URL, else 1 (a container HEALTHCHECK
     /// without a shell or curl in the image).
     Healthcheck {
-        /// The URL to GET (plain http://).
-        #[arg(long, default_value = "http://127.0.0.1:5000/healthz")]
-        url: String,
+        /// The URL to GET (plain http://) [default: http://127.0.0.1:5000/healthz].
+        #[arg(long, conflicts_with = "config")]
+        url: Option<String>,
+        /// Check the server this config file describes: /healthz on its server.listen port.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// How long the whole exchange may take, e.g. 5s or 500ms.
         #[arg(long, default_value = "5s")]
         timeout: cachalot::config::Dur,
@@ -151,10 +154,27 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "cachalot", &mut script);
             emit(&script)
         }
-        Command::Healthcheck { url, timeout } => match probe_health(&url, timeout.0) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!("healthcheck: {url}: {e}")),
-        },
+        Command::Healthcheck {
+            url,
+            config,
+            timeout,
+        } => {
+            let url = match (url, config) {
+                (Some(url), _) => url,
+                (None, Some(path)) => match Config::load(&path) {
+                    Ok(c) => match health_url(&c) {
+                        Ok(url) => url,
+                        Err(e) => return fail(format!("healthcheck: {}: {e}", path.display())),
+                    },
+                    Err(e) => return fail(format!("healthcheck: {e}")),
+                },
+                (None, None) => "http://127.0.0.1:5000/healthz".to_owned(),
+            };
+            match probe_health(&url, timeout.0) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("healthcheck: {url}: {e}")),
+            }
+        }
         Command::Serve { config, offline } => {
             let mut config = match config {
                 Some(path) => match Config::load(&path) {
@@ -323,6 +343,24 @@ fn gc(config: &Config, dry_run: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `/healthz` on the config's listener, reached over loopback when it listens on every address
+/// (a container's HEALTHCHECK runs beside the server, whatever port the config chose).
+fn health_url(c: &Config) -> Result<String, &'static str> {
+    if c.server.tls_cert.is_some() {
+        return Err(
+            "server.tls_cert is set, so the listener speaks HTTPS, which healthcheck does not; pass --url to a plain listener",
+        );
+    }
+    let mut addr = c.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}/healthz"))
+}
+
 /// One `GET url` over plain HTTP/1.1, by hand: the check runs every few seconds in every
 /// container, so it should not start a runtime and a connection pool for one status line.
 /// Ok only for a 200 whose status line arrives within `limit`.
@@ -396,4 +434,20 @@ fn probe_health(url: &str, limit: std::time::Duration) -> Result<(), String> {
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("cachalot: {e}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_url_follows_the_listen_port_over_loopback() {
+        let url = |listen: &str| {
+            let c = Config::from_toml_str(&format!("[server]\nlisten = {listen:?}\n")).unwrap();
+            health_url(&c).unwrap()
+        };
+        assert_eq!(url("0.0.0.0:5123"), "http://127.0.0.1:5123/healthz");
+        assert_eq!(url("[::]:5123"), "http://[::1]:5123/healthz");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80/healthz");
+    }
 }

@@ -353,16 +353,13 @@ fn sighup_without_auth_or_tls_keeps_the_server_running() {
 /// URL, and a server that accepts but never answers fails it within `--timeout`.
 #[test]
 fn healthcheck_passes_on_a_200_only_and_gives_up_in_time() {
-    let check = |url: &str, extra: &[&str]| {
+    let check_with = |args: &[&str]| {
         let start = std::time::Instant::now();
-        let out = cachalot()
-            .args(["healthcheck", "--url", url])
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = cachalot().arg("healthcheck").args(args).output().unwrap();
         let err = String::from_utf8(out.stderr).unwrap();
         (out.status.success(), err, start.elapsed())
     };
+    let check = |url: &str, extra: &[&str]| check_with(&[&["--url", url], extra].concat());
     let dir = tempfile::tempdir().unwrap();
     let s = Serving::start(
         &dir,
@@ -376,6 +373,10 @@ fn healthcheck_passes_on_a_200_only_and_gives_up_in_time() {
     let (ok, err, _) = check(&healthz, &[]);
     assert!(ok, "{err}");
     assert!(err.is_empty(), "{err:?}");
+    // The image's HEALTHCHECK: the port comes from the config the server runs with.
+    let config = dir.path().join("c.toml");
+    let (ok, err, _) = check_with(&["--config", config.to_str().unwrap()]);
+    assert!(ok, "{err}");
 
     let missing = format!("http://{}/nope", s.addr);
     let (ok, err, _) = check(&missing, &[]);
@@ -397,6 +398,10 @@ fn healthcheck_passes_on_a_200_only_and_gives_up_in_time() {
     assert!(!ok);
     assert!(err.contains("no answer within 1s"), "{err:?}");
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+
+    let (ok, err, _) = check_with(&["--config", config.to_str().unwrap()]);
+    assert!(!ok, "a stopped server passed");
+    assert!(err.contains(&addr.to_string()), "{err:?}");
 
     let (ok, err, _) = check("https://127.0.0.1:1/healthz", &[]);
     assert!(!ok);
