@@ -420,6 +420,9 @@ async fn the_image_runs_read_only_as_its_user_passes_its_healthcheck_and_serves_
         "host",
         "--read-only",
         "--read-only-tmpfs=false",
+        // Should this process die without dropping the guard, the container still ends.
+        "--timeout",
+        "300",
         "--volume",
         &format!("{}:{}:ro", config.display(), rt.config),
         // A fresh named volume, as `docker run -v cachalot-cache:...` makes: podman gives it the
