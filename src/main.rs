@@ -80,6 +80,19 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Exit 0 when the server answers 200 on its health URL, else 1 (a container HEALTHCHECK
+    /// without a shell or curl in the image).
+    Healthcheck {
+        /// The URL to GET (plain http://) [default: http://127.0.0.1:5000/healthz].
+        #[arg(long, conflicts_with = "config")]
+        url: Option<String>,
+        /// Check the server this config file describes: /healthz on its server.listen port.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long the whole exchange may take, e.g. 5s or 500ms.
+        #[arg(long, default_value = "5s")]
+        timeout: cachalot::config::Dur,
+    },
 }
 
 fn main() -> ExitCode {
@@ -140,6 +153,27 @@ fn main() -> ExitCode {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "cachalot", &mut script);
             emit(&script)
+        }
+        Command::Healthcheck {
+            url,
+            config,
+            timeout,
+        } => {
+            let url = match (url, config) {
+                (Some(url), _) => url,
+                (None, Some(path)) => match Config::load(&path) {
+                    Ok(c) => match health_url(&c) {
+                        Ok(url) => url,
+                        Err(e) => return fail(format!("healthcheck: {}: {e}", path.display())),
+                    },
+                    Err(e) => return fail(format!("healthcheck: {e}")),
+                },
+                (None, None) => "http://127.0.0.1:5000/healthz".to_owned(),
+            };
+            match probe_health(&url, timeout.0) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("healthcheck: {url}: {e}")),
+            }
         }
         Command::Serve { config, offline } => {
             let mut config = match config {
@@ -311,7 +345,111 @@ fn gc(config: &Config, dry_run: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `/healthz` on the config's listener, reached over loopback when it listens on every address
+/// (a container's HEALTHCHECK runs beside the server, whatever port the config chose).
+fn health_url(c: &Config) -> Result<String, &'static str> {
+    if c.server.tls_cert.is_some() {
+        return Err(
+            "server.tls_cert is set, so the listener speaks HTTPS, which healthcheck does not; pass --url to a plain listener",
+        );
+    }
+    let mut addr = c.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}/healthz"))
+}
+
+/// One `GET url` over plain HTTP/1.1, by hand: the check runs every few seconds in every
+/// container, so it should not start a runtime and a connection pool for one status line.
+/// Ok only for a 200 whose status line arrives within `limit`.
+fn probe_health(url: &str, limit: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let u = url::Url::parse(url).map_err(|e| format!("--url is not a URL: {e}"))?;
+    if u.scheme() != "http" {
+        return Err("--url must be http:// (point it at a plain listener)".into());
+    }
+    let deadline = Instant::now() + limit;
+    // A zero timeout means "none" to the socket calls; a spent deadline must still time out.
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let addrs = u
+        .socket_addrs(|| Some(80))
+        .map_err(|e| format!("cannot resolve the host: {e}"))?;
+    let mut stream = None;
+    let mut last = String::from("the host has no address");
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, left()) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = format!("connect to {a}: {e}"),
+        }
+    }
+    let mut s = stream.ok_or(last)?;
+    let host = match u.port() {
+        Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
+        None => u.host_str().unwrap_or_default().to_owned(),
+    };
+    let target = match u.query() {
+        Some(q) => format!("{}?{q}", u.path()),
+        None => u.path().to_owned(),
+    };
+    let timed_out = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("no answer within {}", cachalot::config::Dur(limit))
+        }
+        _ => e.to_string(),
+    };
+    s.set_write_timeout(Some(left())).map_err(timed_out)?;
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: cachalot-healthcheck\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(timed_out)?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+        s.set_read_timeout(Some(left())).map_err(timed_out)?;
+        match s.read(&mut buf).map_err(timed_out)? {
+            0 => break,
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let line = line.lines().next().unwrap_or_default();
+    match line.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        Some(code) if line.starts_with("HTTP/") => Err(format!("answered {code}, not 200")),
+        _ => Err(format!("no HTTP status line in the answer ({line:?})")),
+    }
+}
+
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("cachalot: {e}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_url_follows_the_listen_port_over_loopback() {
+        let url = |listen: &str| {
+            let c = Config::from_toml_str(&format!("[server]\nlisten = {listen:?}\n")).unwrap();
+            health_url(&c).unwrap()
+        };
+        assert_eq!(url("0.0.0.0:5123"), "http://127.0.0.1:5123/healthz");
+        assert_eq!(url("[::]:5123"), "http://[::1]:5123/healthz");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80/healthz");
+    }
 }

@@ -349,6 +349,66 @@ fn sighup_without_auth_or_tls_keeps_the_server_running() {
     assert_eq!(status_of(s.addr, "/v2/", None), 200);
 }
 
+/// `cachalot healthcheck`, the image's HEALTHCHECK: 0 on a 200, else 1 with one line naming the
+/// URL, and a server that accepts but never answers fails it within `--timeout`.
+#[test]
+fn healthcheck_passes_on_a_200_only_and_gives_up_in_time() {
+    let check_with = |args: &[&str]| {
+        let start = std::time::Instant::now();
+        let out = cachalot().arg("healthcheck").args(args).output().unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        (out.status.success(), err, start.elapsed())
+    };
+    let check = |url: &str, extra: &[&str]| check_with(&[&["--url", url], extra].concat());
+    let dir = tempfile::tempdir().unwrap();
+    let s = Serving::start(
+        &dir,
+        &format!(
+            "[server]\nlisten = \"{{addr}}\"\n[cache]\ndir = {:?}\n\
+             [[upstream]]\nname = \"r.local\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n",
+            dir.path().join("cache").to_str().unwrap(),
+        ),
+    );
+    let healthz = format!("http://{}/healthz", s.addr);
+    let (ok, err, _) = check(&healthz, &[]);
+    assert!(ok, "{err}");
+    assert!(err.is_empty(), "{err:?}");
+    // The image's HEALTHCHECK: the port comes from the config the server runs with.
+    let config = dir.path().join("c.toml");
+    let (ok, err, _) = check_with(&["--config", config.to_str().unwrap()]);
+    assert!(ok, "{err}");
+
+    let missing = format!("http://{}/nope", s.addr);
+    let (ok, err, _) = check(&missing, &[]);
+    assert!(!ok);
+    assert!(err.contains(&missing) && err.contains("404"), "{err:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+
+    let addr = s.addr;
+    drop(s);
+    let (ok, err, _) = check(&healthz, &[]);
+    assert!(!ok, "a stopped server passed");
+    assert!(err.contains(&addr.to_string()), "{err:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+
+    // Accepted by the kernel's backlog, never answered: a hung server.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/healthz", silent.local_addr().unwrap());
+    let (ok, err, took) = check(&url, &["--timeout", "1s"]);
+    assert!(!ok);
+    assert!(err.contains("no answer within 1s"), "{err:?}");
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+
+    let (ok, err, _) = check_with(&["--config", config.to_str().unwrap()]);
+    assert!(!ok, "a stopped server passed");
+    assert!(err.contains(&addr.to_string()), "{err:?}");
+
+    let (ok, err, _) = check("https://127.0.0.1:1/healthz", &[]);
+    assert!(!ok);
+    assert!(err.contains("--url"), "{err:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+}
+
 /// Every option of every command says what it is for in `--help`.
 #[test]
 fn every_option_has_help_text() {
@@ -361,6 +421,7 @@ fn every_option_has_help_text() {
         "import",
         "client-config",
         "completions",
+        "healthcheck",
     ] {
         let out = cachalot().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help");

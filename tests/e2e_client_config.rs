@@ -1,16 +1,24 @@
-//! End-to-end: what `cachalot client-config containerd` writes is what containerd needs. A real
-//! containerd (Debian's, run here with its own root, state and socket, the CRI plugin off) pulls
-//! with `ctr image pull --hosts-dir` and the generated `certs.d`, against cachalot in front of the
-//! real `docker-registry`, while the registry's origin address in those files refuses
-//! connections: containerd falls back to the origin silently when a mirror fails, so the pull
-//! can only succeed through the mirror, and cachalot's metrics must show it served the image.
+//! End-to-end: what `cachalot client-config` writes is what real clients need, against cachalot
+//! in front of the real `docker-registry`, while the registry's origin in those files is
+//! unreachable: clients fall back to the origin silently when a mirror fails, so a pull can only
+//! succeed through the mirror, and cachalot's metrics and cache must show it served the image.
 //!
-//! Needs `containerd` and `ctr` besides the e2e tools; without them the test prints why and skips,
+//! - containerd (Debian's, run here with its own root, state and socket, the CRI plugin off)
+//!   pulls with `ctr image pull --hosts-dir` and the generated `certs.d`; the origin there is an
+//!   address that refuses connections.
+//! - podman (Debian's 4.3, as root, vfs storage in a temp dir) pulls with the generated
+//!   registries.conf as `CONTAINERS_REGISTRIES_CONF`; the origin there is the registry's name,
+//!   which does not resolve (`.test` is reserved).
+//!
+//! Each needs its client besides the e2e tools; without it the test prints why and skips,
 //! unless `CI` is set, in which case it fails.
 
 mod e2e_support;
 
-use e2e_support::cachalot::{Cachalot, UPSTREAM_NAME, refused_url};
+use e2e_support::cachalot::{
+    Cachalot, DECOY_NAME, UPSTREAM_NAME, UpstreamEntry, assert_served_image, refused_url,
+};
+use e2e_support::podman::Podman;
 use e2e_support::tools;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -75,23 +83,21 @@ impl Drop for Containerd {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containerd_pulls_through_the_mirror_with_the_generated_hosts_dir() {
-    require_e2e_tools!();
-    let have = |t: &str| tools::find_in_path(t).is_some();
-    if !(have("containerd") && have("ctr")) {
-        assert!(
-            !tools::under_ci(),
-            "containerd and ctr are needed under CI (apt-get install containerd)"
-        );
-        eprintln!("SKIPPED: containerd or ctr not installed");
-        return;
-    }
+/// cachalot in front of the shared seeded registry, and what `cachalot client-config CLIENT
+/// --output-dir` wrote for it, from a config naming the registry as cachalot does
+/// ([`UPSTREAM_NAME`]) but with an origin URL that refuses connections. cachalot's default
+/// upstream is a decoy that refuses connections too, so only a request that names the registry
+/// the way the client's routing mode does (`?ns=` or the path prefix) is served.
+async fn mirror_and_client_config(client: &str) -> (Cachalot, tempfile::TempDir) {
     let up = e2e_support::shared_upstream();
-    let mirror = Cachalot::in_front_of(&up.url()).await;
-
-    // The config the client snippets are made from names the registry as cachalot does, with an
-    // origin that refuses connections: a pull that does not go through the mirror fails.
+    let mirror = Cachalot::start(
+        &[
+            UpstreamEntry::new(UPSTREAM_NAME, &up.url(), false),
+            UpstreamEntry::new(DECOY_NAME, &refused_url(), true),
+        ],
+        "",
+    )
+    .await;
     let dir = tools::tempdir("client-config");
     let config = dir.path().join("clients.toml");
     std::fs::write(
@@ -103,7 +109,7 @@ async fn containerd_pulls_through_the_mirror_with_the_generated_hosts_dir() {
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cachalot"))
-        .args(["client-config", "containerd", "--mirror", &mirror.url()])
+        .args(["client-config", client, "--mirror", &mirror.url()])
         .arg("--config")
         .arg(&config)
         .arg("--output-dir")
@@ -115,14 +121,29 @@ async fn containerd_pulls_through_the_mirror_with_the_generated_hosts_dir() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let hosts_dir = dir.path().join("certs.d");
-    assert!(hosts_dir.join(UPSTREAM_NAME).join("hosts.toml").exists());
+    (mirror, dir)
+}
 
-    let reference = format!(
+/// `reg.test/e2e/single:latest`: the seeded single-platform image as a client names it.
+fn single_reference() -> String {
+    format!(
         "{UPSTREAM_NAME}/{}:{}",
         e2e_support::SINGLE_REPO,
         e2e_support::SINGLE_TAG
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_the_mirror_with_the_generated_hosts_dir() {
+    require_e2e_tools!();
+    if !tools::have_or_skip(&["containerd", "ctr"], "apt-get install -y containerd") {
+        return;
+    }
+    let (mirror, dir) = mirror_and_client_config("containerd").await;
+    let hosts_dir = dir.path().join("certs.d");
+    assert!(hosts_dir.join(UPSTREAM_NAME).join("hosts.toml").exists());
+
+    let reference = single_reference();
     let containerd = tokio::task::spawn_blocking(Containerd::start)
         .await
         .unwrap();
@@ -157,22 +178,53 @@ async fn containerd_pulls_through_the_mirror_with_the_generated_hosts_dir() {
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.contains(&reference), "{listed}");
 
-    // Served by the mirror: the manifest and every blob of the image went out through it.
-    let metrics = mirror.metrics().await;
-    let served = |kind: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("cachalot_cache_lookups_total{")
-                    && l.contains(&format!("kind=\"{kind}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let up = e2e_support::shared_upstream();
+    assert_served_image(
+        &mirror.metrics().await,
+        &mirror.cache_dir(),
+        &up.single,
+        "containerd pull",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_through_the_mirror_with_the_generated_registries_conf() {
+    require_e2e_tools!();
+    if !tools::have_or_skip(&["podman"], e2e_support::podman::INSTALL) {
+        return;
+    }
+    let (mirror, dir) = mirror_and_client_config("podman").await;
+    let conf = dir.path().join("registries.conf.d/50-cachalot.conf");
+    let podman = Podman::new().with_registries_conf(&conf);
+    let reference = single_reference();
+    let pulled = {
+        let reference = reference.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = podman.run(&["pull", "--quiet", &reference]);
+            (podman, out)
+        })
+        .await
+        .unwrap()
     };
-    assert!(served("manifest") >= 1.0, "no manifest served:\n{metrics}");
-    let blobs = up.single.blobs.len() as f64;
+    let (podman, out) = pulled;
     assert!(
-        served("blob") >= blobs - 1.0,
-        "fewer blobs served than the image has ({blobs} with its manifest):\n{metrics}"
+        out.status.success(),
+        "podman pull {reference} failed:\n{}\n{}\nregistries.conf:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&conf).unwrap_or_default()
+    );
+    let up = e2e_support::shared_upstream();
+    let digest = podman.run_ok(&["image", "inspect", "--format", "{{.Digest}}", &reference]);
+    assert_eq!(
+        digest.trim(),
+        up.single.top_digest,
+        "the manifest podman stored"
+    );
+    assert_served_image(
+        &mirror.metrics().await,
+        &mirror.cache_dir(),
+        &up.single,
+        "podman pull",
     );
 }

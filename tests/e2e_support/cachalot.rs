@@ -128,3 +128,45 @@ impl Cachalot {
         }
     }
 }
+
+/// Asserts that a cachalot whose `/metrics` text is `metrics` and whose cache is `cache_dir`
+/// served the single-platform image `layout` to a client: a manifest and at least as many blob
+/// answers and bytes as the image's config and layers, and the manifest, config and every layer
+/// committed in the cache under its digest (so each was fetched through cachalot and verified).
+pub fn assert_served_image(
+    metrics: &str,
+    cache_dir: &std::path::Path,
+    layout: &super::ImageLayout,
+    what: &str,
+) {
+    use super::http::metric_sum;
+    let image = &layout.images[0];
+    let content: Vec<&String> = std::iter::once(&image.config_digest)
+        .chain(&image.layer_digests)
+        .collect();
+    let content_bytes: usize = content.iter().map(|d| layout.blob(d).len()).sum();
+    let requests = |route| metric_sum(metrics, "cachalot_requests_total", &[("route", route)]);
+    assert!(
+        requests("manifest") >= 1.0,
+        "{what}: no manifest request counted:\n{metrics}"
+    );
+    assert!(
+        requests("blob") >= content.len() as f64,
+        "{what}: fewer blob requests counted than the image's {} config and layer blobs:\n{metrics}",
+        content.len()
+    );
+    let served = metric_sum(metrics, "cachalot_served_bytes_total", &[]);
+    assert!(
+        served >= content_bytes as f64,
+        "{what}: cachalot served {served} bytes, the image's blobs are {content_bytes}"
+    );
+    for digest in std::iter::once(&layout.top_digest).chain(content) {
+        let d: cachalot::oci::digest::Digest = digest.parse().unwrap();
+        let path = cachalot::storage::FsStore::blob_path_in(cache_dir, &d);
+        assert!(
+            path.is_file(),
+            "{what}: {digest} is not in the cache ({} missing)",
+            path.display()
+        );
+    }
+}

@@ -12,6 +12,7 @@ pub mod garage;
 pub mod http;
 pub mod issuer;
 pub mod oci;
+pub mod podman;
 pub mod registry;
 pub mod shim;
 pub mod skopeo;
