@@ -112,16 +112,16 @@ fn backoff(in_a_row: u32) -> Duration {
 }
 
 /// What Docker asks a credential helper about for this upstream: Docker Hub's legacy index
-/// URL for Docker Hub (the upstream named `docker.io`, or one at Docker Hub's hosts), else the
-/// host of `url`, with its port unless it is the scheme's default (`localhost:5000`).
-pub fn helper_server(name: &str, url: &Url) -> String {
+/// URL for an upstream at Docker Hub's hosts, else the host of `url`, with its port unless it
+/// is the scheme's default (`localhost:5000`). Keyed on the host the credentials will go to,
+/// never on the upstream's name: an upstream named `docker.io` whose `url` is another mirror
+/// must not be handed the user's Docker Hub token.
+pub fn helper_server(url: &Url) -> String {
     let host = url.host_str().unwrap_or_default();
-    if name == "docker.io"
-        || matches!(
-            host,
-            "docker.io" | "index.docker.io" | "registry-1.docker.io"
-        )
-    {
+    if matches!(
+        host,
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    ) {
         return DOCKER_HUB_SERVER.to_owned();
     }
     match url.port() {
@@ -150,7 +150,7 @@ impl CredentialSource {
             };
             How::Helper {
                 program,
-                server: helper_server(&cfg.name, url),
+                server: helper_server(url),
             }
         } else if let Some(argv) = &cfg.credential_command {
             How::Command {
@@ -172,6 +172,13 @@ impl CredentialSource {
                 after_refusal: false,
             })))));
         };
+        // Both series exist from the start: Prometheus' increase() sees no rise in a series
+        // that first appears at 1, and the first failure would not alert.
+        if let Some(runs) = &runs {
+            for result in ["ok", "error"] {
+                runs.with_label_values(&[cfg.name.as_str(), result]);
+            }
+        }
         Ok(Some(CredentialSource(Kind::Asked(Arc::new(Asked {
             upstream: cfg.name.clone(),
             how,
@@ -249,7 +256,7 @@ impl Asked {
         }
     }
 
-    async fn refused(&self, used: &Issued) -> Result<Option<Arc<Issued>>, String> {
+    async fn refused(self: &Arc<Self>, used: &Issued) -> Result<Option<Arc<Issued>>, String> {
         let runs = {
             let st = self.state.lock();
             if let Some(c) = &st.current
@@ -272,8 +279,12 @@ impl Asked {
 
     /// Runs the program unless a run finished since the caller saw `seen_runs` (then its
     /// outcome is shared) or the last run failed moments ago (then its failure is).
-    async fn ask(&self, seen_runs: u64, after_refusal: bool) -> Result<Arc<Issued>, String> {
-        let _running = self.running.lock().await;
+    async fn ask(
+        self: &Arc<Self>,
+        seen_runs: u64,
+        after_refusal: bool,
+    ) -> Result<Arc<Issued>, String> {
+        let running = self.running.clone().lock_owned().await;
         {
             let st = self.state.lock();
             if st.runs != seen_runs
@@ -285,7 +296,20 @@ impl Asked {
                 return Err(f.error.clone());
             }
         }
-        self.run_and_record(after_refusal).await
+        // The run is a task of its own: a caller that goes away (a client that disconnects
+        // mid-request) must not kill the helper half-way, leaving no outcome, no backoff and
+        // no log for the next caller, who would start it again.
+        let me = self.clone();
+        let span = tracing::info_span!("credentials", upstream = %self.upstream);
+        let run = tokio::spawn(
+            async move {
+                let _running = running;
+                me.run_and_record(after_refusal).await
+            }
+            .instrument(span),
+        );
+        run.await
+            .unwrap_or_else(|e| Err(format!("credential run ended abnormally: {e}")))
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
@@ -569,31 +593,28 @@ mod tests {
     fn docker_asks_helpers_about_the_host_or_docker_hub() {
         let u = |s: &str| Url::parse(s).unwrap();
         assert_eq!(
-            helper_server("docker.io", &u("https://registry-1.docker.io")),
+            helper_server(&u("https://registry-1.docker.io")),
             DOCKER_HUB_SERVER
         );
         assert_eq!(
-            helper_server("hub", &u("https://registry-1.docker.io/")),
+            helper_server(&u("https://registry-1.docker.io/")),
             DOCKER_HUB_SERVER
         );
         assert_eq!(
-            helper_server(
-                "ecr",
-                &u("https://123456789012.dkr.ecr.eu-west-1.amazonaws.com")
-            ),
+            helper_server(&u("https://123456789012.dkr.ecr.eu-west-1.amazonaws.com")),
             "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
         );
         assert_eq!(
-            helper_server(
-                "r",
-                &u("https://acme.jfrog.io:443/artifactory/api/docker/x")
-            ),
+            helper_server(&u("https://acme.jfrog.io:443/artifactory/api/docker/x")),
             "acme.jfrog.io"
         );
         assert_eq!(
-            helper_server("r", &u("http://127.0.0.1:5000/")),
+            helper_server(&u("http://127.0.0.1:5000/")),
             "127.0.0.1:5000"
         );
+        // An upstream named docker.io that is another mirror gets that mirror's credentials,
+        // never the user's Docker Hub token.
+        assert_eq!(helper_server(&u("https://mirror.gcr.io")), "mirror.gcr.io");
     }
 
     #[test]
@@ -706,6 +727,19 @@ mod tests {
         let second = src.get().await.unwrap();
         assert!(src.refused(&second).await.unwrap().is_none());
         assert_eq!(runs(dir.path()), 2);
+    }
+
+    /// A caller dropped while the command runs (a client that disconnected) leaves the run
+    /// to finish and be kept: the next caller gets its answer instead of starting another.
+    #[tokio::test]
+    async fn a_caller_that_goes_away_mid_run_does_not_waste_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(&command_config(counting_command(dir.path(), "sleep 0.3")));
+        let gone = tokio::time::timeout(Duration::from_millis(100), src.get()).await;
+        assert!(gone.is_err(), "the command should still be running");
+        let next = src.get().await.unwrap();
+        assert_eq!(next.creds.password.expose(), "pw-1");
+        assert_eq!(runs(dir.path()), 1);
     }
 
     #[tokio::test]
