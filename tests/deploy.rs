@@ -742,11 +742,73 @@ fn check_wiring(pod: &Pod, c: &Value, config: &toml::Table, who: &str) {
             "{who}: {probe} port {port}"
         );
     }
+    // The root filesystem is read-only: cache.dir must be on a writable volume that keeps
+    // data (a claim or an emptyDir), or the pod dies at its first fill.
+    let cache_dir = config["cache"]["dir"].as_str().unwrap();
+    let mount = c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| {
+            let at = m["mountPath"].as_str().unwrap().trim_end_matches('/');
+            cache_dir == at || cache_dir.starts_with(&format!("{at}/"))
+        })
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+        .unwrap_or_else(|| panic!("{who}: cache.dir {cache_dir} is on no volume"));
+    assert_ne!(
+        mount["readOnly"], true,
+        "{who}: cache.dir {cache_dir} is on a read-only mount"
+    );
+    let volume = mount["name"].as_str().unwrap();
+    let backed = pod.claims.iter().any(|c| c == volume)
+        || pod.spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| {
+                v["name"] == volume
+                    && (v.get("emptyDir").is_some() || v.get("persistentVolumeClaim").is_some())
+            });
+    assert!(
+        backed,
+        "{who}: cache.dir {cache_dir} is on volume {volume}, neither a claim nor an emptyDir"
+    );
+    assert_eq!(
+        pod.spec["securityContext"]["fsGroup"], 65532,
+        "{who}: without fsGroup 65532 a fresh volume is not writable by the non-root user"
+    );
+
     let selects_pod = |s: &&Value| {
         s["spec"]["selector"]
             .as_object()
             .is_some_and(|sel| sel.iter().all(|(k, v)| pod.labels[k] == *v))
     };
+    // A PodDisruptionBudget or Service that also matches a DaemonSet's pods miscounts the
+    // mirror: a budget over DaemonSet pods cannot be computed and blocks every node drain.
+    for ds in pod
+        .docs
+        .iter()
+        .filter(|d| kind(d) == "DaemonSet" && namespace(d) == pod.ns)
+    {
+        let ds_labels = &ds["spec"]["template"]["metadata"]["labels"];
+        for d in pod.docs.iter().filter(|d| namespace(d) == pod.ns) {
+            let sel = match kind(d) {
+                "Service" => d["spec"]["selector"].as_object(),
+                "PodDisruptionBudget" => d["spec"]["selector"]["matchLabels"].as_object(),
+                _ => None,
+            };
+            let Some(sel) = sel else { continue };
+            let on_mirror = sel.iter().all(|(k, v)| pod.labels[k] == *v);
+            let on_ds = sel.iter().all(|(k, v)| ds_labels[k] == *v);
+            assert!(
+                !(on_mirror && on_ds),
+                "{who}: {} {} selects the pods of DaemonSet {} too",
+                kind(d),
+                name(d),
+                name(ds)
+            );
+        }
+    }
     let services: Vec<&Value> = pod
         .docs
         .iter()

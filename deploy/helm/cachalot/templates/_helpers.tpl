@@ -12,6 +12,14 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The mirror's pods (and what selects them); the node DaemonSet's pods are told apart by
+their component, so that the PodDisruptionBudget and the Services never count them: a budget
+whose selector matches DaemonSet pods cannot be computed, and blocks every drain. */}}
+{{- define "cachalot.mirrorSelectorLabels" -}}
+{{ include "cachalot.selectorLabels" . }}
+app.kubernetes.io/component: mirror
+{{- end -}}
+
 {{- define "cachalot.labels" -}}
 {{ include "cachalot.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
