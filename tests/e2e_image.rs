@@ -119,6 +119,43 @@ impl Runtime {
         assert_eq!(volume.len(), 1, "deploy/Dockerfile: one VOLUME, the cache");
         let healthcheck = only(&stage, "HEALTHCHECK").to_owned();
         only(&stage, "EXPOSE");
+        // The test image makes its own COPY lines, so the Dockerfile's are checked here: the
+        // binary, the default config, and the volume's directory owned by the user (without
+        // it a fresh named volume is root's, and the first fill fails).
+        let copies: Vec<(String, String)> = stage
+            .iter()
+            .filter(|i| keyword(i) == "COPY")
+            .map(|i| {
+                let words: Vec<&str> = i.split_whitespace().collect();
+                let chown = words
+                    .iter()
+                    .find_map(|w| w.strip_prefix("--chown="))
+                    .unwrap_or("")
+                    .to_owned();
+                (words.last().unwrap().to_string(), chown)
+            })
+            .collect();
+        let copied = |to: &str| copies.iter().find(|(dest, _)| dest == to);
+        assert!(
+            copied(&entrypoint[0]).is_some(),
+            "deploy/Dockerfile: no COPY to the ENTRYPOINT {}",
+            entrypoint[0]
+        );
+        assert!(
+            copied(&config).is_some(),
+            "deploy/Dockerfile: no COPY of the default config to {config}"
+        );
+        assert_eq!(
+            copied(&volume[0]).map(|(_, chown)| chown.as_str()),
+            Some(format!("{uid}:{gid}").as_str()),
+            "deploy/Dockerfile: the VOLUME {} must be COPYed with --chown={uid}:{gid}",
+            volume[0]
+        );
+        let dir_line = format!("dir = \"{}\"", volume[0]);
+        assert!(
+            text.contains(&dir_line),
+            "deploy/Dockerfile: the default config's cache.dir is not set to the VOLUME ({dir_line})"
+        );
         Runtime {
             kept: stage
                 .iter()
