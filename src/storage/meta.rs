@@ -192,6 +192,19 @@ fn insert_link(
     Ok(())
 }
 
+/// One row of the tags table, borrowed from the read transaction ([`Meta::for_each_tag`]).
+#[derive(Clone, Copy, Debug)]
+pub struct TagRowRef<'a> {
+    pub upstream: &'a str,
+    pub repo: &'a str,
+    pub tag: &'a str,
+    pub media_type: &'a str,
+    /// As stored; parsed only for the rows that are kept.
+    pub digest: &'a str,
+    /// When upstream last confirmed the digest for the tag.
+    pub checked: SystemTime,
+}
+
 /// One committed object as the metadata knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectRow {
@@ -702,6 +715,44 @@ impl Meta {
         self.forget_links();
         committed?;
         Ok((count, bytes))
+    }
+
+    /// Calls `visit` with every tag row, in key order (upstream, repository, tag, media type),
+    /// in one read transaction: the page lists what the cache holds from it. Borrowed
+    /// strings, so rows the caller skips cost no allocation.
+    pub fn for_each_tag(&self, mut visit: impl FnMut(TagRowRef<'_>)) -> io::Result<()> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(TAGS).map_err(io_err)?;
+        for row in table.iter().map_err(io_err)? {
+            let (k, v) = row.map_err(io_err)?;
+            let (upstream, repo, tag, media_type) = k.value();
+            let (digest, checked) = v.value();
+            visit(TagRowRef {
+                upstream,
+                repo,
+                tag,
+                media_type,
+                digest,
+                checked: UNIX_EPOCH + Duration::from_millis(checked),
+            });
+        }
+        Ok(())
+    }
+
+    /// Size and last access of each of `digests` (`None` for what is not stored), in one
+    /// read transaction.
+    pub fn object_rows(&self, digests: &[&str]) -> io::Result<Vec<Option<(u64, SystemTime)>>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(OBJECTS).map_err(io_err)?;
+        digests
+            .iter()
+            .map(|d| {
+                Ok(table.get(*d).map_err(io_err)?.map(|v| {
+                    let (size, last, _) = v.value();
+                    (size, UNIX_EPOCH + Duration::from_millis(last))
+                }))
+            })
+            .collect()
     }
 
     pub fn manifest_type(&self, digest: &Digest) -> io::Result<Option<String>> {
