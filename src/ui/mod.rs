@@ -3,7 +3,9 @@
 //! `serve.rs` answers the requests; there is no logic in the templates.
 
 pub mod history;
+pub mod html;
 pub mod model;
+pub(crate) mod serve;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
