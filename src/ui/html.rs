@@ -100,7 +100,8 @@ fn image_link(r: &ImageRow) -> String {
     format!("/ui/image?{q}")
 }
 
-fn layout(title: &str, body: Markup) -> Markup {
+/// The frame of every page; `tagline` goes beside the name in the header.
+fn layout(title: &str, tagline: Markup, body: Markup) -> Markup {
     let v = env!("CARGO_PKG_VERSION");
     html! {
         (DOCTYPE)
@@ -115,7 +116,7 @@ fn layout(title: &str, body: Markup) -> Markup {
             body {
                 header.top {
                     a.brand href="/ui" { "cachalot" }
-                    span.muted { "registry mirror" }
+                    span.muted { (tagline) }
                 }
                 main { (body) }
                 footer {
@@ -142,10 +143,6 @@ fn glance(o: &Overview, now: u64) -> Markup {
     html! {
         section aria-labelledby="glance" {
             h2 #glance { "At a glance" }
-            p.muted {
-                "Version " (o.version) ", up " span #uptime { (duration(o.uptime_seconds)) }
-                " (since " (timestamp(o.started)) ")."
-            }
             div.cards {
                 article.card aria-labelledby="hit-title" {
                     h3 #hit-title { "Hit ratio" }
@@ -186,6 +183,7 @@ fn glance(o: &Overview, now: u64) -> Markup {
                     }
                 }
             }
+            div.pair { div {
             h3 { "Upstreams" }
             div.scroll {
                 table #upstreams {
@@ -213,6 +211,7 @@ fn glance(o: &Overview, now: u64) -> Markup {
                     }
                 }
             }
+            } div {
             h3 { "Fills in flight (" span #fills-count { (o.fills.len()) } ")" }
             @if o.fills.is_empty() {
                 p.muted { "None: nothing is being fetched now." }
@@ -235,6 +234,7 @@ fn glance(o: &Overview, now: u64) -> Markup {
                     } }
                 } }
             }
+            } }
         }
     }
 }
@@ -312,7 +312,7 @@ fn holdings(l: &Listing, upstreams: &[String]) -> Markup {
                         th scope="col" { (sort_link(q, Sort::Name, "Image")) }
                         th scope="col" { "Digest" }
                         th scope="col" { "Platforms" }
-                        th scope="col" { "Size" }
+                        th.num scope="col" { "Size" }
                         th scope="col" { "Fetched" }
                         th scope="col" { (sort_link(q, Sort::Pulled, "Last pulled")) }
                         th scope="col" { (sort_link(q, Sort::Revalidated, "Revalidated")) }
@@ -383,10 +383,15 @@ fn rows(l: &Listing) -> Markup {
 pub fn page(o: &Overview, l: &Listing) -> String {
     let now = unix(SystemTime::now());
     let upstreams: Vec<String> = o.upstreams.iter().map(|u| u.name.clone()).collect();
+    let tagline = html! {
+        "registry mirror · version " (o.version) " · up " span #uptime { (duration(o.uptime_seconds)) }
+        " (since " (timestamp(o.started)) ")"
+    };
     layout(
         "cachalot",
+        tagline,
         html! {
-            h1 { "cachalot" }
+            h1.sr { "cachalot: the mirror at a glance, and what it holds" }
             (glance(o, now))
             (holdings(l, &upstreams))
         },
@@ -401,6 +406,7 @@ pub fn image(d: &ImageDetail) -> String {
     let name = format!("{}/{}:{}", r.upstream, r.repository, r.tag);
     layout(
         &format!("{name} · cachalot"),
+        html! { "registry mirror" },
         html! {
             p { a href="/ui" { "← all images" } }
             h1 { (name) }
@@ -443,6 +449,7 @@ pub fn image(d: &ImageDetail) -> String {
 pub fn root() -> String {
     layout(
         "cachalot",
+        html! { "registry mirror" },
         html! {
             h1 { "cachalot" }
             p { "A pull-through caching mirror for OCI registries. " a href="/ui" { "Open the page" } ": what it holds, hit ratio, upstream health." }

@@ -89,3 +89,33 @@ pub fn sweep_stale_tempdirs() {
         }
     }
 }
+
+/// [`e2e_tools_available`] for other programs (`chromium`, ...): true when every one of `tools`
+/// is in PATH; otherwise a failure under CI, and a visible SKIPPED line without it.
+pub fn tools_available(tools: &[&str], apt_packages: &str) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| find_in_path(tool).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_owned();
+    let msg = format!(
+        "{test}: required program(s) not found in PATH: {}. Install them with `apt-get install -y {apt_packages}`.",
+        missing.join(", ")
+    );
+    if under_ci() {
+        panic!("{msg} CI is set, so this is a failure, not a skip.");
+    }
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {msg} (CI is unset, so the test is skipped.)"
+    );
+    false
+}
