@@ -56,6 +56,8 @@ async fn the_page_lists_what_was_pulled_with_the_hit_ratio() {
     assert_eq!(o["hit_ratio"]["blob"]["lookups"], 8);
     assert_eq!(o["hit_ratio"]["blob"]["misses"], 5);
     assert_eq!(o["hit_ratio"]["blob"]["since_start"], 0.375);
+    // Younger than five minutes: the recent ratio reaches back to the start.
+    assert_eq!(o["hit_ratio"]["blob"]["recent"], 0.375);
     assert_eq!(o["upstreams"][0]["name"], UP);
     assert!(o["upstreams"][0]["last_success"].as_u64().unwrap() > 1_700_000_000);
     assert!(o["upstreams"][0]["last_error"].is_null());
@@ -148,6 +150,14 @@ async fn the_root_links_to_the_page_and_the_assets_are_served() {
     // An empty cache says so rather than showing an empty table.
     let page = env.client.get(&env.url("/ui")).await.text();
     assert!(page.contains("No images yet"), "{page}");
+    // Pulled after the page was seen: on the next view at once.
+    let img = env.fake.push_image("late/comer", Some("v3"), &[10]);
+    pull(&env, "late/comer", "v3", &img).await;
+    let page = env.client.get(&env.url("/ui")).await.text();
+    assert!(
+        page.contains("late/comer") && page.contains(">v3<"),
+        "{page}"
+    );
     let nope = env.client.get(&env.url("/ui/nope")).await;
     assert_eq!(nope.status, 404);
     assert_eq!(nope.error_code().as_deref(), Some("NAME_UNKNOWN"));

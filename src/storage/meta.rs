@@ -426,6 +426,12 @@ impl Meta {
         Ok(rows)
     }
 
+    /// Moves on after every write to the tags table: whoever keeps something derived from the
+    /// table reads this before reading the table, and reads the table again once it moved.
+    pub fn tags_generation(&self) -> u64 {
+        self.memo().generation
+    }
+
     fn memo(&self) -> parking_lot::MutexGuard<'_, TagMemo> {
         self.tag_memo.lock()
     }
@@ -580,6 +586,28 @@ impl Meta {
             }
         }
         tx.commit().map_err(io_err)
+    }
+
+    /// Records many tags (upstream, repository, tag, media type, digest, checked) in one
+    /// transaction (benchmarks: one transaction per tag would take minutes for thousands).
+    pub fn put_tags(
+        &self,
+        rows: &[(&str, &str, &str, &str, &Digest, SystemTime)],
+    ) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut tags = tx.open_table(TAGS).map_err(io_err)?;
+            for (u, r, t, media_type, digest, checked) in rows {
+                tags.insert(
+                    (*u, *r, *t, *media_type),
+                    (digest.to_string().as_str(), millis(*checked)),
+                )
+                .map_err(io_err)?;
+            }
+        }
+        let committed = tx.commit().map_err(io_err);
+        self.forget_tags(None);
+        committed
     }
 
     /// Records reads. Access times steer eviction only, so they are written without an fsync:

@@ -29,6 +29,8 @@ pub struct Ui {
     max_size: u64,
     tls: bool,
     history: Mutex<history::History>,
+    /// The tags table as last read, and the table's generation then.
+    index: Mutex<Option<(u64, Arc<model::TagIndex>)>>,
 }
 
 impl Ui {
@@ -46,6 +48,7 @@ impl Ui {
             max_size: policy.max_size,
             tls: config.server.tls_cert.is_some(),
             history: Mutex::new(history::History::default()),
+            index: Mutex::new(None),
         }
     }
 
@@ -106,7 +109,30 @@ impl Ui {
         may_pull: MayPull<'_>,
     ) -> std::io::Result<Listing> {
         let pinned = evict::pinned_digests(mirror.store(), &self.pins)?;
-        model::list(mirror.store(), mirror.cache_dir(), &pinned, query, may_pull)
+        let index = self.index(mirror.store())?;
+        model::list_in(
+            &index,
+            mirror.store(),
+            mirror.cache_dir(),
+            &pinned,
+            query,
+            may_pull,
+        )
+    }
+
+    /// The tags table as an index: the one read last, unless the table was written since.
+    /// The generation is read before the table, so a write during the read moves it on and the
+    /// next page reads again. Blocking.
+    pub fn index(&self, store: &crate::storage::Store) -> std::io::Result<Arc<model::TagIndex>> {
+        let generation = store.meta().tags_generation();
+        if let Some((g, index)) = &*self.index.lock()
+            && *g == generation
+        {
+            return Ok(index.clone());
+        }
+        let index = Arc::new(model::TagIndex::read(store)?);
+        *self.index.lock() = Some((generation, index.clone()));
+        Ok(index)
     }
 
     /// One tag and how to pull it through the mirror reached at `authority`. Blocking.
@@ -133,5 +159,57 @@ impl Ui {
         };
         let pull = model::pull_commands(&reach, &image.upstream, &image.repository, &image.tag);
         Ok(Some(ImageDetail { image, pull }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Digest;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn the_index_is_read_again_after_every_tag_write_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::Store::open(dir.path()).unwrap();
+        let config = Config::from_toml_str(
+            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\ndefault = true\n",
+        )
+        .unwrap();
+        let ui = Ui::new(&config);
+        let tag = |t: &str| {
+            let d = Digest::sha256_of(t.as_bytes());
+            store
+                .meta()
+                .put_manifest(&d, "x", Some(("docker.io", "library/a", t, UNIX_EPOCH)))
+                .unwrap();
+        };
+        tag("1");
+        let first = ui.index(&store).unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(
+            Arc::ptr_eq(&first, &ui.index(&store).unwrap()),
+            "unchanged: kept"
+        );
+        tag("2");
+        let second = ui.index(&store).unwrap();
+        assert_eq!(second.len(), 2, "a new tag is listed at once");
+        // A revalidation writes the table too (its time is shown).
+        let e = store
+            .meta()
+            .tags("docker.io", "library/a", "1")
+            .unwrap()
+            .remove(0);
+        store
+            .meta()
+            .touch_tag(
+                "docker.io",
+                "library/a",
+                "1",
+                &e,
+                UNIX_EPOCH + std::time::Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(!Arc::ptr_eq(&second, &ui.index(&store).unwrap()));
     }
 }

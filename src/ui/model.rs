@@ -402,9 +402,8 @@ pub struct PlatformRow {
     pub cached: bool,
 }
 
-/// A tag row kept by the scan: what the tags table says, before the page's rows are read
-/// further.
-#[derive(Debug)]
+/// One tag and digest as the tags table holds them: the index the listing filters.
+#[derive(Clone, Debug)]
 struct Found {
     upstream: String,
     repo: String,
@@ -414,9 +413,55 @@ struct Found {
     checked: SystemTime,
 }
 
+/// Every tag row of the cache, one per tag and digest (the media types a tag was asked for do
+/// not matter here), in key order: upstream, repository, tag. Built by one pass over the tags
+/// table; [`super::Ui`] keeps the last one until the table is written again, since that pass
+/// is most of a page's cost with thousands of repositories.
+#[derive(Debug, Default)]
+pub struct TagIndex {
+    rows: Vec<Found>,
+}
+
+impl TagIndex {
+    /// Reads the tags table. Blocking.
+    pub fn read(store: &Store) -> io::Result<TagIndex> {
+        let mut rows: Vec<Found> = Vec::new();
+        store.meta().for_each_tag(|row| {
+            if let Some(prev) = rows.last_mut()
+                && prev.upstream == row.upstream
+                && prev.repo == row.repo
+                && prev.tag == row.tag
+                && prev.digest == row.digest
+            {
+                if row.checked > prev.checked {
+                    prev.checked = row.checked;
+                    row.media_type.clone_into(&mut prev.media_type);
+                }
+                return;
+            }
+            rows.push(Found {
+                upstream: row.upstream.to_owned(),
+                repo: row.repo.to_owned(),
+                tag: row.tag.to_owned(),
+                digest: row.digest.to_owned(),
+                media_type: row.media_type.to_owned(),
+                checked: row.checked,
+            });
+        })?;
+        Ok(TagIndex { rows })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
 /// Lists the tags the cache holds that the caller may pull, filtered, sorted and paged by
-/// `query`. One pass over the tags table; only the page's rows are read further (manifest
-/// files for platforms and sizes). Blocking.
+/// `query`, reading the tags table first. Blocking.
 pub fn list(
     store: &Store,
     cache_dir: &Path,
@@ -424,25 +469,44 @@ pub fn list(
     query: &ListQuery,
     may_pull: MayPull<'_>,
 ) -> io::Result<Listing> {
-    let mut found: Vec<Found> = Vec::new();
+    list_in(
+        &TagIndex::read(store)?,
+        store,
+        cache_dir,
+        pinned,
+        query,
+        may_pull,
+    )
+}
+
+/// [`list`] over an index already read: only the page's rows are read further (manifest and
+/// config files for platforms and sizes, object rows for the last pull), and, sorted by last
+/// pull, every matching row's object row. Blocking.
+pub fn list_in(
+    index: &TagIndex,
+    store: &Store,
+    cache_dir: &Path,
+    pinned: &HashSet<Digest>,
+    query: &ListQuery,
+    may_pull: MayPull<'_>,
+) -> io::Result<Listing> {
+    let mut found: Vec<&Found> = Vec::new();
     let mut holdings: Vec<Holding> = Vec::new();
     // Rows come in key order, so one repository's rows are together: ask once per repository,
     // and count a repository or tag when it first appears.
-    let mut last_repo: Option<(String, String, bool)> = None;
-    let mut last_tag: Option<String> = None;
+    let mut last_repo: Option<(&str, &str, bool)> = None;
+    let mut last_tag: Option<&str> = None;
     let needle = query.q.as_str();
-    store.meta().for_each_tag(|row| {
-        let same_repo = last_repo
-            .as_ref()
-            .is_some_and(|(u, r, _)| u == row.upstream && r == row.repo);
+    for row in &index.rows {
+        let same_repo = last_repo.is_some_and(|(u, r, _)| u == row.upstream && r == row.repo);
         if !same_repo {
-            let allowed = may_pull(row.upstream, row.repo);
-            last_repo = Some((row.upstream.to_owned(), row.repo.to_owned(), allowed));
+            let allowed = may_pull(&row.upstream, &row.repo);
+            last_repo = Some((&row.upstream, &row.repo, allowed));
             last_tag = None;
             if allowed {
                 if holdings.last().is_none_or(|h| h.upstream != row.upstream) {
                     holdings.push(Holding {
-                        upstream: row.upstream.to_owned(),
+                        upstream: row.upstream.clone(),
                         ..Holding::default()
                     });
                 }
@@ -451,49 +515,29 @@ pub fn list(
                 }
             }
         }
-        if !last_repo.as_ref().is_some_and(|(_, _, a)| *a) {
-            return;
+        if !last_repo.is_some_and(|(_, _, a)| a) {
+            continue;
         }
-        if last_tag.as_deref() != Some(row.tag) {
-            last_tag = Some(row.tag.to_owned());
+        if last_tag != Some(row.tag.as_str()) {
+            last_tag = Some(&row.tag);
             if let Some(h) = holdings.last_mut() {
                 h.tags += 1;
             }
         }
         if query.upstream.as_deref().is_some_and(|u| u != row.upstream)
-            || !query.matches(needle, row.upstream, row.repo, row.tag)
+            || !query.matches(needle, &row.upstream, &row.repo, &row.tag)
         {
-            return;
+            continue;
         }
-        // One row per tag and digest: the media types it was asked for do not matter here.
-        if let Some(prev) = found.last_mut()
-            && prev.upstream == row.upstream
-            && prev.repo == row.repo
-            && prev.tag == row.tag
-            && prev.digest == row.digest
-        {
-            if row.checked > prev.checked {
-                prev.checked = row.checked;
-                row.media_type.clone_into(&mut prev.media_type);
-            }
-            return;
-        }
-        found.push(Found {
-            upstream: row.upstream.to_owned(),
-            repo: row.repo.to_owned(),
-            tag: row.tag.to_owned(),
-            digest: row.digest.to_owned(),
-            media_type: row.media_type.to_owned(),
-            checked: row.checked,
-        });
-    })?;
+        found.push(row);
+    }
     match query.sort {
         Sort::Name => {}
         Sort::Revalidated => found.sort_by_key(|f| std::cmp::Reverse(f.checked)),
         Sort::Pulled => {
             let digests: Vec<&str> = found.iter().map(|f| f.digest.as_str()).collect();
             let rows = store.meta().object_rows(&digests)?;
-            let mut keyed: Vec<(Option<SystemTime>, Found)> = rows
+            let mut keyed: Vec<(Option<SystemTime>, &Found)> = rows
                 .into_iter()
                 .map(|r| r.map(|(_, at)| at))
                 .zip(found)
@@ -506,7 +550,12 @@ pub fn list(
     let total = found.len();
     let pages = total.div_ceil(query.per_page).max(1);
     let start = (query.page - 1).saturating_mul(query.per_page);
-    let page: Vec<Found> = found.into_iter().skip(start).take(query.per_page).collect();
+    let page: Vec<Found> = found
+        .into_iter()
+        .skip(start)
+        .take(query.per_page)
+        .cloned()
+        .collect();
     let rows = describe_rows(store, cache_dir, pinned, page)?;
     Ok(Listing {
         query: query.clone(),
