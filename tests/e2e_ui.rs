@@ -122,6 +122,26 @@ async fn chromium_shows_the_pulled_images_and_the_hit_ratio() {
     let shown = format!(r#"<td id="hit-blob-start">{:.1}%</td>"#, ratio * 100.0);
     assert!(dom.contains(&shown), "{shown} not in the DOM:\n{dom}");
 
+    // With time let run (chromium's virtual time), the script refreshes the figures from the
+    // JSON and marks the page; the refreshed figures are the same, nothing was pulled since.
+    let dom = chromium(
+        &profile,
+        &[
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            &format!("{}/ui", mirror.url()),
+        ],
+    )
+    .await;
+    assert!(
+        dom.contains("data-refreshed="),
+        "the script never refreshed:\n{dom}"
+    );
+    assert!(
+        dom.contains(&shown),
+        "{shown} not in the refreshed DOM:\n{dom}"
+    );
+
     // The image page, where the script (allowed by the page's CSP) adds a copy button to each
     // pull command.
     let page = format!(

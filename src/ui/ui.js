@@ -8,6 +8,13 @@
     while (n >= 1024 && u < units.length - 1) { n /= 1024; u++; }
     return n.toFixed(1) + " " + units[u];
   }
+  function dur(s) {
+    var d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
+    if (d) return d + "d " + h + "h";
+    if (h) return h + "h " + m + "m";
+    if (m) return m + "m " + (s % 60) + "s";
+    return s + "s";
+  }
   function pct(r) { return r === null || r === undefined ? "\u2014" : (r * 100).toFixed(1) + "%"; }
   function set(id, text) { var e = document.getElementById(id); if (e) e.textContent = text; }
   function refresh() {
@@ -29,8 +36,12 @@
         set("cache-percent", pct(o.cache.bytes / Math.max(o.cache.max_size, 1)));
         set("cache-objects", String(o.cache.objects));
         set("fills-count", String(o.fills.length));
+        set("recent-span", dur(Math.max(o.hit_ratio.recent_seconds, 1)));
+        set("uptime", dur(o.uptime_seconds));
         var m = document.getElementById("cache-meter");
         if (m) m.value = o.cache.bytes;
+        // For whoever checks that the figures are live (the browser test).
+        document.body.setAttribute("data-refreshed", String(o.uptime_seconds));
       })
       .catch(function () {});
   }
