@@ -456,3 +456,22 @@ fn the_overview_reads_the_metrics_and_hides_others_fills() {
     assert!(!text.contains("cachalot_upstream_ratelimit_remaining{upstream=\"ghcr.io\"}"));
     assert_eq!(o.cache.low_watermark, 900);
 }
+
+proptest::proptest! {
+    /// Whatever the query string, a listing query comes out within bounds, and the links the
+    /// page writes for other pages and orders read back as the same search.
+    #[test]
+    fn queries_parse_within_bounds_and_links_read_back(
+        raw in "[a-z_=&%0-9+./:-]{0,80}",
+        page in 1usize..1000,
+        sort in 0usize..3,
+    ) {
+        let q = ListQuery::parse(Some(&raw));
+        proptest::prop_assert!(q.page >= 1);
+        proptest::prop_assert!((1..=MAX_PER_PAGE).contains(&q.per_page));
+        proptest::prop_assert!(q.q.chars().count() <= MAX_QUERY);
+        let sort = Sort::ALL[sort];
+        let back = ListQuery::parse(Some(&q.link(page, sort)));
+        proptest::prop_assert_eq!(back, ListQuery { page, sort, ..q });
+    }
+}
