@@ -435,7 +435,7 @@ pub fn image(d: &ImageDetail) -> String {
             h2 { "Pull it through the mirror" }
             @for p in &d.pull {
                 section.pull aria-label={ (p.client) ", " (p.mode) } {
-                    h3 { (p.client) " " span.muted { "(" (p.mode) ")" } }
+                    h3 { (p.client) " " span.muted { "· " (p.mode) } }
                     pre { code.cmd { (p.command) } }
                     @if let Some(s) = &p.setup { p.muted { "Once: " (s) } }
                 }

@@ -773,7 +773,7 @@ pub fn pull_commands(reach: &Reach<'_>, upstream: &str, repo: &str, tag: &str) -
             .then(|| format!("/etc/docker/daemon.json: {{\"insecure-registries\": [\"{host}\"]}}")),
     });
     let setup = format!(
-        "hosts.toml from `cachalot client-config containerd --mirror {}://{host}`",
+        "the hosts.toml files that cachalot client-config containerd --mirror {}://{host} writes",
         if reach.tls { "https" } else { "http" }
     );
     out.push(PullCommand {
