@@ -290,3 +290,64 @@ allow = true
         assert!(!bodies.contains(secret), "{secret} appears on the page");
     }
 }
+
+#[tokio::test]
+async fn a_fill_in_flight_shows_its_progress_and_the_upstream_its_rate_limit() {
+    let env = Env::start().await;
+    env.fake.set_extra_headers(&[
+        ("ratelimit-limit", "100;w=21600"),
+        ("ratelimit-remaining", "76;w=21600"),
+    ]);
+    let blob = random_blob(500_000);
+    let d = env.fake.push_blob("big/app", blob.clone());
+    let gate = env.fake.pause_blob(&d, 250_000);
+    let url = env.v2(&format!("big/app/blobs/{d}"));
+    let pull = tokio::spawn(async move { TestClient::unpooled().get(&url).await });
+    gate.reached().await;
+    let deadline = tokio::time::Instant::now() + common::client::SAFETY;
+    let fill = loop {
+        let o = env.client.get(&env.url("/ui/api/overview")).await.json();
+        let fill = o["fills"][0].clone();
+        if fill["written"] == 250_000 {
+            break fill;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{o}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(fill["digest"], d.as_str());
+    assert_eq!(fill["upstream"], UP);
+    assert_eq!(fill["repository"], "big/app");
+    assert_eq!(fill["size"], 500_000);
+    let page = env.client.get(&env.url("/ui")).await.text();
+    assert!(
+        page.contains(r#"<progress max="500000" value="250000">"#),
+        "{page}"
+    );
+    assert!(page.contains("76 of 100"), "the rate-limit headroom");
+    gate.release();
+    let r = pull.await.unwrap();
+    assert!(r.body == blob);
+    env.wait_no_fills().await;
+    let o = env.client.get(&env.url("/ui/api/overview")).await.json();
+    assert_eq!(o["fills"].as_array().unwrap().len(), 0);
+    assert_eq!(o["upstreams"][0]["ratelimit_remaining"], 76);
+    assert_eq!(o["upstreams"][0]["ratelimit_limit"], 100);
+}
+
+#[tokio::test]
+async fn an_upstream_error_is_dated() {
+    let env = Env::start().await;
+    env.fake.push_image("team/app", Some("v1"), &[10]);
+    let r = env.client.get(&env.v2("team/app/manifests/v1")).await;
+    assert_eq!(r.status, 200);
+    let o = env.client.get(&env.url("/ui/api/overview")).await.json();
+    assert!(o["upstreams"][0]["last_error"].is_null());
+    env.fake.set_status_fault(Some(StatusFault::all(503)));
+    let r = env.client.get(&env.v2("team/app/manifests/v2")).await;
+    assert!(r.status.is_server_error(), "{}", r.status);
+    let o = env.client.get(&env.url("/ui/api/overview")).await.json();
+    let up = &o["upstreams"][0];
+    assert!(up["last_error"].as_u64().unwrap() >= up["last_success"].as_u64().unwrap());
+    let page = env.client.get(&env.url("/ui")).await.text();
+    assert!(!page.contains(">never<"), "both times are shown: {page}");
+}
