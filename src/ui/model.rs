@@ -680,8 +680,9 @@ fn image_size(media_type: &str, bytes: &[u8]) -> Option<u64> {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ImageDetail {
+    /// The tag, with the digest it was most recently confirmed at.
     pub image: ImageRow,
-    /// Every digest the tag has been seen with (one per media type asked for).
+    /// How to pull it through this mirror: one command per client and routing mode.
     pub pull: Vec<PullCommand>,
 }
 
