@@ -276,6 +276,9 @@ pub struct ServerConfig {
     /// listen backlog until one closes, so the ones held stay responsive.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// The read-only page at `/ui` and its JSON under `/ui/api/`; false: they answer 404.
+    #[serde(default = "default_ui")]
+    pub ui: bool,
 }
 
 /// `[cache]`: where and how much to cache.
@@ -439,6 +442,9 @@ fn default_header_timeout() -> Dur {
 fn default_max_connections() -> usize {
     4096
 }
+fn default_ui() -> bool {
+    true
+}
 fn default_circuit_break_after() -> u32 {
     3
 }
@@ -455,6 +461,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             header_timeout: default_header_timeout(),
             max_connections: default_max_connections(),
+            ui: default_ui(),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod oci;
 mod outbound;
 pub mod storage;
 pub mod telemetry;
+pub mod ui;
 pub mod upstream;
 
 pub use error::{Error, Result};

@@ -371,6 +371,10 @@ pub struct Metrics {
     pub upstream_waiting: IntGaugeVec,
     /// 1 while an upstream's circuit breaker is open (taken for down).
     pub upstream_circuit_open: IntGaugeVec,
+    /// When each upstream last answered well, and last failed (no answer, 429 or 5xx), in
+    /// seconds since the epoch; absent until it happens (a zero would read as 1970).
+    pub upstream_last_success: IntGaugeVec,
+    pub upstream_last_error: IntGaugeVec,
     /// Requests between replicas (`[cluster]`), by direction and result.
     pub peer_requests: IntCounterVec,
     /// Replicas taken for live, this one included.
@@ -579,6 +583,15 @@ impl Metrics {
                 "cachalot_upstream_circuit_open",
                 "1 while the upstream's circuit breaker is open: requests fail at once, cached content is served.",
             ),
+            // Not pre-created, like the rate-limit gauges: absent means "never".
+            upstream_last_success: d.gauge_vec(
+                "cachalot_upstream_last_success_timestamp_seconds",
+                "When the upstream last answered other than 429 or 5xx (seconds since the epoch).",
+            ),
+            upstream_last_error: d.gauge_vec(
+                "cachalot_upstream_last_error_timestamp_seconds",
+                "When a request to the upstream last got no answer, a 429 or a 5xx (seconds since the epoch).",
+            ),
             cluster_peers_live: d.gauge(
                 "cachalot_cluster_peers_live",
                 "Replicas of the cluster taken for live (answering /healthz), this one included.",
@@ -768,6 +781,17 @@ impl Metrics {
 
     /// Counts one upstream request; `code` is the HTTP status, or `None` when no answer came.
     pub fn upstream_request(&self, upstream: &str, op: &'static str, code: Option<u16>) {
+        let failed = code.is_none_or(|c| c == 429 || c >= 500);
+        let when = if failed {
+            &self.upstream_last_error
+        } else {
+            &self.upstream_last_success
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        when.with_label_values(&[upstream])
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
         let code = code.map(|c| c.to_string());
         self.upstream_requests
             .with_label_values(&[upstream, op, code.as_deref().unwrap_or("error")])

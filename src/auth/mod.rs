@@ -402,6 +402,12 @@ impl Auth {
         Ok(verdict)
     }
 
+    /// Whether `who` may pull `upstream/repo`, without counting a refusal: the page asks it
+    /// of every repository it might list, and hiding one is not a refused request.
+    pub fn may_pull(&self, who: &Principal, upstream: &str, repo: &str) -> bool {
+        self.rules.allows(who, upstream, repo)
+    }
+
     /// Whether `who` may pull `upstream/repo`: `Ok`, or the error to answer with (401 for an
     /// anonymous caller, so that the client retries with credentials; 403 for a user).
     pub fn authorize(&self, who: &Principal, upstream: &str, repo: &str) -> Result<(), Error> {

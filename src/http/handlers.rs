@@ -25,6 +25,8 @@ pub(crate) struct AppState {
     pub metrics: Arc<Metrics>,
     /// `[auth]` and `[[access]]`; `None`: everyone may pull everything.
     pub auth: Option<Arc<Auth>>,
+    /// The page at `/ui`.
+    pub ui: Arc<crate::ui::Ui>,
 }
 
 const API_VERSION_HEADER: header::HeaderName =
@@ -187,6 +189,33 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
             Box::pin(referrers(state, &t, &digest, req.uri().query(), head)).await
         }
         Route::Metrics => Ok(metrics(mirror)),
+        Route::Root | Route::Ui { .. } => {
+            let path = match r {
+                Route::Ui { rest } => Some(rest),
+                _ => None,
+            };
+            let caller = crate::ui::serve::Caller {
+                auth: state.auth.clone(),
+                who,
+            };
+            let asked = crate::ui::serve::Asked {
+                path,
+                query: req.uri().query(),
+                host: req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok()),
+                head,
+            };
+            Box::pin(crate::ui::serve::serve(
+                &state.ui,
+                mirror,
+                &state.metrics,
+                caller,
+                asked,
+            ))
+            .await
+        }
         Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
         Route::Readyz => {
             // Ready when the cache directory is usable: the upstreams are optional by design.

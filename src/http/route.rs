@@ -27,6 +27,12 @@ pub enum Route<'a> {
     Metrics,
     Healthz,
     Readyz,
+    /// `GET /`: links to the page.
+    Root,
+    /// `GET /ui` and below; `rest` is the path after `/ui` (empty, `/`, `/api/images`, ...).
+    Ui {
+        rest: &'a str,
+    },
     /// A write (push, delete, upload) or another method the mirror does not support.
     Unsupported,
     NotFound,
@@ -42,6 +48,8 @@ impl Route<'_> {
             Route::Tags { .. } => RouteLabel::Tags,
             Route::Referrers { .. } => RouteLabel::Referrers,
             Route::Metrics
+            | Route::Root
+            | Route::Ui { .. }
             | Route::Healthz
             | Route::Readyz
             | Route::Unsupported
@@ -57,6 +65,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         "/metrics" if read => return Route::Metrics,
         "/healthz" if read => return Route::Healthz,
         "/readyz" if read => return Route::Readyz,
+        "/" if read => return Route::Root,
         "/v2" | "/v2/" => {
             return if read {
                 Route::Base
@@ -65,6 +74,15 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
             };
         }
         _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/ui")
+        && (rest.is_empty() || rest.starts_with('/'))
+    {
+        return if read {
+            Route::Ui { rest }
+        } else {
+            Route::Unsupported
+        };
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Route::NotFound;
@@ -144,6 +162,16 @@ mod tests {
             }
         );
         assert_eq!(route(&g, "/metrics"), Route::Metrics);
+        assert_eq!(route(&g, "/"), Route::Root);
+        assert_eq!(route(&g, "/ui"), Route::Ui { rest: "" });
+        assert_eq!(
+            route(&g, "/ui/api/images"),
+            Route::Ui {
+                rest: "/api/images"
+            }
+        );
+        assert_eq!(route(&g, "/uix"), Route::NotFound);
+        assert_eq!(route(&Method::POST, "/ui"), Route::Unsupported);
         assert_eq!(route(&g, "/nope"), Route::NotFound);
         assert_eq!(route(&g, "/v2/x/unknown"), Route::NotFound);
     }

@@ -176,12 +176,15 @@ pub async fn spawn_with_options(config: Config, options: SpawnOptions) -> Result
         Arc::new(Mirror::new(&config, Arc::new(store), metrics.clone())?.with_cluster(cluster));
     info!(%addr, tls = tls.is_some(), upstreams = ?names, "cachalot listening");
     let auth = crate::auth::Auth::from_config(&config, &metrics)?;
+    let ui = Arc::new(crate::ui::Ui::new(&config));
     let state = Arc::new(AppState {
         mirror: mirror.clone(),
-        metrics,
+        metrics: metrics.clone(),
         auth: auth.clone(),
+        ui: ui.clone(),
     });
     let (stop, stopped) = watch::channel(false);
+    tokio::spawn(ui.run_sampler(metrics, stopped.clone()));
     if let Some(auth) = &auth {
         auth.spawn_reload(stopped.clone());
     }

@@ -178,6 +178,25 @@ impl Progress {
     }
 }
 
+/// A fill in progress as the page shows it: read from the table, never kept apart from it.
+#[derive(Clone, Debug)]
+pub struct FillView {
+    pub digest: Digest,
+    /// `<upstream>/<repo>` it fetches under.
+    pub owner: String,
+    /// Bytes stored so far.
+    pub written: u64,
+    /// The blob's length, when the upstream declared it.
+    pub len: Option<u64>,
+}
+
+impl super::Mirror {
+    /// The fills in progress now.
+    pub fn fills_in_progress(&self) -> Vec<FillView> {
+        self.fills.snapshot()
+    }
+}
+
 /// What `join_or_start` found: a fill to follow, or a new one the caller must run.
 pub(super) enum Joined<T> {
     Follow(Arc<Fill>),
@@ -280,6 +299,29 @@ impl Inflight {
             .lock()
             .values()
             .any(|f| f.progress().committing())
+    }
+
+    /// Every fill in progress, as the page shows it.
+    pub(super) fn snapshot(&self) -> Vec<FillView> {
+        self.fills
+            .lock()
+            .iter()
+            .map(|(digest, fill)| {
+                let (written, len) = match &*fill.state.borrow() {
+                    FillState::Connecting => (0, None),
+                    FillState::Streaming { len, written } => (*written, *len),
+                    FillState::Diverted { at, len, .. } => (*at, *len),
+                    FillState::Verified { len } | FillState::Done { len, .. } => (*len, Some(*len)),
+                    FillState::Failed(_) => (0, None),
+                };
+                FillView {
+                    digest: digest.clone(),
+                    owner: fill.owner.to_string(),
+                    written,
+                    len,
+                }
+            })
+            .collect()
     }
 
     pub(super) fn len(&self) -> usize {

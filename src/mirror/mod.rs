@@ -37,6 +37,7 @@ use tracing::warn;
 
 pub use blob::{BlobSource, Piece};
 pub use flight::FlightKey;
+pub use inflight::FillView;
 
 /// A manifest as the upstream sent it: bytes untouched, so the digest holds.
 #[derive(Debug)]
@@ -254,6 +255,11 @@ impl Mirror {
         m.cache_objects
             .set(i64::try_from(usage.objects).unwrap_or(i64::MAX));
         m.render()
+    }
+
+    /// The cache, for readers of what it holds (the page).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Bytes and objects in the cache.

@@ -192,6 +192,19 @@ fn insert_link(
     Ok(())
 }
 
+/// One row of the tags table, borrowed from the read transaction ([`Meta::for_each_tag`]).
+#[derive(Clone, Copy, Debug)]
+pub struct TagRowRef<'a> {
+    pub upstream: &'a str,
+    pub repo: &'a str,
+    pub tag: &'a str,
+    pub media_type: &'a str,
+    /// As stored; parsed only for the rows that are kept.
+    pub digest: &'a str,
+    /// When upstream last confirmed the digest for the tag.
+    pub checked: SystemTime,
+}
+
 /// One committed object as the metadata knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectRow {
@@ -413,6 +426,12 @@ impl Meta {
         Ok(rows)
     }
 
+    /// Moves on after every write to the tags table: whoever keeps something derived from the
+    /// table reads this before reading the table, and reads the table again once it moved.
+    pub fn tags_generation(&self) -> u64 {
+        self.memo().generation
+    }
+
     fn memo(&self) -> parking_lot::MutexGuard<'_, TagMemo> {
         self.tag_memo.lock()
     }
@@ -569,6 +588,28 @@ impl Meta {
         tx.commit().map_err(io_err)
     }
 
+    /// Records many tags (upstream, repository, tag, media type, digest, checked) in one
+    /// transaction (benchmarks: one transaction per tag would take minutes for thousands).
+    pub fn put_tags(
+        &self,
+        rows: &[(&str, &str, &str, &str, &Digest, SystemTime)],
+    ) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut tags = tx.open_table(TAGS).map_err(io_err)?;
+            for (u, r, t, media_type, digest, checked) in rows {
+                tags.insert(
+                    (*u, *r, *t, *media_type),
+                    (digest.to_string().as_str(), millis(*checked)),
+                )
+                .map_err(io_err)?;
+            }
+        }
+        let committed = tx.commit().map_err(io_err);
+        self.forget_tags(None);
+        committed
+    }
+
     /// Records reads. Access times steer eviction only, so they are written without an fsync:
     /// a crash loses at most the last few, never consistency.
     pub fn touch_objects(&self, touches: &[(Digest, SystemTime)]) -> io::Result<()> {
@@ -702,6 +743,44 @@ impl Meta {
         self.forget_links();
         committed?;
         Ok((count, bytes))
+    }
+
+    /// Calls `visit` with every tag row, in key order (upstream, repository, tag, media type),
+    /// in one read transaction: the page lists what the cache holds from it. Borrowed
+    /// strings, so rows the caller skips cost no allocation.
+    pub fn for_each_tag(&self, mut visit: impl FnMut(TagRowRef<'_>)) -> io::Result<()> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(TAGS).map_err(io_err)?;
+        for row in table.iter().map_err(io_err)? {
+            let (k, v) = row.map_err(io_err)?;
+            let (upstream, repo, tag, media_type) = k.value();
+            let (digest, checked) = v.value();
+            visit(TagRowRef {
+                upstream,
+                repo,
+                tag,
+                media_type,
+                digest,
+                checked: UNIX_EPOCH + Duration::from_millis(checked),
+            });
+        }
+        Ok(())
+    }
+
+    /// Size and last access of each of `digests` (`None` for what is not stored), in one
+    /// read transaction.
+    pub fn object_rows(&self, digests: &[&str]) -> io::Result<Vec<Option<(u64, SystemTime)>>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(OBJECTS).map_err(io_err)?;
+        digests
+            .iter()
+            .map(|d| {
+                Ok(table.get(*d).map_err(io_err)?.map(|v| {
+                    let (size, last, _) = v.value();
+                    (size, UNIX_EPOCH + Duration::from_millis(last))
+                }))
+            })
+            .collect()
     }
 
     pub fn manifest_type(&self, digest: &Digest) -> io::Result<Option<String>> {
