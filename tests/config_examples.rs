@@ -31,6 +31,7 @@ fn the_full_example_sets_every_documented_key() {
         "tls_cert",
         "tls_key",
         "metrics_listen",
+        "ui",
         "format",
         "level",
         "dir",
