@@ -136,7 +136,7 @@ fn single_reference() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_through_the_mirror_with_the_generated_hosts_dir() {
     require_e2e_tools!();
-    if !tools::have_or_skip(&["containerd", "ctr"], "apt-get install -y containerd") {
+    if !tools::tools_available(&["containerd", "ctr"], "apt-get install -y containerd") {
         return;
     }
     let (mirror, dir) = mirror_and_client_config("containerd").await;
@@ -190,7 +190,7 @@ async fn containerd_pulls_through_the_mirror_with_the_generated_hosts_dir() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podman_pulls_through_the_mirror_with_the_generated_registries_conf() {
     require_e2e_tools!();
-    if !tools::have_or_skip(&["podman"], e2e_support::podman::INSTALL) {
+    if !tools::tools_available(&["podman"], e2e_support::podman::INSTALL) {
         return;
     }
     let (mirror, dir) = mirror_and_client_config("podman").await;

@@ -371,7 +371,7 @@ impl Drop for Container {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_read_only_as_its_user_passes_its_healthcheck_and_serves_pulls() {
     require_e2e_tools!();
-    if !tools::have_or_skip(&["podman", "ldd"], e2e_support::podman::INSTALL) {
+    if !tools::tools_available(&["podman", "ldd"], e2e_support::podman::INSTALL) {
         return;
     }
     let rt = Runtime::read();

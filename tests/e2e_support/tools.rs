@@ -59,35 +59,6 @@ pub fn e2e_tools_available(_caller: &str) -> bool {
     false
 }
 
-/// True when every program of `tools` is in `PATH`. When one is missing: under CI this panics;
-/// otherwise it prints a SKIPPED line naming them and `install` (how to get them) and returns
-/// false, for the caller to return early.
-pub fn have_or_skip(tools: &[&str], install: &str) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| find_in_path(t).is_none())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed test>")
-        .to_owned();
-    let msg = format!(
-        "{test}: required program(s) not found in PATH: {} ({install})",
-        missing.join(", ")
-    );
-    assert!(
-        !under_ci(),
-        "{msg}. CI is set, so this is a failure, not a skip."
-    );
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
-    false
-}
-
 /// A directory for test files under cargo's per-target temp dir (`target/tmp`), so that files of
 /// tests that never clean up (the shared upstream) stay inside the build tree.
 pub fn tempdir(prefix: &str) -> tempfile::TempDir {
