@@ -201,10 +201,13 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
             let asked = crate::ui::serve::Asked {
                 path,
                 query: req.uri().query(),
+                // HTTP/2 (what browsers speak over TLS) carries the host as :authority, in
+                // the URI, and sends no Host header.
                 host: req
                     .headers()
                     .get(header::HOST)
-                    .and_then(|h| h.to_str().ok()),
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str())),
                 head,
             };
             Box::pin(crate::ui::serve::serve(

@@ -20,6 +20,21 @@ use tokio::sync::watch;
 
 /// What the page needs besides the mirror and the metrics: taken from the config once, and
 /// the past readings of the lookup counters.
+/// How long a read of the tags table serves pages after the table was written, when reading
+/// it is not cheap.
+pub const INDEX_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+/// A read of the tags table this quick is simply made again after every write: a small cache
+/// shows a pull on the next view.
+const CHEAP_READ: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// One read of the tags table: the table's generation before it, when it began, what it cost.
+struct Kept {
+    generation: u64,
+    at: Instant,
+    took: std::time::Duration,
+    index: Arc<model::TagIndex>,
+}
+
 pub struct Ui {
     enabled: bool,
     started: SystemTime,
@@ -29,8 +44,13 @@ pub struct Ui {
     max_size: u64,
     tls: bool,
     history: Mutex<history::History>,
-    /// The tags table as last read, and the table's generation then.
-    index: Mutex<Option<(u64, Arc<model::TagIndex>)>>,
+    /// The tags table as last read.
+    index: Mutex<Option<Kept>>,
+    /// One reader of the tags table at a time: pages that find the index stale together wait
+    /// for one read instead of each making its own.
+    reading: Mutex<()>,
+    /// [`INDEX_MAX_AGE`], but for tests.
+    index_max_age: std::time::Duration,
 }
 
 impl Ui {
@@ -49,6 +69,8 @@ impl Ui {
             tls: config.server.tls_cert.is_some(),
             history: Mutex::new(history::History::default()),
             index: Mutex::new(None),
+            reading: Mutex::new(()),
+            index_max_age: INDEX_MAX_AGE,
         }
     }
 
@@ -120,18 +142,38 @@ impl Ui {
         )
     }
 
-    /// The tags table as an index: the one read last, unless the table was written since.
-    /// The generation is read before the table, so a write during the read moves it on and the
-    /// next page reads again. Blocking.
+    /// The tags table as an index: the one read last, unless the table was written since and
+    /// either that read was cheap or it is older than [`INDEX_MAX_AGE`]. A busy mirror with
+    /// thousands of tags writes the table all the time (every revalidation moves it), so
+    /// without the age bound nearly every page would read it whole; a page a few seconds behind
+    /// the table is still the truth. The generation is read before the table, so a write during
+    /// the read moves it on. Blocking.
     pub fn index(&self, store: &crate::storage::Store) -> std::io::Result<Arc<model::TagIndex>> {
-        let generation = store.meta().tags_generation();
-        if let Some((g, index)) = &*self.index.lock()
-            && *g == generation
-        {
-            return Ok(index.clone());
+        let fresh = |kept: &Option<Kept>| match kept {
+            Some(k)
+                if k.generation == store.meta().tags_generation()
+                    || (k.took >= CHEAP_READ && k.at.elapsed() < self.index_max_age) =>
+            {
+                Some(k.index.clone())
+            }
+            _ => None,
+        };
+        if let Some(index) = fresh(&self.index.lock()) {
+            return Ok(index);
         }
+        let _reading = self.reading.lock();
+        if let Some(index) = fresh(&self.index.lock()) {
+            return Ok(index);
+        }
+        let generation = store.meta().tags_generation();
+        let at = Instant::now();
         let index = Arc::new(model::TagIndex::read(store)?);
-        *self.index.lock() = Some((generation, index.clone()));
+        *self.index.lock() = Some(Kept {
+            generation,
+            at,
+            took: at.elapsed(),
+            index: index.clone(),
+        });
         Ok(index)
     }
 
@@ -176,7 +218,8 @@ mod tests {
             "[[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\ndefault = true\n",
         )
         .unwrap();
-        let ui = Ui::new(&config);
+        let mut ui = Ui::new(&config);
+        ui.index_max_age = std::time::Duration::ZERO;
         let tag = |t: &str| {
             let d = Digest::sha256_of(t.as_bytes());
             store
@@ -211,5 +254,21 @@ mod tests {
             )
             .unwrap();
         assert!(!Arc::ptr_eq(&second, &ui.index(&store).unwrap()));
+
+        // As served: a small table is read again after every write, so a pull shows at once.
+        ui.index_max_age = INDEX_MAX_AGE;
+        tag("3");
+        let small = ui.index(&store).unwrap();
+        assert_eq!(small.len(), 3);
+        // A table that was costly to read is not read again for every write (a busy mirror
+        // revalidates all the time); a page is at most INDEX_MAX_AGE behind it.
+        if let Some(k) = &mut *ui.index.lock() {
+            k.took = CHEAP_READ * 10;
+        }
+        tag("4");
+        assert!(
+            Arc::ptr_eq(&small, &ui.index(&store).unwrap()),
+            "read again at once"
+        );
     }
 }

@@ -264,7 +264,7 @@ impl Sort {
 }
 
 pub const PER_PAGE: usize = 50;
-pub const MAX_PER_PAGE: usize = 500;
+pub const MAX_PER_PAGE: usize = 100;
 const MAX_QUERY: usize = 200;
 
 /// What to list: from `?q=&upstream=&sort=&page=&per_page=`. Values that do not parse fall
@@ -413,8 +413,7 @@ struct Found {
     checked: SystemTime,
 }
 
-/// Every tag row of the cache, one per tag and digest (the media types a tag was asked for do
-/// not matter here), in key order: upstream, repository, tag. Built by one pass over the tags
+/// Every tag of the cache, one row each (the latest confirmed of its media types), in key order: upstream, repository, tag. Built by one pass over the tags
 /// table; [`super::Ui`] keeps the last one until the table is written again, since that pass
 /// is most of a page's cost with thousands of repositories.
 #[derive(Debug, Default)]
@@ -427,14 +426,18 @@ impl TagIndex {
     pub fn read(store: &Store) -> io::Result<TagIndex> {
         let mut rows: Vec<Found> = Vec::new();
         store.meta().for_each_tag(|row| {
+            // Rows of one tag are adjacent (the media type is the key's last part). A tag asked
+            // for with different Accept headers may have a row per answer (an index, and the
+            // amd64 manifest an older client was given): one tag is one row, the one upstream
+            // confirmed last, as the image page shows.
             if let Some(prev) = rows.last_mut()
                 && prev.upstream == row.upstream
                 && prev.repo == row.repo
                 && prev.tag == row.tag
-                && prev.digest == row.digest
             {
                 if row.checked > prev.checked {
                     prev.checked = row.checked;
+                    row.digest.clone_into(&mut prev.digest);
                     row.media_type.clone_into(&mut prev.media_type);
                 }
                 return;
@@ -549,6 +552,9 @@ pub fn list_in(
     }
     let total = found.len();
     let pages = total.div_ceil(query.per_page).max(1);
+    // A page past the end (an old link, a hand-made one) shows the last.
+    let mut query = query.clone();
+    query.page = query.page.clamp(1, pages);
     let start = (query.page - 1).saturating_mul(query.per_page);
     let page: Vec<Found> = found
         .into_iter()
@@ -558,7 +564,7 @@ pub fn list_in(
         .collect();
     let rows = describe_rows(store, cache_dir, pinned, page)?;
     Ok(Listing {
-        query: query.clone(),
+        query,
         total,
         pages,
         rows,
