@@ -3,7 +3,9 @@
 # from the upstream, to compare changes to the fill path. Each GET is of a fresh blob no cache has seen.
 # For every cachalot GET it prints the time, the client's CPU, and each cachalot thread's CPU and run-queue
 # wait (from /proc/<tid>/schedstat): a hash thread with much less CPU than the wall time and little
-# run-queue wait is a hash waiting for bytes.
+# run-queue wait is a hash waiting for bytes. Each build's CPU seconds per cold GiB (the whole process, user +
+# system of every thread, from /proc/<tid>/schedstat, from the GET's start until its commit) are summed up at the end beside what `openssl dgst -sha256`
+# takes to hash a GiB on this machine.
 #
 # Usage:  benches/cold_ab.sh BIN_A [BIN_B ...]      (REPS=5 MIB=256)
 # Needs: docker-registry, curl, awk, sha256sum.
@@ -14,7 +16,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 (($#)) || die "usage: $0 CACHALOT_BIN [CACHALOT_BIN ...]"
-need curl; need awk; need docker-registry; need sha256sum coreutils
+need curl; need awk; need docker-registry; need sha256sum coreutils; need openssl
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/cachalot-cold-ab.XXXXXX")
 serve_upstream
@@ -29,6 +31,14 @@ for _ in $(seq $((REPS * ($# + 1)))); do
     push_blob "$W/blob" "$d"
     DIGESTS+=("$d")
 done
+# What hashing alone costs here: openssl over one of the blobs, CPU seconds per GiB, median of 3.
+TIMEFORMAT='%U %S'
+OSSL=""
+for _ in 1 2 3; do
+    read -r u sy < <({ time openssl dgst -sha256 "$W/blob" >/dev/null; } 2>&1)
+    OSSL+="$(calc "($u + $sy) * 1024 / $MIB") "
+done
+unset TIMEFORMAT
 rm -f "$W/base" "$W/blob"
 
 PORTS=(); CPIDS=()
@@ -47,7 +57,7 @@ schedstat() {
 }
 
 j=0
-declare -A TIMES
+declare -A TIMES CPU
 for _ in $(seq "$REPS"); do
     t=$(curl -s -o /dev/null -w '%{time_total}' "$UP/v2/$REPO/blobs/${DIGESTS[$j]}"); j=$((j + 1))
     echo "direct $t"; TIMES[direct]+="$t "
@@ -61,11 +71,19 @@ for _ in $(seq "$REPS"); do
         echo "bin$i $secs s, $(cat "$W/ct")"; TIMES[bin$i]+="$secs "
         sleep 0.5 # the commit
         schedstat "${CPIDS[$i]}" >"$W/s1"
-        join -a2 -e0 -o 0,1.2,1.3,2.2,2.3 "$W/s0" "$W/s1" |
-            awk '$4 - $2 > 20 { printf "    thread %s: cpu %d ms, run-queue wait %d ms\n", $1, $4 - $2, $5 - $3 }'
+        join -a2 -e0 -o 0,1.2,1.3,2.2,2.3 "$W/s0" "$W/s1" >"$W/s"
+        awk '$4 - $2 > 20 { printf "    thread %s: cpu %d ms, run-queue wait %d ms\n", $1, $4 - $2, $5 - $3 }' "$W/s"
+        # Every thread's CPU (schedstat's nanoseconds, not the clock ticks of /proc/PID/stat).
+        cpu=$(awk -v mib="$MIB" '{ ms += $4 - $2 } END { printf "%.2f", ms / 1000 * 1024 / mib }' "$W/s")
+        echo "    process CPU: $cpu s per GiB"; CPU[bin$i]+="$cpu "
     done
 done
 echo
 for k in direct $(seq -f 'bin%g' 0 $(($# - 1))); do
     echo "$k: ${TIMES[$k]}-> median $(printf '%s\n' ${TIMES[$k]} | median) s"
 done
+for k in $(seq -f 'bin%g' 0 $(($# - 1))); do
+    echo "$k CPU s per cold GiB: ${CPU[$k]}-> median $(printf '%s\n' ${CPU[$k]} | median)"
+done
+echo "openssl dgst -sha256, CPU s per GiB: ${OSSL}-> median $(printf '%s\n' $OSSL | median)"
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -236,3 +236,28 @@ run_nginx() {
     nginx -p "$W/nginx" -e "$W/logs/nginx.log" -c "$W/nginx/nginx.conf" >>"$W/logs/nginx.log" 2>&1 &
     NG_PID=$!
 }
+
+# wait_listen NAME PID PORT SECS: wait until PORT listens while PID lives.
+wait_listen() {
+    local name=$1 pid=$2 port=$3 secs=$4
+    for _ in $(seq $((secs * 10))); do
+        kill -0 "$pid" 2>/dev/null || { log "$name exited during startup"; return 1; }
+        listening "$port" && return 0
+        sleep 0.1
+    done
+    log "$name did not listen on port $port within ${secs}s"
+    return 1
+}
+
+# stop PID: SIGTERM (cachalot shuts down gracefully; a background job of a script ignores SIGINT),
+# then wait: callgrind writes its file on exit. SIGKILL after 60 s.
+stop() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 600); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}

@@ -1,5 +1,6 @@
-//! The fill task: GETs a blob, streams it into the store while a hasher reads it back,
-//! publishes progress to the followers, and commits only a verified body. It runs detached
+//! The fill task: GETs a blob, streams it into the store while a hasher follows it (in the
+//! chunks' own buffers, or reading the store back when it falls behind), publishes progress to
+//! the followers, and commits only a verified body. It runs detached
 //! from any client, so a client that goes away never cancels it (DESIGN.md invariant 3).
 //!
 //! A fill reads from one of three places ([`FillBody`]): the upstream, the replica that owns
@@ -388,8 +389,8 @@ struct Copy<'a> {
 }
 
 impl Copy<'_> {
-    /// Streams the body into the store, a large write at a time, telling the hasher and the
-    /// followers how far it got, and copying upstream bytes to `tee`. A peer or bucket that
+    /// Streams the body into the store, a large write at a time, handing each to the hasher and
+    /// telling the followers how far it got, and copying upstream bytes to `tee`. A peer or bucket that
     /// fails is replaced by the upstream from the byte reached. Hands the writer back, or says
     /// why it stopped and how many bytes were stored by then.
     async fn run(
@@ -455,12 +456,8 @@ impl Copy<'_> {
                     tee = None;
                 }
             }
-            // The hash reads the stored bytes back, so the buffer is free again.
-            let mut chunk = chunk;
-            chunk.clear();
-            buf = chunk;
+            buf = self.hasher.wrote(written, chunk);
             let now = writer.written();
-            self.hasher.written(now);
             if body.is_upstream() {
                 self.metrics
                     .upstream_bytes
