@@ -101,7 +101,7 @@ pub enum Lookup {
 }
 
 /// Every lookup result, in declaration order.
-const LOOKUPS: [Lookup; 7] = [
+pub const LOOKUPS: [Lookup; 7] = [
     Lookup::Hit,
     Lookup::Miss,
     Lookup::Coalesced,

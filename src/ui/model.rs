@@ -107,15 +107,7 @@ pub fn lookup_counts(m: &Metrics) -> Counts {
     let count = |kind: Kind| {
         let mut total = 0;
         let mut misses = 0;
-        for r in [
-            Lookup::Hit,
-            Lookup::Miss,
-            Lookup::Coalesced,
-            Lookup::Stale,
-            Lookup::Revalidated,
-            Lookup::Peer,
-            Lookup::Bucket,
-        ] {
+        for r in crate::metrics::LOOKUPS {
             let n = m
                 .lookups
                 .with_label_values(&[kind.as_str(), r.as_str()])

@@ -29,34 +29,7 @@ pub fn under_ci() -> bool {
 /// Returns true when `docker-registry` and `skopeo` are installed. When one is missing: under CI
 /// (`CI` set) this panics; otherwise it prints why the calling test is skipped and returns false.
 pub fn e2e_tools_available(_caller: &str) -> bool {
-    let missing: Vec<&str> = E2E_TOOLS
-        .iter()
-        .copied()
-        .filter(|tool| find_in_path(tool).is_none())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed test>")
-        .to_owned();
-    let msg = format!(
-        "{test}: required program(s) not found in PATH: {}. \
-         Install them with `apt-get install -y docker-registry skopeo`.",
-        missing.join(", ")
-    );
-    if under_ci() {
-        panic!("{msg} CI is set, so this is a failure, not a skip.");
-    }
-    // Written to the stderr handle directly: libtest captures `eprintln!` of passing tests, and a
-    // skip must be visible.
-    use std::io::Write as _;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {msg} (CI is unset, so the test is skipped.)"
-    );
-    false
+    tools_available(&E2E_TOOLS, "apt-get install -y docker-registry skopeo")
 }
 
 /// A directory for test files under cargo's per-target temp dir (`target/tmp`), so that files of
@@ -92,7 +65,7 @@ pub fn sweep_stale_tempdirs() {
 
 /// Returns true when every program of `tools` is in `PATH`. When one is missing: under CI this
 /// panics; otherwise it prints a SKIPPED line naming them and `install` (how to get them), and
-/// returns false. The same policy as [`e2e_tools_available`], for other tests' own tools.
+/// returns false.
 pub fn tools_available(tools: &[&str], install: &str) -> bool {
     let missing: Vec<&str> = tools
         .iter()
@@ -113,6 +86,8 @@ pub fn tools_available(tools: &[&str], install: &str) -> bool {
     if under_ci() {
         panic!("{msg} CI is set, so this is a failure, not a skip.");
     }
+    // Written to the stderr handle directly: libtest captures `eprintln!` of passing tests, and a
+    // skip must be visible.
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
