@@ -88,7 +88,8 @@ shape_off() {
     tc qdisc del dev lo root 2>/dev/null || true
     SHAPING=0
 }
-trap 'rc=$?; shape_off; (exit $rc); cleanup' EXIT
+# set +e: under errexit the (exit $rc) that hands cleanup the status would end the trap before it.
+trap 'rc=$?; set +e; shape_off; (exit $rc); cleanup' EXIT
 
 # ---------------------------------------------------------------- processes
 FAILED_STAGES=()

@@ -44,7 +44,8 @@ mkdir -p "$W/logs" "$W/data" "$W/upstream" "$W/cg"
 cp "$BIN" "$W/cachalot" && BIN_SRC=$BIN && BIN=$W/cachalot
 # The runs start in background subshells, which do not add to PIDS: each leaves its pid in a file.
 kill_runs() { for f in "$W"/cg/*.pid; do [[ -e $f ]] && kill -9 "$(cat "$f")" 2>/dev/null; done; return 0; }
-trap 'rc=$?; kill_runs; (exit $rc); cleanup' EXIT
+# set +e: under errexit the (exit $rc) that hands cleanup the status would end the trap before it.
+trap 'rc=$?; set +e; kill_runs; (exit $rc); cleanup' EXIT
 
 UP_PORT=$(free_port)
 upstream_config "$W/upstream.yml" "$UP_PORT" "$W/upstream" 0

@@ -1,4 +1,4 @@
-# benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, cold_ab.sh, one_stream_ab.sh) share. Sourced, not run.
+# benches/lib.sh: what the bench scripts (compare.sh, callgrind.sh, insn_guard.sh, cold_ab.sh, one_stream_ab.sh, tls_ab.sh) share. Sourced, not run.
 # The caller sets ROOT (for locate_cachalot) and, before seeding, UP; it appends every process it starts to
 # PIDS and sets W to its work dir, which cleanup (on exit) stops and removes (KEEP=1 keeps the dir).
 
