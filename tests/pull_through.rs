@@ -188,7 +188,7 @@ async fn blob_is_fetched_once_then_served_from_cache() {
     let h = env.client.head(&url).await;
     assert_eq!(h.status, 200);
     assert_eq!(h.header("content-length"), Some(blob.len().to_string()));
-    assert_eq!(env.fake.total(), 1);
+    assert_eq!(env.fake.total(), 1, "{:?}", env.fake.requests());
 }
 
 #[tokio::test]
