@@ -440,16 +440,15 @@ impl World {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_fill_leaves_no_partial_blob() {
-    let w = World::new().await;
-    let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
-    let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
-
-    // A client starts the pull; the upstream stops mid-body, the fill is in progress.
-    // The kill must land once the client holds the response head, so that what it sees is a
-    // 200 whose body breaks off, not a connection that closed before any answer.
-    let url = c.blob_url(&w.digest);
+/// A GET of `url` in its own task, drained to its end or error; the receiver hears when the
+/// response head has arrived. A kill must land after it, so that the client sees a 200 whose
+/// body breaks off, not a connection closed before any answer.
+fn pull_reporting_head(
+    url: String,
+) -> (
+    tokio::task::JoinHandle<(hyper::StatusCode, hyper::HeaderMap, common::client::Drained)>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
     let (head_tx, head_rx) = tokio::sync::oneshot::channel();
     let pull = tokio::spawn(async move {
         let resp = TestClient::new()
@@ -463,6 +462,20 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
             common::client::drain(body).await,
         )
     });
+    (pull, head_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fill_leaves_no_partial_blob() {
+    let w = World::new().await;
+    let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
+    let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
+
+    // A client starts the pull; the upstream stops mid-body, the fill is in progress.
+    // The kill must land once the client holds the response head, so that what it sees is a
+    // 200 whose body breaks off, not a connection that closed before any answer.
+    let url = c.blob_url(&w.digest);
+    let (pull, head_rx) = pull_reporting_head(url);
     tokio::time::timeout(SAFETY, gate.reached())
         .await
         .expect("safety timeout: the pull never reached the pause point");
@@ -614,19 +627,7 @@ async fn gc_against_a_running_server_leaves_its_fill_alone() {
     // The kill must land once the client holds the response head, so that what it sees is a
     // 200 whose body breaks off, not a connection that closed before any answer.
     let url = c.blob_url(&w.digest);
-    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
-    let pull = tokio::spawn(async move {
-        let resp = TestClient::new()
-            .send_raw(hyper::Method::GET, &url, &[])
-            .await;
-        let (parts, body) = resp.into_parts();
-        let _ = head_tx.send(());
-        (
-            parts.status,
-            parts.headers,
-            common::client::drain(body).await,
-        )
-    });
+    let (pull, head_rx) = pull_reporting_head(url);
     tokio::time::timeout(SAFETY, gate.reached())
         .await
         .expect("safety timeout: the pull never reached the pause point");
