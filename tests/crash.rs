@@ -624,8 +624,6 @@ async fn gc_against_a_running_server_leaves_its_fill_alone() {
     let w = World::new().await;
     let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
     let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
-    // The kill must land once the client holds the response head, so that what it sees is a
-    // 200 whose body breaks off, not a connection that closed before any answer.
     let url = c.blob_url(&w.digest);
     let (pull, head_rx) = pull_reporting_head(url);
     tokio::time::timeout(SAFETY, gate.reached())
