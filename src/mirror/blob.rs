@@ -213,11 +213,15 @@ impl Mirror {
         let owner = owner(t);
         if !allowed {
             let stored = blobs.stat(digest)?;
-            let foreign_fill = self
-                .fills
-                .get(digest)
-                .is_some_and(|f| !f.fetches_for(&owner));
-            if stored.is_some() || foreign_fill {
+            // A fill under this repository commits its link before its file appears, so a file
+            // first seen after the look above may be that fill's: look again before asking.
+            allowed = stored.is_some() && self.linked(t, digest)?;
+            let foreign_fill = || {
+                self.fills
+                    .get(digest)
+                    .is_some_and(|f| !f.fetches_for(&owner))
+            };
+            if !allowed && (stored.is_some() || foreign_fill()) {
                 self.confirm(t, digest, stored).await?;
                 allowed = true;
                 if let Some(b) = blobs.open(digest, Access::Read)? {
@@ -483,6 +487,14 @@ impl Mirror {
             }
         } else {
             let stored = self.store.blobs().stat(digest)?;
+            // As in `open_blob`: the file may be that of a fill under this repository that
+            // committed since the look above, and is linked already.
+            if let Some(len) = stored
+                && self.linked(t, digest)?
+            {
+                self.lookup(Kind::Blob, Lookup::Hit);
+                return Ok(len);
+            }
             let fill = self.fills.get(digest);
             if stored.is_none()
                 && let Some(fill) = &fill
