@@ -391,6 +391,8 @@ pub struct Metrics {
     /// `requests_total{route, code}` for the codes most answers carry, made on first use (so
     /// that, as for every other code, a series appears with its first request).
     request_series: [[OnceLock<IntCounter>; COMMON_CODES.len()]; RouteLabel::ALL.len()],
+    /// Integrity at rest (quarantine, scrub), read from the store at scrape time.
+    pub integrity: IntegrityMetrics,
 }
 
 /// Defines metrics in one registry. The definitions are static, so a failure is a bug that every
@@ -650,6 +652,7 @@ impl Metrics {
                 PeerResult::ALL.map(|r| peer_requests.with_label_values(&[d.as_str(), r.as_str()]))
             }),
             request_series: Default::default(),
+            integrity: IntegrityMetrics::new(&d),
             peer_requests,
             lookups,
             served_bytes,
@@ -813,6 +816,74 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+/// The integrity series. The store counts in atomics (it has no registry); these follow them
+/// at each scrape ([`IntegrityMetrics::update`]).
+pub struct IntegrityMetrics {
+    quarantined: IntCounterVec,
+    adopted: IntCounter,
+    scrub_corrupt: IntCounter,
+    scrub_bytes: IntCounter,
+    scrub_objects: IntCounter,
+    scrub_last_pass: IntGauge,
+}
+
+impl IntegrityMetrics {
+    fn new(d: &Defs<'_>) -> IntegrityMetrics {
+        let counter = |name: &str, help: &str| {
+            d.register(IntCounter::new(name, help).expect("static metric definition"))
+        };
+        let quarantined = d.counter(
+            "cachalot_quarantined_total",
+            "Stored objects found damaged and moved to quarantine/ (reason: size, digest, unreadable); each is fetched again on its next pull.",
+            &["reason"],
+        );
+        for r in crate::storage::integrity::Reason::ALL {
+            quarantined.with_label_values(&[r.as_str()]);
+        }
+        IntegrityMetrics {
+            quarantined,
+            adopted: counter(
+                "cachalot_cache_adopted_total",
+                "Files found in the cache without a metadata record at start, adopted unverified (hashed when first served).",
+            ),
+            scrub_corrupt: counter(
+                "cachalot_scrub_corrupt_total",
+                "Stored objects a scrub pass or `cachalot verify` found damaged (and quarantined).",
+            ),
+            scrub_bytes: counter(
+                "cachalot_scrub_bytes_total",
+                "Bytes of stored objects re-hashed by scrub passes and `cachalot verify`.",
+            ),
+            scrub_objects: counter(
+                "cachalot_scrub_objects_total",
+                "Stored objects re-hashed by scrub passes and `cachalot verify`.",
+            ),
+            scrub_last_pass: d.gauge(
+                "cachalot_scrub_last_pass_timestamp_seconds",
+                "When the last complete scrub pass over the cache ended, in seconds since the epoch (0: none yet).",
+            ),
+        }
+    }
+
+    /// Brings the series up to the store's counters.
+    pub fn update(&self, c: &crate::storage::integrity::Counters) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let follow = |m: &IntCounter, v: u64| m.inc_by(v.saturating_sub(m.get()));
+        for r in crate::storage::integrity::Reason::ALL {
+            follow(
+                &self.quarantined.with_label_values(&[r.as_str()]),
+                c.quarantined(r),
+            );
+        }
+        follow(&self.adopted, c.adopted.load(Relaxed));
+        follow(&self.scrub_corrupt, c.scrub_corrupt.load(Relaxed));
+        follow(&self.scrub_bytes, c.scrub_bytes.load(Relaxed));
+        follow(&self.scrub_objects, c.scrub_objects.load(Relaxed));
+        self.scrub_last_pass
+            .set(i64::try_from(c.scrub_last_pass.load(Relaxed)).unwrap_or(i64::MAX));
     }
 }
 

@@ -565,6 +565,7 @@ impl Check<'_> {
             Some(s) => Blob {
                 reader: s.writer.reader()?,
                 len: s.proof.len(),
+                verified: true,
             },
             None => match self.store.blobs().open(d, Access::Quiet)? {
                 Some(b) => b,

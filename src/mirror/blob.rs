@@ -14,8 +14,10 @@ use super::{Mirror, Target};
 use crate::error::{Error, UpstreamFault};
 use crate::metrics::{Kind, LinkCheck, Lookup, Metrics, Source};
 use crate::oci::Digest;
+use crate::oci::Verifier;
+use crate::storage::integrity::{self, Damage};
 use crate::storage::s3::{Bucket, Upload};
-use crate::storage::{Access, Blob, ReadAt};
+use crate::storage::{Access, Blob, BlobStore, ReadAt};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::Method;
@@ -51,6 +53,8 @@ pub struct BlobSource {
 
 enum State {
     Stored(Blob),
+    /// An adopted object not hashed yet (see [`Checking`]).
+    Checking(Box<Checking>),
     Growing {
         reader: Arc<dyn ReadAt>,
         progress: Progress,
@@ -61,12 +65,56 @@ enum State {
     Relay(Box<Relay>),
 }
 
+/// A stored object whose bytes were never hashed (adopted when the metadata was lost): a
+/// response from its start hashes what it sends and holds the last byte back until the digest
+/// matches, as a fill does; a response to a range hashes the whole object before its first
+/// byte. A match marks the object verified; a mismatch quarantines it and cuts the response.
+struct Checking {
+    blob: Blob,
+    digest: Digest,
+    store: Arc<dyn BlobStore>,
+    /// Hashing along with the response; `None` before the first piece, or for a range.
+    hasher: Option<Verifier>,
+}
+
+impl Checking {
+    /// Records the verdict on the whole object. `Ok` when it matched.
+    async fn settle(&self, damage: Option<Damage>) -> Result<(), Error> {
+        let (store, digest, len) = (self.store.clone(), self.digest.clone(), self.blob.len);
+        let why = damage.as_ref().map(ToString::to_string);
+        tokio::task::spawn_blocking(move || match damage {
+            None => store.mark_verified(&digest, len),
+            Some(d) => store.quarantine(&digest, &d),
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        match why {
+            None => Ok(()),
+            Some(why) => Err(Error::Internal(format!(
+                "stored blob {} is damaged ({why}); quarantined",
+                self.digest
+            ))),
+        }
+    }
+}
+
 impl BlobSource {
-    fn stored(blob: Blob) -> BlobSource {
+    fn stored(store: &Arc<dyn BlobStore>, digest: &Digest, blob: Blob) -> BlobSource {
+        let len = blob.len;
+        let state = if blob.verified {
+            State::Stored(blob)
+        } else {
+            State::Checking(Box::new(Checking {
+                blob,
+                digest: digest.clone(),
+                store: store.clone(),
+                hasher: None,
+            }))
+        };
         BlobSource {
-            len: Some(blob.len),
+            len: Some(len),
             origin: Source::Cache,
-            state: State::Stored(blob),
+            state,
             pos: 0,
             end: None,
             _following: None,
@@ -103,6 +151,12 @@ impl BlobSource {
             }
             let (reader, avail, last) = match &mut self.state {
                 State::Stored(b) => (b.reader.clone(), b.len, true),
+                State::Checking(_) => {
+                    if let Some(piece) = self.check_next(max).await? {
+                        return Ok(Some(piece));
+                    }
+                    continue;
+                }
                 State::Relay(r) => {
                     let chunk = r.next().await?;
                     if let Some(c) = &chunk {
@@ -157,6 +211,65 @@ impl BlobSource {
     }
 }
 
+impl BlobSource {
+    /// The next piece of an unverified object ([`Checking`]), or `None` once the object turned
+    /// out whole and the response goes on as from any stored object.
+    async fn check_next(&mut self, max: usize) -> Result<Option<Piece>, Error> {
+        let State::Checking(c) = &mut self.state else {
+            return Ok(None);
+        };
+        let len = c.blob.len;
+        if c.hasher.is_none() {
+            if self.pos == 0 && self.end.is_none() {
+                c.hasher = Some(Verifier::new(c.digest.algorithm()));
+            } else {
+                let (reader, digest) = (c.blob.reader.clone(), c.digest.clone());
+                let damage = tokio::task::spawn_blocking(move || {
+                    integrity::check(&*reader, &digest, len, |_| {})
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
+                c.settle(damage).await?;
+                self.become_stored();
+                return Ok(None);
+            }
+        }
+        // Everything but the last byte goes out as it is hashed; the last waits for the verdict.
+        let held = if self.pos + 1 >= len { len } else { len - 1 };
+        let n = ((held.saturating_sub(self.pos)) as usize).min(max);
+        let bytes = if n == 0 {
+            Bytes::new()
+        } else {
+            let (reader, offset) = (c.blob.reader.clone(), self.pos);
+            tokio::task::spawn_blocking(move || reader.read_bytes(offset, n))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(Error::from)?
+        };
+        let hasher = c.hasher.as_mut().expect("set above");
+        hasher.update(&bytes);
+        self.pos += n as u64;
+        if self.pos >= len {
+            let hasher = c.hasher.take().expect("set above");
+            let found = hasher.finish();
+            let damage = (found != c.digest).then_some(Damage::Digest { found });
+            c.settle(damage).await?;
+            self.become_stored();
+        }
+        Ok((!bytes.is_empty()).then_some(Piece::Relayed(bytes)))
+    }
+
+    fn become_stored(&mut self) {
+        if let State::Checking(c) = &self.state {
+            let blob = Blob {
+                verified: true,
+                ..c.blob.clone()
+            };
+            self.state = State::Stored(blob);
+        }
+    }
+}
+
 /// Counts a response in `cachalot_followers_waiting` for as long as it streams from a fill; a
 /// guard, so a response dropped anywhere leaves the gauge right.
 struct Following(Arc<Metrics>);
@@ -205,7 +318,7 @@ impl Mirror {
         if allowed && let Some(b) = blobs.open(digest, Access::Read)? {
             self.lookup(Kind::Blob, Lookup::Hit);
             self.note_shared_read(digest);
-            return Ok(BlobSource::stored(b));
+            return Ok(BlobSource::stored(blobs, digest, b));
         }
         if !allowed {
             allowed = self.bucket_linked(t, digest).await;
@@ -226,7 +339,7 @@ impl Mirror {
                 allowed = true;
                 if let Some(b) = blobs.open(digest, Access::Read)? {
                     self.lookup(Kind::Blob, Lookup::Hit);
-                    return Ok(BlobSource::stored(b));
+                    return Ok(BlobSource::stored(blobs, digest, b));
                 }
             }
         }
@@ -279,7 +392,7 @@ impl Mirror {
                     self.confirm(t, digest, Some(b.len)).await?;
                 }
                 self.lookup(Kind::Blob, Lookup::Hit);
-                return Ok(BlobSource::stored(b));
+                return Ok(BlobSource::stored(blobs, digest, b));
             }
             Err(NoFill::CannotWrite(e)) => {
                 // A full or failing disk costs caching, not the pull.
@@ -445,6 +558,7 @@ impl Mirror {
         let source = self.open_blob(t, digest).await?;
         match source.state {
             State::Stored(b) => Ok(b.len),
+            State::Checking(c) => Ok(c.blob.len),
             State::Growing { mut progress, .. } => progress.committed(on_progress).await,
             State::Relay(_) => Err(Error::Internal(
                 "the cache could not be written; blob not stored".into(),

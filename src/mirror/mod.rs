@@ -254,6 +254,9 @@ impl Mirror {
             .set(i64::try_from(usage.bytes).unwrap_or(i64::MAX));
         m.cache_objects
             .set(i64::try_from(usage.objects).unwrap_or(i64::MAX));
+        if let Some(c) = self.store.blobs().counters() {
+            m.integrity.update(&c);
+        }
         m.render()
     }
 
@@ -436,7 +439,17 @@ impl Mirror {
                 let Some(blob) = store.blobs().open(&d, Access::Read)? else {
                     return Ok(None);
                 };
-                Ok(Some((blob.read_all(MAX_MANIFEST_SIZE)?, media_type)))
+                let bytes = blob.read_all(MAX_MANIFEST_SIZE)?;
+                // Manifests are small: each is hashed as it is loaded, and a damaged one is a
+                // miss, fetched again.
+                if let Some(damage) = crate::storage::integrity::check_bytes(&bytes, &d) {
+                    store.blobs().quarantine(&d, &damage)?;
+                    return Ok(None);
+                }
+                if !blob.verified {
+                    store.blobs().mark_verified(&d, blob.len)?;
+                }
+                Ok(Some((bytes, media_type)))
             })
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;

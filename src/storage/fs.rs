@@ -10,12 +10,13 @@
 //! crash in between leaves a row without a file (a miss, fetched again), never a file the size
 //! accounting does not know.
 
+use super::integrity::{Counters, Damage, Quarantine};
 use super::{
     Access, Blob, BlobStore, BlobWriter, CommitError, FileReader, Meta, ObjectRow, ReadAt, Usage,
     check_proof,
 };
 use crate::oci::{Digest, Verified};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
@@ -77,6 +78,20 @@ struct Inner {
     /// Held while an object's row and file change together (commit, removal), so the two never
     /// disagree because a commit and an eviction of one digest interleaved.
     objects_lock: Mutex<()>,
+    /// What the object rows say of each object, in memory: every open compares the file's
+    /// length with the recorded one, and a metadata read per cache hit would cost more than
+    /// the hit. Changed only with the rows, under `objects_lock`.
+    records: RwLock<HashMap<Digest, Record>>,
+    quarantine: Quarantine,
+    counters: Arc<Counters>,
+}
+
+/// An object row as the hot path needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Record {
+    size: u64,
+    /// False for an object adopted without a record until it has been hashed whole.
+    verified: bool,
 }
 
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -121,7 +136,24 @@ impl FsStore {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        let (used, objects) = meta.totals()?;
+        let rows = meta.objects()?;
+        let unverified: std::collections::HashSet<Digest> =
+            meta.unverified()?.into_iter().collect();
+        let used = rows.iter().map(|r| r.size).sum();
+        let objects = rows.len() as u64;
+        let records = rows
+            .into_iter()
+            .map(|r| {
+                let verified = !unverified.contains(&r.digest);
+                (
+                    r.digest,
+                    Record {
+                        size: r.size,
+                        verified,
+                    },
+                )
+            })
+            .collect();
         let store = FsStore {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -132,6 +164,9 @@ impl FsStore {
                 objects: AtomicU64::new(objects),
                 touches: Mutex::new(HashMap::new()),
                 objects_lock: Mutex::new(()),
+                records: RwLock::new(records),
+                quarantine: Quarantine::new(root),
+                counters: Arc::default(),
             }),
         };
         Ok((store, meta))
@@ -184,6 +219,49 @@ impl Inner {
         // The rename is durable only once the directory entry is.
         File::open(dir)?.sync_all()?;
         self.account(size, replaced);
+        self.records.write().insert(
+            digest.clone(),
+            Record {
+                size,
+                verified: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Moves a damaged object to the quarantine and forgets its row, unless the file there now
+    /// is no longer the damaged one (a fill of the digest replaced it since it was looked at).
+    fn take_damaged(&self, digest: &Digest, damage: &Damage) -> io::Result<()> {
+        let path = self.blob_path(digest);
+        let _guard = self.objects_lock.lock();
+        if let Damage::Size { found, .. } = damage {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() == *found => {}
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.quarantine.take(&path, digest, damage)?;
+        self.counters.quarantined[damage.reason() as usize].fetch_add(1, Ordering::Relaxed);
+        self.forget(std::slice::from_ref(digest))
+    }
+
+    /// Drops the rows of objects whose files are gone, keeping the totals and records in step.
+    /// Called under `objects_lock`.
+    fn forget(&self, digests: &[Digest]) -> io::Result<()> {
+        let (count, freed) = self.meta.remove_objects(digests)?;
+        {
+            let mut records = self.records.write();
+            for d in digests {
+                records.remove(d);
+            }
+        }
+        let used = self.used.load(Ordering::Relaxed);
+        self.used.fetch_sub(freed.min(used), Ordering::Relaxed);
+        let objects = self.objects.load(Ordering::Relaxed);
+        self.objects
+            .fetch_sub(count.min(objects), Ordering::Relaxed);
         Ok(())
     }
 
@@ -204,8 +282,21 @@ impl Inner {
 
 impl BlobStore for FsStore {
     fn stat(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        let record = self.inner.records.read().get(digest).copied();
         match std::fs::metadata(self.inner.blob_path(digest)) {
-            Ok(m) => Ok(Some(m.len())),
+            Ok(m) => match record {
+                Some(r) if r.size != m.len() => {
+                    self.inner.take_damaged(
+                        digest,
+                        &Damage::Size {
+                            recorded: r.size,
+                            found: m.len(),
+                        },
+                    )?;
+                    Ok(None)
+                }
+                _ => Ok(Some(m.len())),
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -217,22 +308,43 @@ impl BlobStore for FsStore {
         // the open and the open misses. Noted after, a pass could unlink a file just opened
         // and the most recently read object would be the one evicted.
         let at = (access == Access::Read).then(|| self.inner.touch(digest));
+        let record = self.inner.records.read().get(digest).copied();
+        let missed = || {
+            // Not a read: a fill about to commit this digest must not look read since.
+            if let Some(at) = at {
+                let mut touches = self.inner.touches.lock();
+                if touches.get(digest) == Some(&at) {
+                    touches.remove(digest);
+                }
+            }
+        };
         match File::open(self.inner.blob_path(digest)) {
             Ok(f) => {
                 let len = f.metadata()?.len();
-                Ok(Some(Blob {
-                    reader: Arc::new(FileReader::new(f)),
-                    len,
-                }))
+                match record {
+                    Some(r) if r.size != len => {
+                        // Cut short or grown: never served, and no HEAD answers with it.
+                        drop(f);
+                        self.inner.take_damaged(
+                            digest,
+                            &Damage::Size {
+                                recorded: r.size,
+                                found: len,
+                            },
+                        )?;
+                        missed();
+                        Ok(None)
+                    }
+                    _ => Ok(Some(Blob {
+                        reader: Arc::new(FileReader::new(f)),
+                        len,
+                        // A file nobody recorded is as good as an adopted one: hashed first.
+                        verified: record.is_some_and(|r| r.verified),
+                    })),
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // Not a read: a fill about to commit this digest must not look read since.
-                if let Some(at) = at {
-                    let mut touches = self.inner.touches.lock();
-                    if touches.get(digest) == Some(&at) {
-                        touches.remove(digest);
-                    }
-                }
+                missed();
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -278,14 +390,7 @@ impl BlobStore for FsStore {
             digests.push(row.digest.clone());
         }
         drop(touches);
-        let (count, freed) = inner.meta.remove_objects(&digests)?;
-        let usage = self.usage();
-        inner
-            .used
-            .fetch_sub(freed.min(usage.bytes), Ordering::Relaxed);
-        inner
-            .objects
-            .fetch_sub(count.min(usage.objects), Ordering::Relaxed);
+        inner.forget(&digests)?;
         Ok(digests)
     }
 
@@ -308,6 +413,39 @@ impl BlobStore for FsStore {
     fn sync(&self) -> io::Result<()> {
         self.inner.flush_touches()?;
         self.inner.meta.sync()
+    }
+
+    fn quarantine(&self, digest: &Digest, damage: &Damage) -> io::Result<()> {
+        self.inner.take_damaged(digest, damage)
+    }
+
+    fn mark_verified(&self, digest: &Digest, len: u64) -> io::Result<()> {
+        let inner = &self.inner;
+        let _guard = inner.objects_lock.lock();
+        match inner.records.read().get(digest).copied() {
+            Some(Record { verified: true, .. }) => return Ok(()),
+            Some(_) => inner.meta.set_verified(digest)?,
+            None => {
+                // A file that appeared without a row: now it is accounted for too.
+                let replaced =
+                    inner
+                        .meta
+                        .put_object(digest, len, super::meta::ADOPTED, SystemTime::now())?;
+                inner.account(len, replaced);
+            }
+        }
+        inner.records.write().insert(
+            digest.clone(),
+            Record {
+                size: len,
+                verified: true,
+            },
+        );
+        Ok(())
+    }
+
+    fn counters(&self) -> Option<Arc<Counters>> {
+        Some(self.inner.counters.clone())
     }
 }
 
@@ -407,6 +545,41 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    /// A file whose length is not the recorded one is never opened: it goes to the
+    /// quarantine, its row goes, and the accounting follows.
+    #[test]
+    fn a_file_of_the_wrong_length_is_quarantined_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, meta) = FsStore::open(dir.path(), Arc::new(RealDisk)).unwrap();
+        let data = vec![7u8; 4096];
+        let d = Digest::sha256_of(&data);
+        let mut w = store.begin(&d).unwrap();
+        w.write(&data).unwrap();
+        w.commit(proof(&data), "up/x").unwrap();
+        let path = FsStore::blob_path_in(dir.path(), &d);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        assert!(store.open(&d, Access::Read).unwrap().is_none());
+        assert!(!path.exists());
+        assert_eq!(store.usage(), Usage::default());
+        assert!(meta.objects().unwrap().is_empty());
+        assert_eq!(
+            store
+                .counters()
+                .unwrap()
+                .quarantined(super::super::integrity::Reason::Size),
+            1
+        );
+        let q: Vec<_> = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .collect();
+        assert_eq!(q.len(), 1);
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl BlobStore for MemoryStore {
         Ok(Some(Blob {
             reader: e.bytes.clone(),
             len,
+            verified: true,
         }))
     }
 

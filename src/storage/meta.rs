@@ -30,6 +30,13 @@ const OBJECTS: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("o
 /// digest ([`LinkSource`]). A cached blob is served under a repository only with a row here:
 /// the blob files are shared, the right to read them is per repository.
 const LINKS: TableDefinition<(&str, &str, &str), u8> = TableDefinition::new("links");
+/// digest -> (): objects adopted without a record (the metadata was lost or rolled back), not
+/// yet hashed. Every other object in `OBJECTS` was verified as it was written.
+const UNVERIFIED: TableDefinition<&str, ()> = TableDefinition::new("unverified");
+/// Small named values that must survive a restart: the scrub's position (`scrub_position`, the
+/// last digest checked, empty between passes) and its last complete pass (`scrub_last_pass`,
+/// seconds since the epoch).
+const STATE: TableDefinition<&str, &str> = TableDefinition::new("state");
 
 /// How a repository came to be known to hold a digest. Kept for whoever reads the table; the
 /// serving rule does not depend on it.
@@ -86,6 +93,9 @@ pub fn split_repo_key(key: &str) -> Option<(&str, &str)> {
     key.split_once('/')
         .filter(|(u, r)| !u.is_empty() && !r.is_empty())
 }
+
+/// The repository recorded for an object adopted without a record: none.
+pub const ADOPTED: &str = "(adopted)";
 
 /// One link to write: (upstream, repository, digest).
 pub type Link = (String, String, Digest);
@@ -236,6 +246,8 @@ impl Meta {
         tx.open_table(TAGS).map_err(io_err)?;
         tx.open_table(MANIFESTS).map_err(io_err)?;
         tx.open_table(OBJECTS).map_err(io_err)?;
+        tx.open_table(UNVERIFIED).map_err(io_err)?;
+        tx.open_table(STATE).map_err(io_err)?;
         migrate_tags(&tx)?;
         let has_links = tx
             .list_tables()
@@ -562,6 +574,11 @@ impl Meta {
                 .insert(digest.to_string().as_str(), (size, millis(now), repo))
                 .map_err(io_err)?
                 .map(|v| v.value().0);
+            // Written through a verified commit: whatever was adopted under it is replaced.
+            tx.open_table(UNVERIFIED)
+                .map_err(io_err)?
+                .remove(digest.to_string().as_str())
+                .map_err(io_err)?;
         }
         tx.commit().map_err(io_err)?;
         Ok(old)
@@ -573,10 +590,14 @@ impl Meta {
         {
             let mut links = tx.open_table(LINKS).map_err(io_err)?;
             let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            let mut unverified = tx.open_table(UNVERIFIED).map_err(io_err)?;
             for (digest, size, repo) in rows {
                 if let Some((u, r)) = split_repo_key(repo) {
                     insert_link(&mut links, u, r, &digest.to_string(), LinkSource::Fetched)?;
                 }
+                unverified
+                    .remove(digest.to_string().as_str())
+                    .map_err(io_err)?;
                 objects
                     .insert(
                         digest.to_string().as_str(),
@@ -690,12 +711,14 @@ impl Meta {
         {
             let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
             let mut manifests = tx.open_table(MANIFESTS).map_err(io_err)?;
+            let mut unverified = tx.open_table(UNVERIFIED).map_err(io_err)?;
             let mut gone_manifests = std::collections::HashSet::new();
             for d in &names {
                 if let Some(v) = objects.remove(d.as_str()).map_err(io_err)? {
                     count += 1;
                     bytes += v.value().0;
                 }
+                unverified.remove(d.as_str()).map_err(io_err)?;
                 if manifests.remove(d.as_str()).map_err(io_err)?.is_some() {
                     gone_manifests.insert(d.as_str());
                 }
@@ -781,6 +804,71 @@ impl Meta {
                 }))
             })
             .collect()
+    }
+
+    // === integrity ===
+
+    /// The objects adopted without a record and not hashed since.
+    pub fn unverified(&self) -> io::Result<Vec<Digest>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(UNVERIFIED).map_err(io_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io_err)? {
+            if let Ok(d) = row.map_err(io_err)?.0.value().parse() {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records files found without a record as unverified objects (digest, size, last use),
+    /// in one transaction. They name no repository: what may read them is learned again.
+    pub fn adopt(&self, rows: &[(Digest, u64, SystemTime)]) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            let mut unverified = tx.open_table(UNVERIFIED).map_err(io_err)?;
+            for (digest, size, last) in rows {
+                let key = digest.to_string();
+                objects
+                    .insert(key.as_str(), (*size, millis(*last), ADOPTED))
+                    .map_err(io_err)?;
+                unverified.insert(key.as_str(), ()).map_err(io_err)?;
+            }
+        }
+        tx.commit().map_err(io_err)
+    }
+
+    /// An adopted object was hashed whole and matched.
+    pub fn set_verified(&self, digest: &Digest) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        tx.open_table(UNVERIFIED)
+            .map_err(io_err)?
+            .remove(digest.to_string().as_str())
+            .map_err(io_err)?;
+        tx.commit().map_err(io_err)
+    }
+
+    /// A named value of the `state` table.
+    pub fn state(&self, key: &str) -> io::Result<Option<String>> {
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let table = tx.open_table(STATE).map_err(io_err)?;
+        Ok(table
+            .get(key)
+            .map_err(io_err)?
+            .map(|v| v.value().to_owned()))
+    }
+
+    /// Sets named values of the `state` table, in one transaction.
+    pub fn set_state(&self, values: &[(&str, &str)]) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut table = tx.open_table(STATE).map_err(io_err)?;
+            for (k, v) in values {
+                table.insert(*k, *v).map_err(io_err)?;
+            }
+        }
+        tx.commit().map_err(io_err)
     }
 
     pub fn manifest_type(&self, digest: &Digest) -> io::Result<Option<String>> {

@@ -17,6 +17,7 @@
 mod conformance;
 pub mod evict;
 mod fs;
+pub mod integrity;
 #[cfg(test)]
 mod memory;
 pub mod meta;
@@ -126,6 +127,10 @@ impl ReadAt for FileReader {
 pub struct Blob {
     pub reader: Arc<dyn ReadAt>,
     pub len: u64,
+    /// Whether the bytes are known to hash to the digest. An object adopted without a record
+    /// (a lost or rolled-back metadata store) is not until it has been hashed: it is then
+    /// served with its last byte held back until the digest matches.
+    pub verified: bool,
 }
 
 impl Blob {
@@ -182,6 +187,23 @@ pub trait BlobStore: Send + Sync {
 
     /// Makes noted reads durable, so the next start keeps the eviction order.
     fn sync(&self) -> io::Result<()>;
+
+    /// Takes a damaged object out of service (the quarantine, see `integrity.rs`): it is a miss
+    /// from now on. A store that cannot tell does nothing.
+    fn quarantine(&self, _digest: &Digest, _damage: &integrity::Damage) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Records that an unverified object (`Blob::verified` false) of `len` bytes was hashed
+    /// whole and matched its digest.
+    fn mark_verified(&self, _digest: &Digest, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// What happened to the integrity of the stored objects, for metrics.
+    fn counters(&self) -> Option<Arc<integrity::Counters>> {
+        None
+    }
 }
 
 /// An object being written. Dropping it uncommitted aborts: nothing is left behind.
