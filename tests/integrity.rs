@@ -149,3 +149,129 @@ async fn a_flipped_manifest_is_fetched_again_after_a_restart() {
         m.bytes
     );
 }
+
+/// A GET that must not deliver a complete 200 of anything but `want`: either not a 200, or a
+/// body cut short. Returns whether it was served whole (and right).
+async fn pull_never_wrong(env: &Env, digest: &str, want: &Bytes) -> bool {
+    let (status, _, d) = env.client.get_drained(&blob_url(env, digest)).await;
+    if status != 200 {
+        return false;
+    }
+    if d.error.is_none() && d.bytes.len() == want.len() {
+        assert!(d.bytes == *want, "a complete 200 of the wrong bytes");
+        return true;
+    }
+    assert!(
+        d.error.is_some(),
+        "a 200 that ended normally after {} of {} bytes",
+        d.bytes.len(),
+        want.len()
+    );
+    assert!(d.bytes.len() < want.len(), "the last byte was held back");
+    false
+}
+
+/// The metadata lost: every file is counted again at start, adopted unverified; a good one is
+/// served whole (hashed as it goes) and becomes verified, a flipped one is never served whole,
+/// is quarantined and fetched again.
+#[tokio::test]
+async fn lost_metadata_adopts_the_files_and_never_serves_a_flipped_one() {
+    let mut env = Env::start().await;
+    let (good, bad) = (random_blob(1 << 20), random_blob(300_000));
+    let dg = env.fake.push_blob(REPO, good.clone());
+    let db = env.fake.push_blob(REPO, bad.clone());
+    pull_ok(&env, &dg, &good).await;
+    pull_ok(&env, &db, &bad).await;
+    env.wait_no_fills().await;
+    env.proxy.shutdown().await;
+    let root = env.dir.path().to_path_buf();
+    std::fs::remove_file(root.join("meta.redb")).unwrap();
+    flip(&stored(&root, &db), 123_456);
+    env.restart_proxy(None).await;
+    assert_eq!(env.metric("cachalot_cache_objects", &[]).await, 2.0);
+    assert_eq!(
+        env.metric("cachalot_cache_size_bytes", &[]).await,
+        (good.len() + bad.len()) as f64
+    );
+    assert_eq!(env.metric("cachalot_cache_adopted_total", &[]).await, 2.0);
+
+    assert!(
+        pull_never_wrong(&env, &dg, &good).await,
+        "a good adopted file is served"
+    );
+    assert_eq!(env.fake.blob_gets(REPO, &dg), 1, "served from the cache");
+    assert!(!pull_never_wrong(&env, &db, &bad).await);
+    assert_eq!(
+        env.metric("cachalot_quarantined_total", &[("reason", "digest")])
+            .await,
+        1.0
+    );
+    // Fetched again, and verified from then on.
+    pull_ok(&env, &db, &bad).await;
+    assert_eq!(env.fake.blob_gets(REPO, &db), 2);
+    env.wait_no_fills().await;
+    env.restart_proxy(None).await;
+    pull_ok(&env, &dg, &good).await;
+    pull_ok(&env, &db, &bad).await;
+    assert_eq!(env.fake.blob_gets(REPO, &dg), 1);
+    assert_eq!(env.fake.blob_gets(REPO, &db), 2);
+}
+
+/// A range of an unverified file is hashed whole before its first byte: a flipped file answers
+/// no range at all.
+#[tokio::test]
+async fn a_range_of_an_unverified_flipped_file_is_never_served() {
+    let mut env = Env::start().await;
+    let blob = random_blob(100_000);
+    let d = env.fake.push_blob(REPO, blob.clone());
+    pull_ok(&env, &d, &blob).await;
+    env.wait_no_fills().await;
+    env.proxy.shutdown().await;
+    std::fs::remove_file(env.dir.path().join("meta.redb")).unwrap();
+    flip(&stored(env.dir.path(), &d), 99_000);
+    env.restart_proxy(None).await;
+    let resp = env
+        .client
+        .send_raw(
+            http::Method::GET,
+            &blob_url(&env, &d),
+            &[("range", "bytes=98000-99999")],
+        )
+        .await;
+    let status = resp.status();
+    let got = common::client::drain(resp.into_body()).await;
+    assert!(
+        !(status.is_success() && got.error.is_none()),
+        "{status}: a range of a damaged file served whole"
+    );
+    pull_ok(&env, &d, &blob).await;
+    assert_eq!(env.fake.blob_gets(REPO, &d), 2);
+}
+
+/// The metadata restored from an older backup: a blob committed since is adopted, a record of
+/// one evicted since is dropped; the accounting is that of the files.
+#[tokio::test]
+async fn rolled_back_metadata_is_reconciled_with_the_files() {
+    let mut env = Env::start().await;
+    let (a, b) = (random_blob(10_000), random_blob(20_000));
+    let da = env.fake.push_blob(REPO, a.clone());
+    let db = env.fake.push_blob(REPO, b.clone());
+    pull_ok(&env, &da, &a).await;
+    env.wait_no_fills().await;
+    env.proxy.shutdown().await;
+    let root = env.dir.path().to_path_buf();
+    std::fs::copy(root.join("meta.redb"), root.join("backup")).unwrap();
+    env.restart_proxy(None).await;
+    pull_ok(&env, &db, &b).await;
+    env.wait_no_fills().await;
+    env.proxy.shutdown().await;
+    std::fs::remove_file(stored(&root, &da)).unwrap();
+    std::fs::copy(root.join("backup"), root.join("meta.redb")).unwrap();
+    env.restart_proxy(None).await;
+    assert_eq!(env.metric("cachalot_cache_objects", &[]).await, 1.0);
+    assert_eq!(env.metric("cachalot_cache_size_bytes", &[]).await, 20_000.0);
+    pull_ok(&env, &db, &b).await;
+    pull_ok(&env, &da, &a).await;
+    assert_eq!(env.fake.blob_gets(REPO, &db), 1);
+    assert_eq!(env.fake.blob_gets(REPO, &da), 2);
+}

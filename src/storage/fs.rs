@@ -7,8 +7,9 @@
 //!
 //! Atomicity comes from the rename: a fill writes `tmp/<hex>-<pid>-<seq>` and only a verified
 //! one is renamed into `blobs/`. The object row is written (durably) before the rename, so a
-//! crash in between leaves a row without a file (a miss, fetched again), never a file the size
-//! accounting does not know.
+//! crash in between leaves a row without a file (a miss, fetched again; the next start drops
+//! the row), never a file the size accounting does not know. Files without a row (the metadata
+//! lost or restored from a backup) are adopted at start, unverified (`integrity::reconcile`).
 
 use super::integrity::{Counters, Damage, Quarantine};
 use super::{
@@ -119,7 +120,7 @@ impl FsStore {
         }
         // Take the metadata lock first: a second process opening a cache in use must fail
         // before it sweeps the temp files of the running server's fills.
-        let meta = Arc::new(Meta::open(&root.join("meta.redb"))?);
+        let meta = Arc::new(super::integrity::open_meta(&root.join("meta.redb"))?);
         if meta.links_missing() {
             // A cache from before links: without them every cached blob would be a miss.
             let n = meta.rebuild_links(|d| {
@@ -136,6 +137,14 @@ impl FsStore {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
+        let reconciled = super::integrity::reconcile(root, &meta)?;
+        let counters = Arc::new(Counters::default());
+        counters
+            .adopted
+            .store(reconciled.adopted, Ordering::Relaxed);
+        counters
+            .dropped
+            .store(reconciled.dropped, Ordering::Relaxed);
         let rows = meta.objects()?;
         let unverified: std::collections::HashSet<Digest> =
             meta.unverified()?.into_iter().collect();
@@ -166,7 +175,7 @@ impl FsStore {
                 objects_lock: Mutex::new(()),
                 records: RwLock::new(records),
                 quarantine: Quarantine::new(root),
-                counters: Arc::default(),
+                counters,
             }),
         };
         Ok((store, meta))

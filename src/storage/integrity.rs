@@ -199,6 +199,117 @@ pub fn check(
     (found != *digest).then_some(Damage::Digest { found })
 }
 
+/// Opens the metadata store at `path`; one that cannot be read (damaged) is moved aside to
+/// `meta.redb.damaged-<seconds>` for a person to look at, and a new one is started, which
+/// [`reconcile`] then fills from the files.
+pub fn open_meta(path: &Path) -> io::Result<super::Meta> {
+    match super::Meta::open(path) {
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            let stamp = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = path.with_extension(format!("redb.damaged-{stamp}"));
+            std::fs::rename(path, &aside)?;
+            tracing::error!(error = %e, moved_to = %aside.display(), "the metadata store is damaged; starting a new one from the files on disk");
+            super::Meta::open(path)
+        }
+        other => other,
+    }
+}
+
+/// What [`reconcile`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub adopted: u64,
+    pub adopted_bytes: u64,
+    pub dropped: u64,
+}
+
+/// Brings the object rows in step with the files under `root/blobs/<alg>/<2 hex>/<hex>`: a
+/// file without a row (the metadata was lost, or restored from an older backup) is adopted as
+/// unverified, its digest from its name, its size from its length, its last use from its
+/// times; a row without a file is dropped. Files whose names are not digests are left alone.
+/// Blocking; reads every directory of `blobs/` once.
+pub fn reconcile(root: &Path, meta: &super::Meta) -> io::Result<Reconciled> {
+    let mut files: std::collections::HashMap<Digest, (u64, SystemTime)> = Default::default();
+    let blobs = root.join("blobs");
+    for alg in read_dir_or_empty(&blobs)? {
+        let alg = alg?;
+        let Some(alg_name) = alg.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        for fan in read_dir_or_empty(&alg.path())? {
+            for file in read_dir_or_empty(&fan?.path())? {
+                let file = file?;
+                let Some(name) = file.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let Ok(digest) = format!("{alg_name}:{name}").parse::<Digest>() else {
+                    continue;
+                };
+                let m = file.metadata()?;
+                if !m.is_file() {
+                    continue;
+                }
+                let times = [m.modified(), m.accessed()];
+                let last = times
+                    .into_iter()
+                    .flatten()
+                    .max()
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                files.insert(digest, (m.len(), last));
+            }
+        }
+    }
+    let rows = meta.objects()?;
+    let recorded: std::collections::HashSet<&Digest> = rows.iter().map(|r| &r.digest).collect();
+    let gone: Vec<Digest> = rows
+        .iter()
+        .filter(|r| !files.contains_key(&r.digest))
+        .map(|r| r.digest.clone())
+        .collect();
+    let adopt: Vec<(Digest, u64, SystemTime)> = files
+        .iter()
+        .filter(|(d, _)| !recorded.contains(d))
+        .map(|(d, (len, last))| (d.clone(), *len, *last))
+        .collect();
+    if !gone.is_empty() {
+        meta.remove_objects(&gone)?;
+    }
+    if !adopt.is_empty() {
+        meta.adopt(&adopt)?;
+    }
+    let done = Reconciled {
+        adopted: adopt.len() as u64,
+        adopted_bytes: adopt.iter().map(|a| a.1).sum(),
+        dropped: gone.len() as u64,
+    };
+    if done != Reconciled::default() {
+        tracing::warn!(
+            adopted = done.adopted,
+            adopted_bytes = done.adopted_bytes,
+            dropped = done.dropped,
+            "metadata out of step with blobs/: files without a record adopted (unverified, hashed when first served), records without a file dropped"
+        );
+    }
+    Ok(done)
+}
+
+fn read_dir_or_empty(
+    dir: &Path,
+) -> io::Result<Box<dyn Iterator<Item = io::Result<std::fs::DirEntry>>>> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => Ok(Box::new(rd)),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
+        {
+            Ok(Box::new(std::iter::empty()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// [`check`] for bytes in memory (a manifest).
 pub fn check_bytes(bytes: &[u8], digest: &Digest) -> Option<Damage> {
     let mut v = crate::oci::Verifier::new(digest.algorithm());
@@ -234,6 +345,90 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["newer", "newest"]);
+    }
+
+    fn commit(store: &dyn super::super::BlobStore, data: &[u8]) -> Digest {
+        let d = Digest::sha256_of(data);
+        let mut v = crate::oci::Verifier::new(crate::oci::Algorithm::Sha256);
+        v.update(data);
+        let mut w = store.begin(&d).unwrap();
+        w.write(data).unwrap();
+        w.commit(v.verify(&d).unwrap(), "up/team/app").unwrap();
+        d
+    }
+
+    fn open(root: &Path) -> super::super::Store {
+        super::super::Store::open(root).unwrap()
+    }
+
+    /// The metadata lost, rolled back or damaged: every file on disk is accounted for again,
+    /// the ones without a record unverified, and records of files gone are dropped.
+    #[test]
+    fn lost_rolled_back_or_damaged_metadata_is_rebuilt_from_the_files() {
+        use super::super::Access;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let backup = root.join("backup.redb");
+        let (a, b) = {
+            let store = open(root);
+            let a = commit(&**store.blobs(), &[1u8; 1000]);
+            std::fs::copy(root.join("meta.redb"), &backup).unwrap();
+            let b = commit(&**store.blobs(), &[2u8; 3000]);
+            (a, b)
+        };
+        // Rolled back to before `b`, and `a`'s file removed meanwhile.
+        std::fs::remove_file(crate::storage::FsStore::blob_path_in(root, &a)).unwrap();
+        std::fs::copy(&backup, root.join("meta.redb")).unwrap();
+        {
+            let store = open(root);
+            let u = store.usage();
+            assert_eq!((u.objects, u.bytes), (1, 3000));
+            let blob = store.blobs().open(&b, Access::Read).unwrap().unwrap();
+            assert!(!blob.verified, "adopted unverified");
+            assert_eq!(store.meta().unverified().unwrap(), vec![b.clone()]);
+            let c = store.blobs().counters().unwrap();
+            assert_eq!(c.adopted.load(Ordering::Relaxed), 1);
+            assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
+            store.blobs().mark_verified(&b, 3000).unwrap();
+        }
+        // Verified stays verified across a start.
+        assert!(
+            open(root)
+                .blobs()
+                .open(&b, Access::Read)
+                .unwrap()
+                .unwrap()
+                .verified
+        );
+        // Lost altogether.
+        std::fs::remove_file(root.join("meta.redb")).unwrap();
+        let store = open(root);
+        assert_eq!(store.usage().bytes, 3000);
+        drop(store);
+        // Damaged: set aside, rebuilt.
+        std::fs::write(root.join("meta.redb"), vec![0x5a; 8192]).unwrap();
+        let store = open(root);
+        assert_eq!(store.usage().bytes, 3000);
+        let aside = std::fs::read_dir(root)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("meta.redb.damaged-")
+            })
+            .count();
+        assert_eq!(aside, 1);
+        drop(store);
+        // Cut short (a copy interrupted): opens, whether redb repairs it or it is set aside.
+        let len = std::fs::metadata(root.join("meta.redb")).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("meta.redb"))
+            .unwrap()
+            .set_len(len / 3)
+            .unwrap();
+        assert_eq!(open(root).usage().bytes, 3000);
     }
 
     #[test]

@@ -233,12 +233,40 @@ pub(crate) fn millis(t: SystemTime) -> u64 {
 
 impl Meta {
     pub fn open(path: &Path) -> io::Result<Meta> {
-        let db = Database::create(path).map_err(|e| match e {
+        // redb asserts, rather than returns an error, on some damage (a file cut shorter than
+        // its header says): a damaged store must be set aside, not end the process.
+        let created = std::panic::catch_unwind(|| Database::create(path)).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "metadata store {}: damaged (shorter than its header says)",
+                    path.display()
+                ),
+            )
+        })?;
+        let db = created.map_err(|e| match e {
             // Its own kind, so a second process can tell "in use" from "broken".
             redb::DatabaseError::DatabaseAlreadyOpen => io::Error::new(
                 io::ErrorKind::ResourceBusy,
                 format!("{}: in use by another cachalot process", path.display()),
             ),
+            // Its own kind too, so the cache can set a damaged store aside and rebuild it
+            // from the files (see `integrity::reconcile`).
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(e)) => io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("metadata store {}: {e}", path.display()),
+            ),
+            redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
+                ) =>
+            {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("metadata store {}: {e}", path.display()),
+                )
+            }
             e => io_err(format!("{}: {e}", path.display())),
         })?;
         // Create the tables up front so read transactions never meet a missing table.
