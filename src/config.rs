@@ -311,6 +311,14 @@ pub struct CacheConfig {
     /// cannot hold the clients following it forever.
     #[serde(default = "default_fill_min_rate")]
     pub fill_min_rate: Rate,
+    /// How often the running server re-hashes every cached blob and manifest in the
+    /// background (`7d`), quarantining what no longer matches its digest; off when absent.
+    /// A pass resumes where a restart left it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_interval: Option<Dur>,
+    /// How fast a scrub pass reads the cache, so it never competes with pulls.
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_rate: Rate,
 }
 
 /// One `[[pin]]`: an image whose manifests and blobs are never evicted.
@@ -424,6 +432,9 @@ fn default_max_size() -> ByteSize {
 fn default_memory() -> ByteSize {
     ByteSize(256 << 20)
 }
+fn default_scrub_rate() -> Rate {
+    Rate(64 << 20)
+}
 fn default_fill_min_rate() -> Rate {
     Rate(100 << 10)
 }
@@ -477,6 +488,8 @@ impl Default for CacheConfig {
             max_unused: None,
             pinned: Vec::new(),
             fill_min_rate: default_fill_min_rate(),
+            scrub_interval: None,
+            scrub_rate: default_scrub_rate(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod storage;
 pub mod telemetry;
 pub mod ui;
 pub mod upstream;
+pub mod verify;
 
 pub use error::{Error, Result};
 

@@ -44,6 +44,14 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Re-hash every cached blob and manifest, quarantine what is damaged; exit 0 when nothing
+    /// was, 1 when something was, 2 when it could not run (through the running server if it
+    /// holds the cache).
+    Verify {
+        /// The configuration file of the cache.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Fetch images into the cache (through the running server if it holds the cache).
     Prefetch(cachalot::airgap::cli::Selection),
     /// Write images as an OCI image layout tar, fetching what is missing.
@@ -115,6 +123,7 @@ fn main() -> ExitCode {
             Ok(c) => gc(&c, dry_run),
             Err(e) => fail(e),
         },
+        Command::Verify { config } => cachalot::verify::cli(&config),
         Command::Prefetch(args) => cachalot::airgap::cli::prefetch(args),
         Command::Export(args) => cachalot::airgap::cli::export(args),
         Command::Import(args) => cachalot::airgap::cli::import(args),

@@ -49,6 +49,8 @@ fn the_full_example_sets_every_documented_key() {
         "timeout",
         "max_unused",
         "pinned",
+        "scrub_interval",
+        "scrub_rate",
         "image",
         "htpasswd",
         "anonymous",

@@ -275,3 +275,150 @@ async fn rolled_back_metadata_is_reconciled_with_the_files() {
     assert_eq!(env.fake.blob_gets(REPO, &db), 1);
     assert_eq!(env.fake.blob_gets(REPO, &da), 2);
 }
+
+// === verify and scrub ===
+
+const BIN: &str = env!("CARGO_BIN_EXE_cachalot");
+
+/// Runs `cachalot verify` on `env`'s cache: (exit code, stdout).
+fn verify(env: &Env) -> (i32, String) {
+    let config = env.dir.path().join("verify.toml");
+    std::fs::write(
+        &config,
+        config_toml(env.dir.path(), &env.cache, &env.upstreams),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["verify", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run cachalot verify");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+/// Caches two blobs and damages them: one flipped (same size), one cut.
+async fn two_damaged(env: &Env) -> [(String, Bytes); 2] {
+    let (a, b) = (random_blob(400_000), random_blob(300_000));
+    let da = env.fake.push_blob(REPO, a.clone());
+    let db = env.fake.push_blob(REPO, b.clone());
+    pull_ok(env, &da, &a).await;
+    pull_ok(env, &db, &b).await;
+    env.wait_no_fills().await;
+    [(da, a), (db, b)]
+}
+
+fn damage(env: &Env, blobs: &[(String, Bytes); 2]) {
+    flip(&stored(env.dir.path(), &blobs[0].0), 399_999);
+    cut(&stored(env.dir.path(), &blobs[1].0), 1000);
+}
+
+#[tokio::test]
+async fn verify_with_the_server_stopped_finds_flips_and_cuts() {
+    let mut env = Env::start().await;
+    let blobs = two_damaged(&env).await;
+    env.proxy.shutdown().await;
+    damage(&env, &blobs);
+    let (code, out) = verify(&env);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("damaged {}: content hashes to", blobs[0].0)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "damaged {}: size 1000 bytes, recorded 300000",
+            blobs[1].0
+        )),
+        "{out}"
+    );
+    assert!(out.contains("verified 2 objects"), "{out}");
+    assert_eq!(quarantined(env.dir.path()).len(), 2);
+    let (code, out) = verify(&env);
+    assert_eq!(code, 0, "nothing left damaged: {out}");
+    assert!(
+        out.contains("verified 0 objects, 0 bytes: none damaged"),
+        "{out}"
+    );
+    env.restart_proxy(None).await;
+    for (d, bytes) in &blobs {
+        pull_ok(&env, d, bytes).await;
+        assert_eq!(env.fake.blob_gets(REPO, d), 2);
+    }
+}
+
+#[tokio::test]
+async fn verify_beside_a_running_server_has_it_run_the_pass() {
+    let env = Env::start().await;
+    let blobs = two_damaged(&env).await;
+    damage(&env, &blobs);
+    let (code, out) = tokio::task::spawn_blocking({
+        let config = env.dir.path().join("verify.toml");
+        std::fs::write(
+            &config,
+            config_toml(env.dir.path(), &env.cache, &env.upstreams),
+        )
+        .unwrap();
+        move || {
+            let out = std::process::Command::new(BIN)
+                .args(["verify", "--config"])
+                .arg(&config)
+                .output()
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("in use by a running cachalot"), "{out}");
+    assert!(
+        out.contains(&blobs[0].0) && out.contains(&blobs[1].0),
+        "{out}"
+    );
+    assert_eq!(env.metric("cachalot_scrub_corrupt_total", &[]).await, 2.0);
+    // The flipped one is never served again: fetched anew.
+    for (d, bytes) in &blobs {
+        pull_ok(&env, d, bytes).await;
+        assert_eq!(env.fake.blob_gets(REPO, d), 2);
+    }
+}
+
+#[tokio::test]
+async fn a_scrub_pass_quarantines_a_flipped_blob() {
+    let mut env = Env::start().await;
+    let blobs = two_damaged(&env).await;
+    env.proxy.shutdown().await;
+    flip(&stored(env.dir.path(), &blobs[0].0), 0);
+    let text = config_toml(env.dir.path(), &env.cache, &env.upstreams).replace(
+        "offline = false\n",
+        "offline = false\nscrub_interval = \"1h\"\nscrub_rate = \"100MiB/s\"\n",
+    );
+    env.proxy = Proxy::start(&text).await;
+    env.wait_metric("cachalot_scrub_corrupt_total", &[], 1.0)
+        .await;
+    env.wait_metric("cachalot_scrub_objects_total", &[], 2.0)
+        .await;
+    assert!(
+        env.metric("cachalot_scrub_last_pass_timestamp_seconds", &[])
+            .await
+            > 0.0
+    );
+    assert_eq!(
+        env.metric("cachalot_scrub_bytes_total", &[]).await,
+        700_000.0
+    );
+    pull_ok(&env, &blobs[0].0, &blobs[0].1).await;
+    assert_eq!(env.fake.blob_gets(REPO, &blobs[0].0), 2);
+    pull_ok(&env, &blobs[1].0, &blobs[1].1).await;
+    assert_eq!(env.fake.blob_gets(REPO, &blobs[1].0), 1);
+}

@@ -225,7 +225,7 @@ impl BlobSource {
             } else {
                 let (reader, digest) = (c.blob.reader.clone(), c.digest.clone());
                 let damage = tokio::task::spawn_blocking(move || {
-                    integrity::check(&*reader, &digest, len, |_| {})
+                    integrity::check(&*reader, &digest, len, |_| true).damage()
                 })
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?;

@@ -11,7 +11,7 @@
 //! the row), never a file the size accounting does not know. Files without a row (the metadata
 //! lost or restored from a backup) are adopted at start, unverified (`integrity::reconcile`).
 
-use super::integrity::{Counters, Damage, Quarantine};
+use super::integrity::{Checked, Counters, Damage, Quarantine};
 use super::{
     Access, Blob, BlobStore, BlobWriter, CommitError, FileReader, Meta, ObjectRow, ReadAt, Usage,
     check_proof,
@@ -238,6 +238,55 @@ impl Inner {
         Ok(())
     }
 
+    /// Opens a committed object, comparing its file's length with the record: one that differs
+    /// is quarantined, never opened.
+    fn open_checked(&self, digest: &Digest, access: Access) -> io::Result<Checked> {
+        // The read is noted before the open: `remove` checks reads and unlinks under the same
+        // lock, so an eviction either sees this read and keeps the file, or unlinks it before
+        // the open and the open misses. Noted after, a pass could unlink a file just opened
+        // and the most recently read object would be the one evicted.
+        let at = (access == Access::Read).then(|| self.touch(digest));
+        let record = self.records.read().get(digest).copied();
+        let missed = || {
+            // Not a read: a fill about to commit this digest must not look read since.
+            if let Some(at) = at {
+                let mut touches = self.touches.lock();
+                if touches.get(digest) == Some(&at) {
+                    touches.remove(digest);
+                }
+            }
+        };
+        match File::open(self.blob_path(digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                match record {
+                    Some(r) if r.size != len => {
+                        // Cut short or grown: never served, and no HEAD answers with it.
+                        drop(f);
+                        let damage = Damage::Size {
+                            recorded: r.size,
+                            found: len,
+                        };
+                        self.take_damaged(digest, &damage)?;
+                        missed();
+                        Ok(Checked::Damaged(damage))
+                    }
+                    _ => Ok(Checked::Blob(Blob {
+                        reader: Arc::new(FileReader::new(f)),
+                        len,
+                        // A file nobody recorded is as good as an adopted one: hashed first.
+                        verified: record.is_some_and(|r| r.verified),
+                    })),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missed();
+                Ok(Checked::Missing)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Moves a damaged object to the quarantine and forgets its row, unless the file there now
     /// is no longer the damaged one (a fill of the digest replaced it since it was looked at).
     fn take_damaged(&self, digest: &Digest, damage: &Damage) -> io::Result<()> {
@@ -312,52 +361,14 @@ impl BlobStore for FsStore {
     }
 
     fn open(&self, digest: &Digest, access: Access) -> io::Result<Option<Blob>> {
-        // The read is noted before the open: `remove` checks reads and unlinks under the same
-        // lock, so an eviction either sees this read and keeps the file, or unlinks it before
-        // the open and the open misses. Noted after, a pass could unlink a file just opened
-        // and the most recently read object would be the one evicted.
-        let at = (access == Access::Read).then(|| self.inner.touch(digest));
-        let record = self.inner.records.read().get(digest).copied();
-        let missed = || {
-            // Not a read: a fill about to commit this digest must not look read since.
-            if let Some(at) = at {
-                let mut touches = self.inner.touches.lock();
-                if touches.get(digest) == Some(&at) {
-                    touches.remove(digest);
-                }
-            }
-        };
-        match File::open(self.inner.blob_path(digest)) {
-            Ok(f) => {
-                let len = f.metadata()?.len();
-                match record {
-                    Some(r) if r.size != len => {
-                        // Cut short or grown: never served, and no HEAD answers with it.
-                        drop(f);
-                        self.inner.take_damaged(
-                            digest,
-                            &Damage::Size {
-                                recorded: r.size,
-                                found: len,
-                            },
-                        )?;
-                        missed();
-                        Ok(None)
-                    }
-                    _ => Ok(Some(Blob {
-                        reader: Arc::new(FileReader::new(f)),
-                        len,
-                        // A file nobody recorded is as good as an adopted one: hashed first.
-                        verified: record.is_some_and(|r| r.verified),
-                    })),
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                missed();
-                Ok(None)
-            }
-            Err(e) => Err(e),
+        match self.inner.open_checked(digest, access)? {
+            Checked::Blob(b) => Ok(Some(b)),
+            Checked::Missing | Checked::Damaged(_) => Ok(None),
         }
+    }
+
+    fn open_for_check(&self, digest: &Digest) -> io::Result<Checked> {
+        self.inner.open_checked(digest, Access::Quiet)
     }
 
     fn begin(&self, digest: &Digest) -> io::Result<Box<dyn BlobWriter>> {

@@ -51,6 +51,15 @@ impl std::fmt::Display for Damage {
     }
 }
 
+/// A stored object opened for a check.
+pub enum Checked {
+    Blob(super::Blob),
+    /// Not stored (any more).
+    Missing,
+    /// Its file had the wrong length; it is quarantined already.
+    Damaged(Damage),
+}
+
 /// Why an object was quarantined (a closed set, for metric labels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -166,14 +175,32 @@ impl Quarantine {
     }
 }
 
-/// Hashes `len` bytes of `reader` from the start, `on_chunk` hearing each chunk's size (a
-/// scrub paces itself there). Which damage, if any, the bytes show against `digest`.
+/// What hashing a stored object found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Whole,
+    Damaged(Damage),
+    /// The caller asked to stop midway.
+    Stopped,
+}
+
+impl Verdict {
+    pub fn damage(self) -> Option<Damage> {
+        match self {
+            Verdict::Damaged(d) => Some(d),
+            Verdict::Whole | Verdict::Stopped => None,
+        }
+    }
+}
+
+/// Hashes `len` bytes of `reader` from the start; `on_chunk` hears each chunk's size (a scrub
+/// paces itself there) and answers whether to go on.
 pub fn check(
     reader: &dyn super::ReadAt,
     digest: &Digest,
     len: u64,
-    mut on_chunk: impl FnMut(usize),
-) -> Option<Damage> {
+    mut on_chunk: impl FnMut(usize) -> bool,
+) -> Verdict {
     let mut v = crate::oci::Verifier::new(digest.algorithm());
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
@@ -183,20 +210,26 @@ pub fn check(
             Ok(n) => {
                 v.update(&buf[..n]);
                 at += n as u64;
-                on_chunk(n);
+                if !on_chunk(n) {
+                    return Verdict::Stopped;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Some(Damage::Unreadable(e.to_string())),
+            Err(e) => return Verdict::Damaged(Damage::Unreadable(e.to_string())),
         }
     }
     if at != len {
-        return Some(Damage::Size {
+        return Verdict::Damaged(Damage::Size {
             recorded: len,
             found: at,
         });
     }
     let found = v.finish();
-    (found != *digest).then_some(Damage::Digest { found })
+    if found == *digest {
+        Verdict::Whole
+    } else {
+        Verdict::Damaged(Damage::Digest { found })
+    }
 }
 
 /// Opens the metadata store at `path`; one that cannot be read (damaged) is moved aside to
@@ -440,10 +473,11 @@ mod tests {
             std::io::Write::write_all(&mut f, b).unwrap();
             super::super::FileReader::new(f)
         };
-        assert_eq!(check(&r(&data), &d, data.len() as u64, |_| {}), None);
+        let go = |_| true;
+        assert_eq!(check(&r(&data), &d, data.len() as u64, go), Verdict::Whole);
         assert_eq!(
-            check(&r(&data[..5]), &d, data.len() as u64, |_| {}),
-            Some(Damage::Size {
+            check(&r(&data[..5]), &d, data.len() as u64, go),
+            Verdict::Damaged(Damage::Size {
                 recorded: data.len() as u64,
                 found: 5
             })
@@ -451,10 +485,14 @@ mod tests {
         let mut flipped = data.clone();
         flipped[3] ^= 1;
         assert_eq!(
-            check(&r(&flipped), &d, data.len() as u64, |_| {}),
-            Some(Damage::Digest {
+            check(&r(&flipped), &d, data.len() as u64, go),
+            Verdict::Damaged(Damage::Digest {
                 found: Digest::sha256_of(&flipped)
             })
+        );
+        assert_eq!(
+            check(&r(&data), &d, data.len() as u64, |_| false),
+            Verdict::Stopped
         );
     }
 }

@@ -1,0 +1,331 @@
+//! Re-hashing what the cache holds: one pass over every stored object, in digest order,
+//! quarantining what no longer matches its digest (the next pull fetches it again). The
+//! background scrub (`[cache] scrub_interval`) paces itself to `scrub_rate` and keeps its
+//! position in the metadata, so a server restarted more often than a pass takes still
+//! completes passes; `cachalot verify` runs a pass at full speed.
+
+use super::Store;
+use super::integrity::{self, Checked, Damage, Verdict};
+use crate::oci::Digest;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+/// `state` keys: the last digest checked by an unfinished pass, and when the last pass ended.
+const POSITION: &str = "scrub_position";
+const LAST_PASS: &str = "scrub_last_pass";
+/// How often an unfinished pass writes down where it is.
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Bytes per second at most; `None`: as fast as the disk goes.
+    pub rate: Option<u64>,
+    /// Resume from, and keep, the persisted position (the background scrub).
+    pub persist: bool,
+}
+
+/// What a pass tells as it goes.
+pub enum Event<'a> {
+    /// Before the first object: what the pass sets out to check.
+    Start { objects: u64, bytes: u64 },
+    /// An object found damaged (and quarantined).
+    Damaged(&'a Digest, &'a Damage),
+    /// After each object: done so far, of the totals in [`Summary`].
+    Progress { objects: u64, bytes: u64 },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// What the pass set out to check.
+    pub total_objects: u64,
+    pub total_bytes: u64,
+    /// What it checked.
+    pub objects: u64,
+    pub bytes: u64,
+    pub damaged: u64,
+    /// False when stopped before the end.
+    pub complete: bool,
+}
+
+/// One pass over the objects of `store` (from the saved position with `persist`). Stops, with
+/// the position saved, soon after `stop` is set. Blocking.
+pub fn run_pass(
+    store: &Store,
+    opts: Options,
+    stop: &AtomicBool,
+    mut on: impl FnMut(Event<'_>),
+) -> io::Result<Summary> {
+    let blobs = store.blobs();
+    let counters = blobs.counters().unwrap_or_default();
+    let after = match opts.persist {
+        true => store.meta().state(POSITION)?.filter(|p| !p.is_empty()),
+        false => None,
+    };
+    let mut rows: Vec<(String, u64, Digest)> = blobs
+        .objects()?
+        .into_iter()
+        .map(|r| (r.digest.to_string(), r.size, r.digest))
+        .filter(|(name, _, _)| after.as_ref().is_none_or(|a| name > a))
+        .collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut sum = Summary {
+        total_objects: rows.len() as u64,
+        total_bytes: rows.iter().map(|r| r.1).sum(),
+        ..Summary::default()
+    };
+    on(Event::Start {
+        objects: sum.total_objects,
+        bytes: sum.total_bytes,
+    });
+    let started = Instant::now();
+    let mut paced = 0u64;
+    let mut saved = Instant::now();
+    let save = |name: &str| store.meta().set_state(&[(POSITION, name)]);
+    // The last object checked, saved when the pass stops: a restart goes on after it.
+    let mut last_done: Option<&str> = None;
+    let stopped = |last: Option<&str>| -> io::Result<()> {
+        match last {
+            Some(name) if opts.persist => save(name),
+            _ => Ok(()),
+        }
+    };
+    for (name, _, digest) in &rows {
+        if stop.load(Ordering::Relaxed) {
+            stopped(last_done)?;
+            return Ok(sum);
+        }
+        let mut keep_pace = |n: usize| {
+            paced += n as u64;
+            counters.scrub_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(rate) = opts.rate {
+                let due = started + Duration::from_secs_f64(paced as f64 / rate as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+            !stop.load(Ordering::Relaxed)
+        };
+        let damage = match blobs.open_for_check(digest)? {
+            Checked::Missing => {
+                last_done = Some(name);
+                continue;
+            }
+            Checked::Damaged(d) => Some(d),
+            Checked::Blob(b) => {
+                sum.bytes += b.len;
+                match integrity::check(&*b.reader, digest, b.len, &mut keep_pace) {
+                    Verdict::Stopped => {
+                        stopped(last_done)?;
+                        return Ok(sum);
+                    }
+                    Verdict::Whole => {
+                        if !b.verified {
+                            blobs.mark_verified(digest, b.len)?;
+                        }
+                        None
+                    }
+                    Verdict::Damaged(d) => {
+                        blobs.quarantine(digest, &d)?;
+                        Some(d)
+                    }
+                }
+            }
+        };
+        sum.objects += 1;
+        counters.scrub_objects.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = &damage {
+            sum.damaged += 1;
+            counters.scrub_corrupt.fetch_add(1, Ordering::Relaxed);
+            on(Event::Damaged(digest, d));
+        }
+        on(Event::Progress {
+            objects: sum.objects,
+            bytes: sum.bytes,
+        });
+        last_done = Some(name);
+        if opts.persist && saved.elapsed() >= SAVE_EVERY {
+            save(name)?;
+            saved = Instant::now();
+        }
+    }
+    sum.complete = true;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if opts.persist {
+        store
+            .meta()
+            .set_state(&[(POSITION, ""), (LAST_PASS, &now.to_string())])?;
+    }
+    counters.scrub_last_pass.store(now, Ordering::Relaxed);
+    Ok(sum)
+}
+
+/// Waits for `stopped` to turn true (or its sender to go). The guard `wait_for` returns is
+/// dropped here, before any await of the caller's: it must not live in a spawned future.
+pub async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+/// When the last complete pass ended and whether one is under way, from the metadata.
+fn schedule(store: &Store) -> io::Result<(Option<SystemTime>, bool)> {
+    let last = store
+        .meta()
+        .state(LAST_PASS)?
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+    let under_way = store.meta().state(POSITION)?.is_some_and(|p| !p.is_empty());
+    Ok((last, under_way))
+}
+
+/// The background scrub: a pass every `interval` (the first at once when none is recorded),
+/// an unfinished one resumed at start, each at `rate`. Ends when `stopped` turns true.
+pub fn spawn(
+    store: Arc<Store>,
+    interval: Duration,
+    rate: u64,
+    mut stopped: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, mut stopped) = (stop.clone(), stopped.clone());
+        tokio::spawn(async move {
+            until_stopped(&mut stopped).await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    tokio::spawn(async move {
+        loop {
+            let s = store.clone();
+            let (last, under_way) = match tokio::task::spawn_blocking(move || schedule(&s)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "scrub: cannot read its schedule; scrubbing off");
+                    return;
+                }
+                Err(_) => return,
+            };
+            if let Some(c) = store.blobs().counters()
+                && let Some(t) = last
+            {
+                let secs = t
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                c.scrub_last_pass.fetch_max(secs, Ordering::Relaxed);
+            }
+            let wait = match (under_way, last) {
+                (false, Some(t)) => (t + interval)
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default(),
+                _ => Duration::ZERO,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = until_stopped(&mut stopped) => return,
+            }
+            let (s, stop) = (store.clone(), stop.clone());
+            let pass = tokio::task::spawn_blocking(move || {
+                let opts = Options {
+                    rate: Some(rate),
+                    persist: true,
+                };
+                run_pass(&s, opts, &stop, |e| {
+                    if let Event::Damaged(d, damage) = e {
+                        tracing::error!(digest = %d, damage = %damage, "scrub: damaged object quarantined");
+                    }
+                })
+            })
+            .await;
+            match pass {
+                Ok(Ok(sum)) if sum.complete => {
+                    tracing::info!(
+                        objects = sum.objects,
+                        bytes = sum.bytes,
+                        damaged = sum.damaged,
+                        "scrub pass complete"
+                    )
+                }
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "scrub pass failed; trying again after the interval");
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = until_stopped(&mut stopped) => return,
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(store: &Store, data: &[u8]) -> Digest {
+        let d = Digest::sha256_of(data);
+        let mut v = crate::oci::Verifier::new(crate::oci::Algorithm::Sha256);
+        v.update(data);
+        let mut w = store.blobs().begin(&d).unwrap();
+        w.write(data).unwrap();
+        w.commit(v.verify(&d).unwrap(), "up/team/app").unwrap();
+        d
+    }
+
+    /// A pass stopped midway (a restart) goes on where it was, so restarts more frequent than
+    /// a pass takes still complete passes; the next pass starts over.
+    #[test]
+    fn a_stopped_pass_resumes_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            rate: None,
+            persist: true,
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for i in 0..4u8 {
+                commit(&store, &[i; 100]);
+            }
+            let stop = AtomicBool::new(false);
+            let sum = run_pass(&store, opts, &stop, |e| {
+                if let Event::Progress { objects: 2, .. } = e {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            })
+            .unwrap();
+            assert_eq!((sum.objects, sum.complete), (2, false));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let stop = AtomicBool::new(false);
+        let sum = run_pass(&store, opts, &stop, |_| {}).unwrap();
+        assert_eq!((sum.total_objects, sum.objects, sum.complete), (2, 2, true));
+        let sum = run_pass(&store, opts, &stop, |_| {}).unwrap();
+        assert_eq!(sum.objects, 4, "a new pass covers everything");
+        assert!(store.meta().state(LAST_PASS).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_pass_keeps_to_its_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        commit(&store, &vec![1u8; 300_000]);
+        let opts = Options {
+            rate: Some(1_000_000),
+            persist: false,
+        };
+        let t = Instant::now();
+        run_pass(&store, opts, &AtomicBool::new(false), |_| {}).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(290),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
