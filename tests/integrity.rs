@@ -422,3 +422,48 @@ async fn a_scrub_pass_quarantines_a_flipped_blob() {
     pull_ok(&env, &blobs[1].0, &blobs[1].1).await;
     assert_eq!(env.fake.blob_gets(REPO, &blobs[1].0), 1);
 }
+
+/// Re-importing a bundle repairs what it holds: a stored copy that no longer matches its digest
+/// is replaced by the bundle's.
+#[tokio::test]
+async fn re_importing_a_bundle_replaces_a_damaged_file() {
+    let mut env = Env::start().await;
+    let img = env.fake.push_image(REPO, Some("v1"), &[50_000]);
+    let (layer, bytes) = img.layers[0].clone();
+    pull_ok(&env, &layer, &bytes).await;
+    env.wait_no_fills().await;
+    env.proxy.shutdown().await;
+    let config = env.dir.path().join("airgap.toml");
+    std::fs::write(
+        &config,
+        config_toml(env.dir.path(), &env.cache, &env.upstreams),
+    )
+    .unwrap();
+    let bundle = env.dir.path().join("bundle.tar");
+    // Async: the fake upstream answers the export from this test's runtime.
+    let run = async |args: &[&str]| {
+        let out = tokio::process::Command::new(BIN)
+            .args(args)
+            .output()
+            .await
+            .expect("run cachalot");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?}: {text}");
+    };
+    let image = format!("{UP}/{REPO}:v1");
+    let (cfg, out) = (config.to_str().unwrap(), bundle.to_str().unwrap());
+    run(&["export", "--config", cfg, "--output", out, &image]).await;
+    flip(&stored(env.dir.path(), &layer), 10);
+    run(&["import", "--config", cfg, out]).await;
+    assert_eq!(
+        std::fs::read(stored(env.dir.path(), &layer)).unwrap(),
+        bytes
+    );
+    assert_eq!(quarantined(env.dir.path()).len(), 1);
+    let (code, out) = verify(&env);
+    assert_eq!(code, 0, "{out}");
+}

@@ -343,6 +343,27 @@ fn read_dir_or_empty(
     }
 }
 
+/// Whether a verified copy of `digest` must be written (an import): it is not stored, or what
+/// is stored is damaged (quarantined now, so the copy takes its place and re-importing a
+/// bundle repairs the cache). A stored object is hashed whole. Blocking.
+pub fn needs_storing(store: &dyn super::BlobStore, digest: &Digest) -> io::Result<bool> {
+    match store.open_for_check(digest)? {
+        Checked::Missing | Checked::Damaged(_) => Ok(true),
+        Checked::Blob(b) => match check(&*b.reader, digest, b.len, |_| true) {
+            Verdict::Damaged(d) => {
+                store.quarantine(digest, &d)?;
+                Ok(true)
+            }
+            Verdict::Whole | Verdict::Stopped => {
+                if !b.verified {
+                    store.mark_verified(digest, b.len)?;
+                }
+                Ok(false)
+            }
+        },
+    }
+}
+
 /// [`check`] for bytes in memory (a manifest).
 pub fn check_bytes(bytes: &[u8], digest: &Digest) -> Option<Damage> {
     let mut v = crate::oci::Verifier::new(digest.algorithm());
