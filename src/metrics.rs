@@ -341,6 +341,11 @@ pub struct Metrics {
     /// Fills whose peer or bucket failed midway and went on from the upstream, by source.
     pub fill_source_fallbacks: IntCounterVec,
     pub cache_write_errors: IntCounter,
+    /// Requests answered 503 because the process ran out of descriptors or memory.
+    pub overloaded: IntCounter,
+    /// When an overload was last logged, in seconds since the epoch: it is logged once a
+    /// second, not once a request.
+    pub overload_logged: std::sync::atomic::AtomicU64,
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
     pub evictions: IntCounterVec,
@@ -519,6 +524,14 @@ impl Metrics {
                 )
                 .expect("static metric definition"),
             ),
+            overloaded: d.register(
+                IntCounter::new(
+                    "cachalot_overloaded_total",
+                    "Requests answered 503 because the process ran out of open files or memory (load, not a bug).",
+                )
+                .expect("static metric definition"),
+            ),
+            overload_logged: std::sync::atomic::AtomicU64::new(0),
             blob_first_byte: d.histogram(
                 "cachalot_blob_first_byte_seconds",
                 "Time from a blob GET's arrival to its first body byte, by source (cache, fill).",
@@ -713,6 +726,15 @@ impl Metrics {
     }
 
     /// Counts one answered request of `route` and observes its duration since `started`.
+    /// Whether this is the first overload of the current second (the one to log).
+    pub fn first_overload_this_second(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.overload_logged.swap(now, Ordering::Relaxed) != now
+    }
+
     pub fn request(&self, route: RouteLabel, status: http::StatusCode, started: Instant) {
         let r = route as usize;
         let count = || {

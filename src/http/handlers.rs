@@ -17,7 +17,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{Instrument, Span, error};
+use tracing::{Instrument, Span, error, warn};
 
 /// What every request handler shares.
 pub(crate) struct AppState {
@@ -61,11 +61,17 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
     let mut resp = match outcome {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
-            if matches!(
-                e.cause(),
-                Error::Storage(_) | Error::Internal(_) | Error::Config(_)
-            ) {
-                error!(parent: &span, error = %e, %method, path, "request failed");
+            match e.cause() {
+                Error::Storage(_) | Error::Internal(_) | Error::Config(_) => {
+                    error!(parent: &span, error = %e, %method, path, "request failed");
+                }
+                Error::Overloaded(_) => {
+                    state.metrics.overloaded.inc();
+                    if state.metrics.first_overload_this_second() {
+                        warn!(parent: &span, error = %e, %method, path, "overloaded: answering 503 with Retry-After (logged once a second; see cachalot_overloaded_total)");
+                    }
+                }
+                _ => {}
             }
             error_response(&e, not_found)
         }
@@ -87,6 +93,12 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
             .insert(header::WWW_AUTHENTICATE, auth.challenge().clone());
     }
     resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
+    // Shutting down: the client's next request goes to a replica that stays (HTTP/2 hears a
+    // GOAWAY from the graceful shutdown instead).
+    if state.mirror.draining() && req.version() < Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     // The status first: it is cheaper than the headers, and only a refusal carries a body.
     if matches!(
         resp.status(),
@@ -222,7 +234,9 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
         Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
         Route::Readyz => {
             // Ready when the cache directory is usable: the upstreams are optional by design.
-            if mirror.ready() {
+            if mirror.draining() {
+                Ok(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"))
+            } else if mirror.ready() {
                 Ok(text(StatusCode::OK, "ready\n"))
             } else {
                 Ok(text(

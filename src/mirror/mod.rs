@@ -166,6 +166,8 @@ pub struct Mirror {
     shared_reads: parking_lot::Mutex<std::collections::HashSet<Digest>>,
     /// `storage.max_size`: the bound gc passes keep the bucket under.
     bucket_max_size: Option<u64>,
+    /// Set once shutdown begins: `/readyz` says 503 and responses close their connections.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Cap on passthrough bodies (tags lists, referrer indexes), which are buffered.
@@ -218,7 +220,20 @@ impl Mirror {
             cluster: None,
             shared_reads: Default::default(),
             bucket_max_size: config.storage.max_size.map(|m| m.0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the start of shutdown (see [`Mirror::draining`]).
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether shutdown has begun: load balancers are told to stop sending (`/readyz` 503)
+    /// while the responses in flight finish.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes this mirror one replica of `cluster`: misses it does not own are asked of their
