@@ -536,16 +536,24 @@ async fn serve_connection<S, A, F>(
             first_head(watcher.watch(conn), &activity, header_timeout).await
         }
         Conn::Tls(acceptor, stream) => {
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => {
-                    let conn = builder.serve_connection(TokioIo::new(s), service);
-                    first_head(watcher.watch(conn), &activity, header_timeout).await
+            // Boxed: a TLS connection's state (the handshake, then rustls' own) is several times
+            // a plain one's, and inline it would set the size of every connection's task.
+            let tls = Box::pin(async {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let conn = builder.serve_connection(TokioIo::new(s), service);
+                        Some(first_head(watcher.watch(conn), &activity, header_timeout).await)
+                    }
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => None,
                 }
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
+            });
+            match tls.await {
+                Some(r) => r,
+                None => return,
             }
         }
     };
