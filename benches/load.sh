@@ -5,7 +5,7 @@
 # to a file) and without it (RUST_LOG=warn). nginx serves the same files with sendfile, 2 workers, access log
 # off. Reports per server and level: requests/s (median of ROUNDS), p50 and p99 latency (of the median round),
 # errors (non-2xx answers and socket errors over all rounds; cachalot's by status, from its own metrics), and
-# peak RSS (VmHWM, reset before each level; nginx: the sum over its processes). Both cachalots set
+# peak RSS (VmHWM; every server is restarted for each target and level; nginx: the sum over its processes). Both cachalots set
 # server.max_connections = MAX_CONNECTIONS explicitly, as a fleet-sized deployment would.
 #
 # Usage:  benches/load.sh                       # builds cachalot (cargo build --release) first
@@ -40,20 +40,22 @@ LAYER=sha256:$(sha256_of "$W/data/blob")
 push_blob "$W/data/blob" "$LAYER"
 seed_image "$LAYER" $((BLOB_KIB * 1024))
 
-# Two cachalots, the per-request log line on and off.
+# Two cachalots, the per-request log line on and off. Every server is started afresh for each target and
+# level (caches kept), so that a level's peak RSS is its own: freed memory is not always returned to the
+# system, and a level would otherwise inherit the one before.
 declare -A PORT PIDOF
-for name in cachalot-log cachalot-quiet; do
-    PORT[$name]=$(free_port)
+start_cachalot() {
+    local name=$1 level=info
+    [[ -n ${PORT[$name]:-} ]] || PORT[$name]=$(free_port)
     cachalot_config "$W/$name.toml" "${PORT[$name]}" "$W/cache-$name" "max_connections = $MAX_CONNECTIONS"
-    level=info; [[ $name == cachalot-quiet ]] && level=warn
-    RUST_LOG=$level "$BIN" serve --config "$W/$name.toml" >"$W/logs/$name.log" 2>&1 &
+    [[ $name == cachalot-quiet ]] && level=warn
+    RUST_LOG=$level "$BIN" serve --config "$W/$name.toml" >>"$W/logs/$name.log" 2>&1 &
     PIDOF[$name]=$!; PIDS+=("$!")
     wait_listen "$name" "${PIDOF[$name]}" "${PORT[$name]}" 15 || die "$name did not start"
     base=http://127.0.0.1:${PORT[$name]}
     [[ $(http_code "$base/v2/$REPO/manifests/$TAG") == 200 ]] || die "$name: manifest warm-up failed"
     [[ $(http_code "$base/v2/$REPO/blobs/$LAYER") == 200 ]] || die "$name: blob warm-up failed"
-done
-sleep 1 # the commits
+}
 
 # nginx: the same two files, 2 workers (one per core), enough connections for the top level.
 mkdir -p "$W/www/v2/$REPO/blobs" "$W/www/v2/$REPO/manifests" "$W/nginx/tmp"
@@ -86,9 +88,16 @@ http {
     }
 }
 EOF
-run_nginx; PIDOF[nginx]=$NG_PID; PIDS+=("$NG_PID")
-wait_listen nginx "$NG_PID" "${PORT[nginx]}" 15 || die "nginx did not start"
+start_nginx() {
+    run_nginx; PIDOF[nginx]=$NG_PID; PIDS+=("$NG_PID")
+    wait_listen nginx "$NG_PID" "${PORT[nginx]}" 15 || die "nginx did not start"
+}
 SERVERS=(cachalot-log cachalot-quiet nginx)
+start_all() {
+    start_cachalot cachalot-log; start_cachalot cachalot-quiet; start_nginx
+    sleep 1 # the first run's commits
+}
+stop_all() { for s in "${SERVERS[@]}"; do stop "${PIDOF[$s]}"; done; }
 
 # server_pids NAME: the server's processes (nginx: master and workers).
 server_pids() {
@@ -133,6 +142,7 @@ for target in blob manifest; do
     esac
     for c in $LEVELS; do
         log "$target, $c connections: $ROUNDS rounds of wrk -t2 -c$c -d$DURATION, servers interleaved"
+        start_all
         declare -A before=()
         for s in "${SERVERS[@]}"; do reset_peak "$s"; before[$s]=$(statuses "$s"); done
         declare -A runs=() errs=()
@@ -161,6 +171,7 @@ for target in blob manifest; do
             [[ $s != nginx ]] && ERR[$k]+=" ($(status_diff "${before[$s]}" "$(statuses "$s")"))"
             PEAK[$k]=$(peak_mib "$s")
         done
+        stop_all
         unset before runs errs
     done
 done
