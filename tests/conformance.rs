@@ -203,10 +203,18 @@ async fn check_pull_blob_existing(t: &Target) {
     }
 }
 
-/// Pulling manifests: HEAD and GET of a manifest that does not exist (by tag and by digest) are
-/// 404, MANIFEST_UNKNOWN on GET.
+/// Pulling manifests: HEAD and GET of a manifest that does not exist (by tag, by digest, and by
+/// the suite's own `.INVALID_MANIFEST_NAME`, which is neither) are 404, MANIFEST_UNKNOWN on GET.
 async fn check_pull_manifest_missing(t: &Target) {
-    for reference in ["no-such-tag".to_owned(), missing_digest()] {
+    check_missing_references(t, &["no-such-tag".to_owned(), missing_digest()]).await;
+}
+
+/// The suite's reference that cannot exist: not a tag (a tag cannot start with `.`) and not a
+/// digest.
+const INVALID_MANIFEST_NAME: &str = ".INVALID_MANIFEST_NAME";
+
+async fn check_missing_references(t: &Target, references: &[String]) {
+    for reference in references {
         let path = format!("/v2/{}/manifests/{reference}", e2e_support::SINGLE_REPO);
         let head = t.send(Method::HEAD, &path, Some(ACCEPT_ALL)).await;
         assert_eq!(head.status, 404, "HEAD {path}");
@@ -367,6 +375,12 @@ async fn pulling_blobs_head_and_get_existing_blob_is_200_with_matching_digest() 
 async fn pulling_manifests_head_and_get_nonexistent_manifest_is_404() {
     require_e2e_tools!();
     check_pull_manifest_missing(&cachalot()).await;
+}
+
+#[tokio::test]
+async fn pulling_manifests_head_and_get_invalid_manifest_name_is_404_manifest_unknown() {
+    require_e2e_tools!();
+    check_missing_references(&cachalot(), &[INVALID_MANIFEST_NAME.to_owned()]).await;
 }
 
 #[tokio::test]

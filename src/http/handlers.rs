@@ -295,10 +295,16 @@ async fn manifest<B>(
         let d = parse_digest(reference)?;
         mirror.manifest_by_digest(t, &d).await?
     } else {
+        // Neither a digest nor a tag: no manifest can have this name, which the spec (and its
+        // conformance suite) answers as unknown rather than as a malformed request. The
+        // upstream is not asked, since it could not hold it either.
         let tag = Tag::parse(reference).map_err(|_| {
             Error::client(
-                ErrorCode::TagInvalid,
-                format!("invalid tag {:?}", truncate(reference)),
+                ErrorCode::ManifestUnknown,
+                format!(
+                    "{:?} is neither a tag nor a digest, so no manifest has it",
+                    truncate(reference)
+                ),
             )
         })?;
         mirror.manifest_by_tag(t, &tag, accept).await?
