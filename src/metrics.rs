@@ -877,7 +877,15 @@ mod tests {
     fn label_values_stay_as_dashboards_know_them() {
         assert_eq!(
             RouteLabel::ALL.map(RouteLabel::as_str),
-            ["manifest", "blob", "tags", "referrers", "base", "catalog", "other"]
+            [
+                "manifest",
+                "blob",
+                "tags",
+                "referrers",
+                "base",
+                "catalog",
+                "other"
+            ]
         );
         assert_eq!(
             Op::ALL.map(Op::as_str),
