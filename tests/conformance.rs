@@ -446,3 +446,47 @@ async fn reference_registry_passes_the_same_checks() {
     );
     check_unknown_repository(&t).await;
 }
+
+// ---- the public suite itself (tests/conformance.sh) ------------------------------------------
+
+/// Runs `tests/conformance.sh`: the OCI suite v1.1.1 (from `../shared/conformance/` next to the
+/// checkout) against cachalot in front of a seeded docker-registry, straight and through a
+/// front that sends writes upstream. Skipped when the suite is absent (even under CI: it is not
+/// part of the repository); with the suite present, missing tools fail under `CI`.
+#[test]
+fn the_oci_conformance_suite_finds_no_failure_of_cachalots() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let suite = root.join("../shared/conformance/conformance-1.1.1.test");
+    if !suite.exists() {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the OCI conformance run: no suite at {}",
+            suite.display()
+        );
+        return;
+    }
+    if !e2e_support::tools::tools_available(
+        &["docker-registry", "nginx", "curl"],
+        "apt-get install -y docker-registry nginx curl",
+    ) {
+        return;
+    }
+    let out = std::process::Command::new("bash")
+        .arg(root.join("tests/conformance.sh"))
+        .env("CACHALOT_BIN", env!("CARGO_BIN_EXE_cachalot"))
+        .env("CONFORMANCE_SUITE", &suite)
+        .output()
+        .expect("run tests/conformance.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tests/conformance.sh failed ({}): {stdout}",
+        out.status
+    );
+    assert!(
+        stdout.contains("mirror: ") && stdout.contains("front: "),
+        "both runs print a summary"
+    );
+}
