@@ -17,18 +17,20 @@ pub enum RouteLabel {
     Tags,
     Referrers,
     Base,
+    Catalog,
     /// Metrics, health, unsupported and unknown paths.
     Other,
 }
 
 impl RouteLabel {
     /// Every label, in declaration order (so `label as usize` indexes it).
-    pub const ALL: [RouteLabel; 6] = [
+    pub const ALL: [RouteLabel; 7] = [
         RouteLabel::Manifest,
         RouteLabel::Blob,
         RouteLabel::Tags,
         RouteLabel::Referrers,
         RouteLabel::Base,
+        RouteLabel::Catalog,
         RouteLabel::Other,
     ];
 
@@ -39,6 +41,7 @@ impl RouteLabel {
             RouteLabel::Tags => "tags",
             RouteLabel::Referrers => "referrers",
             RouteLabel::Base => "base",
+            RouteLabel::Catalog => "catalog",
             RouteLabel::Other => "other",
         }
     }
@@ -85,6 +88,8 @@ impl Op {
 pub enum Kind {
     Manifest,
     Blob,
+    /// A repository's tags list.
+    Tags,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +121,7 @@ impl Kind {
         match self {
             Kind::Manifest => "manifest",
             Kind::Blob => "blob",
+            Kind::Tags => "tags",
         }
     }
 }
@@ -389,7 +395,7 @@ pub struct Metrics {
     pub storage_request_seconds: HistogramVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
-    lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
+    lookup_series: [[IntCounter; LOOKUPS.len()]; 3],
     served_series: [IntCounter; 3],
     peer_series: [[IntCounter; PeerResult::ALL.len()]; PeerDirection::ALL.len()],
     duration_series: [Histogram; RouteLabel::ALL.len()],
@@ -648,7 +654,7 @@ impl Metrics {
                 &["op"],
             ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
-            lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
+            lookup_series: [Kind::Manifest, Kind::Blob, Kind::Tags].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
             }),
             // Indexed by `Source as usize`.
@@ -893,7 +899,15 @@ mod tests {
     fn label_values_stay_as_dashboards_know_them() {
         assert_eq!(
             RouteLabel::ALL.map(RouteLabel::as_str),
-            ["manifest", "blob", "tags", "referrers", "base", "other"]
+            [
+                "manifest",
+                "blob",
+                "tags",
+                "referrers",
+                "base",
+                "catalog",
+                "other"
+            ]
         );
         assert_eq!(
             Op::ALL.map(Op::as_str),

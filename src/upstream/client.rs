@@ -229,6 +229,12 @@ impl Upstream {
         &self.inner.name
     }
 
+    /// The configured URL (with any path prefix): where a `Link` the upstream sends must point
+    /// to be followed.
+    pub fn base(&self) -> &Url {
+        &self.inner.base
+    }
+
     /// Idle-body timeout the caller applies between body frames (`timeout` in the config).
     pub fn body_timeout(&self) -> Duration {
         self.inner.body_timeout
