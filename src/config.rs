@@ -279,6 +279,10 @@ pub struct ServerConfig {
     /// The read-only page at `/ui` and its JSON under `/ui/api/`; false: they answer 404.
     #[serde(default = "default_ui")]
     pub ui: bool,
+    /// On SIGTERM, how long responses in flight (fills and their followers included) may run
+    /// to their end before their connections are closed. Under Kubernetes' 30 s grace period.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
 }
 
 /// `[cache]`: where and how much to cache.
@@ -447,6 +451,10 @@ fn default_connect_timeout() -> Dur {
 fn default_timeout() -> Dur {
     Dur(Duration::from_secs(30))
 }
+fn default_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(25))
+}
+
 fn default_header_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
@@ -471,6 +479,7 @@ impl Default for ServerConfig {
             tls_key: None,
             metrics_listen: None,
             header_timeout: default_header_timeout(),
+            drain_timeout: default_drain_timeout(),
             max_connections: default_max_connections(),
             ui: default_ui(),
         }

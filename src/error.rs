@@ -22,6 +22,10 @@ pub enum Error {
     /// The local cache could not be read or written.
     #[error("storage: {0}")]
     Storage(Arc<std::io::Error>),
+    /// The process ran out of a resource (open files, kernel memory) while serving: load, not a
+    /// bug, and not the upstream's fault. The client is asked to retry shortly.
+    #[error("out of resources: {0}")]
+    Overloaded(Arc<std::io::Error>),
     #[error("{0}")]
     Config(Arc<ConfigError>),
     /// Input that cannot be used: an image reference or platform that does not parse, a bundle
@@ -74,9 +78,28 @@ pub enum UpstreamFault {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Error::Storage(Arc::new(e))
+        if is_exhaustion(&e) {
+            Error::Overloaded(Arc::new(e))
+        } else {
+            Error::Storage(Arc::new(e))
+        }
     }
 }
+
+/// Whether `e` says the process or the system ran out of something that frees up as load
+/// falls: descriptors (EMFILE, ENFILE) or kernel memory for sockets and buffers.
+pub fn is_exhaustion(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+            .iter()
+            .any(|x| x.raw_os_error() == code)
+    })
+}
+
+/// `Retry-After` for an overloaded mirror: soon, since descriptors free up as responses end
+/// (the 60 s sent for an upstream's 429 would idle a fleet for nothing).
+static OVERLOAD_RETRY_AFTER: HeaderValue = HeaderValue::from_static("2");
 
 impl From<ConfigError> for Error {
     fn from(e: ConfigError) -> Self {
@@ -162,6 +185,7 @@ impl Error {
                 fault: UpstreamFault::CircuitOpen { retry_after },
                 ..
             } => Some(retry_after),
+            Error::Overloaded(_) => Some(&OVERLOAD_RETRY_AFTER),
             _ => None,
         }
     }
@@ -214,6 +238,10 @@ impl Error {
             // Only a reference can come from a client, and the message names it. Bundles and
             // image lists are read by the command line, which prints the message itself.
             Error::Invalid(message) => OciError::new(ErrorCode::NameInvalid, message.clone()),
+            Error::Overloaded(_) => OciError::new(
+                ErrorCode::Unavailable,
+                "the mirror is overloaded (out of open files or memory); retry shortly",
+            ),
             // Details go to the log, not to the client.
             Error::Storage(_) | Error::Config(_) | Error::Internal(_) => OciError::new(
                 ErrorCode::Unknown,
@@ -265,6 +293,25 @@ mod tests {
             .to_oci(ErrorCode::BlobUnknown);
         assert_eq!(t.status, StatusCode::GATEWAY_TIMEOUT);
         assert!(t.message.contains("quay.io"));
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_a_503_to_retry_soon() {
+        for code in [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE] {
+            let e: Error = std::io::Error::from_raw_os_error(code.raw_os_error()).into();
+            let oci = e.to_oci(ErrorCode::BlobUnknown);
+            assert_eq!(oci.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(oci.code, ErrorCode::Unavailable);
+            assert_eq!(e.retry_after().unwrap(), "2");
+        }
+        // Any other I/O failure stays what it is: a fault of the mirror's storage.
+        let e: Error =
+            std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error()).into();
+        assert_eq!(
+            e.to_oci(ErrorCode::BlobUnknown).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert!(e.retry_after().is_none());
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub use error::{Error, Result};
 
 /// Starting and stopping the server, for the binary and for tests.
 pub mod server {
-    pub use crate::http::server::{Server, SpawnOptions, spawn, spawn_with, spawn_with_options};
+    pub use crate::http::server::{
+        Server, SpawnOptions, connection_budget_for, raise_open_files_limit, spawn, spawn_with,
+        spawn_with_options, upstream_connection_limits,
+    };
     pub use crate::http::tls::check_pair as check_tls_pair;
 }

@@ -109,7 +109,8 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => match check_credentials(&c).and_then(|()| check_auth(&c)) {
                 Ok(warnings) => {
-                    for w in c.tls_warnings().into_iter().chain(warnings) {
+                    let budget = connection_budget_warning(&c);
+                    for w in c.tls_warnings().into_iter().chain(warnings).chain(budget) {
                         eprintln!("cachalot: warning: {w}");
                     }
                     print!("{}", c.to_toml());
@@ -296,6 +297,8 @@ async fn serve(config: Config) -> ExitCode {
     // themselves); its default action would end the process, so it is taken over before
     // anything else, whatever the config reloads.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    cachalot::server::raise_open_files_limit();
+    let drain_timeout = config.server.drain_timeout.0;
     let server = match cachalot::server::spawn(config).await {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -308,9 +311,36 @@ async fn serve(config: Config) -> ExitCode {
         });
     }
     shutdown_signal().await;
-    tracing::info!("shutting down");
-    server.shutdown().await;
-    ExitCode::SUCCESS
+    tracing::info!(
+        drain_timeout = ?drain_timeout,
+        "shutting down: new connections are refused, responses in flight run on (a second SIGTERM or SIGINT exits at once)"
+    );
+    tokio::select! {
+        () = server.shutdown() => ExitCode::SUCCESS,
+        () = shutdown_signal() => {
+            tracing::warn!("second signal: exiting without waiting for the responses in flight");
+            // At once, as asked: nothing left running may hold the exit up. What was not
+            // committed is lost as a crash would lose it (the cache stays consistent).
+            std::process::exit(1)
+        }
+    }
+}
+
+/// A warning when `server.max_connections` exceeds what the open-file limit affords (judged at
+/// the hard limit, to which `serve` raises the soft one).
+fn connection_budget_warning(c: &Config) -> Option<String> {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    let upstreams = cachalot::server::upstream_connection_limits(c);
+    let budget = cachalot::server::connection_budget_for(hard, upstreams)?;
+    (c.server.max_connections > budget).then(|| {
+        format!(
+            "server.max_connections = {} exceeds the {budget} connections the open-file limit here \
+             affords ({} files; each connection may hold a socket and a cache file); it will be \
+             lowered to {budget}: raise the limit (ulimit -Hn, systemd LimitNOFILE) to serve more",
+            c.server.max_connections,
+            hard.unwrap_or(0),
+        )
+    })
 }
 
 async fn shutdown_signal() {

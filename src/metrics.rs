@@ -17,18 +17,20 @@ pub enum RouteLabel {
     Tags,
     Referrers,
     Base,
+    Catalog,
     /// Metrics, health, unsupported and unknown paths.
     Other,
 }
 
 impl RouteLabel {
     /// Every label, in declaration order (so `label as usize` indexes it).
-    pub const ALL: [RouteLabel; 6] = [
+    pub const ALL: [RouteLabel; 7] = [
         RouteLabel::Manifest,
         RouteLabel::Blob,
         RouteLabel::Tags,
         RouteLabel::Referrers,
         RouteLabel::Base,
+        RouteLabel::Catalog,
         RouteLabel::Other,
     ];
 
@@ -39,6 +41,7 @@ impl RouteLabel {
             RouteLabel::Tags => "tags",
             RouteLabel::Referrers => "referrers",
             RouteLabel::Base => "base",
+            RouteLabel::Catalog => "catalog",
             RouteLabel::Other => "other",
         }
     }
@@ -85,6 +88,8 @@ impl Op {
 pub enum Kind {
     Manifest,
     Blob,
+    /// A repository's tags list.
+    Tags,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +121,7 @@ impl Kind {
         match self {
             Kind::Manifest => "manifest",
             Kind::Blob => "blob",
+            Kind::Tags => "tags",
         }
     }
 }
@@ -341,6 +347,11 @@ pub struct Metrics {
     /// Fills whose peer or bucket failed midway and went on from the upstream, by source.
     pub fill_source_fallbacks: IntCounterVec,
     pub cache_write_errors: IntCounter,
+    /// Requests answered 503 because the process ran out of descriptors or memory.
+    pub overloaded: IntCounter,
+    /// When an overload was last logged, in seconds since the epoch: it is logged once a
+    /// second, not once a request.
+    pub overload_logged: std::sync::atomic::AtomicU64,
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
     pub evictions: IntCounterVec,
@@ -384,7 +395,7 @@ pub struct Metrics {
     pub storage_request_seconds: HistogramVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
-    lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
+    lookup_series: [[IntCounter; LOOKUPS.len()]; 3],
     served_series: [IntCounter; 3],
     peer_series: [[IntCounter; PeerResult::ALL.len()]; PeerDirection::ALL.len()],
     duration_series: [Histogram; RouteLabel::ALL.len()],
@@ -521,6 +532,14 @@ impl Metrics {
                 )
                 .expect("static metric definition"),
             ),
+            overloaded: d.register(
+                IntCounter::new(
+                    "cachalot_overloaded_total",
+                    "Requests answered 503 because the process ran out of open files or memory (load, not a bug).",
+                )
+                .expect("static metric definition"),
+            ),
+            overload_logged: std::sync::atomic::AtomicU64::new(0),
             blob_first_byte: d.histogram(
                 "cachalot_blob_first_byte_seconds",
                 "Time from a blob GET's arrival to its first body byte, by source (cache, fill).",
@@ -637,7 +656,7 @@ impl Metrics {
                 &["op"],
             ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
-            lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
+            lookup_series: [Kind::Manifest, Kind::Blob, Kind::Tags].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
             }),
             // Indexed by `Source as usize`.
@@ -716,6 +735,15 @@ impl Metrics {
     }
 
     /// Counts one answered request of `route` and observes its duration since `started`.
+    /// Whether this is the first overload of the current second (the one to log).
+    pub fn first_overload_this_second(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.overload_logged.swap(now, Ordering::Relaxed) != now
+    }
+
     pub fn request(&self, route: RouteLabel, status: http::StatusCode, started: Instant) {
         let r = route as usize;
         let count = || {
@@ -942,7 +970,15 @@ mod tests {
     fn label_values_stay_as_dashboards_know_them() {
         assert_eq!(
             RouteLabel::ALL.map(RouteLabel::as_str),
-            ["manifest", "blob", "tags", "referrers", "base", "other"]
+            [
+                "manifest",
+                "blob",
+                "tags",
+                "referrers",
+                "base",
+                "catalog",
+                "other"
+            ]
         );
         assert_eq!(
             Op::ALL.map(Op::as_str),

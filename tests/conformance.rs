@@ -203,10 +203,18 @@ async fn check_pull_blob_existing(t: &Target) {
     }
 }
 
-/// Pulling manifests: HEAD and GET of a manifest that does not exist (by tag and by digest) are
-/// 404, MANIFEST_UNKNOWN on GET.
+/// Pulling manifests: HEAD and GET of a manifest that does not exist (by tag, by digest, and by
+/// the suite's own `.INVALID_MANIFEST_NAME`, which is neither) are 404, MANIFEST_UNKNOWN on GET.
 async fn check_pull_manifest_missing(t: &Target) {
-    for reference in ["no-such-tag".to_owned(), missing_digest()] {
+    check_missing_references(t, &["no-such-tag".to_owned(), missing_digest()]).await;
+}
+
+/// The suite's reference that cannot exist: not a tag (a tag cannot start with `.`) and not a
+/// digest.
+const INVALID_MANIFEST_NAME: &str = ".INVALID_MANIFEST_NAME";
+
+async fn check_missing_references(t: &Target, references: &[String]) {
+    for reference in references {
         let path = format!("/v2/{}/manifests/{reference}", e2e_support::SINGLE_REPO);
         let head = t.send(Method::HEAD, &path, Some(ACCEPT_ALL)).await;
         assert_eq!(head.status, 404, "HEAD {path}");
@@ -370,6 +378,12 @@ async fn pulling_manifests_head_and_get_nonexistent_manifest_is_404() {
 }
 
 #[tokio::test]
+async fn pulling_manifests_head_and_get_invalid_manifest_name_is_404_manifest_unknown() {
+    require_e2e_tools!();
+    check_missing_references(&cachalot(), &[INVALID_MANIFEST_NAME.to_owned()]).await;
+}
+
+#[tokio::test]
 async fn pulling_manifests_head_and_get_by_tag_is_200_with_matching_digest() {
     require_e2e_tools!();
     check_pull_manifest_by_tag(&cachalot()).await;
@@ -431,4 +445,48 @@ async fn reference_registry_passes_the_same_checks() {
         String::from_utf8_lossy(&resp.body).trim()
     );
     check_unknown_repository(&t).await;
+}
+
+// ---- the public suite itself (tests/conformance.sh) ------------------------------------------
+
+/// Runs `tests/conformance.sh`: the OCI suite v1.1.1 (from `../shared/conformance/` next to the
+/// checkout) against cachalot in front of a seeded docker-registry, straight and through a
+/// front that sends writes upstream. Skipped when the suite is absent (even under CI: it is not
+/// part of the repository); with the suite present, missing tools fail under `CI`.
+#[test]
+fn the_oci_conformance_suite_finds_no_failure_of_cachalots() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let suite = root.join("../shared/conformance/conformance-1.1.1.test");
+    if !suite.exists() {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the OCI conformance run: no suite at {}",
+            suite.display()
+        );
+        return;
+    }
+    if !e2e_support::tools::tools_available(
+        &["docker-registry", "nginx", "curl"],
+        "apt-get install -y docker-registry nginx curl",
+    ) {
+        return;
+    }
+    let out = std::process::Command::new("bash")
+        .arg(root.join("tests/conformance.sh"))
+        .env("CACHALOT_BIN", env!("CARGO_BIN_EXE_cachalot"))
+        .env("CONFORMANCE_SUITE", &suite)
+        .output()
+        .expect("run tests/conformance.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tests/conformance.sh failed ({}): {stdout}",
+        out.status
+    );
+    assert!(
+        stdout.contains("mirror: ") && stdout.contains("front: "),
+        "both runs print a summary"
+    );
 }

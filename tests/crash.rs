@@ -10,173 +10,19 @@
 mod common;
 
 use bytes::Bytes;
+use common::child::*;
 use common::*;
 use sha2::{Digest as _, Sha256};
-use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cachalot");
 const REPO: &str = "crash/big";
 /// Large enough that a fill is many chunks long.
 const BIG: usize = 8 << 20;
 /// Where the fake pauses the body for the kill.
 const PAUSE_AT: usize = 3 << 20;
-/// Safety net for waits on processes and files (never a performance assertion).
-const SAFETY: Duration = Duration::from_secs(60);
-
-// === a cachalot child process ===
-
-/// Kills (SIGKILL) and reaps the child when dropped.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One running `cachalot serve`.
-struct Cachalot {
-    child: ChildGuard,
-    addr: SocketAddr,
-    log: PathBuf,
-    config: PathBuf,
-}
-
-static RUN: AtomicU32 = AtomicU32::new(0);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The cache directory of a test's temp dir.
-fn cache_dir(dir: &Path) -> PathBuf {
-    dir.join("cache")
-}
-
-/// Writes the config for a cachalot on `port` (0: any) in front of `upstream_url`, with
-/// `max_size`; returns its path.
-fn write_config(dir: &Path, name: &str, upstream_url: &str, port: u16, max_size: &str) -> PathBuf {
-    let text = config_toml(
-        &cache_dir(dir),
-        &CacheSpec::default(),
-        &[UpstreamSpec::new(UP, upstream_url, true)],
-    );
-    let listen = "listen = \"127.0.0.1:0\"";
-    let size = "max_size = \"1GiB\"";
-    assert!(
-        text.contains(listen) && text.contains(size),
-        "config_toml changed shape:\n{text}"
-    );
-    let text = text
-        .replace(listen, &format!("listen = \"127.0.0.1:{port}\""))
-        .replace(size, &format!("max_size = {max_size:?}"));
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
-impl Cachalot {
-    /// Starts `cachalot serve` on the cache in `dir`, on a free port (retried if another
-    /// process took it meanwhile), and waits until it accepts connections and /readyz is 200.
-    async fn start(dir: &Path, upstream_url: &str, crash_point: Option<&str>) -> Cachalot {
-        for attempt in 0.. {
-            let port = free_port();
-            let config = write_config(dir, "cachalot.toml", upstream_url, port, "1GiB");
-            let n = RUN.fetch_add(1, Ordering::Relaxed);
-            let log = dir.join(format!("cachalot-{n}.log"));
-            let out = std::fs::File::create(&log).expect("create log");
-            let mut cmd = Command::new(BIN);
-            cmd.args(["serve", "--config"])
-                .arg(&config)
-                .env_remove("CACHALOT_CRASH_POINT")
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().unwrap())
-                .stderr(out);
-            if let Some(p) = crash_point {
-                cmd.env("CACHALOT_CRASH_POINT", p);
-            }
-            let mut child = ChildGuard(cmd.spawn().expect("spawn cachalot"));
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let deadline = tokio::time::Instant::now() + SAFETY;
-            loop {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    let c = Cachalot {
-                        child,
-                        addr,
-                        log,
-                        config,
-                    };
-                    let r = TestClient::new().get(&c.url("/readyz")).await;
-                    assert_eq!(r.status, 200, "/readyz after start: {}", r.text());
-                    return c;
-                }
-                if let Some(status) = child.0.try_wait().expect("try_wait") {
-                    let text = std::fs::read_to_string(&log).unwrap_or_default();
-                    if text.contains("server.listen") && attempt < 5 {
-                        break; // the port was taken meanwhile: pick another
-                    }
-                    panic!("cachalot exited at start ({status}):\n{text}");
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "safety timeout: cachalot did not start listening"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        unreachable!()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn blob_url(&self, digest: &str) -> String {
-        self.url(&format!("/v2/{REPO}/blobs/{digest}"))
-    }
-
-    /// `kill -9`, and reap.
-    fn kill9(mut self) -> ExitStatus {
-        self.child.0.kill().expect("kill -9 cachalot");
-        self.child.0.wait().expect("wait for cachalot")
-    }
-
-    /// Waits for the process to exit by itself.
-    async fn exited(&mut self) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + SAFETY;
-        loop {
-            if let Some(s) = self.child.0.try_wait().expect("try_wait") {
-                return s;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "safety timeout: cachalot did not exit; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let r = TestClient::new().get(&self.url("/metrics")).await;
-        assert_eq!(r.status, 200, "/metrics");
-        metric_value(&r.text(), name, &[])
-    }
-}
 
 // === looking at the cache on disk ===
 
@@ -243,7 +89,9 @@ fn assert_not_partial(what: &str, status: u16, d: &client::Drained, blob: &Bytes
 
 /// GETs the blob through `c` and requires the whole, correct blob.
 async fn assert_serves_blob(c: &Cachalot, digest: &str, blob: &Bytes) {
-    let (status, _, d) = TestClient::new().get_drained(&c.blob_url(digest)).await;
+    let (status, _, d) = TestClient::new()
+        .get_drained(&c.blob_url(REPO, digest))
+        .await;
     assert_eq!(
         status,
         200,
@@ -383,7 +231,7 @@ impl World {
         );
         assert_stored_files_verified(self.path(), &self.digest);
         let (status, _, d) = TestClient::new()
-            .get_drained(&c.blob_url(&self.digest))
+            .get_drained(&c.blob_url(REPO, &self.digest))
             .await;
         let status = status.as_u16();
         assert_not_partial("upstream down", status, &d, &self.blob);
@@ -475,7 +323,7 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
     // A client starts the pull; the upstream stops mid-body, the fill is in progress.
     // The kill must land once the client holds the response head, so that what it sees is a
     // 200 whose body breaks off, not a connection that closed before any answer.
-    let url = c.blob_url(&w.digest);
+    let url = c.blob_url(REPO, &w.digest);
     let (pull, head_rx) = pull_reporting_head(url);
     tokio::time::timeout(SAFETY, gate.reached())
         .await
@@ -532,7 +380,7 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
 async fn crash_at(point: &str, accounting: bool) {
     let w = World::new().await;
     let mut c = Cachalot::start(w.path(), &w.fake.url(), Some(point)).await;
-    let url = c.blob_url(&w.digest);
+    let url = c.blob_url(REPO, &w.digest);
     let pull = tokio::spawn(async move { TestClient::new().get_drained(&url).await });
     let status = c.exited().await;
     assert!(
@@ -630,7 +478,7 @@ async fn gc_against_a_running_server_leaves_its_fill_alone() {
     let w = World::new().await;
     let gate = w.fake.pause_blob(&w.digest, PAUSE_AT);
     let c = Cachalot::start(w.path(), &w.fake.url(), None).await;
-    let url = c.blob_url(&w.digest);
+    let url = c.blob_url(REPO, &w.digest);
     let (pull, head_rx) = pull_reporting_head(url);
     tokio::time::timeout(SAFETY, gate.reached())
         .await

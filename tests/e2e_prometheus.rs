@@ -239,6 +239,8 @@ enum Check {
     Latency,
     /// Either the metric is absent (it comes from another module) or its value is sane.
     IfPresent,
+    /// A ratio over series that exist at zero and saw no traffic: 0/0, NaN.
+    NoTraffic,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,6 +346,8 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
             Expect::Series(vec![
                 (kind("blob"), Check::Exact(0.75)),
                 (kind("manifest"), Check::Exact(0.25)),
+                // No tags list was asked for: 0/0.
+                (kind("tags"), Check::NoTraffic),
             ]),
         ),
         (
@@ -364,6 +368,13 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
                     ("manifest", "revalidated", 0.0),
                     ("manifest", "peer", 0.0),
                     ("manifest", "bucket", 0.0),
+                    ("tags", "hit", 0.0),
+                    ("tags", "miss", 0.0),
+                    ("tags", "coalesced", 0.0),
+                    ("tags", "stale", 0.0),
+                    ("tags", "revalidated", 0.0),
+                    ("tags", "peer", 0.0),
+                    ("tags", "bucket", 0.0),
                 ]
                 .into_iter()
                 .map(|(k, r, n)| (vec![("kind", k), ("result", r)], Check::Rate(n)))
@@ -612,6 +623,7 @@ fn check(
             Check::Increase(n) => close(v, n * one_increase),
             Check::Latency => v.is_finite() && v > 0.0 && v <= 10.0,
             Check::IfPresent => v.is_finite() && v >= 0.0,
+            Check::NoTraffic => v.is_nan(),
         };
         if !ok {
             return Err(format!(
@@ -634,6 +646,7 @@ fn describe(c: Check, one: f64, one_increase: f64) -> String {
         Check::Increase(n) => format!("== increase of {n} ({})", n * one_increase),
         Check::Latency => "finite, in (0, 10]".into(),
         Check::IfPresent => "finite >= 0".into(),
+        Check::NoTraffic => "NaN (no traffic)".into(),
     }
 }
 

@@ -17,7 +17,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{Instrument, Span, error};
+use tracing::{Instrument, Span, error, warn};
 
 /// What every request handler shares.
 pub(crate) struct AppState {
@@ -61,11 +61,17 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
     let mut resp = match outcome {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
-            if matches!(
-                e.cause(),
-                Error::Storage(_) | Error::Internal(_) | Error::Config(_)
-            ) {
-                error!(parent: &span, error = %e, %method, path, "request failed");
+            match e.cause() {
+                Error::Storage(_) | Error::Internal(_) | Error::Config(_) => {
+                    error!(parent: &span, error = %e, %method, path, "request failed");
+                }
+                Error::Overloaded(_) => {
+                    state.metrics.overloaded.inc();
+                    if state.metrics.first_overload_this_second() {
+                        warn!(parent: &span, error = %e, %method, path, "overloaded: answering 503 with Retry-After (logged once a second; see cachalot_overloaded_total)");
+                    }
+                }
+                _ => {}
             }
             error_response(&e, not_found)
         }
@@ -87,6 +93,12 @@ pub(crate) async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response
             .insert(header::WWW_AUTHENTICATE, auth.challenge().clone());
     }
     resp.headers_mut().insert(API_VERSION_HEADER, API_VERSION);
+    // Shutting down: the client's next request goes to a replica that stays (HTTP/2 hears a
+    // GOAWAY from the graceful shutdown instead).
+    if state.mirror.draining() && req.version() < Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     // The status first: it is cheaper than the headers, and only a refusal carries a body.
     if matches!(
         resp.status(),
@@ -180,7 +192,18 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
         Route::Tags { name } => {
             let t = mirror.route(name, ns.as_deref())?;
             authorize(state, who.as_ref(), &t)?;
-            Box::pin(tags(state, &t, req.uri().query(), head)).await
+            Box::pin(super::listing::tags(state, &t, req.uri().query(), head)).await
+        }
+        Route::Catalog => {
+            let query = req.uri().query();
+            Box::pin(super::listing::catalog(
+                state,
+                who.as_ref(),
+                ns.as_deref(),
+                query,
+                head,
+            ))
+            .await
         }
         Route::Referrers { name, digest } => {
             let t = mirror.route(name, ns.as_deref())?;
@@ -222,7 +245,9 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
         Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
         Route::Readyz => {
             // Ready when the cache directory is usable: the upstreams are optional by design.
-            if mirror.ready() {
+            if mirror.draining() {
+                Ok(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"))
+            } else if mirror.ready() {
                 Ok(text(StatusCode::OK, "ready\n"))
             } else {
                 Ok(text(
@@ -277,7 +302,7 @@ fn parse_digest(s: &str) -> Result<Digest, Error> {
     })
 }
 
-fn truncate(s: &str) -> String {
+pub(super) fn truncate(s: &str) -> String {
     s.chars().take(100).collect()
 }
 
@@ -295,10 +320,16 @@ async fn manifest<B>(
         let d = parse_digest(reference)?;
         mirror.manifest_by_digest(t, &d).await?
     } else {
+        // Neither a digest nor a tag: no manifest can have this name, which the spec (and its
+        // conformance suite) answers as unknown rather than as a malformed request. The
+        // upstream is not asked, since it could not hold it either.
         let tag = Tag::parse(reference).map_err(|_| {
             Error::client(
-                ErrorCode::TagInvalid,
-                format!("invalid tag {:?}", truncate(reference)),
+                ErrorCode::ManifestUnknown,
+                format!(
+                    "{:?} is neither a tag nor a digest, so no manifest has it",
+                    truncate(reference)
+                ),
             )
         })?;
         mirror.manifest_by_tag(t, &tag, accept).await?
@@ -463,80 +494,6 @@ pub(crate) fn parse_range(header: &str, len: u64) -> RangeAnswer {
     }
 }
 
-async fn tags(state: &AppState, t: &Target, query: Option<&str>, head: bool) -> Reply {
-    let mirror = &state.mirror;
-    let mut upstream_query = Vec::new();
-    if let Some(n) = query_param(query, "n") {
-        if n.parse::<u32>().is_err() {
-            return Err(Error::client(
-                ErrorCode::PaginationNumberInvalid,
-                format!("n={:?} is not a number", truncate(&n)),
-            ));
-        }
-        upstream_query.push(("n", n));
-    }
-    if let Some(last) = query_param(query, "last") {
-        upstream_query.push(("last", last));
-    }
-    let mut path = format!("/v2/{}/tags/list", t.repo);
-    if !upstream_query.is_empty() {
-        path.push('?');
-        path.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(upstream_query)
-                .finish(),
-        );
-    }
-    let p = mirror.passthrough(t, Op::Tags, path).await?;
-    // The list names the repository as the upstream knows it; answer with the client's name.
-    let body = match serde_json::from_slice::<serde_json::Value>(&p.body) {
-        Ok(mut v) if v.get("name").is_some() => {
-            v["name"] = serde_json::Value::String(t.client_name.clone());
-            serde_json::to_vec(&v).unwrap_or_else(|_| p.body.to_vec())
-        }
-        _ => p.body.to_vec(),
-    };
-    let mut builder = Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len());
-    if let Some(link) = p.headers.get(header::LINK).and_then(|v| v.to_str().ok())
-        && let Some(rewritten) = rewrite_link(link, &t.client_name, t.ns.as_deref())
-    {
-        builder = builder.header(header::LINK, rewritten);
-    }
-    state.metrics.served(Source::Upstream, body.len() as u64);
-    Ok(builder
-        .body(if head {
-            body::empty()
-        } else {
-            body::full(body)
-        })
-        .expect("valid headers"))
-}
-
-/// `</v2/library/nginx/tags/list?last=x&n=2>; rel="next"` as the client must follow it:
-/// its own repository name, and its `ns` when it routed with one.
-pub(crate) fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<String> {
-    let start = link.find('<')? + 1;
-    let end = start + link[start..].find('>')?;
-    let target = &link[start..end];
-    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
-        .filter(|(k, _)| k != "ns")
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if let Some(ns) = ns {
-        pairs.push(("ns".into(), ns.into()));
-    }
-    let q = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish();
-    Some(format!(
-        "</v2/{client_name}/tags/list?{q}>{}",
-        &link[end + 1..]
-    ))
-}
-
 async fn referrers(
     state: &AppState,
     t: &Target,
@@ -578,7 +535,7 @@ async fn referrers(
         .expect("valid headers"))
 }
 
-fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+pub(super) fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.into_owned())
@@ -646,28 +603,6 @@ mod tests {
         assert_eq!(parse_range("items=0-1", 100), RangeAnswer::Full);
         assert_eq!(parse_range("bytes=5-1", 100), RangeAnswer::Full);
         assert_eq!(parse_range("bytes=x-1", 100), RangeAnswer::Full);
-    }
-
-    #[test]
-    fn links() {
-        let l = rewrite_link(
-            "</v2/library/nginx/tags/list?last=b&n=2>; rel=\"next\"",
-            "nginx",
-            None,
-        )
-        .unwrap();
-        assert_eq!(l, "</v2/nginx/tags/list?last=b&n=2>; rel=\"next\"");
-        let l = rewrite_link(
-            "<https://r.example/v2/o/a/tags/list?n=2&last=b>; rel=\"next\"",
-            "ghcr.io/o/a",
-            Some("ghcr.io"),
-        )
-        .unwrap();
-        assert_eq!(
-            l,
-            "</v2/ghcr.io/o/a/tags/list?n=2&last=b&ns=ghcr.io>; rel=\"next\""
-        );
-        assert_eq!(rewrite_link("garbage", "x", None), None);
     }
 
     proptest! {

@@ -2,6 +2,7 @@
 
 pub(crate) mod body;
 pub(crate) mod handlers;
+pub(crate) mod listing;
 pub(crate) mod log;
 pub(crate) mod metrics_listener;
 pub mod route;

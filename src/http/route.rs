@@ -20,6 +20,8 @@ pub enum Route<'a> {
     Tags {
         name: &'a str,
     },
+    /// `GET /v2/_catalog`: the repositories the cache holds.
+    Catalog,
     Referrers {
         name: &'a str,
         digest: &'a str,
@@ -46,6 +48,7 @@ impl Route<'_> {
             Route::Manifest { .. } => RouteLabel::Manifest,
             Route::Blob { .. } => RouteLabel::Blob,
             Route::Tags { .. } => RouteLabel::Tags,
+            Route::Catalog => RouteLabel::Catalog,
             Route::Referrers { .. } => RouteLabel::Referrers,
             Route::Metrics
             | Route::Root
@@ -98,8 +101,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
     } else if let Some((name, digest)) = rsplit_once(rest, "/referrers/") {
         Route::Referrers { name, digest }
     } else if rest == "_catalog" {
-        // Listing every repository of every upstream is not something a mirror can answer.
-        return Route::Unsupported;
+        Route::Catalog
     } else {
         return Route::NotFound;
     };
@@ -146,6 +148,8 @@ mod tests {
             }
         );
         assert_eq!(route(&g, "/v2/a/b/tags/list"), Route::Tags { name: "a/b" });
+        assert_eq!(route(&g, "/v2/_catalog"), Route::Catalog);
+        assert_eq!(route(&Method::PUT, "/v2/_catalog"), Route::Unsupported);
         assert_eq!(
             route(&g, "/v2/a/referrers/sha256:x"),
             Route::Referrers {

@@ -31,10 +31,6 @@ use tracing::{debug, info, warn};
 /// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long `shutdown` lets responses in flight finish before closing their connections.
-// TODO(drain_timeout): the `server.drain_timeout` key of a later issue replaces this.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How long `shutdown` waits for verified blobs to be committed (an fsync and a rename each).
 const COMMIT_DRAIN: Duration = Duration::from_secs(10);
 
@@ -71,10 +67,13 @@ impl Server {
         self.metrics_addr
     }
 
-    /// Stops accepting, lets the responses in flight finish (for `DRAIN_TIMEOUT` at most, then
-    /// closes what is left), waits for verified blobs to be committed, and returns once no
-    /// connection or background task holds the cache.
+    /// Stops accepting (the listening socket is closed, so new connections are refused),
+    /// lets the responses in flight finish (for `server.drain_timeout` at most, then closes
+    /// what is left; meanwhile `/readyz` says 503 and responses close their connections),
+    /// waits for verified blobs to be committed, and returns once no connection or background
+    /// task holds the cache.
     pub async fn shutdown(self) {
+        self.mirror.start_draining();
         let _ = self.stop.send(true);
         let _ = self.task.await;
         if let Some(t) = self.metrics_task {
@@ -204,8 +203,9 @@ pub async fn spawn_with_options(config: Config, options: SpawnOptions) -> Result
     crate::verify::spawn_integrity(&config, mirror.store(), stopped.clone());
     let limits = Limits {
         header_timeout: config.server.header_timeout.0,
-        max_connections: connection_budget(config.server.max_connections),
+        max_connections: connection_budget(&config),
         open: Some(state.metrics.connections_open.clone()),
+        drain_timeout: config.server.drain_timeout.0,
     };
     state
         .metrics
@@ -251,6 +251,8 @@ pub(super) struct Limits {
     pub max_connections: usize,
     /// Counts the connections being served, when this listener's are to be shown.
     pub open: Option<prometheus::IntGauge>,
+    /// How long responses in flight may run on after the stop.
+    pub drain_timeout: Duration,
 }
 
 impl Limits {
@@ -260,6 +262,8 @@ impl Limits {
             header_timeout: Duration::from_secs(10),
             max_connections: METRICS_LISTENER_CONNECTIONS,
             open: None,
+            // A scrape is short; a drain must not wait on one.
+            drain_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -290,28 +294,62 @@ impl Drop for Slot {
     }
 }
 
-/// `server.max_connections`, lowered (with a warning) to what the process's open-file limit
-/// leaves after [`FD_RESERVE`]: past it, accepts would fail with EMFILE, and so would the
-/// opens of cached files that the connections already held are waiting for.
-fn connection_budget(configured: usize) -> usize {
-    let Some(limit) = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|t| open_files_limit(&t))
-    else {
+/// Raises the soft open-file limit to the hard one, as Go programs (distribution) do at start
+/// and nginx's `worker_rlimit_nofile` does: 1,024, the soft default of a login shell and of a
+/// systemd service without `LimitNOFILE`, is a thousand clients. Returns the limits after, soft
+/// and hard (`None`: unlimited).
+pub fn raise_open_files_limit() -> (Option<u64>, Option<u64>) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        let raised = rustix::process::Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!(error = %e, "could not raise the soft open-file limit to the hard one");
+        }
+    }
+    let after = getrlimit(Resource::Nofile);
+    info!(
+        soft_before = ?before.current,
+        soft = ?after.current,
+        hard = ?after.maximum,
+        "open-file limit (None: unlimited)"
+    );
+    (after.current, after.maximum)
+}
+
+/// The client connections the open-file limit affords, or `None` when it is unlimited. Each
+/// busy connection can hold its socket and a cache file (over HTTP/2, one file per stream:
+/// the budget assumes one), and [`FD_RESERVE`] plus the upstreams' connection limits stay
+/// for everything else. Past it, accepts would fail with EMFILE, and so would the opens of
+/// the cache files that the accepted connections are waiting for.
+pub fn connection_budget_for(open_files: Option<u64>, upstream_connections: u64) -> Option<usize> {
+    let limit = open_files?;
+    let reserve = FD_RESERVE + upstream_connections;
+    let budget = if limit > reserve + 2 {
+        (limit - reserve) / 2
+    } else {
+        limit / 4
+    };
+    Some(usize::try_from(budget.max(1)).unwrap_or(usize::MAX))
+}
+
+/// `server.max_connections`, lowered (with a warning) to [`connection_budget_for`] this
+/// process's soft open-file limit.
+fn connection_budget(config: &Config) -> usize {
+    let configured = config.server.max_connections;
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let Some(budget) = connection_budget_for(soft, upstream_connection_limits(config)) else {
         return configured;
     };
-    let budget = if limit > 2 * FD_RESERVE {
-        limit - FD_RESERVE
-    } else {
-        limit / 2
-    };
-    let budget = usize::try_from(budget.max(1)).unwrap_or(usize::MAX);
     if budget < configured {
         warn!(
             configured,
             max_connections = budget,
-            open_files_limit = limit,
-            "server.max_connections lowered to what the open-file limit allows (raise ulimit -n to serve more)"
+            open_files_limit = soft,
+            "server.max_connections lowered to what the open-file limit allows (raise the hard limit, ulimit -Hn or LimitNOFILE, to serve more)"
         );
         budget
     } else {
@@ -319,14 +357,15 @@ fn connection_budget(configured: usize) -> usize {
     }
 }
 
-/// The soft "Max open files" limit from `/proc/self/limits`; `None` when unlimited or absent.
-fn open_files_limit(limits: &str) -> Option<u64> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// The upstream connections the config allows at most (those without a limit count as none:
+/// their connections come from the same pool as the clients').
+pub fn upstream_connection_limits(config: &Config) -> u64 {
+    config
+        .upstream
+        .iter()
+        .filter_map(|u| u.max_connections)
+        .map(|n| n as u64)
+        .sum()
 }
 
 /// Serves `listener` until `stopped`: each connection in its own task (after the TLS
@@ -347,6 +386,7 @@ pub(super) async fn accept_loop<S, A, F>(
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(listener.limits.max_connections));
     let mut permit: Option<OwnedSemaphorePermit> = None;
+    let mut accept_warned: Option<Instant> = None;
     loop {
         // A place is taken before accepting: at the limit, connections wait in the backlog
         // (the client sees a slow connect, not an error) rather than being accepted and
@@ -364,8 +404,12 @@ pub(super) async fn accept_loop<S, A, F>(
             accepted = listener.tcp.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off rather than spin.
-                    warn!(listener = listener.name, error = %e, "accept failed");
+                    // Out of file descriptors and the like: back off rather than spin, and say
+                    // so once a second, not twenty times.
+                    if accept_warned.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                        warn!(listener = listener.name, error = %e, "accept failed (logged once a second)");
+                        accept_warned = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -400,10 +444,11 @@ pub(super) async fn accept_loop<S, A, F>(
     }
     // Closing the socket now refuses new connections instead of leaving them in the backlog.
     let name = listener.name;
+    let drain_timeout = listener.limits.drain_timeout;
     drop(listener);
     // Idle connections close at once; busy ones finish their responses (HTTP/1) or streams
     // (HTTP/2, after a GOAWAY) and close.
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
@@ -492,16 +537,24 @@ async fn serve_connection<S, A, F>(
             first_head(watcher.watch(conn), &activity, header_timeout).await
         }
         Conn::Tls(acceptor, stream) => {
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => {
-                    let conn = builder.serve_connection(TokioIo::new(s), service);
-                    first_head(watcher.watch(conn), &activity, header_timeout).await
+            // Boxed: a TLS connection's state (the handshake, then rustls' own) is several times
+            // a plain one's, and inline it would set the size of every connection's task.
+            let tls = Box::pin(async {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let conn = builder.serve_connection(TokioIo::new(s), service);
+                        Some(first_head(watcher.watch(conn), &activity, header_timeout).await)
+                    }
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => None,
                 }
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
+            });
+            match tls.await {
+                Some(r) => r,
+                None => return,
             }
         }
     };
@@ -646,19 +699,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_soft_open_files_limit() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                    Max cpu time              unlimited            unlimited            seconds   \n\
-                    Max open files            1024                 524288               files     \n";
-        assert_eq!(open_files_limit(text), Some(1024));
-        let unlimited = text.replace("1024  ", "unlimited");
-        assert_eq!(open_files_limit(&unlimited), None);
-        assert_eq!(open_files_limit("nothing here"), None);
+    fn the_budget_leaves_the_reserve_and_a_cache_file_per_connection() {
+        // The soft limit of a login shell, with 64 upstream connections allowed.
+        assert_eq!(
+            connection_budget_for(Some(1024), 64),
+            Some((1024 - 256 - 64) / 2)
+        );
+        assert_eq!(connection_budget_for(Some(1_048_576), 0), Some(524_160));
+        assert_eq!(connection_budget_for(None, 0), None);
+        // Below the reserve, a quarter, and never nothing.
+        assert_eq!(connection_budget_for(Some(200), 0), Some(50));
+        assert_eq!(connection_budget_for(Some(1), 0), Some(1));
     }
 
     #[test]
     fn the_connection_budget_never_exceeds_the_configuration() {
-        assert!(connection_budget(2) <= 2);
-        assert!(connection_budget(1) == 1);
+        let mut config = Config::builtin_default();
+        config.server.max_connections = 2;
+        assert!(connection_budget(&config) <= 2);
+        config.server.max_connections = 1;
+        assert!(connection_budget(&config) == 1);
     }
 }

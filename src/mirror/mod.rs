@@ -13,6 +13,7 @@ mod flight;
 mod hasher;
 mod housekeeping;
 mod inflight;
+mod listings;
 mod relay;
 mod tags;
 
@@ -38,6 +39,7 @@ use tracing::warn;
 pub use blob::{BlobSource, Piece};
 pub use flight::FlightKey;
 pub use inflight::FillView;
+pub use listings::{HELD_WARNING, Listing, MAX_LIST_BYTES, MAX_TAGS, STALE_WARNING};
 
 /// A manifest as the upstream sent it: bytes untouched, so the digest holds.
 #[derive(Debug)]
@@ -147,6 +149,10 @@ pub struct Mirror {
     default: Option<Arc<Upstream>>,
     memory: moka::future::Cache<Digest, Arc<Manifest>>,
     referrers: moka::future::Cache<String, Arc<Passthrough>>,
+    /// Kept tags lists, as read from the metadata or walked upstream.
+    tag_lists: moka::future::Cache<listings::ListKey, Arc<crate::storage::listings::KeptTagList>>,
+    /// One upstream walk per repository's tags list at a time.
+    tag_list_flights: SingleFlight<listings::ListKey, Arc<crate::storage::listings::KeptTagList>>,
     fills: Arc<Inflight>,
     manifest_flights: SingleFlight<FlightKey, (Arc<Manifest>, Lookup)>,
     /// Upstream HEADs asking whether a repository holds a cached blob, one per question.
@@ -166,6 +172,8 @@ pub struct Mirror {
     shared_reads: parking_lot::Mutex<std::collections::HashSet<Digest>>,
     /// `storage.max_size`: the bound gc passes keep the bucket under.
     bucket_max_size: Option<u64>,
+    /// Set once shutdown begins: `/readyz` says 503 and responses close their connections.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Cap on passthrough bodies (tags lists, referrer indexes), which are buffered.
@@ -199,6 +207,17 @@ impl Mirror {
             .max_capacity(config.cache.memory.0 / 8)
             .time_to_live(REFERRERS_TTL)
             .build();
+        let tag_lists = moka::future::Cache::builder()
+            .weigher(
+                |k: &listings::ListKey, l: &Arc<crate::storage::listings::KeptTagList>| {
+                    let tags: usize = l.tags.iter().map(|t| t.len() + 24).sum();
+                    (k.0.len() + k.1.len() + tags + 64)
+                        .try_into()
+                        .unwrap_or(u32::MAX)
+                },
+            )
+            .max_capacity(config.cache.memory.0 / 8)
+            .build();
         Ok(Mirror {
             store,
             metrics,
@@ -206,6 +225,8 @@ impl Mirror {
             default,
             memory,
             referrers,
+            tag_lists,
+            tag_list_flights: SingleFlight::default(),
             fills: Arc::new(Inflight::default()),
             manifest_flights: SingleFlight::default(),
             link_checks: SingleFlight::default(),
@@ -218,7 +239,20 @@ impl Mirror {
             cluster: None,
             shared_reads: Default::default(),
             bucket_max_size: config.storage.max_size.map(|m| m.0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the start of shutdown (see [`Mirror::draining`]).
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether shutdown has begun: load balancers are told to stop sending (`/readyz` 503)
+    /// while the responses in flight finish.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes this mirror one replica of `cluster`: misses it does not own are asked of their
@@ -226,6 +260,16 @@ impl Mirror {
     pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Mirror {
         self.cluster = cluster;
         self
+    }
+
+    /// The default upstream's name, if there is one.
+    pub fn default_upstream(&self) -> Option<&str> {
+        self.default.as_deref().map(Upstream::name)
+    }
+
+    /// Whether an upstream of this name is configured.
+    pub fn has_upstream(&self, name: &str) -> bool {
+        self.upstreams.iter().any(|u| u.name() == name)
     }
 
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// (upstream, repository, tag, media type) -> (digest, checked at in ms since the epoch).
 /// Keyed by media type too, because what an upstream returns for a tag depends on `Accept`.
-const TAGS: TableDefinition<(&str, &str, &str, &str), (&str, u64)> =
+pub(super) const TAGS: TableDefinition<(&str, &str, &str, &str), (&str, u64)> =
     TableDefinition::new("tag_rows");
 /// The tags table of caches written before keys were typed: one string,
 /// `"<upstream>\0<repo>\0<tag>\0<media type>"`. Moved into `TAGS` when such a cache is opened.
@@ -29,7 +29,7 @@ const OBJECTS: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("o
 /// (upstream, repository, digest) -> how the cache learned that the repository holds the
 /// digest ([`LinkSource`]). A cached blob is served under a repository only with a row here:
 /// the blob files are shared, the right to read them is per repository.
-const LINKS: TableDefinition<(&str, &str, &str), u8> = TableDefinition::new("links");
+pub(super) const LINKS: TableDefinition<(&str, &str, &str), u8> = TableDefinition::new("links");
 /// digest -> (): objects adopted without a record (the metadata was lost or rolled back), not
 /// yet hashed. Every other object in `OBJECTS` was verified as it was written.
 const UNVERIFIED: TableDefinition<&str, ()> = TableDefinition::new("unverified");
@@ -53,7 +53,8 @@ pub enum LinkSource {
 }
 
 pub struct Meta {
-    db: Database,
+    /// Shared with `listings.rs`, which keeps its own tables in the same database.
+    pub(super) db: Database,
     tag_memo: Mutex<TagMemo>,
     link_memo: Mutex<LinkMemo>,
     /// The store predates links: `rebuild_links` must run before anything is served.
@@ -123,7 +124,7 @@ pub struct TagEntry {
     pub checked: SystemTime,
 }
 
-fn io_err(e: impl std::fmt::Display) -> io::Error {
+pub(super) fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("metadata store: {e}"))
 }
 

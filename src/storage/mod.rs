@@ -10,7 +10,7 @@
 //! [`Verified`], which only the hasher (`oci::Verifier`) can make.
 //!
 //! [`Store`] is the cache as the mirror holds it: a blob store plus the metadata (`meta.rs`:
-//! tags, manifest media types), and the lock that keeps eviction passes (`evict.rs`) one at a
+//! tags, manifest media types; `listings.rs`: kept tags lists, repositories), and the lock that keeps eviction passes (`evict.rs`) one at a
 //! time.
 
 #[cfg(test)]
@@ -18,6 +18,7 @@ mod conformance;
 pub mod evict;
 mod fs;
 pub mod integrity;
+pub mod listings;
 #[cfg(test)]
 mod memory;
 pub mod meta;

@@ -229,6 +229,12 @@ impl Upstream {
         &self.inner.name
     }
 
+    /// The configured URL (with any path prefix): where a `Link` the upstream sends must point
+    /// to be followed.
+    pub fn base(&self) -> &Url {
+        &self.inner.base
+    }
+
     /// Idle-body timeout the caller applies between body frames (`timeout` in the config).
     pub fn body_timeout(&self) -> Duration {
         self.inner.body_timeout
@@ -740,8 +746,14 @@ impl Upstream {
         .await;
         let elapsed = started.elapsed();
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let exhausted = match &outcome {
+            Ok(Err(e)) => local_exhaustion(e),
+            _ => None,
+        };
         let change = match &outcome {
             Ok(Ok(_)) => self.inner.breaker.success(),
+            // This process had no descriptor for the socket: the upstream was never tried.
+            Ok(Err(_)) if exhausted.is_some() => None,
             Ok(Err(e)) if e.is_connect() => self.inner.breaker.failure(),
             Err(_) => self.inner.breaker.failure(),
             Ok(Err(_)) => None,
@@ -762,6 +774,10 @@ impl Upstream {
                 Ok(resp)
             }
             Ok(Err(e)) => {
+                if let Some(short) = exhausted {
+                    tracing::debug!(upstream = name, op, %method, path, error = %short, "no resources to reach the upstream");
+                    return Err(Error::Overloaded(std::sync::Arc::new(short)));
+                }
                 m.upstream_request(name, op, None);
                 let fault = classify(&e);
                 tracing::warn!(upstream = name, op, %method, path, error = %fault, duration_ms, "upstream call failed");
@@ -774,6 +790,21 @@ impl Upstream {
             }
         }
     }
+}
+
+/// The local resource shortage (EMFILE and the like) behind a client error, if that is what it
+/// was: a socket this process could not open says nothing about the upstream.
+fn local_exhaustion(e: &hyper_util::client::legacy::Error) -> Option<std::io::Error> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && crate::error::is_exhaustion(io)
+        {
+            return io.raw_os_error().map(std::io::Error::from_raw_os_error);
+        }
+        src = s.source();
+    }
+    None
 }
 
 /// Maps a client error to a fault: connect failures (refused, DNS, TLS) are Connect, a connect

@@ -333,6 +333,11 @@ struct State {
     max_in_flight: Arc<AtomicU64>,
     /// While true, requests are recorded and then left unanswered.
     hang: watch::Sender<bool>,
+    /// Tags lists answered in pages of this many when the client gives no `n` (as Docker Hub
+    /// and GHCR do), with a `Link` to the next.
+    tags_page_size: Mutex<Option<usize>>,
+    /// Every tags list request answered with this `Link` (when given) and body instead.
+    tags_override: Mutex<Option<(Option<String>, Bytes)>>,
     /// Everything (the API and the token realm) lives under this path; other paths are 404.
     prefix: Mutex<Option<String>>,
     /// The refresh token the realm exchanges in an OAuth2 POST (`grant_type=refresh_token`).
@@ -379,6 +384,8 @@ impl FakeRegistry {
             hang: watch::channel(false).0,
             prefix: Mutex::default(),
             refresh_token: Mutex::default(),
+            tags_page_size: Mutex::default(),
+            tags_override: Mutex::default(),
         });
         let server = ServerHandle::spawn(listener, registry_handler(state.clone()));
         FakeRegistry {
@@ -601,6 +608,18 @@ impl FakeRegistry {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+    }
+
+    /// Pages tags lists by `size` when the client gives no `n` (None: the whole list at once,
+    /// as distribution does).
+    pub fn set_tags_page_size(&self, size: Option<usize>) {
+        *lock(&self.state.tags_page_size) = size;
+    }
+
+    /// Answers every tags list with this `Link` header (if any) and body (None: behave).
+    pub fn set_tags_override(&self, answer: Option<(Option<&str>, &[u8])>) {
+        *lock(&self.state.tags_override) =
+            answer.map(|(l, b)| (l.map(str::to_owned), Bytes::copy_from_slice(b)));
     }
 
     // --- counters ---
@@ -1503,6 +1522,13 @@ fn blob_response(
 }
 
 fn serve_tags(state: &State, name: &str, query: Option<&str>) -> Response<RespBody> {
+    if let Some((link, body)) = lock(&state.tags_override).clone() {
+        let mut hdrs = vec![("content-type", "application/json".to_string())];
+        if let Some(l) = link {
+            hdrs.push(("link", l));
+        }
+        return full(StatusCode::OK, &hdrs, body);
+    }
     let q = parse_query(query);
     let get = |k: &str| q.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
     let all: Vec<String> = {
@@ -1533,7 +1559,7 @@ fn serve_tags(state: &State, name: &str, query: Option<&str>) -> Response<RespBo
                 );
             }
         },
-        None => None,
+        None => *lock(&state.tags_page_size),
     };
     let mut hdrs = vec![("content-type", "application/json".to_string())];
     let page: Vec<String> = match n {

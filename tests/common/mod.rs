@@ -4,6 +4,7 @@
 
 pub mod auth_env;
 pub mod capture;
+pub mod child;
 pub mod client;
 pub mod fake_registry;
 pub mod proxy;

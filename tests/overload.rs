@@ -1,0 +1,226 @@
+//! Many clients and restarts (issue 21): with few descriptors the server holds connections in
+//! the backlog instead of failing requests, overload is a 503 to retry (never a 500), and a
+//! SIGTERM lets the downloads in flight finish while new connections are refused.
+
+mod common;
+
+use common::child::*;
+use common::*;
+use sha2::{Digest as _, Sha256};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const REPO: &str = "load/app";
+
+/// A GET of `path` on a connection of its own, read to its end: (status, headers text, body).
+async fn get_once(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.expect("read response");
+    let end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8_lossy(&all[..end]).to_string();
+    let status = head[9..12].parse().expect("a status code");
+    (status, head, all[end + 4..].to_vec())
+}
+
+fn sha256_digest(b: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(b))
+}
+
+/// Starts `c`'s blob `digest` into the cache and waits for the fill to be committed.
+async fn cache_blob(c: &Cachalot, digest: &str) {
+    let (status, _, body) = get_once(c.addr, &format!("/v2/{REPO}/blobs/{digest}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(sha256_digest(&body), digest);
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while c.metric("cachalot_fills_in_flight").await > 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "fill never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn signal(c: &Cachalot, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(c.child.0.id() as i32).expect("a pid");
+    rustix::process::kill_process(pid, sig).expect("send the signal");
+}
+
+/// Waits until connecting to `addr` is refused (the listener is closed).
+async fn wait_refused(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new connections still accepted after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_descriptors_and_many_clients_get_200s_or_503s_and_then_normal_service() {
+    let fake = FakeRegistry::start().await;
+    let blob = random_blob(256 << 10);
+    let digest = fake.push_blob(REPO, blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // 200 descriptors, soft and hard, so the server cannot raise its way out: its budget is a
+    // quarter of them (the 256 kept for cache files and upstreams do not fit).
+    let c = Cachalot::launch(
+        dir.path(),
+        &fake.url(),
+        Launch {
+            open_files: Some(200),
+            ..Launch::default()
+        },
+    )
+    .await;
+    assert_eq!(c.metric("cachalot_connections_limit").await, 50.0);
+    assert!(
+        c.log_text()
+            .contains("server.max_connections lowered to what the open-file limit allows"),
+        "{}",
+        c.log_text()
+    );
+    cache_blob(&c, &digest).await;
+
+    // Eight times the budget at once, each on a connection of its own.
+    let path = format!("/v2/{REPO}/blobs/{digest}");
+    let clients: Vec<_> = (0..400)
+        .map(|_| {
+            let path = path.clone();
+            let addr = c.addr;
+            tokio::spawn(async move { get_once(addr, &path).await })
+        })
+        .collect();
+    let (mut ok, mut retry) = (0, 0);
+    for client in clients {
+        let (status, head, body) = tokio::time::timeout(SAFETY, client)
+            .await
+            .expect("a client was never answered")
+            .expect("client task");
+        match status {
+            200 => {
+                assert_eq!(body.len(), blob.len(), "a 200 with a short body");
+                ok += 1;
+            }
+            503 => {
+                assert!(
+                    head.to_ascii_lowercase().contains("retry-after: 2"),
+                    "{head}"
+                );
+                retry += 1;
+            }
+            other => panic!("answer {other} under load:\n{head}"),
+        }
+    }
+    assert_eq!(ok + retry, 400);
+    assert!(ok > 0, "no client was served");
+    // The overloads, if any, were counted; and the server serves as before.
+    assert_eq!(c.metric("cachalot_overloaded_total").await, retry as f64);
+    let (status, _, body) = get_once(c.addr, &path).await;
+    assert_eq!((status, sha256_digest(&body)), (200, digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_download_in_flight_finish_and_refuses_new_connections() {
+    let fake = FakeRegistry::start().await;
+    let blob = random_blob(32 << 20);
+    let digest = fake.push_blob(REPO, blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cachalot::start(dir.path(), &fake.url(), None).await;
+    cache_blob(&c, &digest).await;
+
+    // A slow client: its download is far from done when the signal comes.
+    let mut s = TcpStream::connect(c.addr).await.unwrap();
+    s.write_all(format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    while got.len() < (1 << 20) {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the response ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    signal(&c, rustix::process::Signal::TERM);
+    wait_refused(c.addr).await;
+
+    // The download runs on to its end, slowly, after the listener closed.
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = got.split_off(head_end);
+    while body.len() < blob.len() {
+        let n = tokio::time::timeout(SAFETY, s.read(&mut buf))
+            .await
+            .expect("the download stalled")
+            .expect("the download was cut");
+        assert!(
+            n > 0,
+            "the download was cut after {} of {} bytes",
+            body.len(),
+            blob.len()
+        );
+        body.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(sha256_digest(&body), digest);
+    // Then the process exits by itself, cleanly.
+    let status = c.exited().await;
+    assert!(status.success(), "exit after the drain: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let fake = FakeRegistry::start().await;
+    let blob = random_blob(32 << 20);
+    let digest = fake.push_blob(REPO, blob);
+    let dir = tempfile::tempdir().unwrap();
+    // A drain far longer than the test's patience: only the second signal can end it.
+    let mut c = Cachalot::launch(
+        dir.path(),
+        &fake.url(),
+        Launch {
+            server: "drain_timeout = \"1h\"",
+            ..Launch::default()
+        },
+    )
+    .await;
+    cache_blob(&c, &digest).await;
+    // A client that stops reading holds its response in flight.
+    let mut s = TcpStream::connect(c.addr).await.unwrap();
+    s.write_all(format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    signal(&c, rustix::process::Signal::TERM);
+    wait_refused(c.addr).await;
+    assert!(
+        c.child.0.try_wait().unwrap().is_none(),
+        "exited while a response was in flight"
+    );
+    signal(&c, rustix::process::Signal::TERM);
+    let status = c.exited().await;
+    assert_eq!(status.code(), Some(1), "{status}");
+    drop(s);
+}
+
+#[tokio::test]
+async fn while_draining_readyz_is_503_and_responses_close_their_connection() {
+    let env = Env::start().await;
+    let r = env.client.get(&env.url("/readyz")).await;
+    assert_eq!(r.status, 200);
+    env.proxy.server().mirror.start_draining();
+    let r = env.client.get(&env.url("/readyz")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("connection"), Some("close".into()));
+}
