@@ -85,6 +85,8 @@ impl Op {
 pub enum Kind {
     Manifest,
     Blob,
+    /// A referrers list (kept answers: hit, miss, revalidated, stale).
+    Referrers,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +118,7 @@ impl Kind {
         match self {
             Kind::Manifest => "manifest",
             Kind::Blob => "blob",
+            Kind::Referrers => "referrers",
         }
     }
 }
@@ -384,7 +387,7 @@ pub struct Metrics {
     pub storage_request_seconds: HistogramVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
-    lookup_series: [[IntCounter; LOOKUPS.len()]; 2],
+    lookup_series: [[IntCounter; LOOKUPS.len()]; 3],
     served_series: [IntCounter; 3],
     peer_series: [[IntCounter; PeerResult::ALL.len()]; PeerDirection::ALL.len()],
     duration_series: [Histogram; RouteLabel::ALL.len()],
@@ -635,7 +638,7 @@ impl Metrics {
                 &["op"],
             ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
-            lookup_series: [Kind::Manifest, Kind::Blob].map(|kind| {
+            lookup_series: [Kind::Manifest, Kind::Blob, Kind::Referrers].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
             }),
             // Indexed by `Source as usize`.

@@ -4,6 +4,7 @@ pub(crate) mod body;
 pub(crate) mod handlers;
 pub(crate) mod log;
 pub(crate) mod metrics_listener;
+mod referrers;
 pub mod route;
 pub(crate) mod sendfile;
 pub mod server;

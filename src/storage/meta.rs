@@ -21,7 +21,7 @@ const TAGS: TableDefinition<(&str, &str, &str, &str), (&str, u64)> =
 /// `"<upstream>\0<repo>\0<tag>\0<media type>"`. Moved into `TAGS` when such a cache is opened.
 const TAGS_V1: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
 /// digest -> media type of a cached manifest.
-const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
+pub(super) const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
 /// digest -> (size, last access in ms since the epoch, repository that last used it as
 /// `<upstream>/<repo>`): every committed object, blob or manifest. Eviction reads it; a row is
 /// written before its file is renamed into place, so no file is ever unaccounted for.
@@ -29,7 +29,7 @@ const OBJECTS: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("o
 /// (upstream, repository, digest) -> how the cache learned that the repository holds the
 /// digest ([`LinkSource`]). A cached blob is served under a repository only with a row here:
 /// the blob files are shared, the right to read them is per repository.
-const LINKS: TableDefinition<(&str, &str, &str), u8> = TableDefinition::new("links");
+pub(super) const LINKS: TableDefinition<(&str, &str, &str), u8> = TableDefinition::new("links");
 
 /// How a repository came to be known to hold a digest. Kept for whoever reads the table; the
 /// serving rule does not depend on it.
@@ -46,7 +46,7 @@ pub enum LinkSource {
 }
 
 pub struct Meta {
-    db: Database,
+    pub(super) db: Database,
     tag_memo: Mutex<TagMemo>,
     link_memo: Mutex<LinkMemo>,
     /// The store predates links: `rebuild_links` must run before anything is served.

@@ -20,6 +20,7 @@ mod fs;
 #[cfg(test)]
 mod memory;
 pub mod meta;
+pub mod referrers;
 pub mod s3;
 mod s3_http;
 
