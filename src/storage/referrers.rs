@@ -306,3 +306,96 @@ pub fn cached_referrers(
     }
     Ok(Listing(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::digest::Algorithm;
+    use crate::oci::manifest::OCI_MANIFEST;
+    use crate::oci::{Verifier, manifest};
+
+    fn put(store: &Store, bytes: &[u8], repo: &str) -> Digest {
+        let mut v = Verifier::new(Algorithm::Sha256);
+        v.update(bytes);
+        let proof = v.prove();
+        let d = proof.digest().clone();
+        super::super::put_small(&**store.blobs(), bytes, proof, repo).unwrap();
+        store.meta().put_manifest(&d, OCI_MANIFEST, None).unwrap();
+        d
+    }
+
+    fn artifact(subject: &Digest, n: u8) -> Vec<u8> {
+        format!(
+            r#"{{"mediaType":"{OCI_MANIFEST}","artifactType":"a/{n}","config":{{"mediaType":"x","digest":"sha256:{}","size":2}},"subject":{{"digest":"{subject}"}}}}"#,
+            "0".repeat(64)
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_cache_written_before_the_index_gets_it_rebuilt_per_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let subject = put(&store, b"{\"layers\":[]}", "up/app");
+        // Recorded without `note_manifest`, as a cache from before the index was.
+        let mine = put(&store, &artifact(&subject, 1), "up/app");
+        let theirs = put(&store, &artifact(&subject, 2), "up/other");
+        let l = cached_referrers(&store, "up", "app", &subject).unwrap();
+        assert_eq!(l.0.len(), 1, "{l:?}");
+        assert_eq!(l.0[0]["digest"], mine.to_string());
+        assert_eq!(l.0[0]["artifactType"], "a/1");
+        assert_eq!(l.0[0]["mediaType"], manifest::OCI_MANIFEST);
+        let l = cached_referrers(&store, "up", "other", &subject).unwrap();
+        assert_eq!(l.0[0]["digest"], theirs.to_string());
+        // Rebuilt once: what is recorded later must index itself.
+        let later = artifact(&subject, 3);
+        let d = put(&store, &later, "up/app");
+        assert_eq!(
+            cached_referrers(&store, "up", "app", &subject)
+                .unwrap()
+                .0
+                .len(),
+            1
+        );
+        note_manifest(&store, &d, OCI_MANIFEST, &later).unwrap();
+        assert_eq!(
+            cached_referrers(&store, "up", "app", &subject)
+                .unwrap()
+                .0
+                .len(),
+            2
+        );
+        // A referrer evicted from the cache is no longer listed.
+        store.meta().remove_objects(&[mine]).unwrap();
+        let l = cached_referrers(&store, "up", "app", &subject).unwrap();
+        assert_eq!(l.0.len(), 1);
+        assert_eq!(l.0[0]["digest"], d.to_string());
+    }
+
+    #[test]
+    fn kept_answers_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let kept = KeptReferrers {
+            checked: UNIX_EPOCH + Duration::from_secs(5),
+            index: b"{\"manifests\":[]}".to_vec(),
+            link: Some("</v2/x/referrers/y?n=1>; rel=\"next\"".into()),
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                store.meta().kept_referrers("up", "app", &d, "").unwrap(),
+                None
+            );
+            store
+                .meta()
+                .keep_referrers("up", "app", &d, "", &kept)
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let m = store.meta();
+        assert_eq!(m.kept_referrers("up", "app", &d, "").unwrap(), Some(kept));
+        assert_eq!(m.kept_referrers("up", "app", &d, "n=1").unwrap(), None);
+        assert_eq!(m.kept_referrers("up", "other", &d, "").unwrap(), None);
+    }
+}
