@@ -239,6 +239,8 @@ enum Check {
     Latency,
     /// Either the metric is absent (it comes from another module) or its value is sane.
     IfPresent,
+    /// A ratio over a series pre-created at zero that nothing touched: 0/0.
+    NoTraffic,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,6 +346,7 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
             Expect::Series(vec![
                 (kind("blob"), Check::Exact(0.75)),
                 (kind("manifest"), Check::Exact(0.25)),
+                (kind("referrers"), Check::NoTraffic),
             ]),
         ),
         (
@@ -366,6 +369,7 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
                     ("manifest", "bucket", 0.0),
                 ]
                 .into_iter()
+                .chain(lookup_results().map(|r| ("referrers", r, 0.0)))
                 .map(|(k, r, n)| (vec![("kind", k), ("result", r)], Check::Rate(n)))
                 .collect(),
             ),
@@ -607,6 +611,7 @@ fn check(
             Check::Increase(n) => close(v, n * one_increase),
             Check::Latency => v.is_finite() && v > 0.0 && v <= 10.0,
             Check::IfPresent => v.is_finite() && v >= 0.0,
+            Check::NoTraffic => v.is_nan(),
         };
         if !ok {
             return Err(format!(
@@ -622,6 +627,20 @@ fn check(
     Ok(())
 }
 
+/// Every lookup result, as the referrers kind (no request asks for one here) has them at zero.
+fn lookup_results() -> impl Iterator<Item = &'static str> {
+    [
+        "hit",
+        "miss",
+        "coalesced",
+        "stale",
+        "revalidated",
+        "peer",
+        "bucket",
+    ]
+    .into_iter()
+}
+
 fn describe(c: Check, one: f64, one_increase: f64) -> String {
     match c {
         Check::Exact(x) => format!("== {x}"),
@@ -629,6 +648,7 @@ fn describe(c: Check, one: f64, one_increase: f64) -> String {
         Check::Increase(n) => format!("== increase of {n} ({})", n * one_increase),
         Check::Latency => "finite, in (0, 10]".into(),
         Check::IfPresent => "finite >= 0".into(),
+        Check::NoTraffic => "NaN (no lookups)".into(),
     }
 }
 
