@@ -90,6 +90,8 @@ pub enum Kind {
     Blob,
     /// A repository's tags list.
     Tags,
+    /// A referrers list (kept answers: hit, miss, revalidated, stale).
+    Referrers,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +124,7 @@ impl Kind {
             Kind::Manifest => "manifest",
             Kind::Blob => "blob",
             Kind::Tags => "tags",
+            Kind::Referrers => "referrers",
         }
     }
 }
@@ -395,7 +398,7 @@ pub struct Metrics {
     pub storage_request_seconds: HistogramVec,
     /// The children of the closed-set series that every request touches, looked up once:
     /// `with_label_values` hashes its labels and takes a lock on each call.
-    lookup_series: [[IntCounter; LOOKUPS.len()]; 3],
+    lookup_series: [[IntCounter; LOOKUPS.len()]; 4],
     served_series: [IntCounter; 3],
     peer_series: [[IntCounter; PeerResult::ALL.len()]; PeerDirection::ALL.len()],
     duration_series: [Histogram; RouteLabel::ALL.len()],
@@ -656,7 +659,7 @@ impl Metrics {
                 &["op"],
             ),
             // Indexed by `Kind as usize` and `Lookup as usize`.
-            lookup_series: [Kind::Manifest, Kind::Blob, Kind::Tags].map(|kind| {
+            lookup_series: [Kind::Manifest, Kind::Blob, Kind::Tags, Kind::Referrers].map(|kind| {
                 LOOKUPS.map(|r| lookups.with_label_values(&[kind.as_str(), r.as_str()]))
             }),
             // Indexed by `Source as usize`.

@@ -348,6 +348,7 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
                 (kind("manifest"), Check::Exact(0.25)),
                 // No tags list was asked for: 0/0.
                 (kind("tags"), Check::NoTraffic),
+                (kind("referrers"), Check::NoTraffic),
             ]),
         ),
         (
@@ -377,6 +378,7 @@ async fn every_dashboard_and_alert_expression_matches_the_pulls() {
                     ("tags", "bucket", 0.0),
                 ]
                 .into_iter()
+                .chain(lookup_results().map(|r| ("referrers", r, 0.0)))
                 .map(|(k, r, n)| (vec![("kind", k), ("result", r)], Check::Rate(n)))
                 .collect(),
             ),
@@ -637,6 +639,20 @@ fn check(
         return Err(format!("{} series, expected {}", got.len(), want.len()));
     }
     Ok(())
+}
+
+/// Every lookup result, as the referrers kind (no request asks for one here) has them at zero.
+fn lookup_results() -> impl Iterator<Item = &'static str> {
+    [
+        "hit",
+        "miss",
+        "coalesced",
+        "stale",
+        "revalidated",
+        "peer",
+        "bucket",
+    ]
+    .into_iter()
 }
 
 fn describe(c: Check, one: f64, one_increase: f64) -> String {

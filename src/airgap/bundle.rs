@@ -203,6 +203,8 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
     let mut out = Imported::default();
     let tags = i.tags(config, &roots, &mut out)?;
     i.commit(staged, &manifests, tags, &links, &mut out)?;
+    crate::storage::referrers::note_imported(store, &manifests)
+        .map_err(|e| i.at("indexing referrers", e.into()))?;
     Ok(out)
 }
 

@@ -11,7 +11,6 @@ use crate::metrics::{Metrics, Source};
 use crate::mirror::{BlobSource, Mirror, Target};
 use crate::oci::manifest::Accept;
 use crate::oci::{Digest, ErrorCode, OciError, Tag};
-use crate::upstream::Op;
 use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use std::panic::AssertUnwindSafe;
@@ -209,7 +208,14 @@ async fn dispatch<B>(state: &AppState, r: Route<'_>, req: &Request<B>, span: &Sp
             let t = mirror.route(name, ns.as_deref())?;
             authorize(state, who.as_ref(), &t)?;
             let digest = parse_digest(digest)?;
-            Box::pin(referrers(state, &t, &digest, req.uri().query(), head)).await
+            Box::pin(super::referrers::referrers(
+                state,
+                &t,
+                &digest,
+                req.uri().query(),
+                head,
+            ))
+            .await
         }
         Route::Metrics => Ok(metrics(mirror)),
         Route::Root | Route::Ui { .. } => {
@@ -494,45 +500,33 @@ pub(crate) fn parse_range(header: &str, len: u64) -> RangeAnswer {
     }
 }
 
-async fn referrers(
-    state: &AppState,
-    t: &Target,
-    digest: &Digest,
-    query: Option<&str>,
-    head: bool,
-) -> Reply {
-    let mirror = &state.mirror;
-    crate::telemetry::record_digest(&Span::current(), digest);
-    let mut path = format!("/v2/{}/referrers/{}", t.repo, digest);
-    if let Some(at) = query_param(query, "artifactType") {
-        path.push('?');
-        path.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .append_pair("artifactType", &at)
-                .finish(),
-        );
+/// An upstream's `Link: <...>; rel="next"` onto the client's own `path` (its repository name),
+/// with its `ns` when it routed with one, and `param` (a filter the client asked for) replacing
+/// any the upstream's `Link` carries.
+pub(crate) fn rewrite_link_to(
+    link: &str,
+    path: &str,
+    ns: Option<&str>,
+    param: Option<(&str, &str)>,
+) -> Option<String> {
+    let start = link.find('<')? + 1;
+    let end = start + link[start..].find('>')?;
+    let target = &link[start..end];
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k != "ns" && param.is_none_or(|(p, _)| k != p))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if let Some((k, v)) = param {
+        pairs.push((k.into(), v.into()));
     }
-    let p = mirror.passthrough(t, Op::Referrers, path).await?;
-    let mut builder = Response::builder()
-        .status(p.status)
-        .header(header::CONTENT_LENGTH, p.body.len());
-    for name in [
-        header::CONTENT_TYPE,
-        header::LINK,
-        header::HeaderName::from_static("oci-filters-applied"),
-    ] {
-        if let Some(v) = p.headers.get(&name) {
-            builder = builder.header(name, v);
-        }
+    if let Some(ns) = ns {
+        pairs.push(("ns".into(), ns.into()));
     }
-    state.metrics.served(Source::Upstream, p.body.len() as u64);
-    Ok(builder
-        .body(if head {
-            body::empty()
-        } else {
-            body::full(p.body.clone())
-        })
-        .expect("valid headers"))
+    let q = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    Some(format!("<{path}?{q}>{}", &link[end + 1..]))
 }
 
 pub(super) fn query_param(query: Option<&str>, key: &str) -> Option<String> {

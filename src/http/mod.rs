@@ -5,6 +5,7 @@ pub(crate) mod handlers;
 pub(crate) mod listing;
 pub(crate) mod log;
 pub(crate) mod metrics_listener;
+mod referrers;
 pub mod route;
 pub(crate) mod sendfile;
 pub mod server;

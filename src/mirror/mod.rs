@@ -14,6 +14,7 @@ mod hasher;
 mod housekeeping;
 mod inflight;
 mod listings;
+mod referrers;
 mod relay;
 mod tags;
 
@@ -40,6 +41,7 @@ pub use blob::{BlobSource, Piece};
 pub use flight::FlightKey;
 pub use inflight::FillView;
 pub use listings::{HELD_WARNING, Listing, MAX_LIST_BYTES, MAX_TAGS, STALE_WARNING};
+pub use referrers::{Referrers, Stale};
 
 /// A manifest as the upstream sent it: bytes untouched, so the digest holds.
 #[derive(Debug)]
@@ -155,6 +157,8 @@ pub struct Mirror {
     tag_list_flights: SingleFlight<listings::ListKey, Arc<crate::storage::listings::KeptTagList>>,
     fills: Arc<Inflight>,
     manifest_flights: SingleFlight<FlightKey, (Arc<Manifest>, Lookup)>,
+    /// Referrers questions asked upstream, one per (upstream, repository, subject, page).
+    referrer_flights: SingleFlight<String, Referrers>,
     /// Upstream HEADs asking whether a repository holds a cached blob, one per question.
     link_checks: SingleFlight<blob::LinkCheckKey, u64>,
     tag_ttl: Duration,
@@ -229,6 +233,7 @@ impl Mirror {
             tag_list_flights: SingleFlight::default(),
             fills: Arc::new(Inflight::default()),
             manifest_flights: SingleFlight::default(),
+            referrer_flights: SingleFlight::default(),
             link_checks: SingleFlight::default(),
             tag_ttl: config.cache.tag_ttl.0,
             offline: config.cache.offline,
@@ -533,6 +538,7 @@ impl Mirror {
         let (st, m2, proof) = (self.store.clone(), m.clone(), checked.proof);
         let saved = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             crate::storage::put_small(&**st.blobs(), &m2.bytes, proof, "(bucket)")?;
+            crate::storage::referrers::note_manifest(&st, &m2.digest, &m2.media_type, &m2.bytes)?;
             let tag = tag
                 .as_ref()
                 .map(|(u, r, t, at)| (u.as_str(), r.as_str(), t.as_str(), *at));
@@ -637,6 +643,12 @@ impl Mirror {
             let saved = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Digest>> {
                 let repo_key = format!("{upname}/{repo}");
                 crate::storage::put_small(&**st.blobs(), &m2.bytes, proof, &repo_key)?;
+                crate::storage::referrers::note_manifest(
+                    &st,
+                    &m2.digest,
+                    &m2.media_type,
+                    &m2.bytes,
+                )?;
                 let tag = tag.as_deref().map(|tag| {
                     (
                         upname.as_str(),

@@ -6,6 +6,7 @@ pub mod errors;
 pub mod image_ref;
 pub mod manifest;
 pub mod name;
+pub mod referrers;
 
 pub use digest::{Algorithm, Digest, Mismatch, Verified, Verifier};
 pub use errors::{ErrorCode, OciError};

@@ -21,7 +21,7 @@ pub(super) const TAGS: TableDefinition<(&str, &str, &str, &str), (&str, u64)> =
 /// `"<upstream>\0<repo>\0<tag>\0<media type>"`. Moved into `TAGS` when such a cache is opened.
 const TAGS_V1: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
 /// digest -> media type of a cached manifest.
-const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
+pub(super) const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
 /// digest -> (size, last access in ms since the epoch, repository that last used it as
 /// `<upstream>/<repo>`): every committed object, blob or manifest. Eviction reads it; a row is
 /// written before its file is renamed into place, so no file is ever unaccounted for.

@@ -22,6 +22,7 @@ pub mod listings;
 #[cfg(test)]
 mod memory;
 pub mod meta;
+pub mod referrers;
 pub mod s3;
 mod s3_http;
 pub mod scrub;

@@ -270,6 +270,22 @@ impl StatusFault {
     }
 }
 
+/// How the fake answers the referrers API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReferrersApi {
+    /// The spec's API, filtering on `artifactType`.
+    #[default]
+    Full,
+    /// The API, ignoring `artifactType` (and not saying it filtered).
+    Unfiltered,
+    /// No such API: a plain-text 404, as distribution 2.8 answers any unknown route.
+    Missing,
+    /// At most this many referrers per answer, with a `Link` to the next page (`n`, `last`).
+    Paged(usize),
+    /// A 200 whose body is not JSON.
+    Garbage,
+}
+
 /// Token (Bearer) auth settings.
 #[derive(Clone, Debug)]
 pub struct TokenAuth {
@@ -342,6 +358,7 @@ struct State {
     prefix: Mutex<Option<String>>,
     /// The refresh token the realm exchanges in an OAuth2 POST (`grant_type=refresh_token`).
     refresh_token: Mutex<Option<String>>,
+    referrers_api: Mutex<ReferrersApi>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
@@ -386,6 +403,7 @@ impl FakeRegistry {
             refresh_token: Mutex::default(),
             tags_page_size: Mutex::default(),
             tags_override: Mutex::default(),
+            referrers_api: Mutex::default(),
         });
         let server = ServerHandle::spawn(listener, registry_handler(state.clone()));
         FakeRegistry {
@@ -805,6 +823,11 @@ impl FakeRegistry {
     /// and any path outside the prefix is 404.
     pub fn set_path_prefix(&self, prefix: Option<&str>) {
         *lock(&self.state.prefix) = prefix.map(|p| p.trim_end_matches('/').to_string());
+    }
+
+    /// How the referrers API answers from now on.
+    pub fn set_referrers_api(&self, api: ReferrersApi) {
+        *lock(&self.state.referrers_api) = api;
     }
 
     /// With token auth, the realm also exchanges this refresh token (an identity token) for an
@@ -1591,10 +1614,27 @@ fn serve_referrers(
     digest: &str,
     query: Option<&str>,
 ) -> Response<RespBody> {
-    let filter = parse_query(query)
-        .into_iter()
-        .find(|(k, _)| k == "artifactType")
-        .map(|(_, v)| v);
+    let api = *lock(&state.referrers_api);
+    match api {
+        ReferrersApi::Missing => {
+            return full(
+                StatusCode::NOT_FOUND,
+                &[("content-type", "text/plain; charset=utf-8".to_string())],
+                "404 page not found\n",
+            );
+        }
+        ReferrersApi::Garbage => {
+            return full(
+                StatusCode::OK,
+                &[("content-type", OCI_INDEX.to_string())],
+                "<html>not an index</html>",
+            );
+        }
+        _ => {}
+    }
+    let q = parse_query(query);
+    let param = |k: &str| q.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
+    let filter = param("artifactType").filter(|_| api != ReferrersApi::Unfiltered);
     let mut descs = vec![];
     {
         let repos = lock(&state.repos);
@@ -1621,8 +1661,21 @@ fn serve_referrers(
             }
         }
     }
-    let body = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs});
     let mut hdrs = vec![("content-type", OCI_INDEX.to_string())];
+    if let ReferrersApi::Paged(n) = api {
+        if let Some(last) = param("last") {
+            descs.retain(|d| d["digest"].as_str().is_some_and(|x| x > last.as_str()));
+        }
+        if descs.len() > n {
+            descs.truncate(n);
+            let last = descs[n - 1]["digest"].as_str().unwrap().to_string();
+            hdrs.push((
+                "link",
+                format!("</v2/{name}/referrers/{digest}?n={n}&last={last}>; rel=\"next\""),
+            ));
+        }
+    }
+    let body = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs});
     if filter.is_some() {
         hdrs.push(("oci-filters-applied", "artifactType".to_string()));
     }
