@@ -201,15 +201,16 @@ serve_cachalot() {
 
 # nginx_config PORT WWW [SERVER_LINES] [HTTP_LINES]: $W/nginx/nginx.conf for nginx serving WWW on 127.0.0.1:PORT
 # with sendfile and tcp_nopush, its pid and temp files under $W/nginx, its errors in $W/logs/nginx.log.
-# SERVER_LINES go into the server block, HTTP_LINES (for example another server) into http.
+# SERVER_LINES go into the server block, HTTP_LINES (for example another server) into http. NGINX_MAIN (default
+# "worker_processes auto;"), NGINX_CONNECTIONS (4096) and NGINX_LISTEN (listen parameters, e.g. a backlog) size it.
 nginx_config() {
     mkdir -p "$W/nginx/tmp" "$W/logs"
     cat >"$W/nginx/nginx.conf" <<EOF
 daemon off;
-worker_processes auto;
+${NGINX_MAIN:-worker_processes auto;}
 pid $W/nginx/nginx.pid;
 error_log $W/logs/nginx.log warn;
-events { worker_connections 4096; }
+events { worker_connections ${NGINX_CONNECTIONS:-4096}; }
 http {
     access_log off;
     sendfile on;
@@ -222,7 +223,7 @@ http {
     uwsgi_temp_path $W/nginx/tmp/uwsgi;
     scgi_temp_path $W/nginx/tmp/scgi;
     server {
-        listen 127.0.0.1:$1;
+        listen 127.0.0.1:$1 ${NGINX_LISTEN:-};
         root $2;
         ${3:-}
     }

@@ -58,36 +58,14 @@ start_cachalot() {
 }
 
 # nginx: the same two files, 2 workers (one per core), enough connections for the top level.
-mkdir -p "$W/www/v2/$REPO/blobs" "$W/www/v2/$REPO/manifests" "$W/nginx/tmp"
+mkdir -p "$W/www/v2/$REPO/blobs" "$W/www/v2/$REPO/manifests"
 cp "$W/data/blob" "$W/www/v2/$REPO/blobs/$LAYER"
 cp "$W/data/manifest.json" "$W/www/v2/$REPO/manifests/$TAG"
 chmod -R a+rX "$W/www"
 PORT[nginx]=$(free_port)
-cat >"$W/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes 2;
-worker_rlimit_nofile $((2 * top + 1024));
-pid $W/nginx/nginx.pid;
-error_log $W/logs/nginx.log warn;
-events { worker_connections $((top + 512)); }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path $W/nginx/tmp/body;
-    proxy_temp_path $W/nginx/tmp/proxy;
-    fastcgi_temp_path $W/nginx/tmp/fastcgi;
-    uwsgi_temp_path $W/nginx/tmp/uwsgi;
-    scgi_temp_path $W/nginx/tmp/scgi;
-    server {
-        listen 127.0.0.1:${PORT[nginx]} backlog=65535;
-        root $W/www;
-        location /v2/$REPO/manifests/ { default_type $MT_MANIFEST; }
-    }
-}
-EOF
+NGINX_MAIN="worker_processes 2; worker_rlimit_nofile $((2 * top + 1024));" NGINX_CONNECTIONS=$((top + 512)) \
+    NGINX_LISTEN="backlog=65535" nginx_config "${PORT[nginx]}" "$W/www" \
+    "location /v2/$REPO/manifests/ { default_type $MT_MANIFEST; }"
 start_nginx() {
     run_nginx; PIDOF[nginx]=$NG_PID; PIDS+=("$NG_PID")
     wait_listen nginx "$NG_PID" "${PORT[nginx]}" 15 || die "nginx did not start"
