@@ -2,6 +2,7 @@
 //! written from the cache and read back into one. Import stages and verifies everything before
 //! anything becomes visible.
 
+use super::index::{self, MAX_ROOTS, Root};
 use super::prefetch::Prefetched;
 use crate::config::Config;
 use crate::error::Error;
@@ -180,7 +181,7 @@ struct Staged {
 pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported, Error> {
     let i = Import { store, bundle };
     let (layout, index, staged) = i.unpack()?;
-    let roots = i.roots(&layout, &index)?;
+    let roots = i.roots(&layout, index)?;
     // Verify the graph before anything is committed.
     let mut check = Check {
         store,
@@ -190,12 +191,11 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
     };
     for (n, root) in roots.iter().enumerate() {
         let name = root
-            .annotations
-            .get(REF_NAME)
-            .cloned()
+            .name
+            .clone()
             .unwrap_or_else(|| format!("manifests[{n}]"));
         check
-            .walk(root, &format!("index.json {name}"), 0)
+            .walk(&root.descriptor(), &format!("index.json {name}"), 0)
             .map_err(|e| i.at("invalid bundle", e))?;
     }
     let links = repo_links(config, &roots, &check);
@@ -212,10 +212,10 @@ type RootLinks = BTreeMap<Digest, Vec<(String, String, Vec<Digest>)>>;
 /// The repositories the bundle names its images under, with what each image holds: imported
 /// blobs are served under their image's repository (and, until an upstream confirms it, no
 /// other). A root without a full reference on a configured registry links nothing.
-fn repo_links(config: &Config, roots: &[Descriptor], check: &Check<'_>) -> RootLinks {
+fn repo_links(config: &Config, roots: &[Root], check: &Check<'_>) -> RootLinks {
     let mut out = RootLinks::new();
     for root in roots {
-        let Some(name) = root.annotations.get(REF_NAME) else {
+        let Some(name) = &root.name else {
             continue;
         };
         if !ImageRef::is_fully_qualified(name) {
@@ -242,11 +242,11 @@ struct Import<'a> {
     bundle: &'a Path,
 }
 
-/// What a bundle holds: `oci-layout`, `index.json`, and its blobs, staged.
-type Unpacked = (Vec<u8>, Vec<u8>, BTreeMap<Digest, Staged>);
+/// What a bundle holds: `oci-layout`, the images `index.json` names, and its blobs, staged.
+type Unpacked = (Vec<u8>, Vec<Root>, BTreeMap<Digest, Staged>);
 
-/// An image the bundle names by tag: the reference, its tag, and its root descriptor.
-type NamedTag = (ImageRef, String, Descriptor);
+/// An image the bundle names by tag: the reference, its tag, and its root manifest.
+type NamedTag = (ImageRef, String, Digest);
 
 impl Import<'_> {
     /// The bundle is at fault: `what` part of it, and why.
@@ -286,8 +286,12 @@ impl Import<'_> {
             let at = |e| self.at(&path, e);
             match path.as_str() {
                 "oci-layout" => layout = Some(read_capped(&mut entry, 4096, declared).map_err(at)?),
+                // Parsed as it is read, so a bad one is refused before any blob is staged
+                // when it comes first (as `export` writes it).
                 "index.json" => {
-                    index = Some(read_capped(&mut entry, MAX_MANIFEST_SIZE, declared).map_err(at)?)
+                    let roots = index::parse(&mut entry, MAX_ROOTS)
+                        .map_err(|e| self.bad("index.json", &e))?;
+                    index = Some(roots)
                 }
                 p if p.starts_with("blobs/") => {
                     if !kind.is_file() {
@@ -311,17 +315,12 @@ impl Import<'_> {
     }
 
     /// The images `index.json` names, once `oci-layout` says this is a layout.
-    fn roots(&self, layout: &[u8], index: &[u8]) -> Result<Vec<Descriptor>, Error> {
+    fn roots(&self, layout: &[u8], roots: Vec<Root>) -> Result<Vec<Root>, Error> {
         let v: serde_json::Value =
             serde_json::from_slice(layout).map_err(|e| self.bad("oci-layout", &e))?;
         if v["imageLayoutVersion"].as_str().is_none() {
             return Err(self.bad("oci-layout", &"no imageLayoutVersion"));
         }
-        let roots = match descriptor::parse_refs(OCI_INDEX, index) {
-            Ok(Refs::Index(list)) => list,
-            Ok(_) => return Err(self.bad("index.json", &"not an image index")),
-            Err(e) => return Err(self.bad("index.json", &e)),
-        };
         if roots.is_empty() {
             return Err(self.bad("index.json", &"names no image"));
         }
@@ -333,12 +332,12 @@ impl Import<'_> {
     fn tags(
         &self,
         config: &Config,
-        roots: &[Descriptor],
+        roots: &[Root],
         out: &mut Imported,
     ) -> Result<Vec<NamedTag>, Error> {
         let mut tags = Vec::new();
         for root in roots {
-            let Some(name) = root.annotations.get(REF_NAME) else {
+            let Some(name) = &root.name else {
                 continue;
             };
             if !ImageRef::is_fully_qualified(name) {
@@ -358,7 +357,7 @@ impl Import<'_> {
                 ));
             }
             match &r.reference {
-                Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.clone())),
+                Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.digest.clone())),
                 Reference::Digest(d) if *d == root.digest => {}
                 Reference::Digest(d) => {
                     return Err(self.bad(
@@ -412,7 +411,7 @@ impl Import<'_> {
         }
         out.manifests = manifests.len();
         for (r, tag, root) in tags {
-            let media_type = &manifests[&root.digest];
+            let media_type = &manifests[&root];
             let known = store
                 .meta()
                 .tags(&r.registry, r.repo.as_str(), &tag)
@@ -421,7 +420,7 @@ impl Import<'_> {
             // checked, so an online mirror revalidates it, and keep an entry that already agrees.
             if !known
                 .iter()
-                .any(|e| e.digest == root.digest && e.media_type == *media_type)
+                .any(|e| e.digest == root && e.media_type == *media_type)
             {
                 let tag_row = (
                     r.registry.as_str(),
@@ -431,7 +430,7 @@ impl Import<'_> {
                 );
                 store
                     .meta()
-                    .put_manifest(&root.digest, media_type, Some(tag_row))
+                    .put_manifest(&root, media_type, Some(tag_row))
                     .map_err(|e| at("recording tags", e))?;
             }
             out.tags.push(r.to_string());
