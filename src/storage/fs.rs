@@ -371,7 +371,7 @@ impl Drop for FsWriter {
 /// Dies on the spot when `CACHALOT_CRASH_POINT` names this point: the crash-safety tests use
 /// it to kill the process at instants a `kill -9` cannot hit reliably (between the metadata
 /// write and the rename, between the rename and the directory sync).
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("CACHALOT_CRASH_POINT").ok());
     if point.as_deref() == Some(name) {

@@ -13,6 +13,7 @@
 //! tags, manifest media types), and the lock that keeps eviction passes (`evict.rs`) one at a
 //! time.
 
+pub mod batch;
 #[cfg(test)]
 mod conformance;
 pub mod evict;
@@ -33,7 +34,7 @@ use std::sync::Arc;
 pub use fs::{Disk, DiskFile, FsStore, RealDisk};
 #[cfg(test)]
 pub(crate) use memory::MemoryStore;
-pub use meta::{Meta, ObjectRow, TagEntry};
+pub use meta::{ImportRecords, Meta, ObjectRow, TagEntry};
 pub use s3::{Bucket, BucketRead, S3Store, Upload};
 
 /// Bytes and objects committed.
