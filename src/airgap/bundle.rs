@@ -196,7 +196,9 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
             .map_err(|e| i.at("invalid bundle", e))?;
     }
     let links = repo_links(config, &roots, &check);
-    let manifests = check.manifests;
+    // What the walk kept beyond the manifests is a digest per edge: gone before the commit,
+    // which is when an import holds the most.
+    let Check { manifests, .. } = check;
     let mut out = Imported::default();
     let named = i.tags(config, &roots, &mut out)?;
     drop(roots);

@@ -97,7 +97,7 @@ impl Batch {
     ) -> io::Result<usize> {
         // The bytes first: nothing is renamed under its digest before it is on disk.
         rustix::fs::syncfs(File::open(&self.dir)?)?;
-        let mut placed: Vec<(Digest, u64)> = Vec::new();
+        let mut placed: Vec<(&Digest, u64)> = Vec::new();
         let result = self.place(meta, &mut placed).and_then(|()| {
             // Then the renames, and only then the records that make it all visible.
             rustix::fs::syncfs(File::open(self.root.join("blobs"))?)?;
@@ -121,7 +121,7 @@ impl Batch {
 
     /// Renames every staged object the cache does not hold into `blobs/`, noting each in
     /// `placed` as it goes.
-    fn place(&self, meta: &Meta, placed: &mut Vec<(Digest, u64)>) -> io::Result<()> {
+    fn place<'a>(&'a self, meta: &Meta, placed: &mut Vec<(&'a Digest, u64)>) -> io::Result<()> {
         let staged: Vec<(&Digest, &u64)> = self.staged.iter().collect();
         let mut dirs: HashSet<PathBuf> = HashSet::new();
         for chunk in staged.chunks(LOOKUP_CHUNK) {
@@ -141,7 +141,7 @@ impl Batch {
                     dirs.insert(dir.to_path_buf());
                 }
                 std::fs::rename(self.path(digest), &dest)?;
-                placed.push(((*digest).clone(), **size));
+                placed.push((digest, **size));
             }
         }
         Ok(())

@@ -86,6 +86,15 @@ impl FsStore {
     /// left by fills that a crash or kill interrupted: they were never renamed, so nothing
     /// refers to them.
     pub fn open(root: &Path, disk: Arc<dyn Disk>) -> io::Result<(FsStore, Arc<Meta>)> {
+        Self::open_with_cache(root, disk, None)
+    }
+
+    /// `open`, with the metadata's cache sized as [`Meta::open_with_cache`] says.
+    pub fn open_with_cache(
+        root: &Path,
+        disk: Arc<dyn Disk>,
+        meta_cache: Option<usize>,
+    ) -> io::Result<(FsStore, Arc<Meta>)> {
         std::fs::create_dir_all(root.join("blobs"))?;
         let version = root.join("VERSION");
         match std::fs::read_to_string(&version) {
@@ -104,7 +113,7 @@ impl FsStore {
         }
         // Take the metadata lock first: a second process opening a cache in use must fail
         // before it sweeps the temp files of the running server's fills.
-        let meta = Arc::new(Meta::open(&root.join("meta.redb"))?);
+        let meta = Arc::new(Meta::open_with_cache(&root.join("meta.redb"), meta_cache)?);
         if meta.links_missing() {
             // A cache from before links: without them every cached blob would be a miss.
             let n = meta.rebuild_links(|d| {

@@ -195,7 +195,7 @@ fn insert_link(
 /// What an import records ([`Meta::put_import`]).
 pub struct ImportRecords<'a> {
     /// Objects placed by the import: (digest, size).
-    pub objects: &'a [(Digest, u64)],
+    pub objects: &'a [(&'a Digest, u64)],
     /// Manifests, with their media types.
     pub manifests: &'a std::collections::BTreeMap<Digest, String>,
     /// (upstream, repository, every digest an image named there holds).
@@ -235,7 +235,19 @@ pub(crate) fn millis(t: SystemTime) -> u64 {
 
 impl Meta {
     pub fn open(path: &Path) -> io::Result<Meta> {
-        let db = Database::create(path).map_err(|e| match e {
+        Self::open_with_cache(path, None)
+    }
+
+    /// `open`, with redb's cache of `cache_bytes` instead of its default (1 GiB, a tenth of it
+    /// for pages a write transaction changed): an import writes one large transaction, whose
+    /// changed pages beyond the smaller cache go to the file before the commit rather than
+    /// stay in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: Option<usize>) -> io::Result<Meta> {
+        let mut builder = redb::Builder::new();
+        if let Some(bytes) = cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let db = builder.create(path).map_err(|e| match e {
             // Its own kind, so a second process can tell "in use" from "broken".
             redb::DatabaseError::DatabaseAlreadyOpen => io::Error::new(
                 io::ErrorKind::ResourceBusy,
