@@ -630,3 +630,232 @@ async fn a_plain_export_writes_the_platforms_the_cache_holds() {
     );
     let _ = img.index;
 }
+
+/// Writes `distinct` images straight into a cache at `root`, as prefetch would have left them:
+/// each a manifest and a config of its own, with `layers` layers of its own plus one every
+/// image shares. Returns `n` tags over them (`v<i>` names image `i % distinct`) as prefetch
+/// does, for `export`.
+fn synthetic(
+    root: &Path,
+    n: usize,
+    distinct: usize,
+    layers: usize,
+) -> Vec<cachalot::airgap::prefetch::Prefetched> {
+    use cachalot::oci::Digest;
+    use cachalot::oci::descriptor::Descriptor;
+    use std::collections::BTreeMap;
+    let put = |bytes: &[u8]| {
+        let d = Digest::sha256_of(bytes);
+        let path = cachalot::storage::FsStore::blob_path_in(root, &d);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+        (d, bytes.len() as u64)
+    };
+    let desc = |media_type: &str, (digest, size): &(Digest, u64)| {
+        format!(r#"{{"mediaType":"{media_type}","digest":"{digest}","size":{size}}}"#)
+    };
+    let shared = put(b"the layer every image shares");
+    let images: Vec<_> = (0..distinct)
+        .map(|i| {
+            let config =
+                put(format!(r#"{{"architecture":"amd64","os":"linux","i":{i}}}"#).as_bytes());
+            let mut own: Vec<(Digest, u64)> = (0..layers)
+                .map(|l| put(format!("image {i} layer {l}: {}", "x".repeat(200)).as_bytes()))
+                .collect();
+            own.push(shared.clone());
+            let layer_json: Vec<String> = own
+                .iter()
+                .map(|l| desc("application/vnd.oci.image.layer.v1.tar", l))
+                .collect();
+            let manifest = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{},"layers":[{}]}}"#,
+                desc("application/vnd.oci.image.config.v1+json", &config),
+                layer_json.join(",")
+            );
+            let top = put(manifest.as_bytes());
+            let mut blobs: BTreeMap<Digest, u64> = own.into_iter().collect();
+            blobs.insert(config.0, config.1);
+            cachalot::airgap::prefetch::Prefetched {
+                image: cachalot::oci::ImageRef::parse(&format!("{UP}/team/app:v{i}")).unwrap(),
+                top: Descriptor {
+                    media_type: OCI_MANIFEST.to_owned(),
+                    digest: top.0.clone(),
+                    size: top.1,
+                    platform: None,
+                    annotations: BTreeMap::new(),
+                },
+                manifests: [(top.0, (OCI_MANIFEST.to_owned(), top.1))].into(),
+                blobs,
+                referrers: Vec::new(),
+                platforms: 1,
+            }
+        })
+        .collect();
+    (0..n)
+        .map(|i| {
+            let mut p = images[i % distinct].clone();
+            p.image = cachalot::oci::ImageRef::parse(&format!("{UP}/team/app:v{i}")).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// The tar entries of a bundle, in order.
+fn entries(bundle: &Path) -> Vec<String> {
+    let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    ar.entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Files in a cache's `tmp/`, however deep.
+fn temp_files(dir: &Path) -> usize {
+    walkdir_count(&dir.join("cache/tmp"))
+}
+
+fn walkdir_count(p: &Path) -> usize {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                walkdir_count(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// What `export` writes, `import` reads: 20,000 images make an `index.json` of about 6 MB,
+/// which an import once refused (after staging every blob). And a bundle with one corrupt blob,
+/// the last one in it, loads nothing: no tag, no manifest, no file. The 20,000 tags name 4,000
+/// distinct images (8,001 objects), to keep the test's files few on a shared disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_images_export_and_import_and_one_bad_blob_loads_nothing() {
+    const N: usize = 20_000;
+    const DISTINCT: usize = 4_000;
+    let src = tempfile::tempdir().unwrap();
+    let images = synthetic(src.path(), N, DISTINCT, 0);
+    let bundle = src.path().join("big.tar");
+    let written = cachalot::airgap::bundle::export(src.path(), &images, &bundle).unwrap();
+    assert_eq!(written.blobs, 2 * DISTINCT + 1);
+    let index_len = {
+        let mut ar = tar::Archive::new(std::fs::File::open(&bundle).unwrap());
+        let e = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.path().unwrap().to_str() == Some("index.json"));
+        e.unwrap().header().size().unwrap()
+    };
+    assert!(index_len > 4 << 20, "index.json is only {index_len} bytes");
+
+    let site = tempfile::tempdir().unwrap();
+    let cfg = write_config(site.path(), &refused_url(), true, "127.0.0.1:0", "");
+    let last_blob = entries(&bundle)
+        .into_iter()
+        .rfind(|p| p.starts_with("blobs/sha256/"))
+        .unwrap();
+    let bad = site.path().join("bad.tar");
+    rewrite(&bundle, &bad, |p, mut d| {
+        if p == last_blob {
+            d[0] ^= 1;
+        }
+        Some(d)
+    });
+    let r = cachalot(&["import", "--config", s(&cfg), s(&bad)]).await;
+    assert!(!r.ok, "{}", r.stdout);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&last_blob)
+            && r.stderr.contains("content does not match its digest")
+            && r.stderr.contains("nothing was loaded"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        cached(site.path()).is_empty(),
+        "{:?}",
+        cached(site.path()).len()
+    );
+    assert_eq!(temp_files(site.path()), 0);
+    {
+        let meta = cachalot::storage::Meta::open(&site.path().join("cache/meta.redb")).unwrap();
+        assert!(meta.tags(UP, "team/app", "v0").unwrap().is_empty());
+        assert!(meta.manifest_type(&images[0].top.digest).unwrap().is_none());
+        assert!(meta.objects().unwrap().is_empty());
+    }
+
+    let started = std::time::Instant::now();
+    let r = cachalot(&["import", "--config", s(&cfg), s(&bundle)]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let took = started.elapsed();
+    assert!(
+        r.stdout
+            .contains(&format!("{0} blobs ({0} new", 2 * DISTINCT + 1))
+            && r.stdout
+                .contains(&format!("{DISTINCT} manifests, {N} tags")),
+        "{}",
+        r.stdout.lines().last().unwrap_or_default()
+    );
+    eprintln!("imported {N} images in {took:?}");
+    assert_eq!(temp_files(site.path()), 0);
+    let meta = cachalot::storage::Meta::open(&site.path().join("cache/meta.redb")).unwrap();
+    for i in [0, N / 2, N - 1] {
+        let tags = meta.tags(UP, "team/app", &format!("v{i}")).unwrap();
+        assert_eq!(tags.len(), 1, "v{i}");
+        assert_eq!(tags[0].digest, images[i].top.digest);
+        for d in images[i].blobs.keys() {
+            assert!(meta.linked(UP, "team/app", d).unwrap(), "v{i} {d}");
+        }
+    }
+    assert_eq!(meta.objects().unwrap().len(), 2 * DISTINCT + 1);
+}
+
+/// A crash after the files were placed but before the metadata commit leaves no tag and no
+/// manifest recorded; importing again places and records it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_commit_leaves_no_half_import() {
+    let src = tempfile::tempdir().unwrap();
+    let images = synthetic(src.path(), 50, 50, 2);
+    let bundle = src.path().join("b.tar");
+    cachalot::airgap::bundle::export(src.path(), &images, &bundle).unwrap();
+    let site = tempfile::tempdir().unwrap();
+    let cfg = write_config(site.path(), &refused_url(), true, "127.0.0.1:0", "");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot"))
+        .args(["import", "--config", s(&cfg), s(&bundle)])
+        .env("CACHALOT_CRASH_POINT", "import-before-commit")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    // 50 x (manifest, config, 2 layers) and the shared layer, placed but not recorded.
+    assert_eq!(cached(site.path()).len(), 201);
+    {
+        let meta = cachalot::storage::Meta::open(&site.path().join("cache/meta.redb")).unwrap();
+        for i in [0, 49] {
+            assert!(
+                meta.tags(UP, "team/app", &format!("v{i}"))
+                    .unwrap()
+                    .is_empty()
+            );
+            assert!(meta.manifest_type(&images[i].top.digest).unwrap().is_none());
+        }
+        assert!(meta.objects().unwrap().is_empty());
+        assert!(meta.links().unwrap().is_empty());
+    }
+    let r = cachalot(&["import", "--config", s(&cfg), s(&bundle)]).await;
+    assert!(r.ok, "{}", r.stderr);
+    // Opening the cache adopted the placed files (unverified; the import hashed them whole),
+    // so the bundle's blobs were all held already and only its records were missing.
+    assert!(r.stdout.contains("201 blobs (0 new"), "{}", r.stdout);
+    let meta = cachalot::storage::Meta::open(&site.path().join("cache/meta.redb")).unwrap();
+    assert_eq!(meta.objects().unwrap().len(), 201);
+    assert_eq!(
+        meta.tags(UP, "team/app", "v49").unwrap()[0].digest,
+        images[49].top.digest
+    );
+}

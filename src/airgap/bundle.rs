@@ -2,20 +2,21 @@
 //! written from the cache and read back into one. Import stages and verifies everything before
 //! anything becomes visible.
 
+use super::index::{self, MAX_ROOTS, Root};
 use super::prefetch::Prefetched;
 use crate::config::Config;
 use crate::error::Error;
 use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
-use crate::oci::{Digest, ImageRef, Reference, Verified, Verifier};
-use crate::storage::meta::LinkSource;
-use crate::storage::{Access, Blob, BlobWriter, FsStore, Store};
+use crate::oci::{Digest, ImageRef, Reference, Verifier};
+use crate::storage::batch::Batch;
+use crate::storage::{Access, Blob, FileReader, FsStore, Store};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
-use std::time::UNIX_EPOCH;
+use std::sync::Arc;
 
 /// The annotation that names an image in an OCI layout's `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -162,62 +163,82 @@ pub struct Imported {
     pub warnings: Vec<String>,
 }
 
-/// A blob read out of the bundle into an uncommitted writer, its digest checked. Dropped
-/// uncommitted, it leaves nothing behind.
-struct Staged {
-    writer: Box<dyn BlobWriter>,
-    proof: Verified,
-}
-
-/// Loads `bundle` into `store`: every blob is written to an uncommitted writer while hashed and
-/// checked against its name, `index.json` and every manifest reachable from it are checked for
-/// references that are neither in the bundle nor already cached, and only then are blobs
-/// renamed into place and manifests and tags recorded. Any error leaves the cache as it was.
+/// Loads `bundle` into `store`, the filesystem cache at `config.cache.dir`: every blob is
+/// written to a staging file while hashed and checked against its name (no sync per file),
+/// `index.json` and every manifest reachable from it are checked for references that are
+/// neither in the bundle nor already cached, and only then are the new blobs renamed into
+/// place, synced once, and recorded with the manifests, links and tags in one metadata
+/// transaction ([`Batch::commit`]). Any error, or a crash, leaves nothing of the bundle visible.
 /// Blocking.
 ///
 /// Errors are one line naming the bundle and the part of it at fault: [`Error::Invalid`] when
 /// the bundle is, a storage error when the cache could not take it.
 pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported, Error> {
-    let i = Import { store, bundle };
-    let (layout, index, staged) = i.unpack()?;
-    let roots = i.roots(&layout, &index)?;
+    let i = Import { bundle };
+    let mut batch =
+        Batch::begin(&config.cache.dir).map_err(|e| io_at(&config.cache.dir.join("tmp"), e))?;
+    let (layout, index) = i.unpack(&mut batch)?;
+    let roots = i.roots(&layout, index)?;
     // Verify the graph before anything is committed.
     let mut check = Check {
         store,
-        staged: &staged,
+        staged: &batch,
         manifests: BTreeMap::new(),
         edges: BTreeMap::new(),
     };
     for (n, root) in roots.iter().enumerate() {
         let name = root
-            .annotations
-            .get(REF_NAME)
-            .cloned()
+            .name
+            .clone()
             .unwrap_or_else(|| format!("manifests[{n}]"));
         check
-            .walk(root, &format!("index.json {name}"), 0)
+            .walk(&root.descriptor(), &format!("index.json {name}"), 0)
             .map_err(|e| i.at("invalid bundle", e))?;
     }
     let links = repo_links(config, &roots, &check);
-    let manifests = check.manifests;
+    // What the walk kept beyond the manifests is a digest per edge: gone before the commit,
+    // which is when an import holds the most.
+    let Check { manifests, .. } = check;
     let mut out = Imported::default();
-    let tags = i.tags(config, &roots, &mut out)?;
-    i.commit(staged, &manifests, tags, &links, &mut out)?;
+    let named = i.tags(config, &roots, &mut out)?;
+    drop(roots);
+    let mut tags = Vec::with_capacity(named.len());
+    for (r, tag, root) in named {
+        tags.push((
+            r.registry.clone(),
+            r.repo.to_string(),
+            tag,
+            manifests[&root].clone(),
+            root,
+        ));
+        out.tags.push(r.to_string());
+    }
+    (out.blobs, out.bytes) = batch.totals();
+    out.manifests = manifests.len();
+    // A stored copy that no longer matches its digest is quarantined now, so that the batch
+    // places the bundle's verified copy in its stead: importing again repairs the cache.
+    for digest in batch.digests() {
+        crate::storage::integrity::needs_storing(&**store.blobs(), digest)
+            .map_err(|e| i.at(&format!("checking the stored {digest}"), e.into()))?;
+    }
+    out.new_blobs = batch
+        .commit(store.meta(), &manifests, &links, &tags)
+        .map_err(|e| i.at("storing the bundle", e.into()))?;
     crate::storage::referrers::note_imported(store, &manifests)
         .map_err(|e| i.at("indexing referrers", e.into()))?;
     Ok(out)
 }
 
-/// A root manifest's repository links: (upstream, repository, everything the image holds).
-type RootLinks = BTreeMap<Digest, Vec<(String, String, Vec<Digest>)>>;
+/// (upstream, repository, everything an image named there holds).
+type RepoLink = (String, String, Vec<Digest>);
 
 /// The repositories the bundle names its images under, with what each image holds: imported
 /// blobs are served under their image's repository (and, until an upstream confirms it, no
 /// other). A root without a full reference on a configured registry links nothing.
-fn repo_links(config: &Config, roots: &[Descriptor], check: &Check<'_>) -> RootLinks {
-    let mut out = RootLinks::new();
+fn repo_links(config: &Config, roots: &[Root], check: &Check<'_>) -> Vec<RepoLink> {
+    let mut out = Vec::new();
     for root in roots {
-        let Some(name) = root.annotations.get(REF_NAME) else {
+        let Some(name) = &root.name else {
             continue;
         };
         if !ImageRef::is_fully_qualified(name) {
@@ -229,7 +250,7 @@ fn repo_links(config: &Config, roots: &[Descriptor], check: &Check<'_>) -> RootL
         if !config.upstream.iter().any(|u| u.name == r.registry) {
             continue;
         }
-        out.entry(root.digest.clone()).or_default().push((
+        out.push((
             r.registry.clone(),
             r.repo.to_string(),
             check.closure(&root.digest),
@@ -238,17 +259,16 @@ fn repo_links(config: &Config, roots: &[Descriptor], check: &Check<'_>) -> RootL
     out
 }
 
-/// One import under way: the cache and the bundle, for errors that name the part at fault.
+/// One import under way: the bundle, for errors that name the part at fault.
 struct Import<'a> {
-    store: &'a Store,
     bundle: &'a Path,
 }
 
-/// What a bundle holds: `oci-layout`, `index.json`, and its blobs, staged.
-type Unpacked = (Vec<u8>, Vec<u8>, BTreeMap<Digest, Staged>);
+/// What a bundle holds besides its blobs (staged): `oci-layout`, the images `index.json` names.
+type Unpacked = (Vec<u8>, Vec<Root>);
 
-/// An image the bundle names by tag: the reference, its tag, and its root descriptor.
-type NamedTag = (ImageRef, String, Descriptor);
+/// An image the bundle names by tag: the reference, its tag, and its root manifest.
+type NamedTag = (ImageRef, String, Digest);
 
 impl Import<'_> {
     /// The bundle is at fault: `what` part of it, and why.
@@ -261,13 +281,13 @@ impl Import<'_> {
         e.context(format!("{}: {what}", self.bundle.display()))
     }
 
-    /// Reads the tar: `oci-layout`, `index.json`, and every blob into an uncommitted writer.
-    fn unpack(&self) -> Result<Unpacked, Error> {
+    /// Reads the tar: `oci-layout`, `index.json`, and every blob into `batch`, verified.
+    fn unpack(&self, batch: &mut Batch) -> Result<Unpacked, Error> {
         let file = File::open(self.bundle)
             .map_err(|e| Error::Invalid(format!("{}: {e}", self.bundle.display())))?;
         let mut layout = None;
         let mut index = None;
-        let mut staged: BTreeMap<Digest, Staged> = BTreeMap::new();
+        let mut buf = vec![0u8; 256 << 10];
         let mut archive = tar::Archive::new(BufReader::new(file));
         let entries = archive
             .entries()
@@ -288,8 +308,12 @@ impl Import<'_> {
             let at = |e| self.at(&path, e);
             match path.as_str() {
                 "oci-layout" => layout = Some(read_capped(&mut entry, 4096, declared).map_err(at)?),
+                // Parsed as it is read, so a bad one is refused before any blob is staged
+                // when it comes first (as `export` writes it).
                 "index.json" => {
-                    index = Some(read_capped(&mut entry, MAX_MANIFEST_SIZE, declared).map_err(at)?)
+                    let roots = index::parse(&mut entry, MAX_ROOTS)
+                        .map_err(|e| self.bad("index.json", &e))?;
+                    index = Some(roots)
                 }
                 p if p.starts_with("blobs/") => {
                     if !kind.is_file() {
@@ -298,9 +322,10 @@ impl Import<'_> {
                     let digest = blob_name(p).ok_or_else(|| {
                         self.bad(&path, &"not named blobs/<algorithm>/<hex digest>")
                     })?;
-                    if let std::collections::btree_map::Entry::Vacant(slot) = staged.entry(digest) {
-                        let s = stage(&mut entry, self.store, slot.key(), declared).map_err(at)?;
-                        slot.insert(s);
+                    if !batch.contains(&digest) {
+                        let size =
+                            stage(&mut entry, batch, &digest, declared, &mut buf).map_err(at)?;
+                        batch.staged(digest, size);
                     }
                 }
                 _ => {}
@@ -309,21 +334,16 @@ impl Import<'_> {
         let layout =
             layout.ok_or_else(|| self.bad("oci-layout", &"missing: not an OCI image layout"))?;
         let index = index.ok_or_else(|| self.bad("index.json", &"missing"))?;
-        Ok((layout, index, staged))
+        Ok((layout, index))
     }
 
     /// The images `index.json` names, once `oci-layout` says this is a layout.
-    fn roots(&self, layout: &[u8], index: &[u8]) -> Result<Vec<Descriptor>, Error> {
+    fn roots(&self, layout: &[u8], roots: Vec<Root>) -> Result<Vec<Root>, Error> {
         let v: serde_json::Value =
             serde_json::from_slice(layout).map_err(|e| self.bad("oci-layout", &e))?;
         if v["imageLayoutVersion"].as_str().is_none() {
             return Err(self.bad("oci-layout", &"no imageLayoutVersion"));
         }
-        let roots = match descriptor::parse_refs(OCI_INDEX, index) {
-            Ok(Refs::Index(list)) => list,
-            Ok(_) => return Err(self.bad("index.json", &"not an image index")),
-            Err(e) => return Err(self.bad("index.json", &e)),
-        };
         if roots.is_empty() {
             return Err(self.bad("index.json", &"names no image"));
         }
@@ -335,12 +355,12 @@ impl Import<'_> {
     fn tags(
         &self,
         config: &Config,
-        roots: &[Descriptor],
+        roots: &[Root],
         out: &mut Imported,
     ) -> Result<Vec<NamedTag>, Error> {
         let mut tags = Vec::new();
         for root in roots {
-            let Some(name) = root.annotations.get(REF_NAME) else {
+            let Some(name) = &root.name else {
                 continue;
             };
             if !ImageRef::is_fully_qualified(name) {
@@ -360,7 +380,7 @@ impl Import<'_> {
                 ));
             }
             match &r.reference {
-                Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.clone())),
+                Reference::Tag(t) => tags.push((r.clone(), t.to_string(), root.digest.clone())),
                 Reference::Digest(d) if *d == root.digest => {}
                 Reference::Digest(d) => {
                     return Err(self.bad(
@@ -371,72 +391,6 @@ impl Import<'_> {
             }
         }
         Ok(tags)
-    }
-
-    /// Makes it all visible: blobs first, then the manifests and tags that refer to them.
-    fn commit(
-        &self,
-        staged: BTreeMap<Digest, Staged>,
-        manifests: &BTreeMap<Digest, String>,
-        tags: Vec<NamedTag>,
-        links: &RootLinks,
-        out: &mut Imported,
-    ) -> Result<(), Error> {
-        let (store, at) = (self.store, |what: &str, e: io::Error| {
-            self.at(what, e.into())
-        });
-        for (digest, s) in staged {
-            out.blobs += 1;
-            out.bytes += s.proof.len();
-            let storing = format!("storing {digest}");
-            // A stored copy that no longer matches its digest is replaced: re-importing repairs.
-            if crate::storage::integrity::needs_storing(&**store.blobs(), &digest)
-                .map_err(|e| at(&storing, e))?
-            {
-                s.writer
-                    .commit(s.proof, "(imported)")
-                    .map_err(|e| at(&storing, e.into()))?;
-                out.new_blobs += 1;
-            }
-        }
-        for (digest, media_type) in manifests {
-            let meta = store.meta();
-            match links.get(digest) {
-                None => meta.put_manifest(digest, media_type, None),
-                Some(repos) => repos.iter().try_for_each(|(u, r, held)| {
-                    let link = (u.as_str(), r.as_str(), &held[..], LinkSource::Imported);
-                    meta.put_manifest_linked(digest, media_type, None, Some(link))
-                }),
-            }
-            .map_err(|e| at("recording manifests", e))?;
-        }
-        out.manifests = manifests.len();
-        for (r, tag, root) in tags {
-            let media_type = &manifests[&root.digest];
-            let known = store
-                .meta()
-                .tags(&r.registry, r.repo.as_str(), &tag)
-                .map_err(|e| at("reading tags", e))?;
-            // The bundle's word on a tag is older than any upstream check: record it as never
-            // checked, so an online mirror revalidates it, and keep an entry that already agrees.
-            if !known
-                .iter()
-                .any(|e| e.digest == root.digest && e.media_type == *media_type)
-            {
-                let tag_row = (
-                    r.registry.as_str(),
-                    r.repo.as_str(),
-                    tag.as_str(),
-                    UNIX_EPOCH,
-                );
-                store
-                    .meta()
-                    .put_manifest(&root.digest, media_type, Some(tag_row))
-                    .map_err(|e| at("recording tags", e))?;
-            }
-            out.tags.push(r.to_string());
-        }
-        Ok(())
     }
 }
 
@@ -468,49 +422,46 @@ fn read_capped(r: &mut impl Read, cap: usize, declared: u64) -> Result<Vec<u8>, 
     Ok(buf)
 }
 
-/// Copies one entry into a new writer, hashing as it goes; the digest must match its name. A
-/// read that fails or ends short, or a mismatch, is the bundle's fault; a failed write, the
-/// cache's.
+/// Copies one entry into its staging file, hashing as it goes; the digest must match its name.
+/// Returns its size. A read that fails or ends short, or a mismatch, is the bundle's fault; a
+/// failed write, the cache's. The file is closed unsynced: the batch syncs once, at the end.
 fn stage(
     r: &mut impl Read,
-    store: &Store,
+    batch: &Batch,
     digest: &Digest,
     declared: u64,
-) -> Result<Staged, Error> {
-    let mut w = store.blobs().begin(digest)?;
+    buf: &mut [u8],
+) -> Result<u64, Error> {
+    let mut f = batch.create(digest)?;
     let mut v = Verifier::new(digest.algorithm());
-    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
     loop {
-        let k = r
-            .read(&mut buf)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let k = r.read(buf).map_err(|e| Error::Invalid(e.to_string()))?;
         if k == 0 {
             break;
         }
         v.update(&buf[..k]);
-        w.write(&buf[..k])?;
+        f.write_all(&buf[..k])?;
+        size += k as u64;
     }
-    let size = w.written();
     if size < declared {
         return Err(Error::Invalid(format!(
             "truncated: {size} of {declared} bytes"
         )));
     }
-    let proof = v.verify(digest).map_err(|m| {
+    v.verify(digest).map_err(|m| {
         Error::Invalid(format!(
             "content does not match its digest (it hashes to {})",
             m.actual
         ))
     })?;
-    // Many blobs wait for the whole bundle to check out: none of them holds a descriptor.
-    w.seal()?;
-    Ok(Staged { writer: w, proof })
+    Ok(size)
 }
 
 /// The reference check over the staged bundle (and what the cache already holds).
 struct Check<'a> {
     store: &'a Store,
-    staged: &'a BTreeMap<Digest, Staged>,
+    staged: &'a Batch,
     /// Manifests reached, with their media types.
     manifests: BTreeMap<Digest, String>,
     /// What each manifest reached names that the bundle or the cache has.
@@ -538,8 +489,8 @@ const MAX_DEPTH: usize = 8;
 impl Check<'_> {
     /// The size of a blob in the bundle or the cache, if it is in either.
     fn size(&self, d: &Digest) -> Option<u64> {
-        if let Some(s) = self.staged.get(d) {
-            return Some(s.proof.len());
+        if let Some(s) = self.staged.size(d) {
+            return Some(s);
         }
         self.store.blobs().stat(d).ok().flatten()
     }
@@ -559,12 +510,12 @@ impl Check<'_> {
     }
 
     fn read(&self, d: &Digest) -> Result<Vec<u8>, Error> {
-        let blob = match self.staged.get(d) {
-            // Opened here, for manifests only: a reader per staged blob would hold a
-            // descriptor per blob until the whole bundle checked out.
-            Some(s) => Blob {
-                reader: s.writer.reader()?,
-                len: s.proof.len(),
+        let blob = match self.staged.size(d) {
+            // Opened here, for manifests only: a descriptor per staged blob would run out of
+            // them before a large bundle checked out.
+            Some(len) => Blob {
+                reader: Arc::new(FileReader::new(File::open(self.staged.path(d))?)),
+                len,
                 verified: true,
             },
             None => match self.store.blobs().open(d, Access::Quiet)? {
@@ -654,21 +605,28 @@ mod tests {
     #[test]
     fn staged_blobs_hold_no_descriptors() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        let mut batch = Batch::begin(dir.path()).unwrap();
         let before = open_descriptors();
-        let staged: Vec<Staged> = (0..400u32)
-            .map(|i| {
-                let bytes = i.to_le_bytes();
-                let d = Digest::sha256_of(&bytes);
-                stage(&mut &bytes[..], &store, &d, 4).unwrap()
-            })
-            .collect();
+        let mut buf = vec![0; 1024];
+        for i in 0..400u32 {
+            let bytes = i.to_le_bytes();
+            let d = Digest::sha256_of(&bytes);
+            let size = stage(&mut &bytes[..], &batch, &d, 4, &mut buf).unwrap();
+            batch.staged(d, size);
+        }
         // Other tests in this process open files meanwhile; 400 would be one per blob.
         assert!(
             open_descriptors() < before + 100,
             "{} descriptors open for {} staged blobs (from {before})",
             open_descriptors(),
-            staged.len()
+            batch.totals().0
+        );
+        // Dropped uncommitted, the batch leaves nothing behind.
+        drop(batch);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
         );
     }
 }

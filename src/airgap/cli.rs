@@ -280,7 +280,7 @@ pub fn import(args: ImportArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let store = match Store::open(&config.cache.dir) {
+    let store = match Store::open_for_import(&config.cache.dir) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
             return fail(format!(

@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod cli;
+pub mod index;
 pub mod prefetch;
 pub mod refresh;
 pub mod source;

@@ -102,6 +102,15 @@ impl FsStore {
     /// left by fills that a crash or kill interrupted: they were never renamed, so nothing
     /// refers to them.
     pub fn open(root: &Path, disk: Arc<dyn Disk>) -> io::Result<(FsStore, Arc<Meta>)> {
+        Self::open_with_cache(root, disk, None)
+    }
+
+    /// `open`, with the metadata's cache sized as [`Meta::open_with_cache`] says.
+    pub fn open_with_cache(
+        root: &Path,
+        disk: Arc<dyn Disk>,
+        meta_cache: Option<usize>,
+    ) -> io::Result<(FsStore, Arc<Meta>)> {
         std::fs::create_dir_all(root.join("blobs"))?;
         let version = root.join("VERSION");
         match std::fs::read_to_string(&version) {
@@ -120,7 +129,10 @@ impl FsStore {
         }
         // Take the metadata lock first: a second process opening a cache in use must fail
         // before it sweeps the temp files of the running server's fills.
-        let meta = Arc::new(super::integrity::open_meta(&root.join("meta.redb"))?);
+        let meta = Arc::new(super::integrity::open_meta(
+            &root.join("meta.redb"),
+            meta_cache,
+        )?);
         if meta.links_missing() {
             // A cache from before links: without them every cached blob would be a miss.
             let n = meta.rebuild_links(|d| {
@@ -529,7 +541,7 @@ impl Drop for FsWriter {
 /// Dies on the spot when `CACHALOT_CRASH_POINT` names this point: the crash-safety tests use
 /// it to kill the process at instants a `kill -9` cannot hit reliably (between the metadata
 /// write and the rename, between the rename and the directory sync).
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("CACHALOT_CRASH_POINT").ok());
     if point.as_deref() == Some(name) {

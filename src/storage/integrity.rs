@@ -235,8 +235,8 @@ pub fn check(
 /// Opens the metadata store at `path`; one that cannot be read (damaged) is moved aside to
 /// `meta.redb.damaged-<seconds>` for a person to look at, and a new one is started, which
 /// [`reconcile`] then fills from the files.
-pub fn open_meta(path: &Path) -> io::Result<super::Meta> {
-    match super::Meta::open(path) {
+pub fn open_meta(path: &Path, cache_bytes: Option<usize>) -> io::Result<super::Meta> {
+    match super::Meta::open_with_cache(path, cache_bytes) {
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
             let stamp = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -245,7 +245,7 @@ pub fn open_meta(path: &Path) -> io::Result<super::Meta> {
             let aside = path.with_extension(format!("redb.damaged-{stamp}"));
             std::fs::rename(path, &aside)?;
             tracing::error!(error = %e, moved_to = %aside.display(), "the metadata store is damaged; starting a new one from the files on disk");
-            super::Meta::open(path)
+            super::Meta::open_with_cache(path, cache_bytes)
         }
         other => other,
     }

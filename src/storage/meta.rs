@@ -203,6 +203,18 @@ fn insert_link(
     Ok(())
 }
 
+/// What an import records ([`Meta::put_import`]).
+pub struct ImportRecords<'a> {
+    /// Objects placed by the import: (digest, size).
+    pub objects: &'a [(&'a Digest, u64)],
+    /// Manifests, with their media types.
+    pub manifests: &'a std::collections::BTreeMap<Digest, String>,
+    /// (upstream, repository, every digest an image named there holds).
+    pub links: &'a [(String, String, Vec<Digest>)],
+    /// (upstream, repository, tag, media type, digest).
+    pub tags: &'a [(String, String, String, String, Digest)],
+}
+
 /// One row of the tags table, borrowed from the read transaction ([`Meta::for_each_tag`]).
 #[derive(Clone, Copy, Debug)]
 pub struct TagRowRef<'a> {
@@ -234,17 +246,31 @@ pub(crate) fn millis(t: SystemTime) -> u64 {
 
 impl Meta {
     pub fn open(path: &Path) -> io::Result<Meta> {
+        Self::open_with_cache(path, None)
+    }
+
+    /// `open`, with redb's cache of `cache_bytes` instead of its default (1 GiB, a tenth of it
+    /// for pages a write transaction changed): an import writes one large transaction, whose
+    /// changed pages beyond the smaller cache go to the file before the commit rather than
+    /// stay in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: Option<usize>) -> io::Result<Meta> {
+        let mut builder = redb::Builder::new();
+        if let Some(bytes) = cache_bytes {
+            builder.set_cache_size(bytes);
+        }
         // redb asserts, rather than returns an error, on some damage (a file cut shorter than
         // its header says): a damaged store must be set aside, not end the process.
-        let created = std::panic::catch_unwind(|| Database::create(path)).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "metadata store {}: damaged (shorter than its header says)",
-                    path.display()
-                ),
-            )
-        })?;
+        let created =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || builder.create(path)))
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "metadata store {}: damaged (shorter than its header says)",
+                            path.display()
+                        ),
+                    )
+                })?;
         let db = created.map_err(|e| match e {
             // Its own kind, so a second process can tell "in use" from "broken".
             redb::DatabaseError::DatabaseAlreadyOpen => io::Error::new(
@@ -653,6 +679,64 @@ impl Meta {
                     (digest.to_string().as_str(), millis(*checked)),
                 )
                 .map_err(io_err)?;
+            }
+        }
+        let committed = tx.commit().map_err(io_err);
+        self.forget_tags(None);
+        committed
+    }
+
+    /// Records an import in one durable transaction: its new objects (committed by
+    /// `(imported)`, so linked to no repository by themselves), its manifests' media types, the
+    /// links of the repositories it names, and its tags, as never checked (`UNIX_EPOCH`), so an
+    /// online mirror revalidates them. A tag row that already names the same digest is left as
+    /// it is, keeping when it was last checked. Either all of it is recorded or none.
+    pub fn put_import(&self, import: &ImportRecords<'_>, now: SystemTime) -> io::Result<()> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut objects = tx.open_table(OBJECTS).map_err(io_err)?;
+            for (digest, size) in import.objects {
+                objects
+                    .insert(
+                        digest.to_string().as_str(),
+                        (*size, millis(now), "(imported)"),
+                    )
+                    .map_err(io_err)?;
+            }
+            let mut manifests = tx.open_table(MANIFESTS).map_err(io_err)?;
+            for (digest, media_type) in import.manifests {
+                manifests
+                    .insert(digest.to_string().as_str(), media_type.as_str())
+                    .map_err(io_err)?;
+            }
+            let mut links = tx.open_table(LINKS).map_err(io_err)?;
+            for (upstream, repo, held) in import.links {
+                for d in held {
+                    insert_link(
+                        &mut links,
+                        upstream,
+                        repo,
+                        &d.to_string(),
+                        LinkSource::Imported,
+                    )?;
+                }
+            }
+            let mut tags = tx.open_table(TAGS).map_err(io_err)?;
+            for (upstream, repo, tag, media_type, digest) in import.tags {
+                let digest = digest.to_string();
+                let key = (
+                    upstream.as_str(),
+                    repo.as_str(),
+                    tag.as_str(),
+                    media_type.as_str(),
+                );
+                let agrees = tags
+                    .get(key)
+                    .map_err(io_err)?
+                    .is_some_and(|v| v.value().0 == digest);
+                if !agrees {
+                    tags.insert(key, (digest.as_str(), 0)).map_err(io_err)?;
+                }
             }
         }
         let committed = tx.commit().map_err(io_err);

@@ -13,6 +13,7 @@
 //! tags, manifest media types; `listings.rs`: kept tags lists, repositories), and the lock that keeps eviction passes (`evict.rs`) one at a
 //! time.
 
+pub mod batch;
 #[cfg(test)]
 mod conformance;
 pub mod evict;
@@ -37,7 +38,7 @@ use std::sync::Arc;
 pub use fs::{Disk, DiskFile, FsStore, RealDisk};
 #[cfg(test)]
 pub(crate) use memory::MemoryStore;
-pub use meta::{Meta, ObjectRow, TagEntry};
+pub use meta::{ImportRecords, Meta, ObjectRow, TagEntry};
 pub use s3::{Bucket, BucketRead, S3Store, Upload};
 
 /// Bytes and objects committed.
@@ -295,6 +296,9 @@ pub fn put_small(
     Ok(())
 }
 
+/// The metadata cache of an import ([`Store::open_for_import`]).
+pub const IMPORT_META_CACHE: usize = 32 << 20;
+
 /// The cache: blob bytes behind the seam, and the metadata beside them.
 pub struct Store {
     blobs: Arc<dyn BlobStore>,
@@ -310,6 +314,15 @@ impl Store {
     /// Opens (creating if needed) the filesystem cache at `root`.
     pub fn open(root: &Path) -> io::Result<Store> {
         Self::open_with(root, Arc::new(RealDisk))
+    }
+
+    /// `open`, for a bundle import: a metadata cache of [`IMPORT_META_CACHE`] bytes rather than
+    /// redb's default, so the import's one large transaction spills its pages to the file
+    /// instead of holding 100 MB of them in memory.
+    pub fn open_for_import(root: &Path) -> io::Result<Store> {
+        let (fs, meta) =
+            FsStore::open_with_cache(root, Arc::new(RealDisk), Some(IMPORT_META_CACHE))?;
+        Ok(Store::new(Arc::new(fs), meta))
     }
 
     /// `open`, with fill writes going through `disk` (tests make them fail).
