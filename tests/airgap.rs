@@ -5,35 +5,12 @@
 
 mod common;
 
+use common::child::run_cli as cachalot;
 use common::*;
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-async fn cachalot(args: &[&str]) -> Out {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("cachalot finished within 2 minutes")
-    .expect("run cachalot");
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// A config file for a cache under `dir` in front of `fake` (upstream [`UP`]).
 fn write_config(dir: &Path, url: &str, offline: bool, listen: &str, extra: &str) -> PathBuf {

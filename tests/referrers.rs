@@ -385,22 +385,8 @@ async fn garbage_is_taken_as_no_referrers_or_refused_and_bad_digests_never_go_up
 }
 
 async fn cachalot(args: &[&str]) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("cachalot finished within 2 minutes")
-    .expect("run cachalot");
-    assert!(
-        out.status.success(),
-        "cachalot {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::child::run_cli(args).await;
+    assert!(out.ok, "cachalot {args:?}: {}{}", out.stdout, out.stderr);
 }
 
 fn config_file(dir: &Path, url: &str, offline: bool) -> String {

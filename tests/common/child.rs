@@ -203,3 +203,29 @@ impl Cachalot {
         metric_value(&r.text(), name, &[])
     }
 }
+
+/// What a `cachalot` command printed, and whether it succeeded.
+pub struct CliOut {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cachalot ARGS` to its end (two minutes at most).
+pub async fn run_cli(args: &[&str]) -> CliOut {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("cachalot finished within 2 minutes")
+    .expect("run cachalot");
+    CliOut {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
