@@ -737,7 +737,6 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request of `route` and observes its duration since `started`.
     /// Whether this is the first overload of the current second (the one to log).
     pub fn first_overload_this_second(&self) -> bool {
         use std::sync::atomic::Ordering;
@@ -747,6 +746,7 @@ impl Metrics {
         self.overload_logged.swap(now, Ordering::Relaxed) != now
     }
 
+    /// Counts one answered request of `route` and observes its duration since `started`.
     pub fn request(&self, route: RouteLabel, status: http::StatusCode, started: Instant) {
         let r = route as usize;
         let count = || {

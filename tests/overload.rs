@@ -70,8 +70,8 @@ async fn a_few_descriptors_and_many_clients_get_200s_or_503s_and_then_normal_ser
     let blob = random_blob(256 << 10);
     let digest = fake.push_blob(REPO, blob.clone());
     let dir = tempfile::tempdir().unwrap();
-    // 200 descriptors, soft and hard, so the server cannot raise its way out: its budget is a
-    // quarter of them (the 256 kept for cache files and upstreams do not fit).
+    // 200 descriptors, soft and hard, so the server cannot raise its way out: its budget is an
+    // eighth of them (the 256 kept for cache files and upstreams do not fit).
     let c = Cachalot::launch(
         dir.path(),
         &fake.url(),
@@ -81,7 +81,7 @@ async fn a_few_descriptors_and_many_clients_get_200s_or_503s_and_then_normal_ser
         },
     )
     .await;
-    assert_eq!(c.metric("cachalot_connections_limit").await, 50.0);
+    assert_eq!(c.metric("cachalot_connections_limit").await, 25.0);
     assert!(
         c.log_text()
             .contains("server.max_connections lowered to what the open-file limit allows"),
@@ -90,7 +90,7 @@ async fn a_few_descriptors_and_many_clients_get_200s_or_503s_and_then_normal_ser
     );
     cache_blob(&c, &digest).await;
 
-    // Eight times the budget at once, each on a connection of its own.
+    // Sixteen times the budget at once, each on a connection of its own.
     let path = format!("/v2/{REPO}/blobs/{digest}");
     let clients: Vec<_> = (0..400)
         .map(|_| {

@@ -168,7 +168,10 @@ pub struct Imported {
 /// `index.json` and every manifest reachable from it are checked for references that are
 /// neither in the bundle nor already cached, and only then are the new blobs renamed into
 /// place, synced once, and recorded with the manifests, links and tags in one metadata
-/// transaction ([`Batch::commit`]). Any error, or a crash, leaves nothing of the bundle visible.
+/// transaction ([`Batch::commit`]). Any error, or a crash, before that commit leaves nothing of
+/// the bundle visible. Indexing its referrers follows the commit: if that fails (or a crash
+/// comes between), the bundle is imported but its referrers are listed offline only once it is
+/// imported again.
 /// Blocking.
 ///
 /// Errors are one line naming the bundle and the part of it at fault: [`Error::Invalid`] when

@@ -69,7 +69,9 @@ impl Server {
 
     /// Stops accepting (the listening socket is closed, so new connections are refused),
     /// lets the responses in flight finish (for `server.drain_timeout` at most, then closes
-    /// what is left; meanwhile `/readyz` says 503 and responses close their connections),
+    /// what is left; a request that still arrives on an open connection meanwhile, HTTP/1
+    /// pipelined or an HTTP/2 stream begun before the GOAWAY, finds `/readyz` 503 and its
+    /// response closing the connection),
     /// waits for verified blobs to be committed, and returns once no connection or background
     /// task holds the cache.
     pub async fn shutdown(self) {
@@ -328,12 +330,11 @@ pub fn raise_open_files_limit() -> (Option<u64>, Option<u64>) {
 pub fn connection_budget_for(open_files: Option<u64>, upstream_connections: u64) -> Option<usize> {
     let limit = open_files?;
     let reserve = FD_RESERVE + upstream_connections;
-    let budget = if limit > reserve + 2 {
-        (limit - reserve) / 2
-    } else {
-        limit / 4
-    };
-    Some(usize::try_from(budget.max(1)).unwrap_or(usize::MAX))
+    // Never below an eighth of the limit, so that a reserve close to the limit (upstream
+    // limits summing near it) leaves a few connections rather than one, and the budget never
+    // falls as the limit rises.
+    let budget = (limit.saturating_sub(reserve) / 2).max(limit / 8).max(1);
+    Some(usize::try_from(budget).unwrap_or(usize::MAX))
 }
 
 /// `server.max_connections`, lowered (with a warning) to [`connection_budget_for`] this
@@ -707,9 +708,18 @@ mod tests {
         );
         assert_eq!(connection_budget_for(Some(1_048_576), 0), Some(524_160));
         assert_eq!(connection_budget_for(None, 0), None);
-        // Below the reserve, a quarter, and never nothing.
-        assert_eq!(connection_budget_for(Some(200), 0), Some(50));
+        // Below the reserve, an eighth, and never nothing.
+        assert_eq!(connection_budget_for(Some(200), 0), Some(25));
         assert_eq!(connection_budget_for(Some(1), 0), Some(1));
+        // It never falls as the limit rises, whatever the reserve.
+        for reserve in [0, 765, 5_000] {
+            let mut last = 0;
+            for limit in 1..20_000 {
+                let b = connection_budget_for(Some(limit), reserve).unwrap();
+                assert!(b >= last, "limit {limit}, reserve {reserve}: {b} < {last}");
+                last = b;
+            }
+        }
     }
 
     #[test]

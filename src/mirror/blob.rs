@@ -292,6 +292,16 @@ fn owner(t: &Target) -> String {
     format!("{}/{}", t.upstream.name(), t.repo)
 }
 
+/// A cache file that cannot be created: a full or failing disk costs caching, not the pull
+/// (the blob is passed through); running out of descriptors is load, answered 503.
+fn cannot_write(e: std::io::Error) -> NoFill {
+    if crate::error::is_exhaustion(&e) {
+        NoFill::Failed(e.into())
+    } else {
+        NoFill::CannotWrite(e)
+    }
+}
+
 /// Why no fill was started.
 enum NoFill {
     /// A fill committed and left the table since the first lookup: starting another would
@@ -329,6 +339,10 @@ impl Mirror {
             // A fill under this repository commits its link before its file appears, so a file
             // first seen after the look above may be that fill's: look again before asking.
             allowed = stored.is_some() && self.linked(t, digest)?;
+            if allowed && let Some(b) = blobs.open(digest, Access::Read)? {
+                self.lookup(Kind::Blob, Lookup::Hit);
+                return Ok(BlobSource::stored(blobs, digest, b));
+            }
             let foreign_fill = || {
                 self.fills
                     .get(digest)
@@ -354,8 +368,8 @@ impl Mirror {
                 Ok(None) => {}
                 Err(e) => return Err(NoFill::Failed(e.into())),
             }
-            let writer = blobs.begin(digest).map_err(NoFill::CannotWrite)?;
-            let reader = writer.reader().map_err(NoFill::CannotWrite)?;
+            let writer = blobs.begin(digest).map_err(cannot_write)?;
+            let reader = writer.reader().map_err(cannot_write)?;
             Ok((reader.clone(), (writer, reader)))
         });
         let fill = match joined {

@@ -176,7 +176,8 @@ pub struct Mirror {
     shared_reads: parking_lot::Mutex<std::collections::HashSet<Digest>>,
     /// `storage.max_size`: the bound gc passes keep the bucket under.
     bucket_max_size: Option<u64>,
-    /// Set once shutdown begins: `/readyz` says 503 and responses close their connections.
+    /// Set once shutdown begins: `/readyz` says 503 and HTTP/1 responses close their connections
+    /// (for what still arrives on open connections; new ones are refused).
     draining: std::sync::atomic::AtomicBool,
 }
 
@@ -254,7 +255,7 @@ impl Mirror {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether shutdown has begun: load balancers are told to stop sending (`/readyz` 503)
+    /// Whether shutdown has begun (new connections are refused; a probe on an open one hears 503)
     /// while the responses in flight finish.
     pub fn draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::Relaxed)

@@ -76,12 +76,12 @@ impl Batch {
         self.staged.contains_key(digest)
     }
 
-    /// Staged objects and their total size.
     /// The digests staged so far.
     pub fn digests(&self) -> impl Iterator<Item = &Digest> {
         self.staged.keys()
     }
 
+    /// Staged objects and their total size.
     pub fn totals(&self) -> (usize, u64) {
         (self.staged.len(), self.staged.values().sum())
     }
