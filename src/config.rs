@@ -323,6 +323,12 @@ pub struct CacheConfig {
     /// How fast a scrub pass reads the cache, so it never competes with pulls.
     #[serde(default = "default_scrub_rate")]
     pub scrub_rate: Rate,
+    /// With `[storage] backend = "s3"`: scrub passes and `cachalot verify` also read every blob
+    /// of the bucket back through the store and take out of it what no longer matches its
+    /// digest. Off by default: a pass reads the whole bucket, which a cloud bills as egress.
+    /// With `[cluster]`, each replica checks the blobs it owns.
+    #[serde(default)]
+    pub scrub_bucket: bool,
 }
 
 /// One `[[pin]]`: an image whose manifests and blobs are never evicted.
@@ -499,6 +505,7 @@ impl Default for CacheConfig {
             fill_min_rate: default_fill_min_rate(),
             scrub_interval: None,
             scrub_rate: default_scrub_rate(),
+            scrub_bucket: false,
         }
     }
 }
@@ -724,6 +731,9 @@ impl Config {
 
     fn validate_storage(&self) -> Result<(), ConfigError> {
         let s = &self.storage;
+        if s.backend == Backend::Fs && self.cache.scrub_bucket {
+            return bad("cache.scrub_bucket: only used with [storage] backend = \"s3\"".into());
+        }
         if s.backend == Backend::Fs {
             let set = [
                 ("endpoint", s.endpoint.is_some()),
@@ -1433,6 +1443,12 @@ mod tests {
         assert!(e.to_string().contains("storage.backend"), "{e}");
         let e = Config::from_toml_str(&format!("{s3}endpoint2 = 1\n")).unwrap_err();
         assert!(e.to_string().contains("endpoint2"), "{e}");
+        // Reading the bucket back is asked for, never implied; and only where there is one.
+        assert!(!c.cache.scrub_bucket);
+        let on = Config::from_toml_str(&format!("[cache]\nscrub_bucket = true\n{s3}")).unwrap();
+        assert!(on.cache.scrub_bucket);
+        let e = Config::from_toml_str("[cache]\nscrub_bucket = true\n").unwrap_err();
+        assert!(e.to_string().contains("cache.scrub_bucket"), "{e}");
 
         let cluster = "[cluster]\npeers = [\"http://10.0.0.11:5000\", \"http://10.0.0.12:5000\"]\nself = \"http://10.0.0.11:5000\"\nsecret_env = \"S\"\n";
         let c = Config::from_toml_str(&format!("{s3}{cluster}")).unwrap();

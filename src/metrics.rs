@@ -276,10 +276,12 @@ pub enum StorageOp {
     Delete,
     /// A whole listing (every page of it).
     List,
+    /// A copy inside the bucket (a damaged blob into quarantine/).
+    Copy,
 }
 
 impl StorageOp {
-    pub const ALL: [StorageOp; 8] = [
+    pub const ALL: [StorageOp; 9] = [
         StorageOp::Head,
         StorageOp::Get,
         StorageOp::Put,
@@ -288,6 +290,7 @@ impl StorageOp {
         StorageOp::Abort,
         StorageOp::Delete,
         StorageOp::List,
+        StorageOp::Copy,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -300,6 +303,7 @@ impl StorageOp {
             StorageOp::Abort => "abort",
             StorageOp::Delete => "delete",
             StorageOp::List => "list",
+            StorageOp::Copy => "copy",
         }
     }
 }

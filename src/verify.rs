@@ -15,8 +15,8 @@
 //! as the pass goes, and ends with `done <objects> <bytes> <damaged>` or `error <message>`.
 
 use crate::config::Config;
-use crate::storage::Store;
-use crate::storage::scrub::{self, Event, Summary};
+use crate::storage::scrub::{self, BucketScope, Event, Summary};
+use crate::storage::{Bucket, Store};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -39,8 +39,8 @@ pub fn cli(config: &Path) -> ExitCode {
     };
     let dir = config.cache.dir.clone();
     match Store::open(&dir) {
-        Ok(store) => local(&store, &dir),
-        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => through_server(&dir),
+        Ok(store) => local(&config, &store, &dir),
+        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => through_server(&config, &dir),
         Err(e) => cannot_run(format!("cache.dir {}: {e}", dir.display())),
     }
 }
@@ -54,10 +54,12 @@ fn cannot_run(e: impl std::fmt::Display) -> ExitCode {
 /// damaged object on stdout, and the summary.
 struct Display {
     bar: ProgressBar,
+    /// Whether the pass reads the bucket too (`cache.scrub_bucket`).
+    bucket: bool,
 }
 
 impl Display {
-    fn new() -> Display {
+    fn new(bucket: bool) -> Display {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
@@ -65,7 +67,7 @@ impl Display {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Display { bar }
+        Display { bar, bucket }
     }
 
     fn start(&self, objects: u64, bytes: u64) {
@@ -91,8 +93,12 @@ impl Display {
             println!("verified {objects} objects, {bytes} bytes: none damaged");
             ExitCode::SUCCESS
         } else {
+            let bucket = match self.bucket {
+                true => ", or the bucket's quarantine/ for those in the bucket",
+                false => "",
+            };
             println!(
-                "verified {objects} objects, {bytes} bytes: {damaged} damaged, moved to {} (each is fetched again on its next pull)",
+                "verified {objects} objects, {bytes} bytes: {damaged} damaged, moved to {}{bucket} (each is fetched again on its next pull)",
                 quarantine.display()
             );
             ExitCode::FAILURE
@@ -100,17 +106,56 @@ impl Display {
     }
 }
 
-fn local(store: &Store, dir: &Path) -> ExitCode {
-    let display = Display::new();
+/// How a damaged object of the bucket is told apart from one of the cache directory, in the
+/// lines printed and in those the control socket sends.
+fn in_the_bucket(what: &dyn std::fmt::Display) -> String {
+    format!("{what}, in the bucket")
+}
+
+/// The bucket's part of the pass, when `cache.scrub_bucket` asks for it: every blob, whichever
+/// replica owns it (`verify` is asked for by a person, for the whole cache).
+fn bucket_scope(
+    config: &Config,
+    rt: &tokio::runtime::Handle,
+) -> Result<Option<BucketScope>, String> {
+    if !config.cache.scrub_bucket || config.storage.backend != crate::config::Backend::S3 {
+        return Ok(None);
+    }
+    let names: Vec<&str> = config.upstream.iter().map(|u| u.name.as_str()).collect();
+    let metrics = Arc::new(crate::metrics::Metrics::new(&names));
+    let _in_rt = rt.enter();
+    let bucket = Bucket::connect(&config.storage, metrics).map_err(|e| e.to_string())?;
+    Ok(Some(BucketScope {
+        bucket,
+        rt: rt.clone(),
+        owns: None,
+    }))
+}
+
+fn local(config: &Config, store: &Store, dir: &Path) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return cannot_run(format!("no runtime for the bucket: {e}")),
+    };
+    let scope = match bucket_scope(config, rt.handle()) {
+        Ok(s) => s,
+        Err(e) => return cannot_run(e),
+    };
+    let display = Display::new(scope.is_some());
     let stop = AtomicBool::new(false);
     let opts = scrub::Options {
         rate: None,
         persist: false,
     };
-    let ran = scrub::run_pass(store, opts, &stop, |e| match e {
+    let ran = scrub::run_pass_with(store, scope.as_ref(), opts, &stop, |e| match e {
         Event::Start { objects, bytes } => display.start(objects, bytes),
         Event::Progress { objects, bytes } => display.progress(objects, bytes),
         Event::Damaged(d, what) => display.damaged(&d.to_string(), &what.to_string()),
+        Event::BucketDamaged(d, what) => display.damaged(&d.to_string(), &in_the_bucket(what)),
     });
     if let Err(e) = store.blobs().sync() {
         tracing::warn!(error = %e, "could not sync the metadata");
@@ -126,7 +171,7 @@ fn local(store: &Store, dir: &Path) -> ExitCode {
     }
 }
 
-fn through_server(dir: &Path) -> ExitCode {
+fn through_server(config: &Config, dir: &Path) -> ExitCode {
     let path = control_path(dir);
     let mut sock = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
@@ -145,7 +190,7 @@ fn through_server(dir: &Path) -> ExitCode {
     if let Err(e) = sock.write_all(b"verify\n") {
         return cannot_run(format!("{}: {e}", path.display()));
     }
-    let display = Display::new();
+    let display = Display::new(config.cache.scrub_bucket);
     for line in BufReader::new(sock).lines() {
         let line = match line {
             Ok(l) => l,
@@ -176,6 +221,7 @@ fn through_server(dir: &Path) -> ExitCode {
 /// this server; that is logged, and serving goes on.
 pub fn serve_control(
     store: Arc<Store>,
+    scrub_bucket: bool,
     dir: &Path,
     mut stopped: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -196,9 +242,18 @@ pub fn serve_control(
                 _ = scrub::until_stopped(&mut stopped) => break,
             };
             let Ok((conn, _)) = conn else { continue };
+            let scope = store
+                .bucket()
+                .filter(|_| scrub_bucket)
+                .map(|b| BucketScope {
+                    bucket: b.clone(),
+                    rt: tokio::runtime::Handle::current(),
+                    owns: None,
+                });
             tokio::spawn(control_conn(
                 conn,
                 store.clone(),
+                scope,
                 busy.clone(),
                 stopped.clone(),
             ));
@@ -210,17 +265,42 @@ pub fn serve_control(
 
 /// What a running server does for integrity at rest beside serving: the control socket for
 /// `verify`, and the background scrub when `[cache] scrub_interval` is set. Both end when
-/// `stopped` turns true.
-pub fn spawn_integrity(config: &Config, store: &Arc<Store>, stopped: watch::Receiver<bool>) {
-    serve_control(store.clone(), &config.cache.dir, stopped.clone());
+/// `stopped` turns true. With `cache.scrub_bucket` the scrub reads the bucket too, and with a
+/// `cluster` only the blobs this replica owns, so replicas sharing the bucket split each pass
+/// instead of each reading it whole.
+pub fn spawn_integrity(
+    config: &Config,
+    store: &Arc<Store>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    stopped: watch::Receiver<bool>,
+) {
+    let scrub_bucket = config.cache.scrub_bucket && store.bucket().is_some();
+    serve_control(
+        store.clone(),
+        scrub_bucket,
+        &config.cache.dir,
+        stopped.clone(),
+    );
     if let Some(interval) = config.cache.scrub_interval {
-        if config.storage.backend == crate::config::Backend::S3 {
+        if store.bucket().is_some() && !scrub_bucket {
             tracing::info!(
-                "scrub covers the local cache; the bucket's objects are hashed whenever a fill reads them"
+                "scrub covers the local cache; the bucket's objects are hashed whenever a fill reads them (cache.scrub_bucket = true reads the bucket back too)"
             );
         }
+        let scope = store.bucket().filter(|_| scrub_bucket).map(|b| {
+            let owns = cluster.map(|c| {
+                Box::new(move |d: &crate::oci::Digest| c.owner(&d.to_string()).is_none())
+                    as scrub::Owns
+            });
+            BucketScope {
+                bucket: b.clone(),
+                rt: tokio::runtime::Handle::current(),
+                owns,
+            }
+        });
         scrub::spawn(
             store.clone(),
+            scope,
             interval.0,
             config.cache.scrub_rate.0,
             stopped,
@@ -231,6 +311,7 @@ pub fn spawn_integrity(config: &Config, store: &Arc<Store>, stopped: watch::Rece
 async fn control_conn(
     conn: tokio::net::UnixStream,
     store: Arc<Store>,
+    bucket: Option<BucketScope>,
     busy: Arc<AtomicBool>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -261,7 +342,7 @@ async fn control_conn(
                 persist: false,
             };
             let mut last = std::time::Instant::now();
-            let ran = scrub::run_pass(&store, opts, &stop, |e| {
+            let ran = scrub::run_pass_with(&store, bucket.as_ref(), opts, &stop, |e| {
                 let line = match e {
                     Event::Start { objects, bytes } => format!("start {objects} {bytes}"),
                     Event::Progress { objects, bytes } => {
@@ -275,6 +356,10 @@ async fn control_conn(
                     Event::Damaged(d, what) => {
                         tracing::error!(digest = %d, damage = %what, "verify: damaged object quarantined");
                         format!("damaged {d} {what}")
+                    }
+                    Event::BucketDamaged(d, what) => {
+                        tracing::error!(digest = %d, damage = %what, "verify: damaged object taken out of the bucket (to its quarantine/)");
+                        format!("damaged {d} {}", in_the_bucket(what))
                     }
                 };
                 let _ = tx.send(line);

@@ -202,7 +202,12 @@ pub async fn spawn_with_options(config: Config, options: SpawnOptions) -> Result
         None => (None, None),
     };
     crate::airgap::spawn_refresh(&config, &mirror, stopped.clone());
-    crate::verify::spawn_integrity(&config, mirror.store(), stopped.clone());
+    crate::verify::spawn_integrity(
+        &config,
+        mirror.store(),
+        mirror.cluster().cloned(),
+        stopped.clone(),
+    );
     let limits = Limits {
         header_timeout: config.server.header_timeout.0,
         max_connections: connection_budget(&config),

@@ -14,6 +14,7 @@
 //! time.
 
 pub mod batch;
+mod bucket_scrub;
 #[cfg(test)]
 mod conformance;
 pub mod evict;

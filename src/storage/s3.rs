@@ -17,6 +17,7 @@
 //! [`Bucket`] is the async API the mirror calls. [`S3Store`] puts it behind the blocking
 //! [`BlobStore`] seam, so the bucket passes the same conformance suite as the other stores.
 
+use super::integrity::{KEEP_BYTES, KEEP_FOR};
 use super::{
     Access, Blob, BlobStore, BlobWriter, CommitError, ObjectRow, ReadAt, TagEntry, Usage,
     check_proof, s3_http::HyperConnector,
@@ -142,66 +143,14 @@ impl Bucket {
     /// the configured credentials, else the environment's (`AWS_*`, instance metadata). Makes
     /// no request: a bucket that is down is found out by the first call.
     pub fn connect(cfg: &StorageConfig, metrics: Arc<Metrics>) -> Result<Bucket, ConfigError> {
-        let invalid =
-            |key: &str, why: String| ConfigError::Invalid(format!("storage.{key}: {why}"));
-        let bucket = cfg
-            .bucket
-            .as_deref()
-            .ok_or_else(|| invalid("bucket", "required with backend = \"s3\"".into()))?;
-        let credentials = cfg.credentials()?;
-        // The environment is read only when no credentials are configured: a stray
-        // AWS_SESSION_TOKEN would otherwise be signed in with the configured key.
-        let mut b = match credentials {
-            Some(_) => AmazonS3Builder::new(),
-            None => AmazonS3Builder::from_env(),
-        };
-        b = b
-            .with_bucket_name(bucket)
-            .with_http_connector(HyperConnector::default())
-            .with_retry(retry_config());
-        if let Some(region) = &cfg.region {
-            b = b.with_region(region);
-        }
-        let virtual_hosted = match cfg.path_style {
-            Some(path_style) => !path_style,
-            None => cfg.endpoint.is_none(),
-        };
-        b = b.with_virtual_hosted_style_request(virtual_hosted);
-        if let Some(endpoint) = &cfg.endpoint {
-            let mut url = url::Url::parse(endpoint)
-                .map_err(|e| invalid("endpoint", format!("{endpoint:?}: {e}")))?;
-            b = b.with_allow_http(url.scheme() == "http");
-            // object_store takes a virtual-hosted endpoint with the bucket already in it.
-            if virtual_hosted {
-                let host = match url.host() {
-                    Some(url::Host::Domain(d)) => d.to_owned(),
-                    _ => {
-                        return Err(invalid(
-                            "path_style",
-                            format!(
-                                "false needs an endpoint with a DNS name, not {endpoint:?} \
-                                 (virtual-hosted addressing puts the bucket in the host name)"
-                            ),
-                        ));
-                    }
-                };
-                url.set_host(Some(&format!("{bucket}.{host}")))
-                    .map_err(|e| invalid("bucket", format!("{bucket:?} in a host name: {e}")))?;
-            }
-            b = b.with_endpoint(url.as_str().trim_end_matches('/'));
-        }
-        if let Some((id, secret)) = credentials {
-            b = b.with_access_key_id(id).with_secret_access_key(secret);
-        }
-        let store = b
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
+        let store = object_store_of(cfg)?;
         let prefix = cfg.prefix.as_deref().unwrap_or("");
         let trimmed = prefix.trim_matches('/');
         if !trimmed.is_empty() {
-            check_name("prefix", trimmed, true).map_err(|e| invalid("prefix", e.to_string()))?;
+            check_name("prefix", trimmed, true)
+                .map_err(|e| ConfigError::Invalid(format!("storage.prefix: {e}")))?;
         }
-        Ok(Bucket::with_store(Arc::new(store), prefix, metrics))
+        Ok(Bucket::with_store(store, prefix, metrics))
     }
 
     /// The bucket over any object store (tests: `object_store::memory::InMemory`). A prefix
@@ -311,6 +260,68 @@ impl Bucket {
     pub async fn delete(&self, d: &Digest) -> io::Result<()> {
         self.inner.delete(&self.inner.blob_path(d)?).await?;
         self.inner.delete(&self.inner.access_path(d)?).await
+    }
+
+    /// Takes a damaged blob out of service, so the next pull fetches it again: a copy goes to
+    /// `quarantine/<alg>-<hex>-<unix seconds>` for a person to look at, then the blob and its
+    /// access marker are removed. The copy is made inside the bucket (no bytes travel), and
+    /// skipped for a blob larger than the quarantine's bound, which would only push the rest
+    /// out; a copy that fails never keeps the blob in service. The quarantine keeps within
+    /// [`KEEP_FOR`] and [`KEEP_BYTES`], oldest first out, as the cache directory's does, and is
+    /// not counted in `max_size`.
+    pub async fn quarantine(&self, d: &Digest, size: u64) -> io::Result<()> {
+        let from = self.inner.blob_path(d)?;
+        if size <= KEEP_BYTES {
+            let stamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|t| t.as_secs())
+                .unwrap_or(0);
+            let to = self.inner.path(&format!(
+                "quarantine/{}-{}-{stamp}",
+                d.algorithm().as_str(),
+                d.hex()
+            ))?;
+            let copied = self
+                .inner
+                .call(StorageOp::Copy, self.inner.store.copy(&from, &to))
+                .await;
+            match copied {
+                Ok(()) => {}
+                // Removed meanwhile (gc, another replica's scrub): nothing left to take.
+                Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(digest = %d, error = %e, "could not copy a damaged blob into the bucket's quarantine; removing it anyway")
+                }
+            }
+        }
+        self.delete(d).await?;
+        if let Err(e) = self.trim_quarantine(SystemTime::now()).await {
+            tracing::warn!(error = %e, "could not trim the bucket's quarantine");
+        }
+        Ok(())
+    }
+
+    /// What the bucket's quarantine holds: (key after the prefix, size).
+    pub async fn quarantined(&self) -> io::Result<Vec<(String, u64)>> {
+        let listed = self.inner.list("quarantine").await?;
+        Ok(listed
+            .iter()
+            .filter_map(|m| Some((self.inner.rel(&m.location)?.to_owned(), m.size)))
+            .collect())
+    }
+
+    async fn trim_quarantine(&self, now: SystemTime) -> io::Result<()> {
+        let mut listed = self.inner.list("quarantine").await?;
+        listed.sort_by_key(|m| m.last_modified);
+        let mut total: u64 = listed.iter().map(|m| m.size).sum();
+        for m in listed {
+            let old = now.duration_since(system_time(&m)).unwrap_or_default() > KEEP_FOR;
+            if old || total > KEEP_BYTES {
+                self.inner.delete(&m.location).await?;
+                total -= m.size;
+            }
+        }
+        Ok(())
     }
 
     /// Replaces what is known of `upstream`'s `repo:tag`, one entry per media type.
@@ -522,6 +533,65 @@ impl Bucket {
             )),
         }
     }
+}
+
+/// The object store of `[storage]` (backend = "s3"), as [`Bucket::connect`] configures it,
+/// without the prefix: what tests and tools reach the bucket's keys through directly.
+pub fn object_store_of(cfg: &StorageConfig) -> Result<Arc<dyn ObjectStore>, ConfigError> {
+    let invalid = |key: &str, why: String| ConfigError::Invalid(format!("storage.{key}: {why}"));
+    let bucket = cfg
+        .bucket
+        .as_deref()
+        .ok_or_else(|| invalid("bucket", "required with backend = \"s3\"".into()))?;
+    let credentials = cfg.credentials()?;
+    // The environment is read only when no credentials are configured: a stray
+    // AWS_SESSION_TOKEN would otherwise be signed in with the configured key.
+    let mut b = match credentials {
+        Some(_) => AmazonS3Builder::new(),
+        None => AmazonS3Builder::from_env(),
+    };
+    b = b
+        .with_bucket_name(bucket)
+        .with_http_connector(HyperConnector::default())
+        .with_retry(retry_config());
+    if let Some(region) = &cfg.region {
+        b = b.with_region(region);
+    }
+    let virtual_hosted = match cfg.path_style {
+        Some(path_style) => !path_style,
+        None => cfg.endpoint.is_none(),
+    };
+    b = b.with_virtual_hosted_style_request(virtual_hosted);
+    if let Some(endpoint) = &cfg.endpoint {
+        let mut url = url::Url::parse(endpoint)
+            .map_err(|e| invalid("endpoint", format!("{endpoint:?}: {e}")))?;
+        b = b.with_allow_http(url.scheme() == "http");
+        // object_store takes a virtual-hosted endpoint with the bucket already in it.
+        if virtual_hosted {
+            let host = match url.host() {
+                Some(url::Host::Domain(d)) => d.to_owned(),
+                _ => {
+                    return Err(invalid(
+                        "path_style",
+                        format!(
+                            "false needs an endpoint with a DNS name, not {endpoint:?} \
+                             (virtual-hosted addressing puts the bucket in the host name)"
+                        ),
+                    ));
+                }
+            };
+            url.set_host(Some(&format!("{bucket}.{host}")))
+                .map_err(|e| invalid("bucket", format!("{bucket:?} in a host name: {e}")))?;
+        }
+        b = b.with_endpoint(url.as_str().trim_end_matches('/'));
+    }
+    if let Some((id, secret)) = credentials {
+        b = b.with_access_key_id(id).with_secret_access_key(secret);
+    }
+    let store = b
+        .build()
+        .map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
+    Ok(Arc::new(store))
 }
 
 fn retry_config() -> RetryConfig {

@@ -13,9 +13,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
-/// `state` keys: the last digest checked by an unfinished pass, and when the last pass ended.
+/// `state` keys: the last digest checked by an unfinished pass (of the cache directory, then of
+/// the bucket), and when the last pass ended.
 const POSITION: &str = "scrub_position";
+const BUCKET_POSITION: &str = "scrub_bucket_position";
 const LAST_PASS: &str = "scrub_last_pass";
+/// The cache directory's position once its part of a pass is done and the bucket's is under
+/// way: after every digest's name (`~` sorts after the letters), so a restart goes straight
+/// on with the bucket.
+const LOCAL_DONE: &str = "~";
 /// How often an unfinished pass writes down where it is.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -29,11 +35,14 @@ pub struct Options {
 
 /// What a pass tells as it goes.
 pub enum Event<'a> {
-    /// Before the first object: what the pass sets out to check.
+    /// Before the first object of a part (the cache directory's, then the bucket's): what it
+    /// sets out to check.
     Start { objects: u64, bytes: u64 },
-    /// An object found damaged (and quarantined).
+    /// An object of the cache directory found damaged (and quarantined).
     Damaged(&'a Digest, &'a Damage),
-    /// After each object: done so far, of the totals in [`Summary`].
+    /// An object of the bucket found damaged (and taken out of it, see `Bucket::quarantine`).
+    BucketDamaged(&'a Digest, &'a Damage),
+    /// After each object: done so far in this part, of what its `Start` announced.
     Progress { objects: u64, bytes: u64 },
 }
 
@@ -50,20 +59,172 @@ pub struct Summary {
     pub complete: bool,
 }
 
-/// One pass over the objects of `store` (from the saved position with `persist`). Stops, with
-/// the position saved, soon after `stop` is set. Blocking.
+/// The bucket's part of a pass (`[cache] scrub_bucket`): every blob of the shared bucket,
+/// read through the store, or those this replica owns.
+pub struct BucketScope {
+    pub bucket: super::Bucket,
+    /// The runtime the bucket's calls run on; the pass blocks on it from its own thread.
+    pub rt: tokio::runtime::Handle,
+    /// Whether this replica checks a digest: with `[cluster]`, the one that owns it (the
+    /// rendezvous owner among the live replicas), so replicas sharing a bucket split each pass
+    /// between them; `None`: every digest (`verify`).
+    pub owns: Option<Owns>,
+}
+
+/// Whether this replica checks a digest.
+pub type Owns = Box<dyn Fn(&Digest) -> bool + Send + Sync>;
+
+/// Keeps a pass to its rate and counts what it hashed.
+pub(super) struct Pace<'a> {
+    started: Instant,
+    paced: u64,
+    rate: Option<u64>,
+    counters: &'a integrity::Counters,
+    stop: &'a AtomicBool,
+}
+
+impl<'a> Pace<'a> {
+    pub(super) fn new(
+        rate: Option<u64>,
+        counters: &'a integrity::Counters,
+        stop: &'a AtomicBool,
+    ) -> Pace<'a> {
+        Pace {
+            started: Instant::now(),
+            paced: 0,
+            rate,
+            counters,
+            stop,
+        }
+    }
+
+    /// `n` bytes were hashed: sleeps as long as the rate asks; answers whether to go on.
+    pub(super) fn chunk(&mut self, n: usize) -> bool {
+        self.paced += n as u64;
+        self.counters
+            .scrub_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(rate) = self.rate {
+            let due = self.started + Duration::from_secs_f64(self.paced as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// One pass over the objects of `store`'s cache directory (from the saved position with
+/// `persist`). Stops, with the position saved, soon after `stop` is set. Blocking.
 pub fn run_pass(
     store: &Store,
     opts: Options,
     stop: &AtomicBool,
+    on: impl FnMut(Event<'_>),
+) -> io::Result<Summary> {
+    run_pass_with(store, None, opts, stop, on)
+}
+
+/// [`run_pass`], then, with `bucket`, the bucket's part; the pass is complete (and recorded so
+/// with `persist`) when both are. Blocking: never call it from a task of `bucket.rt`.
+pub fn run_pass_with(
+    store: &Store,
+    bucket: Option<&BucketScope>,
+    opts: Options,
+    stop: &AtomicBool,
     mut on: impl FnMut(Event<'_>),
 ) -> io::Result<Summary> {
-    let blobs = store.blobs();
-    let counters = blobs.counters().unwrap_or_default();
-    let after = match opts.persist {
-        true => store.meta().state(POSITION)?.filter(|p| !p.is_empty()),
+    let counters = store.blobs().counters().unwrap_or_default();
+    let mut sum = local_part(store, &counters, opts, stop, &mut on)?;
+    if !sum.complete {
+        return Ok(sum);
+    }
+    if let Some(scope) = bucket {
+        if opts.persist {
+            store.meta().set_state(&[(POSITION, LOCAL_DONE)])?;
+        }
+        let b = super::bucket_scrub::run(store, scope, &counters, opts, stop, &mut on)?;
+        sum.total_objects += b.total_objects;
+        sum.total_bytes += b.total_bytes;
+        sum.objects += b.objects;
+        sum.bytes += b.bytes;
+        sum.damaged += b.damaged;
+        sum.complete = b.complete;
+        if !sum.complete {
+            return Ok(sum);
+        }
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if opts.persist {
+        store.meta().set_state(&[
+            (POSITION, ""),
+            (BUCKET_POSITION, ""),
+            (LAST_PASS, &now.to_string()),
+        ])?;
+    }
+    counters.scrub_last_pass.store(now, Ordering::Relaxed);
+    Ok(sum)
+}
+
+/// The position saved under `key` with `persist`, if a pass is under way.
+pub(super) fn position(store: &Store, key: &str, opts: Options) -> io::Result<Option<String>> {
+    Ok(match opts.persist {
+        true => store.meta().state(key)?.filter(|p| !p.is_empty()),
         false => None,
-    };
+    })
+}
+
+/// How often, and under which key, a part saves where it is.
+pub(super) struct Saver<'a> {
+    store: &'a Store,
+    key: &'static str,
+    persist: bool,
+    saved: Instant,
+}
+
+impl<'a> Saver<'a> {
+    pub(super) fn new(store: &'a Store, key: &'static str, opts: Options) -> Saver<'a> {
+        Saver {
+            store,
+            key,
+            persist: opts.persist,
+            saved: Instant::now(),
+        }
+    }
+
+    /// After `name` was checked: saved every [`SAVE_EVERY`].
+    pub(super) fn done(&mut self, name: &str) -> io::Result<()> {
+        if self.persist && self.saved.elapsed() >= SAVE_EVERY {
+            self.store.meta().set_state(&[(self.key, name)])?;
+            self.saved = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// The part stops after `last` (if any): a restart goes on after it.
+    pub(super) fn stopped(&self, last: Option<&str>) -> io::Result<()> {
+        match last {
+            Some(name) if self.persist => self.store.meta().set_state(&[(self.key, name)]),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub(super) const BUCKET_KEY: &str = BUCKET_POSITION;
+
+fn local_part(
+    store: &Store,
+    counters: &integrity::Counters,
+    opts: Options,
+    stop: &AtomicBool,
+    on: &mut impl FnMut(Event<'_>),
+) -> io::Result<Summary> {
+    let blobs = store.blobs();
+    let after = position(store, POSITION, opts)?;
     let mut rows: Vec<(String, u64, Digest)> = blobs
         .objects()?
         .into_iter()
@@ -80,35 +241,15 @@ pub fn run_pass(
         objects: sum.total_objects,
         bytes: sum.total_bytes,
     });
-    let started = Instant::now();
-    let mut paced = 0u64;
-    let mut saved = Instant::now();
-    let save = |name: &str| store.meta().set_state(&[(POSITION, name)]);
+    let mut pace = Pace::new(opts.rate, counters, stop);
+    let mut saver = Saver::new(store, POSITION, opts);
     // The last object checked, saved when the pass stops: a restart goes on after it.
     let mut last_done: Option<&str> = None;
-    let stopped = |last: Option<&str>| -> io::Result<()> {
-        match last {
-            Some(name) if opts.persist => save(name),
-            _ => Ok(()),
-        }
-    };
     for (name, _, digest) in &rows {
         if stop.load(Ordering::Relaxed) {
-            stopped(last_done)?;
+            saver.stopped(last_done)?;
             return Ok(sum);
         }
-        let mut keep_pace = |n: usize| {
-            paced += n as u64;
-            counters.scrub_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            if let Some(rate) = opts.rate {
-                let due = started + Duration::from_secs_f64(paced as f64 / rate as f64);
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-            }
-            !stop.load(Ordering::Relaxed)
-        };
         let damage = match blobs.open_for_check(digest)? {
             Checked::Missing => {
                 last_done = Some(name);
@@ -117,9 +258,9 @@ pub fn run_pass(
             Checked::Damaged(d) => Some(d),
             Checked::Blob(b) => {
                 sum.bytes += b.len;
-                match integrity::check(&*b.reader, digest, b.len, &mut keep_pace) {
+                match integrity::check(&*b.reader, digest, b.len, |n| pace.chunk(n)) {
                     Verdict::Stopped => {
-                        stopped(last_done)?;
+                        saver.stopped(last_done)?;
                         return Ok(sum);
                     }
                     Verdict::Whole => {
@@ -147,22 +288,9 @@ pub fn run_pass(
             bytes: sum.bytes,
         });
         last_done = Some(name);
-        if opts.persist && saved.elapsed() >= SAVE_EVERY {
-            save(name)?;
-            saved = Instant::now();
-        }
+        saver.done(name)?;
     }
     sum.complete = true;
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if opts.persist {
-        store
-            .meta()
-            .set_state(&[(POSITION, ""), (LAST_PASS, &now.to_string())])?;
-    }
-    counters.scrub_last_pass.store(now, Ordering::Relaxed);
     Ok(sum)
 }
 
@@ -187,10 +315,12 @@ fn schedule(store: &Store) -> io::Result<(Option<SystemTime>, bool)> {
 /// an unfinished one resumed at start, each at `rate`. Ends when `stopped` turns true.
 pub fn spawn(
     store: Arc<Store>,
+    bucket: Option<BucketScope>,
     interval: Duration,
     rate: u64,
     mut stopped: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let bucket = bucket.map(Arc::new);
     let stop = Arc::new(AtomicBool::new(false));
     {
         let (stop, mut stopped) = (stop.clone(), stopped.clone());
@@ -229,16 +359,20 @@ pub fn spawn(
                 _ = tokio::time::sleep(wait) => {}
                 _ = until_stopped(&mut stopped) => return,
             }
-            let (s, stop) = (store.clone(), stop.clone());
+            let (s, stop, bucket) = (store.clone(), stop.clone(), bucket.clone());
             let pass = tokio::task::spawn_blocking(move || {
                 let opts = Options {
                     rate: Some(rate),
                     persist: true,
                 };
-                run_pass(&s, opts, &stop, |e| {
-                    if let Event::Damaged(d, damage) = e {
+                run_pass_with(&s, bucket.as_deref(), opts, &stop, |e| match e {
+                    Event::Damaged(d, damage) => {
                         tracing::error!(digest = %d, damage = %damage, "scrub: damaged object quarantined");
                     }
+                    Event::BucketDamaged(d, damage) => {
+                        tracing::error!(digest = %d, damage = %damage, "scrub: damaged object taken out of the bucket (to its quarantine/); the next pull fetches it again");
+                    }
+                    _ => {}
                 })
             })
             .await;
