@@ -247,3 +247,55 @@ async fn the_scrub_takes_a_damaged_blob_out_of_the_bucket() {
     );
     s.wait_in_bucket(&d, &blob).await;
 }
+
+/// Without any scrub: a replica whose fill reads a flipped copy from the bucket never serves it
+/// as a complete 200, and takes the copy out of the bucket, so the client's retry fetches the
+/// blob from the upstream (rather than failing the same way on every pull, on every replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_reads_a_damaged_copy_takes_it_out_of_the_bucket() {
+    let Some(s) = Setup::start().await else {
+        return;
+    };
+    let blob = random_blob(400_000);
+    let d = s.fake.push_blob(REPO, blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&s.config(dir.path(), "")).await;
+    s.pull(&proxy, &d, &blob).await;
+    s.wait_in_bucket(&d, &blob).await;
+    s.flip(&d, &blob).await;
+
+    let fresh = tempfile::tempdir().unwrap();
+    let other = Proxy::start(&s.config(fresh.path(), "")).await;
+    let url = format!("{}/v2/{REPO}/blobs/{d}", other.url());
+    let (status, headers, drained) = TestClient::unpooled().get_drained(&url).await;
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let complete = status == 200
+        && drained.error.is_none()
+        && declared.is_none_or(|n| n == drained.bytes.len());
+    assert!(
+        !complete,
+        "the bucket's flipped copy was served as a complete {status}"
+    );
+    assert_eq!(
+        s.fake.blob_gets(REPO, &d),
+        1,
+        "the first pull read the bucket"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.in_bucket(&d).await.is_some_and(|b| b != blob) {
+        assert!(
+            Instant::now() < deadline,
+            "the flipped copy stayed in the bucket"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.pull(&other, &d, &blob).await;
+    assert_eq!(
+        s.fake.blob_gets(REPO, &d),
+        2,
+        "the retry fetched it from the upstream"
+    );
+    assert_eq!(s.quarantined().await.len(), 1);
+}

@@ -467,15 +467,15 @@ impl Mirror {
                     Ok(Some(read)) => {
                         // Marked read now, so no replica's gc takes it while it streams; the
                         // bytes need not wait for the mark.
-                        let (b, d) = (b.clone(), digest.clone());
+                        let (marker, d) = (b.clone(), digest.clone());
                         tokio::spawn(async move {
-                            if let Err(e) = b.touch(std::slice::from_ref(&d)).await {
+                            if let Err(e) = marker.touch(std::slice::from_ref(&d)).await {
                                 warn!(error = %e, digest = %d, "could not mark a bucket read");
                             }
                         });
                         let _ = told.send(Lookup::Bucket);
                         return Ok(Opened {
-                            body: FillBody::Bucket(read.body),
+                            body: FillBody::Bucket(read.body, b.clone()),
                             len: Some(read.len),
                             tee: None,
                         });

@@ -21,7 +21,7 @@ use crate::error::{Error, UpstreamFault};
 use crate::metrics::{BodyFault, Metrics};
 use crate::oci::Digest;
 use crate::oci::Verified;
-use crate::storage::{BlobWriter, ReadAt};
+use crate::storage::{BlobWriter, Bucket, ReadAt};
 use crate::upstream::UpstreamBody;
 use crate::upstream::{Op, Upstream};
 use bytes::{Bytes, BytesMut};
@@ -47,8 +47,8 @@ pub(super) enum FillBody {
     Upstream { body: UpstreamBody, skip: u64 },
     /// The replica that owns the digest, which fetches it once for every replica.
     Peer(Incoming),
-    /// The shared bucket.
-    Bucket(BoxStream<'static, io::Result<Bytes>>),
+    /// The shared bucket, whose copy is taken out of it if its bytes turn out not to match.
+    Bucket(BoxStream<'static, io::Result<Bytes>>, Bucket),
 }
 
 /// A body frame as the fill sees it.
@@ -69,7 +69,7 @@ impl FillBody {
         match self {
             FillBody::Upstream { .. } => "upstream",
             FillBody::Peer(_) => "peer",
-            FillBody::Bucket(_) => "bucket",
+            FillBody::Bucket(..) => "bucket",
         }
     }
 
@@ -92,7 +92,7 @@ impl FillBody {
                         Err(_) => continue,
                     },
                 },
-                FillBody::Bucket(s) => match s.next().await {
+                FillBody::Bucket(s, _) => match s.next().await {
                     None => Frame::End,
                     Some(Err(e)) => Frame::Elsewhere(format!("bucket read: {e}")),
                     Some(Ok(d)) => Frame::Data(d),
@@ -250,6 +250,10 @@ async fn fetch(
         Err(e) => return Outcome::Failed(e),
     };
     let upstream_started = body.is_upstream().then(std::time::Instant::now);
+    let from_bucket = match &body {
+        FillBody::Bucket(_, b) => Some(b.clone()),
+        _ => None,
+    };
     guard.streaming(len, 0);
     let limit = AgeLimit {
         started,
@@ -289,7 +293,30 @@ async fn fetch(
             };
         }
     };
-    finish(t, digest, writer, tee, hasher, guard, len, metrics).await
+    let outcome = finish(t, digest, writer, tee, hasher, guard, len, metrics).await;
+    let mismatch = matches!(
+        &outcome,
+        Outcome::Failed(Error::Upstream {
+            fault: UpstreamFault::DigestMismatch { .. },
+            ..
+        })
+    );
+    if let (true, Some(b)) = (mismatch, from_bucket) {
+        // The fill started from the bucket and its bytes did not verify. Were the bucket's
+        // copy left there, every pull of it on every replica would fail the same way: it is
+        // taken out (to the bucket's quarantine/), so the client's retry fetches it again.
+        // A fill that went on from the upstream midway cannot tell whose bytes were wrong;
+        // the bucket's copy goes all the same, costing at worst one more upstream fetch.
+        match b.quarantine(digest, len.unwrap_or(0)).await {
+            Ok(()) => {
+                warn!(digest = %digest, "the bucket's copy did not match its digest; taken out of the bucket, the next pull fetches it again")
+            }
+            Err(e) => {
+                warn!(digest = %digest, error = %e, "the bucket's copy did not match its digest and could not be taken out")
+            }
+        }
+    }
+    outcome
 }
 
 /// The body is all there: checks its length and digest, releases the followers' last byte,
