@@ -872,7 +872,7 @@ impl IntegrityMetrics {
         };
         let quarantined = d.counter(
             "cachalot_quarantined_total",
-            "Stored objects found damaged and moved to quarantine/ (reason: size, digest, unreadable); each is fetched again on its next pull.",
+            "Stored objects found damaged and moved to quarantine/ (the cache directory's, or the bucket's when a scrub reads it back; reason: size, digest, unreadable); each is fetched again on its next pull.",
             &["reason"],
         );
         for r in crate::storage::integrity::Reason::ALL {

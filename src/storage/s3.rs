@@ -295,7 +295,10 @@ impl Bucket {
             }
         }
         self.delete(d).await?;
-        if let Err(e) = self.trim_quarantine(SystemTime::now()).await {
+        if let Err(e) = self
+            .trim_quarantine(SystemTime::now(), KEEP_FOR, KEEP_BYTES)
+            .await
+        {
             tracing::warn!(error = %e, "could not trim the bucket's quarantine");
         }
         Ok(())
@@ -310,13 +313,18 @@ impl Bucket {
             .collect())
     }
 
-    async fn trim_quarantine(&self, now: SystemTime) -> io::Result<()> {
+    async fn trim_quarantine(
+        &self,
+        now: SystemTime,
+        keep_for: Duration,
+        keep_bytes: u64,
+    ) -> io::Result<()> {
         let mut listed = self.inner.list("quarantine").await?;
         listed.sort_by_key(|m| m.last_modified);
         let mut total: u64 = listed.iter().map(|m| m.size).sum();
         for m in listed {
-            let old = now.duration_since(system_time(&m)).unwrap_or_default() > KEEP_FOR;
-            if old || total > KEEP_BYTES {
+            let old = now.duration_since(system_time(&m)).unwrap_or_default() > keep_for;
+            if old || total > keep_bytes {
                 self.inner.delete(&m.location).await?;
                 total -= m.size;
             }
@@ -1791,6 +1799,39 @@ mod tests {
         assert_eq!(b.get_small(&missing, 10).await.unwrap(), None);
         assert!(count(&m, StorageOp::Head, StorageResult::NotFound) >= 2);
         assert!(count(&m, StorageOp::Get, StorageResult::NotFound) >= 2);
+    }
+
+    /// A damaged blob leaves the bucket for its quarantine, which keeps within its bounds,
+    /// oldest first out, and is no blob to gc or to a listing.
+    #[tokio::test]
+    async fn the_bucket_quarantine_keeps_within_its_bounds() {
+        let (b, _) = bucket();
+        let ds = aged_blobs(&b, 3).await;
+        for d in &ds {
+            b.quarantine(d, 1000).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(present(&b, &ds).await, [false; 3]);
+        assert!(b.objects().await.unwrap().is_empty());
+        assert_eq!(b.quarantined().await.unwrap().len(), 3);
+        // Room for two: the first quarantined goes.
+        b.trim_quarantine(SystemTime::now(), KEEP_FOR, 2500)
+            .await
+            .unwrap();
+        let left = b.quarantined().await.unwrap();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            !left.iter().any(|(k, _)| k.contains(&ds[0].hex())),
+            "{left:?}"
+        );
+        // A week on, none.
+        let later = SystemTime::now() + KEEP_FOR + Duration::from_secs(1);
+        b.trim_quarantine(later, KEEP_FOR, KEEP_BYTES)
+            .await
+            .unwrap();
+        assert!(b.quarantined().await.unwrap().is_empty());
+        // What is gone already is not an error.
+        b.quarantine(&ds[0], 1000).await.unwrap();
     }
 
     #[tokio::test]
