@@ -193,7 +193,8 @@ async fn verify_reads_the_bucket_back_only_when_asked() {
 
     // A replica with an empty cache directory: the bucket no longer has it, the upstream does.
     let fresh = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&s.config(fresh.path(), "")).await;
+    let on = "scrub_bucket = true\n";
+    let proxy = Proxy::start(&s.config(fresh.path(), on)).await;
     s.pull(&proxy, &d, &blob).await;
     assert_eq!(
         s.fake.blob_gets(REPO, &d),
@@ -201,6 +202,41 @@ async fn verify_reads_the_bucket_back_only_when_asked() {
         "fetched from the upstream again"
     );
     s.wait_in_bucket(&d, &blob).await;
+
+    // Beside a running server, `verify` has the server run the pass, the bucket's part too.
+    let other = random_blob(200_000);
+    let e = s.fake.push_blob(REPO, other.clone());
+    s.pull(&proxy, &e, &other).await;
+    s.wait_in_bucket(&e, &other).await;
+    s.flip(&e, &other).await;
+    let (code, out) = tokio::task::spawn_blocking({
+        let dir = fresh.path().to_owned();
+        let text = s.config(&dir, on);
+        move || {
+            let config = dir.join("verify.toml");
+            std::fs::write(&config, text).unwrap();
+            let out = std::process::Command::new(BIN)
+                .args(["verify", "--config"])
+                .arg(&config)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.code().unwrap_or(-1), text)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("in use by a running cachalot"), "{out}");
+    assert!(
+        out.contains(&format!("damaged {e}: content hashes to")) && !out.contains(&d),
+        "{out}"
+    );
+    assert_eq!(s.in_bucket(&e).await, None, "taken out of the bucket");
 }
 
 /// A running server's scrub (every second here) reads the bucket back: a blob flipped in the
