@@ -372,6 +372,16 @@ mod tests {
         let ((sum, _), starts) = s.pass_seeing(&scope, true, None);
         assert_eq!(starts, [1, 4], "a new pass covers everything");
         assert!(sum.complete);
+        // Stopped in the bucket again, then restarted without the bucket: the cache
+        // directory's part is not taken for done.
+        s.pass_seeing(&scope, true, Some(1));
+        let stop = AtomicBool::new(false);
+        let opts = Options {
+            rate: None,
+            persist: true,
+        };
+        let sum = scrub::run_pass(&s.store, opts, &stop, |_| {}).unwrap();
+        assert_eq!((sum.objects, sum.complete), (1, true));
     }
 
     /// With replicas, each checks the blobs it owns: a pass reads only those.

@@ -136,7 +136,7 @@ pub fn run_pass_with(
     mut on: impl FnMut(Event<'_>),
 ) -> io::Result<Summary> {
     let counters = store.blobs().counters().unwrap_or_default();
-    let mut sum = local_part(store, &counters, opts, stop, &mut on)?;
+    let mut sum = local_part(store, &counters, bucket.is_some(), opts, stop, &mut on)?;
     if !sum.complete {
         return Ok(sum);
     }
@@ -219,12 +219,15 @@ pub(super) const BUCKET_KEY: &str = BUCKET_POSITION;
 fn local_part(
     store: &Store,
     counters: &integrity::Counters,
+    bucket_follows: bool,
     opts: Options,
     stop: &AtomicBool,
     on: &mut impl FnMut(Event<'_>),
 ) -> io::Result<Summary> {
     let blobs = store.blobs();
-    let after = position(store, POSITION, opts)?;
+    // Stopped in the bucket's part, and the bucket no longer scrubbed (`scrub_bucket` turned
+    // off meanwhile): the cache directory's part starts over rather than count as done.
+    let after = position(store, POSITION, opts)?.filter(|p| bucket_follows || p != LOCAL_DONE);
     let mut rows: Vec<(String, u64, Digest)> = blobs
         .objects()?
         .into_iter()
