@@ -2,7 +2,9 @@
 //! quarantining what no longer matches its digest (the next pull fetches it again). The
 //! background scrub (`[cache] scrub_interval`) paces itself to `scrub_rate` and keeps its
 //! position in the metadata, so a server restarted more often than a pass takes still
-//! completes passes; `cachalot verify` runs a pass at full speed.
+//! completes passes; `cachalot verify` runs a pass at full speed. With `[cache] scrub_bucket`
+//! a pass goes on, once the cache directory is done, with every blob of the shared bucket
+//! (`bucket_scrub.rs`), each part keeping its own position.
 
 use super::Store;
 use super::integrity::{self, Checked, Damage, Verdict};
