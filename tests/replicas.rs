@@ -7,8 +7,8 @@
 mod common;
 
 use common::*;
-use object_store::ObjectStore;
 use object_store::memory::InMemory;
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ struct Replicas {
     client: TestClient,
     /// TOML appended to every replica's config.
     extra: String,
+    /// Lines added to every replica's `[cache]`.
+    cache: String,
     /// An `Authorization` value for the replicas' own endpoints, when `[auth]` is on.
     authorization: Option<String>,
 }
@@ -43,6 +45,15 @@ impl Replicas {
     }
 
     async fn start_with(n: usize, extra: &str, authorization: Option<String>) -> Replicas {
+        Replicas::start_full(n, "", extra, authorization).await
+    }
+
+    async fn start_full(
+        n: usize,
+        cache: &str,
+        extra: &str,
+        authorization: Option<String>,
+    ) -> Replicas {
         let fake = FakeRegistry::start().await;
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peers = ports
@@ -61,6 +72,7 @@ impl Replicas {
             dirs: Vec::new(),
             client: TestClient::unpooled(),
             extra: extra.to_owned(),
+            cache: cache.to_owned(),
             authorization,
         };
         for port in ports {
@@ -73,7 +85,11 @@ impl Replicas {
     fn config(&self, port: u16, dir: &std::path::Path) -> String {
         let ups = [UpstreamSpec::new(UP, &self.fake.url(), true)];
         let base = config_toml(dir, &CacheSpec::default(), &ups)
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+            .replace(
+                "offline = false\n",
+                &format!("offline = false\n{}", self.cache),
+            );
         format!(
             "{base}\n[storage]\nbackend = \"s3\"\nbucket = \"cachalot\"\n\n[cluster]\npeers = {:?}\nself = \"http://127.0.0.1:{port}\"\nsecret_file = {:?}\n{}",
             self.peers,
@@ -427,4 +443,62 @@ async fn with_auth_peers_serve_each_other_and_clients_still_need_credentials() {
         .await;
     assert_eq!(by_peer, 1.0, "not served through the owner");
     assert_eq!(r.fake.blob_gets("team/app", &d), 1);
+}
+
+/// Replicas sharing a bucket split each scrub pass of it: each reads back the blobs it owns,
+/// so a blob damaged in the bucket is found by its owner, and the bucket is read once a round
+/// rather than once per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_split_the_bucket_scrub_by_ownership() {
+    let cache = "scrub_interval = \"1s\"\nscrub_bucket = true\n";
+    let r = Replicas::start_full(3, cache, "", None).await;
+    let mut blobs = Vec::new();
+    for i in 0..12 {
+        let blob = random_blob(20_000 + i);
+        let d = r.fake.push_blob("team/app", blob.clone());
+        let resp = r.client.get(&r.v2(0, &format!("team/app/blobs/{d}"))).await;
+        assert_eq!(resp.status, 200);
+        blobs.push((d, blob));
+    }
+    for (d, blob) in &blobs {
+        let key = object_store::path::Path::from(format!(
+            "blobs/sha256/{}",
+            d.strip_prefix("sha256:").unwrap()
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r.bucket.head(&key).await.map(|m| m.size).ok() != Some(blob.len() as u64) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{d} never reached the bucket"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut bad = blob.to_vec();
+        bad[0] ^= 1;
+        r.bucket
+            .put(&key, bytes::Bytes::from(bad).into())
+            .await
+            .unwrap();
+    }
+    let mut owned = [0.0; 3];
+    for (d, _) in &blobs {
+        owned[owner_of(&r, d).await] += 1.0;
+    }
+    assert!(owned.iter().filter(|n| **n > 0.0).count() >= 2, "{owned:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut found = [0.0; 3];
+        for (i, f) in found.iter_mut().enumerate() {
+            *f = r.metric(i, "cachalot_scrub_corrupt_total", &[]).await;
+        }
+        if found.iter().sum::<f64>() >= 12.0 {
+            assert_eq!(found, owned, "each replica found the blobs it owns");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "found {found:?} of {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
