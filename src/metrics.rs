@@ -381,6 +381,8 @@ pub struct Metrics {
     /// Connections being served on `server.listen`, and the most it serves at once.
     pub connections_open: IntGauge,
     pub connections_limit: IntGauge,
+    /// Idle keep-alive connections closed at the limit to make room for new ones.
+    pub connections_reclaimed: IntCounter,
     /// Requests waiting for a turn under an upstream's `max_connections`.
     pub upstream_waiting: IntGaugeVec,
     /// 1 while an upstream's circuit breaker is open (taken for down).
@@ -598,6 +600,13 @@ impl Metrics {
             connections_limit: d.gauge(
                 "cachalot_connections_limit",
                 "The most client connections served at once (server.max_connections).",
+            ),
+            connections_reclaimed: d.register(
+                IntCounter::new(
+                    "cachalot_connections_reclaimed_total",
+                    "Idle keep-alive connections closed at server.max_connections to make room for a new one.",
+                )
+                .expect("static metric definition"),
             ),
             upstream_waiting: d.gauge_vec(
                 "cachalot_upstream_requests_waiting",

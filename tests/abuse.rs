@@ -152,8 +152,11 @@ async fn slow_heads_do_not_delay_others_and_are_closed_at_the_header_timeout() {
 // === connection budget ===
 
 #[tokio::test]
-async fn past_max_connections_new_connections_wait_and_held_ones_stay_served() {
+async fn past_max_connections_new_connections_wait_while_every_held_one_is_busy() {
     let fake = FakeRegistry::start().await;
+    let blob = random_blob(32 << 20);
+    let digest = fake.push_blob("lib/app", blob.clone());
+    let path = format!("/v2/lib/app/blobs/{digest}");
     let dir = tempfile::tempdir().unwrap();
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -173,16 +176,22 @@ async fn past_max_connections_new_connections_wait_and_held_ones_stay_served() {
     let addr = proxy.addr();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let client = TestClient::new();
+    {
+        let mut s = connect(addr).await;
+        let (status, _, body) = get_on(&mut s, &path).await.expect("answered");
+        assert_eq!((status, body.len()), (200, blob.len()));
+    }
 
+    // Both places hold a download whose client is not reading: busy, not idle.
     let mut a = connect(addr).await;
     let mut b = connect(addr).await;
-    assert_eq!(get_on(&mut a, "/v2/").await.unwrap().0, 200);
-    assert_eq!(get_on(&mut b, "/v2/").await.unwrap().0, 200);
+    let request = format!("GET {path} HTTP/1.1\r\nhost: cachalot\r\n\r\n");
+    a.write_all(request.as_bytes()).await.unwrap();
+    b.write_all(request.as_bytes()).await.unwrap();
     let m = client.get(&metrics_url).await.text();
-    assert_eq!(metric_value(&m, "cachalot_connections_open", &[]), 2.0);
     assert_eq!(metric_value(&m, "cachalot_connections_limit", &[]), 2.0);
 
-    // A third connection is let into the backlog, and its request waits.
+    // A third connection is let into the backlog, and its request waits: nothing is idle.
     let mut c = connect(addr).await;
     c.write_all(b"GET /v2/ HTTP/1.1\r\nhost: cachalot\r\n\r\n")
         .await
@@ -190,19 +199,23 @@ async fn past_max_connections_new_connections_wait_and_held_ones_stay_served() {
     let early = tokio::time::timeout(Duration::from_millis(500), read_response(&mut c)).await;
     assert!(early.is_err(), "answered past max_connections: {early:?}");
 
-    // Those held are still answered meanwhile.
-    assert_eq!(get_on(&mut a, "/v2/").await.unwrap().0, 200);
-    assert_eq!(get_on(&mut b, "/healthz").await.unwrap().0, 200);
-
-    // One closes: the waiting connection is served.
-    drop(a);
+    // The downloads held go on; once one ends, its connection is idle and makes room.
+    let (status, _, body) = read_response(&mut b).await.expect("b's download");
+    assert_eq!((status, body.len()), (200, blob.len()));
     let (status, _, _) = tokio::time::timeout(SAFETY, read_response(&mut c))
         .await
         .expect("safety timeout: the waiting connection was never served")
         .expect("answered");
     assert_eq!(status, 200);
-    assert_eq!(get_on(&mut b, "/v2/").await.unwrap().0, 200);
-    assert_eq!(get_on(&mut c, "/v2/").await.unwrap().0, 200);
+    wait_closed(&mut b).await;
+    let (status, _, body) = read_response(&mut a).await.expect("a's download");
+    assert_eq!((status, body.len()), (200, blob.len()));
+    assert_eq!(body, blob);
+    let m = client.get(&metrics_url).await.text();
+    assert_eq!(
+        metric_value(&m, "cachalot_connections_reclaimed_total", &[]),
+        1.0
+    );
 }
 
 // === huge heads ===
