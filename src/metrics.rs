@@ -355,6 +355,8 @@ pub struct Metrics {
     /// When an overload was last logged, in seconds since the epoch: it is logged once a
     /// second, not once a request.
     pub overload_logged: std::sync::atomic::AtomicU64,
+    /// Log lines dropped because stderr fell behind (one counter for the process).
+    pub log_lines_dropped: IntCounter,
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
     pub evictions: IntCounterVec,
@@ -545,6 +547,7 @@ impl Metrics {
                 .expect("static metric definition"),
             ),
             overload_logged: std::sync::atomic::AtomicU64::new(0),
+            log_lines_dropped: d.register(crate::log_writer::dropped_counter().clone()),
             blob_first_byte: d.histogram(
                 "cachalot_blob_first_byte_seconds",
                 "Time from a blob GET's arrival to its first body byte, by source (cache, fill).",
