@@ -10,11 +10,13 @@
 #
 # Usage:  benches/load.sh                       # builds cachalot (cargo build --release) first
 #         CACHALOT_BIN=path/to/cachalot benches/load.sh
-# Knobs (env): LEVELS="100 1000 5000 10000" ROUNDS=3 DURATION=5s BLOB_KIB=1024 MAX_CONNECTIONS=20000 KEEP=0
+# Knobs (env): LEVELS="100 1000 5000 10000" TARGETS="blob manifest" ROUNDS=3 DURATION=5s BLOB_KIB=1024
+#              MAX_CONNECTIONS=20000 KEEP=0
 # Needs: docker-registry, nginx, wrk, curl, awk, sha256sum; an open-file hard limit above 2 x the top level.
 set -Eeuo pipefail
 umask 022
 LEVELS=${LEVELS:-100 1000 5000 10000}
+TARGETS=${TARGETS:-blob manifest}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 BLOB_KIB=${BLOB_KIB:-1024}
@@ -113,10 +115,11 @@ to_ms() {
 }
 
 declare -A RPS P50 P99 ERR PEAK
-for target in blob manifest; do
+for target in $TARGETS; do
     case $target in
         blob) path=/v2/$REPO/blobs/$LAYER ;;
         manifest) path=/v2/$REPO/manifests/$TAG ;;
+        *) die "TARGETS: unknown target $target (blob, manifest)" ;;
     esac
     for c in $LEVELS; do
         log "$target, $c connections: $ROUNDS rounds of wrk -t2 -c$c -d$DURATION, servers interleaved"
@@ -157,7 +160,7 @@ done
 echo
 echo "cachalot load benchmark: wrk -t2 -d$DURATION, median of $ROUNDS rounds; blob ${BLOB_KIB} KiB; $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg) at end"
 printf '%-9s %6s  %-15s %10s %8s %9s %9s %9s  %s\n' target conns server "req/s" "vs nginx" "p50 ms" "p99 ms" "peak MiB" "errors (non-2xx + socket)"
-for target in blob manifest; do
+for target in $TARGETS; do
     for c in $LEVELS; do
         for s in "${SERVERS[@]}"; do
             k=$target,$c,$s; n=$target,$c,nginx
