@@ -15,7 +15,7 @@ use http_body::{Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
@@ -88,9 +88,12 @@ impl Activity {
     }
 
     /// Whether the accept loop asked the connection to close; if not, `cx` is woken when it
-    /// does.
-    pub(super) fn poll_close(&self, cx: &Context<'_>) -> bool {
-        self.task.register(cx.waker());
+    /// does. `registered`: the waker handed over last time, kept by the caller.
+    pub(super) fn poll_close(&self, cx: &Context<'_>, registered: &mut Option<Waker>) -> bool {
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.task.register(cx.waker());
+            *registered = Some(cx.waker().clone());
+        }
         self.closing.load(Ordering::Acquire)
     }
 

@@ -605,13 +605,17 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let mut shut = false;
+    // The waker last handed to `activity`: a task's waker rarely changes, so a poll (a blob
+    // sent by sendfile polls the connection many times) compares it instead of handing it over
+    // again through atomic swaps.
+    let mut registered: Option<std::task::Waker> = None;
     // Dropped once an HTTP/1 head has come, so that later wake-ups of the connection (every
     // request's) neither poll nor keep a timer; HTTP/2 keeps it as the idle deadline.
     let mut deadline = Some(Box::pin(tokio::time::sleep(timeout)));
     std::future::poll_fn(|cx| {
         // Asked to close (the stop, or room for a new connection): what is in flight finishes
         // first, and the future then ends by itself.
-        if !shut && activity.poll_close(cx) {
+        if !shut && activity.poll_close(cx, &mut registered) {
             shutdown(conn.as_mut());
             shut = true;
         }
