@@ -576,3 +576,73 @@ async fn an_idle_http2_connection_is_closed_and_a_streaming_one_is_not() {
         .expect("safety timeout: the idle HTTP/2 connection was never closed")
         .expect("connection task");
 }
+
+#[tokio::test]
+async fn at_the_limit_an_idle_http2_connection_makes_room_and_a_streaming_one_is_kept() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let fake = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Larger than the client's flow-control windows: its stream stays open while unread.
+    let blob = random_blob(16 << 20);
+    let digest = fake.push_blob("h2/app", blob.clone());
+    let proxy = proxy_with(
+        &fake,
+        &dir,
+        CacheSpec::default(),
+        "max_connections = 2\nheader_timeout = \"60s\"",
+        "",
+    )
+    .await;
+    let path = format!("/v2/h2/app/blobs/{digest}");
+    {
+        let mut s = connect(proxy.addr()).await;
+        let (status, _, body) = get_on(&mut s, &path).await.expect("answered");
+        assert_eq!((status, body.len()), (200, blob.len()));
+    }
+    let h2 = async || {
+        let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        (send, tokio::spawn(conn))
+    };
+    let get = |path: &str| {
+        hyper::Request::builder()
+            .uri(format!("http://{}{path}", proxy.addr()))
+            .version(hyper::Version::HTTP_2)
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    // One connection streams a blob its client is not reading; the other has had its answer.
+    let (mut streaming, _streaming_conn) = h2().await;
+    let resp = streaming.send_request(get(&path)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::with_capacity(blob.len());
+    let first = body.frame().await.expect("a first frame").unwrap();
+    got.extend_from_slice(first.data_ref().expect("data"));
+    let (mut idle, idle_conn) = h2().await;
+    let resp = idle.send_request(get("/v2/")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    // A third client gets its answer at once: the idle connection was closed for it.
+    let mut c = connect(proxy.addr()).await;
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), get_on(&mut c, "/v2/"))
+        .await
+        .expect("the new client waited for a place")
+        .expect("answered");
+    assert_eq!(status, 200);
+    let _closed = tokio::time::timeout(SAFETY, idle_conn)
+        .await
+        .expect("safety timeout: the idle HTTP/2 connection was never closed")
+        .expect("connection task");
+    // The stream in flight was not cut.
+    got.extend_from_slice(&body.collect().await.expect("the rest").to_bytes());
+    assert!(got == blob[..], "the blob arrived whole");
+}
