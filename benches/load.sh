@@ -4,17 +4,19 @@
 # manifest by tag. cachalot runs twice: with its per-request log line (RUST_LOG=info, the default; the log goes
 # to a file) and without it (RUST_LOG=warn). nginx serves the same files with sendfile, 2 workers, access log
 # off. Reports per server and level: requests/s (median of ROUNDS), p50 and p99 latency (of the median round),
-# errors (non-2xx answers and socket errors over all rounds; cachalot's by status, from its own metrics), and
-# peak RSS (VmHWM; every server is restarted for each target and level; nginx: the sum over its processes). Both cachalots set
+# errors (non-2xx answers and socket errors over all rounds; cachalot's by status, from its own metrics), the
+# server's CPU time per request (user + system over all rounds, all its processes), and peak RSS (VmHWM; every server is restarted for each target and level; nginx: the sum over its processes). Both cachalots set
 # server.max_connections = MAX_CONNECTIONS explicitly, as a fleet-sized deployment would.
 #
 # Usage:  benches/load.sh                       # builds cachalot (cargo build --release) first
 #         CACHALOT_BIN=path/to/cachalot benches/load.sh
-# Knobs (env): LEVELS="100 1000 5000 10000" ROUNDS=3 DURATION=5s BLOB_KIB=1024 MAX_CONNECTIONS=20000 KEEP=0
+# Knobs (env): LEVELS="100 1000 5000 10000" TARGETS="blob manifest" ROUNDS=3 DURATION=5s BLOB_KIB=1024
+#              MAX_CONNECTIONS=20000 KEEP=0
 # Needs: docker-registry, nginx, wrk, curl, awk, sha256sum; an open-file hard limit above 2 x the top level.
 set -Eeuo pipefail
 umask 022
 LEVELS=${LEVELS:-100 1000 5000 10000}
+TARGETS=${TARGETS:-blob manifest}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 BLOB_KIB=${BLOB_KIB:-1024}
@@ -85,6 +87,15 @@ server_pids() {
 # reset_peak NAME: start VmHWM over (clear_refs 5).
 reset_peak() { for p in $(server_pids "$1"); do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done; }
 # peak_mib NAME: the sum of VmHWM over the server's processes, MiB.
+# cpu_ticks NAME: user + system CPU time of the server's processes so far, in clock ticks.
+cpu_ticks() {
+    local p t=0 v
+    for p in $(server_pids "$1"); do
+        v=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
 peak_mib() {
     local p kb=0 v
     for p in $(server_pids "$1"); do
@@ -112,22 +123,25 @@ to_ms() {
         printf "%.2f", x }'
 }
 
-declare -A RPS P50 P99 ERR PEAK
-for target in blob manifest; do
+declare -A RPS P50 P99 ERR PEAK CPU
+TICK=$(getconf CLK_TCK)
+for target in $TARGETS; do
     case $target in
         blob) path=/v2/$REPO/blobs/$LAYER ;;
         manifest) path=/v2/$REPO/manifests/$TAG ;;
+        *) die "TARGETS: unknown target $target (blob, manifest)" ;;
     esac
     for c in $LEVELS; do
         log "$target, $c connections: $ROUNDS rounds of wrk -t2 -c$c -d$DURATION, servers interleaved"
         start_all
         declare -A before=()
         for s in "${SERVERS[@]}"; do reset_peak "$s"; before[$s]=$(statuses "$s"); done
-        declare -A runs=() errs=()
+        declare -A runs=() errs=() ticks=() reqs=()
         for r in $(seq "$ROUNDS"); do
             # Rotate the order, so no server always runs first (or last) in a round.
             for i in $(seq 0 $((${#SERVERS[@]} - 1))); do
                 s=${SERVERS[$(((i + r) % ${#SERVERS[@]}))]}
+                t0=$(cpu_ticks "$s")
                 out=$(wrk -t2 -c"$c" -d"$DURATION" --timeout 10s --latency \
                     -H "Accept: $MT_MANIFEST" "http://127.0.0.1:${PORT[$s]}$path" 2>&1) || true
                 printf '== %s %s c%s round %s\n%s\n' "$s" "$target" "$c" "$r" "$out" >>"$W/logs/wrk.log"
@@ -138,6 +152,8 @@ for target in blob manifest; do
                 sock=$(awk '/Socket errors:/ { gsub(/,/, ""); print $4 + $6 + $8 + $10 }' <<<"$out")
                 runs[$s]+="${rps:-0} $(to_ms "${p50:-0}") $(to_ms "${p99:-0}")"$'\n'
                 errs[$s]=$((${errs[$s]:-0} + ${non2xx:-0} + ${sock:-0}))
+                ticks[$s]=$((${ticks[$s]:-0} + $(cpu_ticks "$s") - t0))
+                reqs[$s]=$((${reqs[$s]:-0} + $(awk '/requests in/ { print $1 }' <<<"$out")))
                 log "  $s round $r: ${rps:-?} req/s, p50 ${p50:-?}, p99 ${p99:-?}, non-2xx ${non2xx:-0}, socket errors ${sock:-0}"
             done
         done
@@ -148,21 +164,24 @@ for target in blob manifest; do
             ERR[$k]="${errs[$s]}"
             [[ $s != nginx ]] && ERR[$k]+=" ($(status_diff "${before[$s]}" "$(statuses "$s")"))"
             PEAK[$k]=$(peak_mib "$s")
+            # The server's CPU time per request over all rounds: steadier than req/s when other
+            # work shares the machine.
+            CPU[$k]=$(calc "${ticks[$s]} * 1000000 / $TICK / (${reqs[$s]} + 0.000001)")
         done
         stop_all
-        unset before runs errs
+        unset before runs errs ticks reqs
     done
 done
 
 echo
 echo "cachalot load benchmark: wrk -t2 -d$DURATION, median of $ROUNDS rounds; blob ${BLOB_KIB} KiB; $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg) at end"
-printf '%-9s %6s  %-15s %10s %8s %9s %9s %9s  %s\n' target conns server "req/s" "vs nginx" "p50 ms" "p99 ms" "peak MiB" "errors (non-2xx + socket)"
-for target in blob manifest; do
+printf '%-9s %6s  %-15s %10s %8s %9s %9s %9s %10s  %s\n' target conns server "req/s" "vs nginx" "p50 ms" "p99 ms" "peak MiB" "CPU us/req" "errors (non-2xx + socket)"
+for target in $TARGETS; do
     for c in $LEVELS; do
         for s in "${SERVERS[@]}"; do
             k=$target,$c,$s; n=$target,$c,nginx
-            printf '%-9s %6s  %-15s %10s %7sx %9s %9s %9s  %s\n' "$target" "$c" "$s" "${RPS[$k]}" \
-                "$(calc "${RPS[$k]} / (${RPS[$n]} + 0.000001)")" "${P50[$k]}" "${P99[$k]}" "${PEAK[$k]}" "${ERR[$k]}"
+            printf '%-9s %6s  %-15s %10s %7sx %9s %9s %9s %10s  %s\n' "$target" "$c" "$s" "${RPS[$k]}" \
+                "$(calc "${RPS[$k]} / (${RPS[$n]} + 0.000001)")" "${P50[$k]}" "${P99[$k]}" "${PEAK[$k]}" "${CPU[$k]}" "${ERR[$k]}"
         done
     done
 done

@@ -272,8 +272,10 @@ pub struct ServerConfig {
     /// endless heads (slowloris) cannot hold connections.
     #[serde(default = "default_header_timeout")]
     pub header_timeout: Dur,
-    /// Connections served at once, on `listen`. Past it, new connections wait in the
-    /// listen backlog until one closes, so the ones held stay responsive.
+    /// Connections served at once, on `listen`. Past it, the connection idle longest
+    /// between requests (HTTP/2: with no stream open) is closed to make room, as nginx does;
+    /// with none idle, new connections wait in the listen backlog until one closes or falls
+    /// idle, so the ones held stay responsive. A request in flight is never cut for room.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// The read-only page at `/ui` and its JSON under `/ui/api/`; false: they answer 404.

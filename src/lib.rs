@@ -16,6 +16,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod log_writer;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

@@ -204,7 +204,9 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
-            rt.block_on(serve(config))
+            let code = rt.block_on(serve(config));
+            cachalot::telemetry::flush();
+            code
         }
     }
 }
@@ -321,6 +323,7 @@ async fn serve(config: Config) -> ExitCode {
             tracing::warn!("second signal: exiting without waiting for the responses in flight");
             // At once, as asked: nothing left running may hold the exit up. What was not
             // committed is lost as a crash would lose it (the cache stays consistent).
+            cachalot::telemetry::flush();
             std::process::exit(1)
         }
     }
@@ -473,6 +476,8 @@ fn probe_health(url: &str, limit: std::time::Duration) -> Result<(), String> {
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
+    // After the log's lines so far, not before them.
+    cachalot::telemetry::flush();
     eprintln!("cachalot: {e}");
     ExitCode::FAILURE
 }

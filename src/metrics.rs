@@ -359,6 +359,8 @@ pub struct Metrics {
     /// When an overload was last logged, in seconds since the epoch: it is logged once a
     /// second, not once a request.
     pub overload_logged: std::sync::atomic::AtomicU64,
+    /// Log lines dropped because stderr fell behind (one counter for the process).
+    pub log_lines_dropped: IntCounter,
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
     pub evictions: IntCounterVec,
@@ -385,6 +387,8 @@ pub struct Metrics {
     /// Connections being served on `server.listen`, and the most it serves at once.
     pub connections_open: IntGauge,
     pub connections_limit: IntGauge,
+    /// Idle keep-alive connections closed at the limit to make room for new ones.
+    pub connections_reclaimed: IntCounter,
     /// Requests waiting for a turn under an upstream's `max_connections`.
     pub upstream_waiting: IntGaugeVec,
     /// 1 while an upstream's circuit breaker is open (taken for down).
@@ -547,6 +551,7 @@ impl Metrics {
                 .expect("static metric definition"),
             ),
             overload_logged: std::sync::atomic::AtomicU64::new(0),
+            log_lines_dropped: d.register(crate::log_writer::dropped_counter().clone()),
             blob_first_byte: d.histogram(
                 "cachalot_blob_first_byte_seconds",
                 "Time from a blob GET's arrival to its first body byte, by source (cache, fill).",
@@ -602,6 +607,13 @@ impl Metrics {
             connections_limit: d.gauge(
                 "cachalot_connections_limit",
                 "The most client connections served at once (server.max_connections).",
+            ),
+            connections_reclaimed: d.register(
+                IntCounter::new(
+                    "cachalot_connections_reclaimed_total",
+                    "Idle keep-alive connections closed at server.max_connections to make room for a new one.",
+                )
+                .expect("static metric definition"),
             ),
             upstream_waiting: d.gauge_vec(
                 "cachalot_upstream_requests_waiting",

@@ -22,13 +22,22 @@ pub const DIGEST_FIELD: &str = "digest";
 /// Cache lookup result (`hit`, `miss`, `coalesced`, `stale`, `revalidated`).
 pub const CACHE_FIELD: &str = "cache";
 
+/// Writes out the log lines still pending: [`init`]'s lines leave a few milliseconds late,
+/// through [`crate::log_writer`], so the process calls this before it exits.
+pub fn flush() {
+    crate::log_writer::flush();
+}
+
 /// Installs the global subscriber for the `[log]` section. `RUST_LOG`, when set, replaces
 /// `level`. Fails if a subscriber is already installed or `RUST_LOG` does not parse.
 pub fn init(cfg: &LogConfig) -> Result<(), String> {
     let filter = filter(cfg)?;
     // Colour only on a terminal: escape codes would litter journald and log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing::subscriber::set_global_default(subscriber(cfg.format, filter, ansi, std::io::stderr))
+    // Lines reach stderr through a thread of their own, many a write: a request never waits on
+    // the terminal or journald, and pays no write(2) of its own.
+    let writer = crate::log_writer::stderr()?;
+    tracing::subscriber::set_global_default(subscriber(cfg.format, filter, ansi, writer))
         .map_err(|e| e.to_string())
 }
 

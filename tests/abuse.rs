@@ -152,8 +152,11 @@ async fn slow_heads_do_not_delay_others_and_are_closed_at_the_header_timeout() {
 // === connection budget ===
 
 #[tokio::test]
-async fn past_max_connections_new_connections_wait_and_held_ones_stay_served() {
+async fn past_max_connections_new_connections_wait_while_every_held_one_is_busy() {
     let fake = FakeRegistry::start().await;
+    let blob = random_blob(32 << 20);
+    let digest = fake.push_blob("lib/app", blob.clone());
+    let path = format!("/v2/lib/app/blobs/{digest}");
     let dir = tempfile::tempdir().unwrap();
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -173,16 +176,22 @@ async fn past_max_connections_new_connections_wait_and_held_ones_stay_served() {
     let addr = proxy.addr();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let client = TestClient::new();
+    {
+        let mut s = connect(addr).await;
+        let (status, _, body) = get_on(&mut s, &path).await.expect("answered");
+        assert_eq!((status, body.len()), (200, blob.len()));
+    }
 
+    // Both places hold a download whose client is not reading: busy, not idle.
     let mut a = connect(addr).await;
     let mut b = connect(addr).await;
-    assert_eq!(get_on(&mut a, "/v2/").await.unwrap().0, 200);
-    assert_eq!(get_on(&mut b, "/v2/").await.unwrap().0, 200);
+    let request = format!("GET {path} HTTP/1.1\r\nhost: cachalot\r\n\r\n");
+    a.write_all(request.as_bytes()).await.unwrap();
+    b.write_all(request.as_bytes()).await.unwrap();
     let m = client.get(&metrics_url).await.text();
-    assert_eq!(metric_value(&m, "cachalot_connections_open", &[]), 2.0);
     assert_eq!(metric_value(&m, "cachalot_connections_limit", &[]), 2.0);
 
-    // A third connection is let into the backlog, and its request waits.
+    // A third connection is let into the backlog, and its request waits: nothing is idle.
     let mut c = connect(addr).await;
     c.write_all(b"GET /v2/ HTTP/1.1\r\nhost: cachalot\r\n\r\n")
         .await
@@ -190,19 +199,23 @@ async fn past_max_connections_new_connections_wait_and_held_ones_stay_served() {
     let early = tokio::time::timeout(Duration::from_millis(500), read_response(&mut c)).await;
     assert!(early.is_err(), "answered past max_connections: {early:?}");
 
-    // Those held are still answered meanwhile.
-    assert_eq!(get_on(&mut a, "/v2/").await.unwrap().0, 200);
-    assert_eq!(get_on(&mut b, "/healthz").await.unwrap().0, 200);
-
-    // One closes: the waiting connection is served.
-    drop(a);
+    // The downloads held go on; once one ends, its connection is idle and makes room.
+    let (status, _, body) = read_response(&mut b).await.expect("b's download");
+    assert_eq!((status, body.len()), (200, blob.len()));
     let (status, _, _) = tokio::time::timeout(SAFETY, read_response(&mut c))
         .await
         .expect("safety timeout: the waiting connection was never served")
         .expect("answered");
     assert_eq!(status, 200);
-    assert_eq!(get_on(&mut b, "/v2/").await.unwrap().0, 200);
-    assert_eq!(get_on(&mut c, "/v2/").await.unwrap().0, 200);
+    wait_closed(&mut b).await;
+    let (status, _, body) = read_response(&mut a).await.expect("a's download");
+    assert_eq!((status, body.len()), (200, blob.len()));
+    assert_eq!(body, blob);
+    let m = client.get(&metrics_url).await.text();
+    assert_eq!(
+        metric_value(&m, "cachalot_connections_reclaimed_total", &[]),
+        1.0
+    );
 }
 
 // === huge heads ===
@@ -562,4 +575,74 @@ async fn an_idle_http2_connection_is_closed_and_a_streaming_one_is_not() {
         .await
         .expect("safety timeout: the idle HTTP/2 connection was never closed")
         .expect("connection task");
+}
+
+#[tokio::test]
+async fn at_the_limit_an_idle_http2_connection_makes_room_and_a_streaming_one_is_kept() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let fake = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Larger than the client's flow-control windows: its stream stays open while unread.
+    let blob = random_blob(16 << 20);
+    let digest = fake.push_blob("h2/app", blob.clone());
+    let proxy = proxy_with(
+        &fake,
+        &dir,
+        CacheSpec::default(),
+        "max_connections = 2\nheader_timeout = \"60s\"",
+        "",
+    )
+    .await;
+    let path = format!("/v2/h2/app/blobs/{digest}");
+    {
+        let mut s = connect(proxy.addr()).await;
+        let (status, _, body) = get_on(&mut s, &path).await.expect("answered");
+        assert_eq!((status, body.len()), (200, blob.len()));
+    }
+    let h2 = async || {
+        let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        (send, tokio::spawn(conn))
+    };
+    let get = |path: &str| {
+        hyper::Request::builder()
+            .uri(format!("http://{}{path}", proxy.addr()))
+            .version(hyper::Version::HTTP_2)
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    // One connection streams a blob its client is not reading; the other has had its answer.
+    let (mut streaming, _streaming_conn) = h2().await;
+    let resp = streaming.send_request(get(&path)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::with_capacity(blob.len());
+    let first = body.frame().await.expect("a first frame").unwrap();
+    got.extend_from_slice(first.data_ref().expect("data"));
+    let (mut idle, idle_conn) = h2().await;
+    let resp = idle.send_request(get("/v2/")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    // A third client gets its answer at once: the idle connection was closed for it.
+    let mut c = connect(proxy.addr()).await;
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), get_on(&mut c, "/v2/"))
+        .await
+        .expect("the new client waited for a place")
+        .expect("answered");
+    assert_eq!(status, 200);
+    let _closed = tokio::time::timeout(SAFETY, idle_conn)
+        .await
+        .expect("safety timeout: the idle HTTP/2 connection was never closed")
+        .expect("connection task");
+    // The stream in flight was not cut.
+    got.extend_from_slice(&body.collect().await.expect("the rest").to_bytes());
+    assert!(got == blob[..], "the blob arrived whole");
 }

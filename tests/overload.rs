@@ -224,3 +224,111 @@ async fn while_draining_readyz_is_503_and_responses_close_their_connection() {
     assert_eq!(r.status, 503);
     assert_eq!(r.header("connection"), Some("close".into()));
 }
+
+/// Sends a GET of `path` on `s`, kept alive, and reads its whole response: (status, body).
+async fn get_kept_alive(s: &mut TcpStream, path: &str) -> (u16, Vec<u8>) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: m\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = s.read(&mut buf).await.expect("read response head");
+        assert!(n > 0, "connection closed before a response (asked {path})");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let status = head[9..12].parse().expect("a status code");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .expect("a number");
+    let mut body = got.split_off(end);
+    while body.len() < len {
+        let n = s.read(&mut buf).await.expect("read response body");
+        assert!(n > 0, "connection closed in the body");
+        body.extend_from_slice(&buf[..n]);
+    }
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_limit_the_longest_idle_connection_makes_room_and_no_download_is_cut() {
+    let fake = FakeRegistry::start().await;
+    let blob = random_blob(32 << 20);
+    let digest = fake.push_blob(REPO, blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // Four connections, and a keep-alive timeout far beyond the test's patience.
+    let c = Cachalot::launch(
+        dir.path(),
+        &fake.url(),
+        Launch {
+            server: "max_connections = 4\nheader_timeout = \"60s\"",
+            ..Launch::default()
+        },
+    )
+    .await;
+    cache_blob(&c, &digest).await;
+    // Only the metrics request itself is left.
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while c.metric("cachalot_connections_open").await > 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "connections linger");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // One place holds a download in the middle: its client has stopped reading.
+    let mut slow = TcpStream::connect(c.addr).await.unwrap();
+    slow.write_all(format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    slow.read_exact(&mut got).await.unwrap();
+    // The three others are idle between requests, the first the longest.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(c.addr).await.unwrap();
+        assert_eq!(get_kept_alive(&mut s, "/v2/").await.0, 200);
+        idle.push(s);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    // A new client is answered at once, not after a keep-alive timeout.
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), get_once(c.addr, "/v2/"))
+        .await
+        .expect("the new client waited for a place");
+    assert_eq!(status, 200);
+    // The place was the longest idle connection's: it was closed (and said nothing more).
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(SAFETY, idle[0].read(&mut buf))
+        .await
+        .expect("the longest idle connection stayed open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the closed connection sent something");
+    // The other idle connections still serve.
+    for s in &mut idle[1..] {
+        assert_eq!(get_kept_alive(s, "/v2/").await.0, 200);
+    }
+    drop(idle);
+    assert_eq!(c.metric("cachalot_connections_reclaimed_total").await, 1.0);
+
+    // The download, held in the middle all along, runs to its end.
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let mut body = got.split_off(head_end);
+    let mut buf = vec![0u8; 1 << 20];
+    while body.len() < blob.len() {
+        let n = tokio::time::timeout(SAFETY, slow.read(&mut buf))
+            .await
+            .expect("the download stalled")
+            .expect("the download was cut");
+        assert!(n > 0, "the download was cut after {} bytes", body.len());
+        body.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(sha256_digest(&body), digest);
+}

@@ -2,6 +2,7 @@
 //! builder. Sockets live only here; everything behind `handle` is a plain function of the request.
 
 use super::body::Body;
+use super::conns::{Activity, Table, TrackedBody};
 use super::handlers::{AppState, handle};
 use super::sendfile::SendfileStream;
 use crate::config::{Backend, Config};
@@ -16,10 +17,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
@@ -213,6 +214,7 @@ pub async fn spawn_with_options(config: Config, options: SpawnOptions) -> Result
         max_connections: connection_budget(&config),
         open: Some(state.metrics.connections_open.clone()),
         drain_timeout: config.server.drain_timeout.0,
+        reclaimed: Some(state.metrics.connections_reclaimed.clone()),
     };
     state
         .metrics
@@ -260,6 +262,8 @@ pub(super) struct Limits {
     pub open: Option<prometheus::IntGauge>,
     /// How long responses in flight may run on after the stop.
     pub drain_timeout: Duration,
+    /// Counts the idle connections closed to make room for new ones.
+    pub reclaimed: Option<prometheus::IntCounter>,
 }
 
 impl Limits {
@@ -271,6 +275,7 @@ impl Limits {
             open: None,
             // A scrape is short; a drain must not wait on one.
             drain_timeout: Duration::from_secs(2),
+            reclaimed: None,
         }
     }
 }
@@ -389,21 +394,17 @@ pub(super) async fn accept_loop<S, A, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut conns = JoinSet::new();
-    let graceful = GracefulShutdown::new();
+    let mut table = Table::new();
     let slots = Arc::new(Semaphore::new(listener.limits.max_connections));
-    let mut permit: Option<OwnedSemaphorePermit> = None;
     let mut accept_warned: Option<Instant> = None;
-    loop {
+    'accepting: loop {
         // A place is taken before accepting: at the limit, connections wait in the backlog
         // (the client sees a slow connect, not an error) rather than being accepted and
-        // starved, and those already served keep their share of the machine.
-        if permit.is_none() {
-            permit = tokio::select! {
-                _ = stopped.changed() => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                p = slots.clone().acquire_owned() => Some(p.expect("the semaphore is never closed")),
-            };
-        }
+        // starved, and those already served keep their share of the machine. Only one is
+        // accepted past it, to make room for: an idle keep-alive connection is closed for it
+        // (nginx does the same at worker_connections), else it waits for one to end or fall
+        // idle. Its descriptor comes from the reserve.
+        let mut permit = slots.clone().try_acquire_owned().ok();
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -421,15 +422,32 @@ pub(super) async fn accept_loop<S, A, F>(
                 }
             },
         };
+        while permit.is_none() {
+            if table.make_room()
+                && let Some(c) = &listener.limits.reclaimed
+            {
+                c.inc();
+            }
+            tokio::select! {
+                _ = stopped.changed() => break 'accepting,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                () = table.fell_idle() => {}
+                p = slots.clone().acquire_owned() => permit = Some(p.expect("the semaphore is never closed")),
+            };
+            // A connection that ended has given its place back: take it before asking another
+            // to close.
+            permit = permit.or_else(|| slots.clone().try_acquire_owned().ok());
+        }
+        table.room_made();
         let _ = stream.set_nodelay(true);
         let conn = match (&listener.tls, listener.sendfile) {
             (Some(acceptor), _) => Conn::Tls(acceptor.clone(), stream),
             (None, true) => Conn::Sendfile(SendfileStream::new(stream)),
             (None, false) => Conn::Plain(stream),
         };
-        // The watcher is taken now, not in the task: a connection accepted just before the
-        // stop must still hear of it.
-        let watcher = graceful.watcher();
+        // Entered now, not in the task: a connection accepted just before the stop must still
+        // hear of it.
+        let activity = table.add(conns.len());
         let slot = Slot::new(
             permit.take().expect("taken above"),
             listener.limits.open.clone(),
@@ -440,7 +458,7 @@ pub(super) async fn accept_loop<S, A, F>(
             listener.sendfile,
             state.clone(),
             answer,
-            watcher,
+            activity,
             listener.limits.header_timeout,
         );
         conns.spawn(async move {
@@ -454,10 +472,9 @@ pub(super) async fn accept_loop<S, A, F>(
     drop(listener);
     // Idle connections close at once; busy ones finish their responses (HTTP/1) or streams
     // (HTTP/2, after a GOAWAY) and close.
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    table.close_all();
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain_timeout, drained).await.is_err() {
         warn!(
             listener = name,
             connections = conns.len(),
@@ -486,7 +503,7 @@ async fn serve_connection<S, A, F>(
     sendfile: bool,
     state: Arc<S>,
     answer: A,
-    watcher: Watcher,
+    activity: Arc<Activity>,
     header_timeout: Duration,
 ) where
     S: Send + Sync + 'static,
@@ -499,13 +516,12 @@ async fn serve_connection<S, A, F>(
         Conn::Sendfile(s) => Some(s.queue()),
         _ => None,
     };
-    let activity = Arc::new(Activity::new());
     let seen = activity.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
-        // HTTP/2 streams are counted until their response ends, for the idle deadline; HTTP/1
-        // needs nothing (hyper's header timer covers the time between its requests).
-        let stream = (req.version() == Version::HTTP_2).then(|| seen.stream_opened());
-        seen.started.store(true, Ordering::Release);
+        // Busy until the response body ends: the accept loop closes only idle connections to
+        // make room, and an HTTP/2 connection with no stream open is closed after
+        // `header_timeout`.
+        let in_flight = seen.request_started(req.version() == Version::HTTP_2);
         if let Some(q) = &queue {
             req.extensions_mut().insert(q.clone());
         }
@@ -514,10 +530,13 @@ async fn serve_connection<S, A, F>(
         let state = state.clone();
         async move {
             let resp = answer(state, req).await;
-            let resp = match stream {
-                Some(s) => resp.map(|body| StreamBody { body, _stream: s }.boxed_unsync()),
-                None => resp,
-            };
+            let resp = resp.map(|body| {
+                TrackedBody {
+                    body,
+                    _in_flight: in_flight,
+                }
+                .boxed_unsync()
+            });
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
@@ -536,11 +555,11 @@ async fn serve_connection<S, A, F>(
     let result = match conn {
         Conn::Plain(s) => {
             let conn = builder.serve_connection(TokioIo::new(s), service);
-            first_head(watcher.watch(conn), &activity, header_timeout).await
+            first_head(conn, |c| c.graceful_shutdown(), &activity, header_timeout).await
         }
         Conn::Sendfile(s) => {
             let conn = builder.serve_connection(TokioIo::new(s), service);
-            first_head(watcher.watch(conn), &activity, header_timeout).await
+            first_head(conn, |c| c.graceful_shutdown(), &activity, header_timeout).await
         }
         Conn::Tls(acceptor, stream) => {
             // Boxed: a TLS connection's state (the handshake, then rustls' own) is several times
@@ -549,7 +568,9 @@ async fn serve_connection<S, A, F>(
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
                         let conn = builder.serve_connection(TokioIo::new(s), service);
-                        Some(first_head(watcher.watch(conn), &activity, header_timeout).await)
+                        let served =
+                            first_head(conn, |c| c.graceful_shutdown(), &activity, header_timeout);
+                        Some(served.await)
                     }
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake failed");
@@ -569,83 +590,6 @@ async fn serve_connection<S, A, F>(
     }
 }
 
-/// What a connection's requests say about it, for [`first_head`].
-struct Activity {
-    /// A request head has been complete.
-    started: AtomicBool,
-    /// It speaks HTTP/2 (set before `started`).
-    h2: AtomicBool,
-    /// HTTP/2 streams whose response has not ended.
-    open: AtomicUsize,
-    /// When the last HTTP/2 response ended, in milliseconds since `born`.
-    last_end: AtomicU64,
-    born: Instant,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            started: AtomicBool::new(false),
-            h2: AtomicBool::new(false),
-            open: AtomicUsize::new(0),
-            last_end: AtomicU64::new(0),
-            born: Instant::now(),
-        }
-    }
-
-    fn stream_opened(self: &Arc<Self>) -> OpenStream {
-        self.h2.store(true, Ordering::Relaxed);
-        self.open.fetch_add(1, Ordering::AcqRel);
-        OpenStream(self.clone())
-    }
-
-    /// How long the connection has had no HTTP/2 stream open (zero while one is).
-    fn idle_for(&self) -> Duration {
-        if self.open.load(Ordering::Acquire) > 0 {
-            return Duration::ZERO;
-        }
-        let last = Duration::from_millis(self.last_end.load(Ordering::Acquire));
-        self.born.elapsed().saturating_sub(last)
-    }
-}
-
-/// One HTTP/2 stream being answered; its end is when the response body is dropped.
-struct OpenStream(Arc<Activity>);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        let now = u64::try_from(self.0.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.last_end.fetch_max(now, Ordering::AcqRel);
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// An HTTP/2 response body, holding its stream open until it ends.
-struct StreamBody {
-    body: Body,
-    _stream: OpenStream,
-}
-
-impl http_body::Body for StreamBody {
-    type Data = bytes::Bytes;
-    type Error = super::body::BodyError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// Serves `conn` but gives up on it when no request head was complete within `timeout`, and,
 /// for HTTP/2, when no stream has been open for `timeout`.
 ///
@@ -654,16 +598,32 @@ impl http_body::Body for StreamBody {
 /// that connects and sends nothing, or a partial preface, is closed here; so is an HTTP/2
 /// connection that went quiet after its requests (or sends half a HEADERS frame), which would
 /// otherwise hold one of `server.max_connections` for ever.
-async fn first_head<F, E>(conn: F, activity: &Activity, timeout: Duration) -> Result<(), E>
+async fn first_head<F, E>(
+    conn: F,
+    shutdown: impl Fn(Pin<&mut F>),
+    activity: &Activity,
+    timeout: Duration,
+) -> Result<(), E>
 where
     F: Future<Output = Result<(), E>>,
     E: From<&'static str>,
 {
     let mut conn = std::pin::pin!(conn);
+    let mut shut = false;
+    // The waker last handed to `activity`: a task's waker rarely changes, so a poll (a blob
+    // sent by sendfile polls the connection many times) compares it instead of handing it over
+    // again through atomic swaps.
+    let mut registered: Option<std::task::Waker> = None;
     // Dropped once an HTTP/1 head has come, so that later wake-ups of the connection (every
     // request's) neither poll nor keep a timer; HTTP/2 keeps it as the idle deadline.
     let mut deadline = Some(Box::pin(tokio::time::sleep(timeout)));
     std::future::poll_fn(|cx| {
+        // Asked to close (the stop, or room for a new connection): what is in flight finishes
+        // first, and the future then ends by itself.
+        if !shut && activity.poll_close(cx, &mut registered) {
+            shutdown(conn.as_mut());
+            shut = true;
+        }
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(r);
         }
