@@ -81,8 +81,9 @@ pub(super) fn run(
             last_done = Some(name);
             continue;
         }
-        let damage = match read(scope, digest, *listed, &mut pace, &mut sum.bytes) {
+        let damage = match read(scope, digest, &mut pace, &mut sum.bytes) {
             Read::Missing => {
+                failures = 0;
                 last_done = Some(name);
                 continue;
             }
@@ -101,9 +102,11 @@ pub(super) fn run(
             }
             Read::Whole => None,
             Read::Damaged(d) => {
-                scope
-                    .rt
-                    .block_on(scope.bucket.quarantine(digest, *listed))?;
+                // A refused delete must not end every pass at this object: counted, logged, and
+                // tried again by the next pass.
+                if let Err(e) = scope.rt.block_on(scope.bucket.quarantine(digest, *listed)) {
+                    tracing::warn!(digest = %digest, error = %e, "scrub: could not take a damaged blob out of the bucket; left for the next pass");
+                }
                 Some(d)
             }
         };
@@ -128,14 +131,8 @@ pub(super) fn run(
 }
 
 /// Reads `digest` back from the bucket whole, hashing as it streams, and checks it against its
-/// digest and the `listed` length. Adds what it hashed to `bytes`.
-fn read(
-    scope: &BucketScope,
-    digest: &Digest,
-    listed: u64,
-    pace: &mut Pace<'_>,
-    bytes: &mut u64,
-) -> Read {
+/// digest. Adds what it hashed to `bytes`.
+fn read(scope: &BucketScope, digest: &Digest, pace: &mut Pace<'_>, bytes: &mut u64) -> Read {
     let got = match scope.rt.block_on(scope.bucket.get(digest, None)) {
         Ok(Some(got)) => got,
         Ok(None) => return Read::Missing,
@@ -175,12 +172,9 @@ fn read(
             format!("the bucket sent {at} of {} bytes", got.len),
         ));
     }
-    if at != listed {
-        return Read::Damaged(Damage::Size {
-            recorded: listed,
-            found: at,
-        });
-    }
+    // The whole declared length arrived: the digest alone decides. The listed size may be of an
+    // earlier object under the same name (replaced while a slow pass went on), and a size
+    // mismatch of a good copy must not take it out.
     let found = v.finish();
     if found == *digest {
         Read::Whole

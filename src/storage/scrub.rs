@@ -146,7 +146,17 @@ pub fn run_pass_with(
         if opts.persist {
             store.meta().set_state(&[(POSITION, LOCAL_DONE)])?;
         }
-        let b = super::bucket_scrub::run(store, scope, &counters, opts, stop, &mut on)?;
+        let b = match super::bucket_scrub::run(store, scope, &counters, opts, stop, &mut on) {
+            Ok(b) => b,
+            Err(e) => {
+                // The bucket failing (down, unreadable) must not leave the cache directory
+                // skipped by every later pass for as long as it lasts: its part starts over.
+                if opts.persist {
+                    store.meta().set_state(&[(POSITION, "")])?;
+                }
+                return Err(e);
+            }
+        };
         sum.total_objects += b.total_objects;
         sum.total_bytes += b.total_bytes;
         sum.objects += b.objects;
