@@ -80,7 +80,9 @@ impl Activity {
     fn idle_since(&self) -> Option<u64> {
         if !self.started.load(Ordering::Acquire)
             || self.closing.load(Ordering::Acquire)
-            || self.open.load(Ordering::Acquire) > 0
+            // SeqCst with `make_room`'s store of `wanted` and `InFlight`'s drop: of a request
+            // ending while room is wanted, one side always sees the other (no lost wakeup).
+            || self.open.load(Ordering::SeqCst) > 0
         {
             return None;
         }
@@ -110,7 +112,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
         a.last_end.fetch_max(a.shared.now_ms(), Ordering::AcqRel);
-        if a.open.fetch_sub(1, Ordering::AcqRel) == 1 && a.shared.wanted.load(Ordering::Relaxed) {
+        if a.open.fetch_sub(1, Ordering::SeqCst) == 1 && a.shared.wanted.load(Ordering::SeqCst) {
             a.shared.fell_idle.notify_one();
         }
     }
@@ -192,7 +194,7 @@ impl Table {
     /// arrive meanwhile, it is still answered (a graceful shutdown finishes what is in flight),
     /// and the connection closes after it.
     pub(super) fn make_room(&mut self) -> bool {
-        self.shared.wanted.store(true, Ordering::Relaxed);
+        self.shared.wanted.store(true, Ordering::SeqCst);
         if let Some(a) = self.asked.as_ref().and_then(Weak::upgrade)
             && a.open.load(Ordering::Acquire) == 0
         {
