@@ -181,6 +181,20 @@ async fn past_max_connections_new_connections_wait_while_every_held_one_is_busy(
         let (status, _, body) = get_on(&mut s, &path).await.expect("answered");
         assert_eq!((status, body.len()), (200, blob.len()));
     }
+    // Until the server has ended that connection, it holds a place, and a new one would take
+    // it over as idle (a reclaim this test does not count on).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = client.get(&metrics_url).await.text();
+        if metric_value(&m, "cachalot_connections_open", &[]) == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first connection never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // Both places hold a download whose client is not reading: busy, not idle.
     let mut a = connect(addr).await;
