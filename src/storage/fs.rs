@@ -234,12 +234,8 @@ impl Inner {
         let replaced = self
             .meta
             .put_object(digest, size, repo, SystemTime::now())?;
-        crash_point("after-metadata");
-        self.disk.rename(from, &dest)?;
-        crash_point("after-rename");
-        // The rename is durable only once the directory entry is.
-        File::open(dir)?.sync_all()?;
-        self.account(size, replaced);
+        // Known verified before the file is visible: a read that opened it between the rename and
+        // a later insert found no record, took it for an adopted file and hashed it all again.
         self.records.write().insert(
             digest.clone(),
             Record {
@@ -247,6 +243,12 @@ impl Inner {
                 verified: true,
             },
         );
+        crash_point("after-metadata");
+        self.disk.rename(from, &dest)?;
+        crash_point("after-rename");
+        self.account(size, replaced);
+        // The rename is durable only once the directory entry is.
+        File::open(dir)?.sync_all()?;
         Ok(())
     }
 
@@ -258,7 +260,6 @@ impl Inner {
         // the open and the open misses. Noted after, a pass could unlink a file just opened
         // and the most recently read object would be the one evicted.
         let at = (access == Access::Read).then(|| self.touch(digest));
-        let record = self.records.read().get(digest).copied();
         let missed = || {
             // Not a read: a fill about to commit this digest must not look read since.
             if let Some(at) = at {
@@ -270,6 +271,10 @@ impl Inner {
         };
         match File::open(self.blob_path(digest)) {
             Ok(f) => {
+                // The record is read after the open: `place` records an object before its
+                // rename, so a file that is open here has its record. Read before the open, a
+                // commit could land in between and its file be taken for an unrecorded one.
+                let record = self.records.read().get(digest).copied();
                 let len = f.metadata()?.len();
                 match record {
                     Some(r) if r.size != len => {
@@ -352,9 +357,9 @@ impl Inner {
 
 impl BlobStore for FsStore {
     fn stat(&self, digest: &Digest) -> io::Result<Option<u64>> {
-        let record = self.inner.records.read().get(digest).copied();
         match std::fs::metadata(self.inner.blob_path(digest)) {
-            Ok(m) => match record {
+            // After the stat, as `open_checked` reads it.
+            Ok(m) => match self.inner.records.read().get(digest).copied() {
                 Some(r) if r.size != m.len() => {
                     self.inner.take_damaged(
                         digest,
@@ -612,6 +617,52 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(q.len(), 1);
+    }
+
+    /// A read that opens the file between a commit's rename and the end of the commit finds
+    /// it verified: taken for an adopted file, it would be hashed again in full on its way out.
+    #[test]
+    fn a_read_racing_a_commit_finds_the_object_verified() {
+        use parking_lot::Mutex;
+        use std::sync::mpsc;
+        struct PauseAfterRename {
+            renamed: Mutex<mpsc::Sender<()>>,
+            resume: Mutex<mpsc::Receiver<()>>,
+        }
+        impl Disk for PauseAfterRename {
+            fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+                RealDisk.create(path)
+            }
+            fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+                std::fs::rename(from, to)?;
+                self.renamed.lock().send(()).unwrap();
+                self.resume.lock().recv().unwrap();
+                Ok(())
+            }
+        }
+        let (renamed, on_rename) = mpsc::channel();
+        let (resume, on_resume) = mpsc::channel();
+        let disk = PauseAfterRename {
+            renamed: Mutex::new(renamed),
+            resume: Mutex::new(on_resume),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _meta) = FsStore::open(dir.path(), Arc::new(disk)).unwrap();
+        let data = vec![3u8; 4096];
+        let d = Digest::sha256_of(&data);
+        let mut w = store.begin(&d).unwrap();
+        w.write(&data).unwrap();
+        std::thread::scope(|s| {
+            let commit = s.spawn(|| w.commit(proof(&data), "up/x"));
+            on_rename.recv().unwrap();
+            let blob = store
+                .open(&d, Access::Read)
+                .unwrap()
+                .expect("renamed into place");
+            resume.send(()).unwrap();
+            commit.join().unwrap().unwrap();
+            assert!(blob.verified, "a committed object read as unverified");
+        });
     }
 
     #[test]
