@@ -4,7 +4,8 @@
 //! taken out of the bucket (to its `quarantine/`, see `Bucket::quarantine`), so the next pull
 //! on any replica fetches it again.
 //! The bucket keeps no size apart from the object's own, so a blob cut short is found by its
-//! digest; the listed size only catches an object rewritten between the listing and the read.
+//! digest; the listed size is only the pass's estimate (an object may be replaced between the
+//! listing and its read, and its bytes decide).
 //!
 //! A read that fails (the bucket down or slow) is not damage: the object is left alone and
 //! checked by the next pass, and a bucket that fails several objects in a row ends the pass,
@@ -192,6 +193,7 @@ mod tests {
     use object_store::memory::InMemory;
     use object_store::{ObjectStore, ObjectStoreExt};
     use std::sync::Arc;
+    use std::sync::atomic::AtomicU32;
 
     type Seen = ((Summary, Vec<(Digest, Damage)>), Vec<u64>);
 
@@ -376,6 +378,88 @@ mod tests {
         };
         let sum = scrub::run_pass(&s.store, opts, &stop, |_| {}).unwrap();
         assert_eq!((sum.objects, sum.complete), (1, true));
+    }
+
+    /// An object replaced by a whole copy between the listing and its read (a long pass, a
+    /// fill that took a damaged copy out and uploaded a good one) is judged by its bytes: the
+    /// listed length was the old object's, and a good copy is never taken out for it.
+    #[test]
+    fn a_whole_copy_under_a_stale_listing_is_left_alone() {
+        let s = setup();
+        let data = vec![4u8; 3000];
+        let d = s.put(&data);
+        s.damage(&d, vec![4u8; 100]);
+        let key = object_store::path::Path::from(format!("cache/blobs/sha256/{}", d.hex()));
+        let (raw, rt, asked) = (s.raw.clone(), s.rt.handle().clone(), AtomicU32::new(0));
+        let target = d.clone();
+        // Ownership is asked once at the listing and again as the object comes up: the good
+        // copy lands in between.
+        let owns: scrub::Owns = Box::new(move |x: &Digest| {
+            if *x == target && asked.fetch_add(1, Ordering::SeqCst) == 1 {
+                rt.block_on(raw.put(&key, data.clone().into())).unwrap();
+            }
+            true
+        });
+        let (sum, damaged) = s.pass(&s.scope(Some(owns)), false, None);
+        assert_eq!(damaged, [], "the good copy was taken for damaged");
+        assert_eq!((sum.objects, sum.damaged, sum.complete), (1, 0, true));
+        assert!(s.present(&d), "the good copy is still in the bucket");
+        assert!(s.rt.block_on(s.bucket.quarantined()).unwrap().is_empty());
+    }
+
+    /// A bucket that cannot be read ends the pass with its error, and the next pass checks the
+    /// cache directory again instead of taking its part for done for as long as the bucket
+    /// is down.
+    #[test]
+    fn a_failing_bucket_leaves_the_cache_directory_to_be_checked_again() {
+        let s = setup();
+        let data = [9u8; 2000];
+        let d = Digest::sha256_of(&data);
+        let mut v = Verifier::new(d.algorithm());
+        v.update(&data);
+        let mut w = s.store.blobs().begin(&d).unwrap();
+        w.write(&data).unwrap();
+        w.commit(v.verify(&d).unwrap(), "up/team/app").unwrap();
+        s.put(&[1u8; 1000]);
+        // Nothing listens on port 1: every call is refused at once.
+        let down = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint("http://127.0.0.1:1")
+            .with_allow_http(true)
+            .with_bucket_name("cache")
+            .with_region("garage")
+            .with_access_key_id("test-key")
+            .with_secret_access_key("test-secret")
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .with_http_connector(crate::storage::s3_http::HyperConnector::default())
+            .build()
+            .unwrap();
+        let down = BucketScope {
+            bucket: Bucket::with_store(Arc::new(down), "cache", Arc::new(Metrics::new(&[]))),
+            rt: s.rt.handle().clone(),
+            owns: None,
+        };
+        let stop = AtomicBool::new(false);
+        let opts = Options {
+            rate: None,
+            persist: true,
+        };
+        let mut starts = Vec::new();
+        let failed = scrub::run_pass_with(&s.store, Some(&down), opts, &stop, |e| {
+            if let Event::Start { objects, .. } = e {
+                starts.push(objects);
+            }
+        });
+        assert!(
+            failed.is_err(),
+            "a bucket refusing every call fails the pass"
+        );
+        assert_eq!(starts, [1], "the cache directory was checked first");
+        let ((sum, _), starts) = s.pass_seeing(&s.scope(None), true, None);
+        assert_eq!(starts, [1, 1], "the cache directory is checked again");
+        assert_eq!((sum.objects, sum.complete), (2, true));
     }
 
     /// With replicas, each checks the blobs it owns: a pass reads only those.
