@@ -200,11 +200,15 @@ fn main() -> ExitCode {
             if let Err(e) = cachalot::telemetry::init(&config.log) {
                 return fail(e);
             }
+            flush_logs_on_panic();
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
             let code = rt.block_on(serve(config));
+            cachalot::telemetry::flush();
+            // Tasks still running end with the runtime, and may log as they go.
+            drop(rt);
             cachalot::telemetry::flush();
             code
         }
@@ -473,6 +477,19 @@ fn probe_health(url: &str, limit: std::time::Duration) -> Result<(), String> {
         Some(code) if line.starts_with("HTTP/") => Err(format!("answered {code}, not 200")),
         _ => Err(format!("no HTTP status line in the answer ({line:?})")),
     }
+}
+
+/// Log lines leave a few milliseconds late (`log_writer`): the ones written before a panic go
+/// out ahead of its message, and are not lost if the panic ends the process.
+fn flush_logs_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // The writer's own thread would wait on itself.
+        if std::thread::current().name() != Some("cachalot-log") {
+            cachalot::telemetry::flush();
+        }
+        previous(info);
+    }));
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
