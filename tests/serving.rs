@@ -187,6 +187,104 @@ async fn http2_reads_the_file_and_gets_the_real_bytes() {
     }
 }
 
+/// HTTP/2 over TLS (ALPN `h2`, how Docker and containerd talk to an HTTPS mirror): a large blob
+/// on several streams at once, with small answers between them, on one connection, each whole
+/// and right. The server gathers the frames' writes into larger ones; that must never hold an
+/// answer back or reorder a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_tls_carries_concurrent_blobs_and_small_answers_whole() {
+    let fake = FakeRegistry::start().await;
+    let blob = random_blob(BIG);
+    let d = fake.push_blob("app", blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let toml = config_toml(
+        &dir.path().join("cache"),
+        &CacheSpec::default(),
+        &[UpstreamSpec::new(UP, &fake.url(), true)],
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!("listen = \"127.0.0.1:0\"\ntls_cert = {cert_path:?}\ntls_key = {key_path:?}\n"),
+    );
+    let server = cachalot::server::spawn(cachalot::config::Config::from_toml_str(&toml).unwrap())
+        .await
+        .unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let mut client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let base = format!("https://localhost:{}/v2", server.local_addr().port());
+    let get = |path: String| {
+        let mut send = send.clone();
+        async move {
+            let req = Request::get(path)
+                .version(hyper::Version::HTTP_2)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = tokio::time::timeout(SAFETY, send.send_request(req))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            let status = resp.status();
+            let body = tokio::time::timeout(SAFETY, resp.into_body().collect())
+                .await
+                .expect("the whole body in time")
+                .unwrap()
+                .to_bytes();
+            (status, body)
+        }
+    };
+    let blob_url = format!("{base}/app/blobs/{d}");
+    let (status, body) = get(blob_url.clone()).await;
+    assert!(status == 200 && body == blob, "the filling GET: {status}");
+    let deadline = tokio::time::Instant::now() + SAFETY;
+    while server.mirror.fills_in_flight() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "fill stuck");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut asked = Vec::new();
+    for i in 0..12 {
+        asked.push(if i % 3 == 0 {
+            blob_url.clone()
+        } else {
+            format!("{base}/")
+        });
+    }
+    let answers = futures_util::future::join_all(asked.iter().cloned().map(get)).await;
+    for (url, (status, body)) in asked.iter().zip(answers) {
+        assert_eq!(status, 200, "{url}");
+        if url == &blob_url {
+            assert!(body == blob, "wrong bytes for the blob over HTTP/2 and TLS");
+        }
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn bytes_sent_by_sendfile_are_counted_as_served_from_cache() {
     let env = Env::start().await;

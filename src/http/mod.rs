@@ -1,6 +1,7 @@
 //! The HTTP side: routing, handlers, bodies and the server loop.
 
 pub(crate) mod body;
+mod coalesce;
 mod conns;
 pub(crate) mod handlers;
 pub(crate) mod listing;

@@ -2,6 +2,7 @@
 //! builder. Sockets live only here; everything behind `handle` is a plain function of the request.
 
 use super::body::Body;
+use super::coalesce::Coalesce;
 use super::conns::{Activity, Table, TrackedBody};
 use super::handlers::{AppState, handle};
 use super::sendfile::SendfileStream;
@@ -567,6 +568,10 @@ async fn serve_connection<S, A, F>(
             let tls = Box::pin(async {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
+                        // HTTP/2 flushes after every frame: its writes are gathered (see
+                        // `coalesce`). HTTP/1 writes whole body chunks already.
+                        let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let s = Coalesce::new(s, h2);
                         let conn = builder.serve_connection(TokioIo::new(s), service);
                         let served =
                             first_head(conn, |c| c.graceful_shutdown(), &activity, header_timeout);
