@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod oci;
 mod outbound;
+mod request_log;
 pub mod storage;
 pub mod telemetry;
 pub mod ui;

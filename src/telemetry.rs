@@ -8,7 +8,10 @@ use crate::config::{LogConfig, LogFormat};
 use tracing::Span;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
 
+/// The target of the request span.
+pub(crate) const TARGET: &str = module_path!();
 /// The request span's name; its fields are below.
 pub const REQUEST_SPAN: &str = "request";
 /// Upstream name, recorded once routing picked one.
@@ -51,7 +54,8 @@ pub fn filter(cfg: &LogConfig) -> Result<EnvFilter, String> {
     }
 }
 
-/// A subscriber writing `format` lines to `writer` (tests pass a buffer here).
+/// A subscriber writing `format` lines to `writer` (tests pass a buffer here): tracing-subscriber's
+/// fmt layer, with the request line written by [`crate::request_log`] in the same format.
 pub fn subscriber<W>(
     format: LogFormat,
     filter: EnvFilter,
@@ -59,16 +63,22 @@ pub fn subscriber<W>(
     writer: W,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
 where
-    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    W: for<'w> MakeWriter<'w> + Clone + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use crate::request_log::RequestLines;
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_ansi(ansi)
-        .with_writer(writer);
+        .with_writer(writer.clone());
     match format {
-        LogFormat::Text => Box::new(builder.finish()),
-        LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
+        LogFormat::Text => Box::new(registry.with(RequestLines::new(fmt, writer, false, ansi))),
+        LogFormat::Json => Box::new(registry.with(RequestLines::new(
+            fmt.json().flatten_event(true),
+            writer,
+            true,
+            ansi,
+        ))),
     }
 }
 

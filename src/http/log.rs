@@ -74,15 +74,21 @@ impl Drop for LoggedBody {
             || http_body::Body::is_end_stream(&self.inner)
             || log.expected == Some(log.bytes);
         let duration_ms = log.started.elapsed().as_secs_f64() * 1000.0;
-        tracing::info!(
-            parent: &log.span,
-            status = log.status,
-            bytes = log.bytes,
-            duration_ms,
-            complete,
-            "request"
-        );
+        line(&log.span, log.status, log.bytes, duration_ms, complete);
     }
+}
+
+/// The request line itself: the one event of this module (`crate::request_log` writes it, knowing
+/// it by its target).
+pub(crate) fn line(span: &Span, status: u16, bytes: u64, duration_ms: f64, complete: bool) {
+    tracing::info!(
+        parent: span,
+        status,
+        bytes,
+        duration_ms,
+        complete,
+        "request"
+    );
 }
 
 impl http_body::Body for LoggedBody {
