@@ -8,7 +8,7 @@
 //! Anything unusual (colours, a parent span, a value that is not text) takes the fmt layer's way.
 
 use crate::telemetry::{REQUEST_SPAN, TARGET};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
 use tracing::field::{Field, Visit};
 use tracing::field::{FieldSet, Value, ValueSet};
@@ -443,12 +443,72 @@ where
     }
 }
 
-/// The fmt layer's timestamp, from its own formatter.
+/// The fmt layer's timestamp, `2026-12-03T03:32:33.835881Z`: the date and time of day are
+/// formatted once a second on each thread, and only the microseconds on every line.
 fn timestamp(out: &mut String) -> fmt::Result {
-    if SystemTime.format_time(&mut Writer::new(out)).is_err() {
-        out.push_str("<unknown time>");
+    thread_local! {
+        static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .filter(|d| d.as_secs() <= LAST_SECOND);
+    let Some(now) = now else {
+        // Before 1970 or after 9999: tracing-subscriber's own formatter knows how.
+        if SystemTime.format_time(&mut Writer::new(out)).is_err() {
+            out.push_str("<unknown time>");
+        }
+        return Ok(());
+    };
+    let secs = now.as_secs();
+    let (cached, mut prefix) = SECOND.get();
+    if cached != secs {
+        prefix = date_time(secs);
+        SECOND.set((secs, prefix));
+    }
+    out.push_str(std::str::from_utf8(&prefix).map_err(|_| fmt::Error)?);
+    let micros = now.subsec_micros();
+    let mut digits = [b'0'; 6];
+    let mut m = micros;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (m % 10) as u8;
+        m /= 10;
+    }
+    out.push_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?);
+    out.push('Z');
     Ok(())
+}
+
+/// 9999-12-31T23:59:59Z: the fmt layer writes later years another way.
+const LAST_SECOND: u64 = 253_402_300_799;
+
+/// `YYYY-MM-DDTHH:MM:SS.` of a second since 1970 (UTC), up to [`LAST_SECOND`].
+fn date_time(secs: u64) -> [u8; 20] {
+    // Howard Hinnant's days-to-civil, on days since 0000-03-01.
+    let z = secs / 86_400 + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let tod = secs % 86_400;
+    let mut b = *b"0000-00-00T00:00:00.";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, tod / 3_600);
+    put(14, 2, tod / 60 % 60);
+    put(17, 2, tod % 60);
+    b
 }
 
 fn level_text(level: &Level) -> &'static str {
@@ -511,11 +571,20 @@ fn text_line(
     Ok(())
 }
 
-/// `<str as Debug>`: a quoted string, escaped; plain ASCII without copying through `fmt`.
+/// Bytes that `<str as Debug>` writes as they are: printable ASCII but `"` and `\`.
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0x20;
+    while b < 0x7f {
+        t[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    t
+};
+
+/// `<str as Debug>`: a quoted string, escaped; plain ASCII without going through `fmt`.
 fn debug_str(out: &mut String, s: &str) {
-    if s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    if s.bytes().all(|b| PLAIN[b as usize]) {
         out.push('"');
         out.push_str(s);
         out.push('"');

@@ -98,9 +98,8 @@ pub fn request_span(method: &http::Method, route: &'static str) -> Span {
 
 /// Records the routing decision on the current request span.
 pub fn record_target(upstream: &str, repo: &str) {
-    let span = Span::current();
-    span.record(UPSTREAM_FIELD, upstream);
-    span.record(REPO_FIELD, repo);
+    record_current(UPSTREAM_FIELD, &upstream);
+    record_current(REPO_FIELD, &repo);
 }
 
 /// Records who is pulling on the current request span. Never the credentials.
@@ -116,5 +115,22 @@ pub fn record_digest(span: &Span, digest: &dyn std::fmt::Display) {
 
 /// Records the cache lookup result on the current request span.
 pub fn record_cache(result: &str) {
-    Span::current().record(CACHE_FIELD, result);
+    record_current(CACHE_FIELD, &result);
+}
+
+/// What `Span::current().record(field, value)` does, without the handle on the span that
+/// `Span::current` takes and drops: a clone and a close in the registry, on every request.
+fn record_current(field: &str, value: &dyn tracing::Value) {
+    tracing::dispatcher::get_default(|dispatch| {
+        let Some((id, meta)) = dispatch.current_span().into_inner() else {
+            return;
+        };
+        if let Some(f) = meta.fields().field(field) {
+            let values = [(&f, Some(value))];
+            dispatch.record(
+                &id,
+                &tracing::span::Record::new(&meta.fields().value_set(&values)),
+            );
+        }
+    });
 }

@@ -197,6 +197,33 @@ fn the_filter_still_decides() {
 }
 
 #[test]
+fn timestamps_are_the_fmt_layers() {
+    for (secs, expected) in [
+        (0, "1970-01-01T00:00:00."),
+        (951_782_400, "2000-02-29T00:00:00."),
+        (951_868_799, "2000-02-29T23:59:59."),
+        (4_107_542_399, "2100-02-28T23:59:59."),
+        (1_788_406_353, "2026-09-03T03:32:33."),
+        (LAST_SECOND, "9999-12-31T23:59:59."),
+    ] {
+        assert_eq!(std::str::from_utf8(&date_time(secs)).unwrap(), expected);
+    }
+    // Against the fmt layer's own clock and formatter, to the second (retried across a tick).
+    for _ in 0..3 {
+        let (mut ours, mut theirs) = (String::new(), String::new());
+        timestamp(&mut ours).unwrap();
+        SystemTime
+            .format_time(&mut Writer::new(&mut theirs))
+            .unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{ours} {theirs}");
+        if ours[..19] == theirs[..19] {
+            return;
+        }
+    }
+    panic!("the timestamps never agreed to the second");
+}
+
+#[test]
 fn json_escaping_is_serde_jsons() {
     let all: String = (0u8..0x80)
         .map(char::from)
