@@ -593,6 +593,29 @@ fn debug_str(out: &mut String, s: &str) {
     }
 }
 
+/// `<f64 as Debug>`, through zmij where the two must agree. Both write the shortest digits that
+/// read back as `v` (boundaries included for an even mantissa) in plain decimal notation with at
+/// least one fractional digit; at up to 15 significant digits those digits are the only ones of
+/// their length, as decimals that close are farther apart than a double's rounding interval is
+/// wide. At 16 or 17 the two pick another last digit at times, and `Debug` writes an exponent
+/// outside [1e-4, 1e16): there, `Debug` itself.
+fn debug_f64(out: &mut String, v: f64) {
+    if v == 0.0 || (1e-4..1e16).contains(&v.abs()) {
+        let mut buf = zmij::Buffer::new();
+        let s = buf.format_finite(v);
+        let significant = s
+            .bytes()
+            .filter(u8::is_ascii_digit)
+            .skip_while(|&b| b == b'0')
+            .count();
+        if significant <= 15 && !s.contains(['e', 'E']) {
+            out.push_str(s);
+            return;
+        }
+    }
+    let _ = write!(out, "{v:?}");
+}
+
 /// The event's fields as tracing-subscriber's `DefaultVisitor` writes them.
 struct TextFields<'a> {
     out: &'a mut String,
@@ -663,8 +686,7 @@ impl Visit for TextFields<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.name(field);
-        // `Debug`'s own: the shortest forms of zmij and ryu pick another last digit at times.
-        let _ = write!(self.out, "{value:?}");
+        debug_f64(self.out, value);
     }
 
     fn record_error(&mut self, _: &Field, _: &(dyn std::error::Error + 'static)) {

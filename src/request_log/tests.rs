@@ -243,6 +243,27 @@ proptest::proptest! {
     }
 
     #[test]
+    fn durations_print_as_debug_prints_them(v in proptest::num::f64::ANY) {
+        let mut ours = String::new();
+        debug_f64(&mut ours, v);
+        proptest::prop_assert_eq!(ours, format!("{v:?}"));
+    }
+
+    /// Where the request line's durations are, with few digits and with many.
+    #[test]
+    fn durations_in_milliseconds_print_as_debug_prints_them(
+        secs in 0u64..100_000,
+        nanos in 0u32..1_000_000_000,
+        digits in 0u32..10,
+    ) {
+        let nanos = nanos - nanos % 10u32.pow(digits);
+        let v = std::time::Duration::new(secs, nanos).as_secs_f64() * 1000.0;
+        let mut ours = String::new();
+        debug_f64(&mut ours, v);
+        proptest::prop_assert_eq!(ours, format!("{v:?}"));
+    }
+
+    #[test]
     fn strings_print_as_debug_prints_them(s in "\\PC*|[ -~]*") {
         let mut ours = String::new();
         debug_str(&mut ours, &s);
