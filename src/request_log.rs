@@ -172,6 +172,38 @@ impl Visit for Keep<'_> {
     }
 }
 
+/// Held while a request span's fields are handed to the fmt layer: they are out of the span's
+/// extensions meanwhile, and another thread's event or record on the span waits for them. Taken
+/// only when an event other than the request line comes in a request span.
+static HANDING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+#[derive(PartialEq, Eq)]
+enum Kept {
+    /// Kept; `handed`: the fmt layer is to be given the record too.
+    Yes { handed: bool },
+    /// The span keeps no fields here (not a request span, or they are being handed over).
+    Missing,
+    /// A value that cannot be kept as text: the span's fields are now the fmt layer's alone.
+    Refused,
+}
+
+/// Keeps `values` in `span`'s fields, if it has them.
+fn keep_record<S>(span: &SpanRef<'_, S>, values: &Record<'_>) -> Kept
+where
+    S: for<'a> LookupSpan<'a>,
+{
+    let mut ext = span.extensions_mut();
+    let Some(f) = ext.get_mut::<RequestFields>() else {
+        return Kept::Missing;
+    };
+    if f.keep(|v| values.record(v)) {
+        Kept::Yes { handed: f.handed }
+    } else {
+        f.slow = true;
+        Kept::Refused
+    }
+}
+
 fn is_request_span(meta: &Metadata<'_>) -> bool {
     meta.name() == REQUEST_SPAN && meta.target() == TARGET && meta.is_span()
 }
@@ -204,11 +236,19 @@ impl<L, W> RequestLines<L, W> {
         S: Subscriber + for<'a> LookupSpan<'a>,
         L: Layer<S>,
     {
-        let pending = span
+        match span.extensions().get::<RequestFields>().map(|f| f.handed) {
+            Some(true) => return,
+            None if !is_request_span(span.metadata()) => return,
+            // Ours to hand over; or, on a request span without them, another thread may be
+            // handing them over right now, and this event must wait for it.
+            _ => {}
+        }
+        let _one = HANDING.lock();
+        if span
             .extensions()
             .get::<RequestFields>()
-            .is_some_and(|f| !f.handed);
-        if !pending {
+            .is_none_or(|f| f.handed)
+        {
             return;
         }
         // Taken out while the fmt layer works: it locks the same extensions.
@@ -329,20 +369,22 @@ where
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let mut handed = true;
+        let mut forward = true;
         if let Some(span) = ctx.span(id) {
-            let mut ext = span.extensions_mut();
-            if let Some(f) = ext.get_mut::<RequestFields>() {
-                if f.keep(|v| values.record(v)) {
-                    handed = f.handed;
-                } else {
-                    f.slow = true;
-                    drop(ext);
-                    self.hand_over(&span, &ctx);
-                }
+            let mut kept = keep_record(&span, values);
+            if kept == Kept::Missing && is_request_span(span.metadata()) {
+                // Another thread may be handing the fields over: once it is done, they are kept
+                // here and in the fmt layer both.
+                drop(HANDING.lock());
+                kept = keep_record(&span, values);
+            }
+            match kept {
+                Kept::Yes { handed } => forward = handed,
+                Kept::Refused => self.hand_over(&span, &ctx),
+                Kept::Missing => {}
             }
         }
-        if handed {
+        if forward {
             self.inner.on_record(id, values, ctx);
         }
     }

@@ -162,6 +162,72 @@ fn other_events_in_a_request_carry_its_fields_as_before() {
     }
 }
 
+/// Events of one request on several threads at once (a fill's task and the request's): each
+/// waits for the fields to be handed to the fmt layer, which never sees the span without them.
+#[test]
+fn events_on_other_threads_wait_for_the_fields_to_be_handed_over() {
+    for format in [LogFormat::Text, LogFormat::Json] {
+        let run = |dispatch: tracing::Dispatch| {
+            for i in 0..100 {
+                let span = tracing::dispatcher::with_default(&dispatch, || {
+                    let span = telemetry::request_span(&http::Method::GET, "blob");
+                    telemetry::record_user(&span, "u");
+                    span
+                });
+                let go = std::sync::Barrier::new(4);
+                std::thread::scope(|s| {
+                    for t in 0..4 {
+                        let (dispatch, span, go) = (&dispatch, &span, &go);
+                        s.spawn(move || {
+                            tracing::dispatcher::with_default(dispatch, || {
+                                go.wait();
+                                if t == 0 {
+                                    telemetry::record_digest(span, &format_args!("sha256:{i}"));
+                                }
+                                tracing::info!(parent: span, t, "from a thread");
+                            })
+                        });
+                    }
+                });
+            }
+        };
+        let (ours, theirs) = (Buf::default(), Buf::default());
+        run(tracing::Dispatch::new(telemetry::subscriber(
+            format,
+            EnvFilter::new("info"),
+            false,
+            ours.clone(),
+        )));
+        run(tracing::Dispatch::new(reference(
+            format,
+            "info",
+            theirs.clone(),
+        )));
+        // The threads' order, and whether the digest came before an event, vary: without the
+        // digest, every line is one of the four the fmt layer alone writes.
+        let lines = |b: &Buf| -> std::collections::BTreeSet<String> {
+            let text = String::from_utf8(b.0.lock().clone()).unwrap();
+            assert_eq!(text.lines().count(), 400);
+            text.lines().map(|l| without_digest(&masked(l))).collect()
+        };
+        let (ours, theirs) = (lines(&ours), lines(&theirs));
+        assert_eq!(theirs.len(), 4, "{theirs:#?}");
+        assert_eq!(ours, theirs);
+    }
+}
+
+/// `line` without the digest field, text or JSON, and its number.
+fn without_digest(line: &str) -> String {
+    for (field, after) in [(" digest=sha256:", ""), ("\"digest\":\"sha256:", "\",")] {
+        if let Some(at) = line.find(field) {
+            let rest = &line[at + field.len()..];
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            return format!("{}{}", &line[..at], &rest[digits + after.len()..]);
+        }
+    }
+    line.to_owned()
+}
+
 #[test]
 fn a_request_span_under_another_span_goes_the_fmt_layers_way() {
     let scenario = || {
