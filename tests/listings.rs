@@ -178,6 +178,35 @@ async fn a_list_past_the_bound_is_answered_from_its_first_part() {
     );
 }
 
+/// The other bound, 16 MiB of pages: here names too long to be tags (dropped, but read) sit
+/// between the tags, about 1 MB a page of 2,000, and the walk stops at the page that would pass
+/// the bound. The list is what came before it, in order.
+#[tokio::test]
+async fn a_list_past_its_byte_bound_is_answered_from_its_first_part() {
+    let env = Env::start().await;
+    let filler = "x".repeat(1000);
+    let mut all = Vec::new();
+    for i in 0..20_000 {
+        all.push(format!("b{i:05}"));
+        all.push(format!("b{i:05}{filler}"));
+    }
+    set_tags(&env, "wide", all);
+    env.fake.set_tags_page_size(Some(2_000));
+    let r = env.client.get(&env.v2("wide/tags/list")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = tags_of(&r);
+    assert!(
+        (15_000..20_000).contains(&got.len()),
+        "about 16 pages of 1,000 tags: {}",
+        got.len()
+    );
+    let want: Vec<String> = (0..got.len()).map(|i| format!("b{i:05}")).collect();
+    assert!(got == want, "the first part of the list, in order");
+    assert_eq!(r.header("link"), None);
+    let pages = tag_list_requests(&env, "wide");
+    assert!(pages < 20, "the walk stopped at the bound: {pages} pages");
+}
+
 #[tokio::test]
 async fn garbage_and_links_elsewhere_from_the_upstream() {
     let env = Env::start().await;
@@ -304,11 +333,10 @@ async fn offline_and_refused_listings_come_from_the_cache() {
         "y",
         &env.fake.push_image("listed", None, &[4]).manifest.digest,
     );
-    // `app`: only a tag pulled; `listed`: its list fetched.
-    assert_eq!(
-        env.client.get(&env.v2("app/manifests/v1")).await.status,
-        200
-    );
+    // `app`: only a tag pulled; `listed`: its list fetched, and one of its two tags pulled.
+    for pulled in ["app/manifests/v1", "listed/manifests/x"] {
+        assert_eq!(env.client.get(&env.v2(pulled)).await.status, 200);
+    }
     assert_eq!(
         tags_of(&env.client.get(&env.v2("listed/tags/list")).await),
         ["x", "y"]
@@ -330,7 +358,21 @@ async fn offline_and_refused_listings_come_from_the_cache() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(tags_of(&r), ["v1"]);
     assert!(r.header("warning").is_some(), "only what the cache holds");
-    // The kept list survived the restart, whole.
+    // Offline, a kept list is not the answer: `y` is not in the cache, so it is not listed.
+    let r = env.client.get(&env.v2("listed/tags/list")).await;
+    assert_eq!(tags_of(&r), ["x"]);
+    assert!(r.header("warning").is_some(), "only what the cache holds");
+    let r = env.client.get(&env.v2("never/tags/list")).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code().as_deref(), Some("NAME_UNKNOWN"));
+
+    // Back online, the upstream still away: the kept list survived both restarts, whole, and is
+    // fresh for tag_ttl.
+    env.restart_proxy(Some(CacheSpec {
+        tag_ttl: "5m".into(),
+        offline: false,
+    }))
+    .await;
     let r = env.client.get(&env.v2("listed/tags/list?n=1")).await;
     assert_eq!(tags_of(&r), ["x"]);
     assert_eq!(r.header("warning"), None);
@@ -338,9 +380,6 @@ async fn offline_and_refused_listings_come_from_the_cache() {
         link_target(&r).as_deref(),
         Some("/v2/listed/tags/list?n=1&last=x")
     );
-    let r = env.client.get(&env.v2("never/tags/list")).await;
-    assert_eq!(r.status, 404);
-    assert_eq!(r.error_code().as_deref(), Some("NAME_UNKNOWN"));
 }
 
 #[tokio::test]
@@ -418,7 +457,7 @@ repositories = ["fake.local/**"]
 allow = true
 "#;
     let env = AuthEnv::simple(&[("alice", "pw")], rules).await;
-    for repo in ["public/app", "team/secret"] {
+    for repo in ["public/app", "team/secret", "a-team/secret"] {
         env.fake.push_image(repo, Some("v1"), &[4]);
         let r = env
             .get(&format!("/v2/{repo}/manifests/v1"), Some(("alice", "pw")))
@@ -431,6 +470,20 @@ allow = true
     let r = env.get("/v2/_catalog", Some(("alice", "pw"))).await;
     assert_eq!(
         r.json()["repositories"],
-        serde_json::json!(["public/app", "team/secret"])
+        serde_json::json!(["a-team/secret", "public/app", "team/secret"])
+    );
+    // Pages are cut from what the client may see: a hidden name neither fills a page nor
+    // shows in a Link.
+    let r = env.get("/v2/_catalog?n=1", None).await;
+    assert_eq!(r.json()["repositories"], serde_json::json!(["public/app"]));
+    assert_eq!(r.header("link"), None);
+    let r = env.get("/v2/_catalog?n=1", Some(("alice", "pw"))).await;
+    assert_eq!(
+        r.json()["repositories"],
+        serde_json::json!(["a-team/secret"])
+    );
+    assert_eq!(
+        link_target(&r).as_deref(),
+        Some("/v2/_catalog?n=1&last=a-team%2Fsecret")
     );
 }

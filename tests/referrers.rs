@@ -208,6 +208,30 @@ async fn upstream_pages_link_to_the_clients_own_name_and_routing() {
     }
 }
 
+/// A later page's query is the client's to choose, so only first pages are kept: queries made
+/// up by a client reach the upstream but never grow the metadata store, and once the upstream
+/// is gone such a page is answered from the cached manifests, not from a kept answer.
+#[tokio::test]
+async fn only_first_pages_are_kept() {
+    let env = Env::start().await;
+    let img = env.fake.push_image("org/app", Some("v1"), &[10]);
+    env.fake.push_referrer("org/app", &img.manifest, SIG);
+    let url = env.v2(&refs_path("org/app", &img.manifest));
+    for q in ["", "?junk=1"] {
+        let r = env.client.get(&format!("{url}{q}")).await;
+        assert_eq!(r.status, 200, "{q}: {}", r.text());
+        assert_eq!(digests(&r.json()).len(), 1, "{q}");
+    }
+    env.fake.stop().await;
+    let kept = env.client.get(&url).await;
+    assert_eq!(digests(&kept.json()).len(), 1, "the first page was kept");
+    assert_eq!(kept.header("warning"), None, "and is fresh");
+    let r = env.client.get(&format!("{url}?junk=1")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let w = r.header("warning").unwrap_or_default();
+    assert!(w.contains("from the cache"), "not kept: {w}");
+}
+
 #[tokio::test]
 async fn past_tag_ttl_a_failing_upstream_gets_the_kept_answer_with_a_warning() {
     let cache = CacheSpec {
@@ -318,8 +342,17 @@ async fn unreachable_or_offline_answers_come_from_the_cached_manifests() {
         Some("artifactType")
     );
 
-    // Offline, after a restart: the index was persisted.
+    // Online again, the upstream lists a referrer the cache never held; the answer is kept.
     env.fake.restart().await;
+    env.restart_proxy(None).await;
+    let unpulled = env.fake.push_referrer("org/app", &img.manifest, SBOM);
+    let url = env.v2(&refs_path("org/app", &img.manifest));
+    let r = env.client.get(&url).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(digests(&r.json()).contains(&unpulled.digest.to_string()));
+
+    // Offline, after a restart: the index was persisted, and the answer is what the cache can
+    // serve, not the kept one naming a manifest it does not hold.
     env.fake.reset_counts();
     env.restart_proxy(Some(CacheSpec {
         offline: true,

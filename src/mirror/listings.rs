@@ -2,8 +2,8 @@
 //! pages on its own host and repository), bounded, kept (memory and metadata) and trusted for
 //! `tag_ttl`; clients' pages are cut from what is kept, so a client walking a long list 100 at a
 //! time costs the upstream one walk. Past `tag_ttl` the list is walked again; when the upstream
-//! errs, rate-limits or hangs the kept list is served, stale, with a `Warning`. With no list
-//! ever fetched and no upstream to ask (offline, refused), the tags the cache holds are listed.
+//! errs, rate-limits or hangs the kept list is served, stale, with a `Warning`. Offline, or with
+//! no list ever fetched and the upstream refusing, the tags the cache holds are listed.
 
 use super::{Mirror, Target};
 use crate::error::{Error, UpstreamFault};
@@ -57,7 +57,9 @@ impl Mirror {
                 .map(|age| age < self.tag_ttl)
                 .unwrap_or(true)
         });
-        if let Some(k) = kept.clone().filter(|_| fresh || self.offline) {
+        // Offline, a kept list would name tags the cache may not be able to serve: the tags it
+        // holds are the answer then.
+        if let Some(k) = kept.clone().filter(|_| fresh && !self.offline) {
             self.lookup(Kind::Tags, Lookup::Hit);
             return Ok(Listing {
                 list: k,

@@ -1,8 +1,8 @@
 //! Referrers lists: the upstream's referrers API where it has one, else the list the spec's
 //! fallback tag holds (an image index the pusher maintains, fetched as a manifest by tag so it
 //! is cached like one). Answers are kept as tags are: trusted for `tag_ttl`, then asked again;
-//! when the upstream fails, the last answer is served stale; when it cannot be reached (or the
-//! mirror is offline) and nothing was kept, the list is built from the cached manifests whose
+//! when the upstream fails, the last answer is served stale; when it cannot be reached and
+//! nothing was kept, or the mirror is offline, the list is built from the cached manifests whose
 //! `subject` is the digest.
 
 use super::{MAX_PASSTHROUGH, Mirror, Target};
@@ -67,6 +67,12 @@ impl Mirror {
         subject: &Digest,
         page: &str,
     ) -> Result<Referrers, Error> {
+        // Offline, a kept answer may name referrers the cache does not hold: the cached
+        // manifests are the answer then.
+        if self.offline {
+            self.lookup(Kind::Referrers, Lookup::Stale);
+            return self.referrers_from_cache(t, subject).await;
+        }
         let (up, repo) = (t.upstream.name().to_owned(), t.repo.to_string());
         let kept = {
             let (st, s, p) = (self.store.clone(), subject.clone(), page.to_owned());
@@ -98,13 +104,6 @@ impl Mirror {
                 self.lookup(Kind::Referrers, Lookup::Hit);
                 return Ok(from_kept(kept.expect("checked above"), None));
             }
-        }
-        if self.offline {
-            self.lookup(Kind::Referrers, Lookup::Stale);
-            return match kept {
-                Some(k) => Ok(from_kept(k, Some(Stale::Kept))),
-                None => self.referrers_from_cache(t, subject).await,
-            };
         }
         let key = format!("{up}\0{repo}\0{subject}\0{page}");
         let this = self.clone();
@@ -199,20 +198,26 @@ impl Mirror {
         } else {
             return Err(up.status_error(&resp));
         };
-        let kept = KeptReferrers {
-            checked: SystemTime::now(),
-            index: listing.to_index(),
-            link: link.clone(),
-        };
-        let (st, s, p) = (self.store.clone(), subject.clone(), page.to_owned());
-        let (u, r) = (up.name().to_owned(), t.repo.to_string());
-        let saved =
-            tokio::task::spawn_blocking(move || st.meta().keep_referrers(&u, &r, &s, &p, &kept))
-                .await;
-        if !matches!(saved, Ok(Ok(()))) {
-            // The client still gets its answer; the next one asks the upstream again.
-            self.metrics.cache_write_errors.inc();
-            warn!(subject = %subject, "could not keep a referrers answer");
+        // Only first pages are kept: a later page's query is whatever the client sent (the
+        // upstream's paging is opaque), and keeping each would let any client grow the
+        // metadata store without bound.
+        if page.is_empty() {
+            let kept = KeptReferrers {
+                checked: SystemTime::now(),
+                index: listing.to_index(),
+                link: link.clone(),
+            };
+            let (st, s) = (self.store.clone(), subject.clone());
+            let (u, r) = (up.name().to_owned(), t.repo.to_string());
+            let saved = tokio::task::spawn_blocking(move || {
+                st.meta().keep_referrers(&u, &r, &s, "", &kept)
+            })
+            .await;
+            if !matches!(saved, Ok(Ok(()))) {
+                // The client still gets its answer; the next one asks the upstream again.
+                self.metrics.cache_write_errors.inc();
+                warn!(subject = %subject, "could not keep a referrers answer");
+            }
         }
         Ok(Referrers {
             listing,
