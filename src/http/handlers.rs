@@ -502,16 +502,15 @@ pub(crate) fn parse_range(header: &str, len: u64) -> RangeAnswer {
 
 /// An upstream's `Link: <...>; rel="next"` onto the client's own `path` (its repository name),
 /// with its `ns` when it routed with one, and `param` (a filter the client asked for) replacing
-/// any the upstream's `Link` carries.
+/// any the upstream's `Link` carries. Only the `next` link is kept: any other the upstream lists
+/// names its own host or paths, which are not the client's.
 pub(crate) fn rewrite_link_to(
     link: &str,
     path: &str,
     ns: Option<&str>,
     param: Option<(&str, &str)>,
 ) -> Option<String> {
-    let start = link.find('<')? + 1;
-    let end = start + link[start..].find('>')?;
-    let target = &link[start..end];
+    let target = next_link(link)?;
     let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
     let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .filter(|(k, _)| k != "ns" && param.is_none_or(|(p, _)| k != p))
@@ -526,7 +525,35 @@ pub(crate) fn rewrite_link_to(
     let q = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(pairs)
         .finish();
-    Some(format!("<{path}?{q}>{}", &link[end + 1..]))
+    Some(format!("<{path}?{q}>; rel=\"next\""))
+}
+
+/// The target of the link-value of `link` (RFC 8288) whose `rel` holds `next`.
+fn next_link(link: &str) -> Option<&str> {
+    let mut rest = link;
+    while let Some(open) = rest.find('<') {
+        let after = &rest[open + 1..];
+        let close = after.find('>')?;
+        let target = &after[..close];
+        let params = &after[close + 1..];
+        let params = &params[..params.find('<').unwrap_or(params.len())];
+        let is_next = params.split(';').any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("rel")
+                    && v.trim()
+                        .trim_end_matches(',')
+                        .trim()
+                        .trim_matches('"')
+                        .split_ascii_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
+            })
+        });
+        if is_next {
+            return Some(target);
+        }
+        rest = &after[close + 1..];
+    }
+    None
 }
 
 pub(super) fn query_param(query: Option<&str>, key: &str) -> Option<String> {
@@ -578,6 +605,43 @@ fn error_response(e: &Error, not_found: ErrorCode) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_link_is_rewritten_to_the_clients_path_keeping_only_next() {
+        let path = "/v2/hub/app/referrers/sha256:ab";
+        assert_eq!(
+            rewrite_link_to(
+                "</v2/app/referrers/sha256:ab?n=1&last=x&ns=evil>; rel=\"next\"",
+                path,
+                Some("docker.io"),
+                None
+            )
+            .as_deref(),
+            Some("</v2/hub/app/referrers/sha256:ab?n=1&last=x&ns=docker.io>; rel=\"next\"")
+        );
+        // Other links, and anything after the next one, stay with the upstream.
+        assert_eq!(
+            rewrite_link_to(
+                "<https://up.example/v2/app/referrers/sha256:ab?page=1>; rel=\"prev\", \
+                 <https://up.example/v2/app/referrers/sha256:ab?page=3>; rel=next; title=\"x\", \
+                 <https://elsewhere.example/>; rel=\"help\"",
+                path,
+                None,
+                Some(("artifactType", "a/b"))
+            )
+            .as_deref(),
+            Some("</v2/hub/app/referrers/sha256:ab?page=3&artifactType=a%2Fb>; rel=\"next\"")
+        );
+        assert_eq!(
+            rewrite_link_to("<https://up.example/?x=1>; rel=\"prev\"", path, None, None),
+            None
+        );
+        assert_eq!(rewrite_link_to("garbage", path, None, None), None);
+        assert_eq!(
+            rewrite_link_to("<unclosed; rel=next", path, None, None),
+            None
+        );
+    }
     use super::*;
     use proptest::prelude::*;
 
