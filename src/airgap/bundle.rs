@@ -10,6 +10,7 @@ use crate::oci::descriptor::{self, Descriptor, Refs};
 use crate::oci::manifest::{MAX_MANIFEST_SIZE, OCI_INDEX};
 use crate::oci::{Digest, ImageRef, Reference, Verifier};
 use crate::storage::batch::Batch;
+use crate::storage::referrers::{ImportedReferrer, imported_referrer};
 use crate::storage::{Access, Blob, FileReader, FsStore, Store};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -168,10 +169,8 @@ pub struct Imported {
 /// `index.json` and every manifest reachable from it are checked for references that are
 /// neither in the bundle nor already cached, and only then are the new blobs renamed into
 /// place, synced once, and recorded with the manifests, links and tags in one metadata
-/// transaction ([`Batch::commit`]). Any error, or a crash, before that commit leaves nothing of
-/// the bundle visible. Indexing its referrers follows the commit: if that fails (or a crash
-/// comes between), the bundle is imported but its referrers are listed offline only once it is
-/// imported again.
+/// transaction ([`Batch::commit`]), its referrers indexed in the same one. Any error, or a
+/// crash, before that commit leaves nothing of the bundle visible.
 /// Blocking.
 ///
 /// Errors are one line naming the bundle and the part of it at fault: [`Error::Invalid`] when
@@ -188,6 +187,7 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
         staged: &batch,
         manifests: BTreeMap::new(),
         edges: BTreeMap::new(),
+        referrers: Vec::new(),
     };
     for (n, root) in roots.iter().enumerate() {
         let name = root
@@ -201,7 +201,11 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
     let links = repo_links(config, &roots, &check);
     // What the walk kept beyond the manifests is a digest per edge: gone before the commit,
     // which is when an import holds the most.
-    let Check { manifests, .. } = check;
+    let Check {
+        manifests,
+        referrers,
+        ..
+    } = check;
     let mut out = Imported::default();
     let named = i.tags(config, &roots, &mut out)?;
     drop(roots);
@@ -225,10 +229,8 @@ pub fn import(store: &Store, config: &Config, bundle: &Path) -> Result<Imported,
             .map_err(|e| i.at(&format!("checking the stored {digest}"), e.into()))?;
     }
     out.new_blobs = batch
-        .commit(store.meta(), &manifests, &links, &tags)
+        .commit(store.meta(), &manifests, &links, &tags, &referrers)
         .map_err(|e| i.at("storing the bundle", e.into()))?;
-    crate::storage::referrers::note_imported(store, &manifests)
-        .map_err(|e| i.at("indexing referrers", e.into()))?;
     Ok(out)
 }
 
@@ -469,6 +471,8 @@ struct Check<'a> {
     manifests: BTreeMap<Digest, String>,
     /// What each manifest reached names that the bundle or the cache has.
     edges: BTreeMap<Digest, Vec<Digest>>,
+    /// The manifests reached that name a subject.
+    referrers: Vec<ImportedReferrer>,
 }
 
 impl Check<'_> {
@@ -556,6 +560,11 @@ impl Check<'_> {
         };
         let refs = descriptor::parse_refs(&media_type, &bytes)
             .map_err(|e| Error::Invalid(format!("{ctx}: manifest {}: {e}", d.digest)))?;
+        if let Some(r) = imported_referrer(&d.digest, &media_type, &bytes)
+            .map_err(|e| Error::Invalid(format!("{ctx}: manifest {}: {e}", d.digest)))?
+        {
+            self.referrers.push(r);
+        }
         self.manifests.insert(d.digest.clone(), media_type);
         let named = match &refs {
             Refs::Index(children) => children.iter().map(|c| c.digest.clone()).collect(),

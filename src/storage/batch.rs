@@ -99,6 +99,7 @@ impl Batch {
         manifests: &BTreeMap<Digest, String>,
         links: &[(String, String, Vec<Digest>)],
         tags: &[(String, String, String, String, Digest)],
+        referrers: &[super::referrers::ImportedReferrer],
     ) -> io::Result<usize> {
         // The bytes first: nothing is renamed under its digest before it is on disk.
         rustix::fs::syncfs(File::open(&self.dir)?)?;
@@ -112,6 +113,7 @@ impl Batch {
                 manifests,
                 links,
                 tags,
+                referrers,
             };
             meta.put_import(&records, SystemTime::now())
         });

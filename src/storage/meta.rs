@@ -213,6 +213,8 @@ pub struct ImportRecords<'a> {
     pub links: &'a [(String, String, Vec<Digest>)],
     /// (upstream, repository, tag, media type, digest).
     pub tags: &'a [(String, String, String, String, Digest)],
+    /// Referrers among the manifests, for the subject index.
+    pub referrers: &'a [super::referrers::ImportedReferrer],
 }
 
 /// One row of the tags table, borrowed from the read transaction ([`Meta::for_each_tag`]).
@@ -739,6 +741,7 @@ impl Meta {
                 }
             }
         }
+        super::referrers::put_imported(&tx, import.referrers)?;
         let committed = tx.commit().map_err(io_err);
         self.forget_tags(None);
         committed

@@ -13,7 +13,7 @@ use crate::oci::referrers::{Listing, as_referrer};
 use crate::oci::{Digest, descriptor};
 use redb::{ReadableTable, TableDefinition};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,10 +103,9 @@ impl Meta {
         tx.commit().map_err(io_err)
     }
 
-    /// Adds rows to the subject index and `links` (upstream, repository, digest) in one
-    /// transaction.
-    fn put_subject_rows(&self, rows: &[SubjectRow], links: &[super::meta::Link]) -> io::Result<()> {
-        if rows.is_empty() && links.is_empty() {
+    /// Adds rows to the subject index, in one transaction.
+    fn put_subject_rows(&self, rows: &[SubjectRow]) -> io::Result<()> {
+        if rows.is_empty() {
             return Ok(());
         }
         let tx = self.db.begin_write().map_err(io_err)?;
@@ -117,22 +116,6 @@ impl Meta {
                 table
                     .insert((s.as_str(), r.as_str()), d.as_slice())
                     .map_err(io_err)?;
-            }
-            let mut table = tx.open_table(LINKS).map_err(io_err)?;
-            for (u, r, d) in links {
-                let d = d.to_string();
-                if table
-                    .get((u.as_str(), r.as_str(), d.as_str()))
-                    .map_err(io_err)?
-                    .is_none()
-                {
-                    table
-                        .insert(
-                            (u.as_str(), r.as_str(), d.as_str()),
-                            super::meta::LinkSource::Imported as u8,
-                        )
-                        .map_err(io_err)?;
-                }
             }
         }
         tx.commit().map_err(io_err)
@@ -191,51 +174,85 @@ pub fn note_manifest(
     let d = serde_json::to_vec(&d).map_err(io_err)?;
     store
         .meta()
-        .put_subject_rows(&[(subject, digest.clone(), d)], &[])
+        .put_subject_rows(&[(subject, digest.clone(), d)])
 }
 
-/// Indexes the manifests an import just recorded (digest -> media type), and links each
-/// referrer among them, with what it holds, to every repository holding its subject: a bundle
-/// names only its images' repositories, and a signature is read under its image's. Returns how
-/// many referrers it found. One transaction; the links table is read only when there are
-/// referrers. Blocking.
-pub fn note_imported(store: &Store, manifests: &BTreeMap<Digest, String>) -> io::Result<usize> {
-    let mut rows = Vec::new();
-    let mut holds: BTreeMap<Digest, Vec<Digest>> = BTreeMap::new();
-    for (digest, media_type) in manifests {
-        let Some(bytes) = read_manifest(store, digest) else {
-            continue;
-        };
-        if let Some((subject, d)) = as_referrer(digest, media_type, &bytes) {
-            let mut held = descriptor::referenced_digests(&bytes);
-            held.push(digest.clone());
-            holds.entry(subject.clone()).or_default().extend(held);
-            rows.push((
-                subject,
-                digest.clone(),
-                serde_json::to_vec(&d).map_err(io_err)?,
-            ));
-        }
+/// A referrer a bundle brings: its row of the subject index, and what it holds (itself and
+/// what it names), to be linked to every repository holding its subject.
+#[derive(Debug)]
+pub struct ImportedReferrer {
+    subject: Digest,
+    referrer: Digest,
+    descriptor: Vec<u8>,
+    holds: Vec<Digest>,
+}
+
+/// `digest` as a referrer, when the manifest (`media_type`, `bytes`) names a subject.
+pub fn imported_referrer(
+    digest: &Digest,
+    media_type: &str,
+    bytes: &[u8],
+) -> io::Result<Option<ImportedReferrer>> {
+    let Some((subject, d)) = as_referrer(digest, media_type, bytes) else {
+        return Ok(None);
+    };
+    let mut holds = descriptor::referenced_digests(bytes);
+    holds.push(digest.clone());
+    Ok(Some(ImportedReferrer {
+        subject,
+        referrer: digest.clone(),
+        descriptor: serde_json::to_vec(&d).map_err(io_err)?,
+        holds,
+    }))
+}
+
+/// Indexes an import's referrers, and links each, with what it holds, to every repository
+/// holding its subject (the import's own links included): a bundle names only its images'
+/// repositories, and a signature is read under its image's. Written in the import's own
+/// transaction ([`Meta::put_import`]), so a crash leaves all of it or none. The links table is
+/// read only when there are referrers.
+pub(super) fn put_imported(
+    tx: &redb::WriteTransaction,
+    referrers: &[ImportedReferrer],
+) -> io::Result<()> {
+    if referrers.is_empty() {
+        return Ok(());
     }
-    let mut links = Vec::new();
-    if !holds.is_empty() {
-        let subjects: BTreeSet<String> = holds.keys().map(Digest::to_string).collect();
-        let tx = store.meta().db.begin_read().map_err(io_err)?;
-        let table = tx.open_table(LINKS).map_err(io_err)?;
-        for row in table.iter().map_err(io_err)? {
-            let (k, _) = row.map_err(io_err)?;
-            let (u, r, d) = k.value();
-            if subjects.contains(d)
-                && let Ok(d) = d.parse::<Digest>()
-            {
-                for h in &holds[&d] {
-                    links.push((u.to_owned(), r.to_owned(), h.clone()));
-                }
+    let mut subjects = tx.open_table(SUBJECTS).map_err(io_err)?;
+    let mut holds: BTreeMap<String, Vec<&Digest>> = BTreeMap::new();
+    for r in referrers {
+        let (s, d) = (r.subject.to_string(), r.referrer.to_string());
+        subjects
+            .insert((s.as_str(), d.as_str()), r.descriptor.as_slice())
+            .map_err(io_err)?;
+        holds.entry(s).or_default().extend(&r.holds);
+    }
+    let mut links = tx.open_table(LINKS).map_err(io_err)?;
+    let mut add = Vec::new();
+    for row in links.iter().map_err(io_err)? {
+        let (k, _) = row.map_err(io_err)?;
+        let (u, r, d) = k.value();
+        if let Some(held) = holds.get(d) {
+            for h in held {
+                add.push((u.to_owned(), r.to_owned(), h.to_string()));
             }
         }
     }
-    store.meta().put_subject_rows(&rows, &links)?;
-    Ok(rows.len())
+    for (u, r, d) in &add {
+        if links
+            .get((u.as_str(), r.as_str(), d.as_str()))
+            .map_err(io_err)?
+            .is_none()
+        {
+            links
+                .insert(
+                    (u.as_str(), r.as_str(), d.as_str()),
+                    super::meta::LinkSource::Imported as u8,
+                )
+                .map_err(io_err)?;
+        }
+    }
+    Ok(())
 }
 
 /// Rebuilds the subject index from every cached manifest, once per cache. Blocking.
@@ -269,7 +286,7 @@ fn ensure_subject_index(store: &Store) -> io::Result<()> {
         }
     }
     // Manifests recorded since the read above indexed themselves (`note_manifest`).
-    meta.put_subject_rows(&rows, &[])?;
+    meta.put_subject_rows(&rows)?;
     let tx = meta.db.begin_write().map_err(io_err)?;
     {
         let mut t = tx.open_table(SUBJECTS_STATE).map_err(io_err)?;
