@@ -419,6 +419,133 @@ async fn pulling_twice_gives_the_same_answers_from_the_cache() {
     }
 }
 
+/// Content discovery, listing tags (spec "Listing Tags"; the suite's `03_discovery_test.go`):
+/// sorted lexically, at most `n`, after `last`, a `Link` to the next page under the client's own
+/// name while more follow, `n=0` empty. distribution 2.8 ignores `n` and `last` itself, so these
+/// answers are cachalot's own, cut from the whole list it walked.
+#[tokio::test]
+async fn content_discovery_tags_lists_are_paged_by_n_and_last() {
+    require_e2e_tools!();
+    let up = e2e_support::shared_upstream();
+    let repo = e2e_support::SINGLE_REPO;
+    // More tags on the seeded image, pushed to the registry itself (not through cachalot).
+    let token = up.issuer.token_for(
+        Some(e2e_support::USER),
+        &[&format!("repository:{repo}:pull,push")],
+    );
+    let auth = format!("Bearer {token}");
+    for tag in ["conf-c", "conf-a", "conf-d", "conf-b"] {
+        let url = format!("{}/v2/{repo}/manifests/{tag}", up.url());
+        let resp = e2e_support::http::request_with_body(
+            Method::PUT,
+            &url,
+            &[
+                ("authorization", &auth),
+                ("content-type", &up.single.top_media_type),
+            ],
+            up.single.top_bytes.clone().into(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status, 201, "PUT {url}: {:?}", resp.body);
+    }
+    let t = cachalot();
+    let list = |q: &str| {
+        let t = t.clone();
+        let path = format!("/v2/{repo}/tags/list{q}");
+        async move {
+            let resp = t.send(Method::GET, &path, None).await;
+            assert_eq!(resp.status, 200, "GET {path}: {:?}", resp.body);
+            let v = resp.json();
+            assert_eq!(v["name"], repo, "GET {path}");
+            let tags: Vec<String> = v["tags"]
+                .as_array()
+                .unwrap_or_else(|| panic!("GET {path}: no tags array: {v}"))
+                .iter()
+                .map(|t| t.as_str().unwrap().to_owned())
+                .collect();
+            let link = resp.header("link").to_owned();
+            (tags, link)
+        }
+    };
+    let (all, link) = list("").await;
+    assert_eq!(
+        all,
+        [
+            "conf-a",
+            "conf-b",
+            "conf-c",
+            "conf-d",
+            e2e_support::SINGLE_TAG
+        ]
+    );
+    assert_eq!(link, "", "the whole list has no next page");
+
+    // A client walking two at a time, following each Link as given.
+    let mut walked = Vec::new();
+    let mut q = "?n=2".to_owned();
+    for _ in 0..4 {
+        let (page, link) = list(&q).await;
+        assert!(page.len() <= 2, "{q}: {page:?}");
+        walked.extend(page);
+        if link.is_empty() {
+            break;
+        }
+        let target = link
+            .strip_prefix('<')
+            .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+            .unwrap_or_else(|| panic!("{q}: Link {link:?}"));
+        let query = target
+            .strip_prefix(&format!("/v2/{repo}/tags/list"))
+            .unwrap_or_else(|| panic!("{q}: Link {link:?} is not this repository's list"));
+        q = query.to_owned();
+    }
+    assert_eq!(walked, all, "the pages, in order, are the whole list");
+
+    assert_eq!(list("?n=2&last=conf-b").await.0, ["conf-c", "conf-d"]);
+    assert_eq!(list("?n=0").await, (Vec::new(), String::new()));
+    assert_eq!(list("?last=zzz").await, (Vec::new(), String::new()));
+    let path = format!("/v2/{repo}/tags/list?n=-1");
+    let resp = t.send(Method::GET, &path, None).await;
+    // The spec names no code for a bad `n`; distribution's is PAGINATION_NUMBER_INVALID.
+    assert_eq!(resp.status, 400, "GET {path}");
+    assert_eq!(
+        resp.json()["errors"][0]["code"],
+        "PAGINATION_NUMBER_INVALID",
+        "GET {path}"
+    );
+}
+
+/// Content discovery, listing referrers (spec "Listing Referrers"): the registry has no
+/// referrers API and nothing refers to the seeded image, so the answer is a 200 with an empty
+/// image index, filtered or not, never a 404.
+#[tokio::test]
+async fn content_discovery_a_subject_without_referrers_is_an_empty_index() {
+    require_e2e_tools!();
+    let up = e2e_support::shared_upstream();
+    let t = cachalot();
+    for q in ["", "?artifactType=application/vnd.example.sig"] {
+        let path = format!(
+            "/v2/{}/referrers/{}{q}",
+            e2e_support::MULTI_REPO,
+            up.multi.top_digest
+        );
+        let resp = t.send(Method::GET, &path, None).await;
+        assert_eq!(resp.status, 200, "GET {path}: {:?}", resp.body);
+        assert_eq!(
+            resp.header("content-type"),
+            "application/vnd.oci.image.index.v1+json",
+            "GET {path}"
+        );
+        let v = resp.json();
+        assert_eq!(v["schemaVersion"], 2, "GET {path}: {v}");
+        assert_eq!(v["mediaType"], "application/vnd.oci.image.index.v1+json");
+        assert_eq!(v["manifests"], serde_json::json!([]), "GET {path}");
+        let filtered = if q.is_empty() { "" } else { "artifactType" };
+        assert_eq!(resp.header("oci-filters-applied"), filtered, "GET {path}");
+    }
+}
+
 // ---- the same checks against the reference registry ------------------------------------------
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -45,7 +45,17 @@ pub async fn request(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Result<HttpResponse, String> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    request_with_body(method, url, headers, Bytes::new()).await
+}
+
+/// [`request`] with `body`.
+pub async fn request_with_body(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<HttpResponse, String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut req = Request::builder().method(method.clone()).uri(url);
     for (k, v) in headers {
         req = req.header(
@@ -53,7 +63,7 @@ pub async fn request(
             HeaderValue::from_str(v).map_err(|e| e.to_string())?,
         );
     }
-    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
     let fut = async {
         let resp = client
             .request(req)
