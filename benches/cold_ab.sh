@@ -7,11 +7,18 @@
 # system of every thread, from /proc/<tid>/schedstat, from the GET's start until its commit) are summed up at the end beside what `openssl dgst -sha256`
 # takes to hash a GiB on this machine.
 #
-# Usage:  benches/cold_ab.sh BIN_A [BIN_B ...]      (REPS=5 MIB=256)
+# RECYCLE=1 writes and deletes MIB of zeros just before each cachalot GET, so that the fill's page-cache
+# pages are ones the guest just freed. On a VM whose host backs memory lazily (free pages handed back to
+# it), a page the guest has not touched lately costs a host fault on first write, charged to the writer:
+# here that more than doubled a fill's CPU (4.25 against 2.10 s per GiB, same session), and `dd` into a
+# new file swung from 0.35 to 2.9 s per GiB by that alone. Run both ways and say which.
+#
+# Usage:  benches/cold_ab.sh BIN_A [BIN_B ...]      (REPS=5 MIB=256 RECYCLE=0)
 # Needs: docker-registry, curl, awk, sha256sum.
 set -Eeuo pipefail
 REPS=${REPS:-5}
 MIB=${MIB:-256}
+RECYCLE=${RECYCLE:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
@@ -63,6 +70,10 @@ for _ in $(seq "$REPS"); do
     echo "direct $t"; TIMES[direct]+="$t "
     for i in "${!PORTS[@]}"; do
         d=${DIGESTS[$j]}; j=$((j + 1))
+        if ((RECYCLE)); then
+            # Pages just freed, as a cache evicting while it fills would hand back (see the header).
+            dd if=/dev/zero of="$W/recycle" bs=1M count="$MIB" status=none && rm -f "$W/recycle"
+        fi
         schedstat "${CPIDS[$i]}" >"$W/s0"
         out=$( { /usr/bin/time -f 'client-cpu %U+%S' curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_total}' \
             "http://127.0.0.1:${PORTS[$i]}/v2/$REPO/blobs/$d"; } 2>"$W/ct")
