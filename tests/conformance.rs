@@ -449,6 +449,8 @@ async fn content_discovery_tags_lists_are_paged_by_n_and_last() {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(resp.status, 201, "PUT {url}: {:?}", resp.body);
     }
+    // The tags are pushed before this binary's cachalot first lists `e2e/single`: a test that
+    // listed them earlier would leave a kept list without them for `tag_ttl`.
     let t = cachalot();
     let list = |q: &str| {
         let t = t.clone();

@@ -35,6 +35,9 @@ pub(crate) struct Coalesce<T> {
     /// Bytes were written since the last flush.
     fresh: bool,
     put_off: u8,
+    /// A read that ended the peer's side (end of stream or an error) while gathered bytes were
+    /// still here: returned once they are out.
+    ended: Option<io::Result<()>>,
 }
 
 impl<T> Coalesce<T> {
@@ -48,6 +51,7 @@ impl<T> Coalesce<T> {
             sent: 0,
             fresh: false,
             put_off: 0,
+            ended: None,
         }
     }
 }
@@ -67,6 +71,15 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         Poll::Ready(Ok(()))
     }
 
+    /// Writes out everything gathered and flushes it, the buffer given back.
+    fn poll_send_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        self.fresh = false;
+        self.put_off = 0;
+        self.buf = Vec::new();
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
     /// Makes room for more: drains a full buffer.
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.len() >= CAPACITY {
@@ -79,13 +92,27 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<T> {
+    /// When the peer's side ends, h2 closes the connection without another flush if its own
+    /// buffers are empty, so what was gathered is sent before the end is passed on.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.ended.is_none() {
+            let before = buf.filled().len();
+            let read = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
+            let end = read.is_err() || (buf.filled().len() == before && buf.remaining() > 0);
+            if !(end && this.sent < this.buf.len()) {
+                return Poll::Ready(read);
+            }
+            this.ended = Some(read);
+        }
+        // Whether or not the bytes could go out, the read's own answer is the one to give.
+        ready!(this.poll_send_all(cx)).ok();
+        Poll::Ready(this.ended.take().unwrap_or(Ok(())))
     }
 }
 
@@ -144,10 +171,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
                 cx.waker().wake_by_ref();
                 return Poll::Ready(Ok(()));
             }
-            ready!(this.poll_drain(cx))?;
-            this.fresh = false;
-            this.put_off = 0;
-            this.buf = Vec::new();
+            return this.poll_send_all(cx);
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -226,6 +250,30 @@ mod tests {
             c.flush().await.unwrap();
         }
         assert_eq!(c.inner.1.len(), usize::from(MAX_PUT_OFF) + 1);
+    }
+
+    impl AsyncRead for Writes {
+        /// The peer's side has ended.
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A deferred flush followed by the end of the peer's side (h2 then closes without flushing)
+    /// still sends what was gathered, before the end is passed on.
+    #[tokio::test]
+    async fn the_end_of_the_peers_side_sends_what_was_gathered() {
+        use tokio::io::AsyncReadExt;
+        let mut c = Coalesce::new(Writes::default(), true);
+        c.write_all(b"last frame").await.unwrap();
+        c.flush().await.unwrap();
+        assert!(c.inner.0.is_empty());
+        assert_eq!(c.read(&mut [0; 16]).await.unwrap(), 0);
+        assert_eq!(c.inner.1, b"last frame");
     }
 
     #[tokio::test]

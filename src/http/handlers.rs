@@ -510,7 +510,7 @@ pub(crate) fn rewrite_link_to(
     ns: Option<&str>,
     param: Option<(&str, &str)>,
 ) -> Option<String> {
-    let target = next_link(link)?;
+    let target = crate::upstream::client::next_link_target(link)?;
     let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
     let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .filter(|(k, _)| k != "ns" && param.is_none_or(|(p, _)| k != p))
@@ -526,34 +526,6 @@ pub(crate) fn rewrite_link_to(
         .extend_pairs(pairs)
         .finish();
     Some(format!("<{path}?{q}>; rel=\"next\""))
-}
-
-/// The target of the link-value of `link` (RFC 8288) whose `rel` holds `next`.
-fn next_link(link: &str) -> Option<&str> {
-    let mut rest = link;
-    while let Some(open) = rest.find('<') {
-        let after = &rest[open + 1..];
-        let close = after.find('>')?;
-        let target = &after[..close];
-        let params = &after[close + 1..];
-        let params = &params[..params.find('<').unwrap_or(params.len())];
-        let is_next = params.split(';').any(|p| {
-            p.split_once('=').is_some_and(|(k, v)| {
-                k.trim().eq_ignore_ascii_case("rel")
-                    && v.trim()
-                        .trim_end_matches(',')
-                        .trim()
-                        .trim_matches('"')
-                        .split_ascii_whitespace()
-                        .any(|r| r.eq_ignore_ascii_case("next"))
-            })
-        });
-        if is_next {
-            return Some(target);
-        }
-        rest = &after[close + 1..];
-    }
-    None
 }
 
 pub(super) fn query_param(query: Option<&str>, key: &str) -> Option<String> {

@@ -11,7 +11,7 @@ use crate::metrics::{Kind, Lookup};
 use crate::oci::{ErrorCode, RepoName, Tag};
 use crate::storage::listings::KeptTagList;
 use crate::upstream::{Op, Upstream, UpstreamRequest};
-use http::{Method, header};
+use http::Method;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +28,7 @@ const REWALK_DEADLINE: Duration = Duration::from_secs(5);
 /// `Warning` for a kept list served because the upstream could not give a new one.
 pub const STALE_WARNING: &str =
     "299 - \"the upstream could not be asked; this tags list is the one it gave before\"";
-/// `Warning` for a list made from the tags the cache holds (no list was ever fetched).
+/// `Warning` for a list made from the tags the cache holds (offline, or no list was ever fetched).
 pub const HELD_WARNING: &str =
     "299 - \"the upstream could not be asked; this tags list holds only the tags in the cache\"";
 
@@ -50,22 +50,8 @@ impl Mirror {
     /// `t`'s tags list: kept and fresh, else walked upstream, else kept (stale) or held, as
     /// the module says. An upstream's 401, 403 or 404 is its answer and is passed on.
     pub async fn tag_list(self: &Arc<Self>, t: &Target) -> Result<Listing, Error> {
-        let kept = self.kept_tag_list(t).await?;
-        let fresh = kept.as_ref().is_some_and(|k| {
-            k.fetched
-                .elapsed()
-                .map(|age| age < self.tag_ttl)
-                .unwrap_or(true)
-        });
         // Offline, a kept list would name tags the cache may not be able to serve: the tags it
         // holds are the answer then.
-        if let Some(k) = kept.clone().filter(|_| fresh && !self.offline) {
-            self.lookup(Kind::Tags, Lookup::Hit);
-            return Ok(Listing {
-                list: k,
-                warning: None,
-            });
-        }
         if self.offline {
             return match self.held_tag_list(t).await? {
                 Some(list) => {
@@ -83,6 +69,20 @@ impl Mirror {
                     ))
                 }
             };
+        }
+        let kept = self.kept_tag_list(t).await?;
+        let fresh = kept.as_ref().is_some_and(|k| {
+            k.fetched
+                .elapsed()
+                .map(|age| age < self.tag_ttl)
+                .unwrap_or(true)
+        });
+        if let Some(k) = kept.clone().filter(|_| fresh) {
+            self.lookup(Kind::Tags, Lookup::Hit);
+            return Ok(Listing {
+                list: k,
+                warning: None,
+            });
         }
         let this = self.clone();
         let t2 = t.clone();
@@ -242,11 +242,7 @@ async fn walk(up: &Upstream, repo: &RepoName) -> Result<KeptTagList, Error> {
         if !resp.status().is_success() {
             return Err(up.status_error(&resp));
         }
-        let link = resp
-            .headers()
-            .get(header::LINK)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let link = crate::upstream::client::link_header(resp.headers());
         if !tags.is_empty()
             && super::content_length(resp.headers()).is_some_and(|l| l > budget as u64)
         {
@@ -328,7 +324,7 @@ fn next_page(
     list_path: &str,
     link: &str,
 ) -> Option<Result<String, String>> {
-    let target = next_target(link)?;
+    let target = crate::upstream::client::next_link_target(link)?;
     let Some(url) = crate::upstream::client::resolve_location(here, target) else {
         return Some(Err(target.chars().take(200).collect()));
     };
@@ -336,33 +332,6 @@ fn next_page(
         return Some(Err(url.to_string().chars().take(200).collect()));
     }
     Some(Ok(url.query().unwrap_or("").to_owned()))
-}
-
-/// The target of the `rel="next"` link in a `Link` header value (RFC 8288), which may hold
-/// several links separated by commas.
-fn next_target(link: &str) -> Option<&str> {
-    let mut rest = link;
-    loop {
-        let start = rest.find('<')? + 1;
-        let end = start + rest[start..].find('>')?;
-        let target = &rest[start..end];
-        let after = &rest[end + 1..];
-        let params_end = after.find(',').unwrap_or(after.len());
-        let is_next = after[..params_end].split(';').any(|p| {
-            let p = p.trim();
-            p.split_once('=').is_some_and(|(k, v)| {
-                k.trim().eq_ignore_ascii_case("rel")
-                    && v.trim()
-                        .trim_matches('"')
-                        .split_ascii_whitespace()
-                        .any(|r| r.eq_ignore_ascii_case("next"))
-            })
-        });
-        if is_next {
-            return Some(target);
-        }
-        rest = &after[params_end..];
-    }
 }
 
 #[cfg(test)]

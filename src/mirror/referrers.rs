@@ -13,7 +13,7 @@ use crate::oci::manifest::{self, Accept};
 use crate::oci::referrers::{Listing, fallback_tag};
 use crate::storage::referrers::KeptReferrers;
 use crate::upstream::{Op, UpstreamRequest};
-use http::{Method, StatusCode, header};
+use http::{Method, StatusCode};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
@@ -74,12 +74,16 @@ impl Mirror {
             return self.referrers_from_cache(t, subject).await;
         }
         let (up, repo) = (t.upstream.name().to_owned(), t.repo.to_string());
-        let kept = {
-            let (st, s, p) = (self.store.clone(), subject.clone(), page.to_owned());
+        // Only first pages are kept (see `fetch_referrers`); rows an older version kept for
+        // later pages are not read.
+        let kept = if page.is_empty() {
+            let (st, s) = (self.store.clone(), subject.clone());
             let (u, r) = (up.clone(), repo.clone());
-            tokio::task::spawn_blocking(move || st.meta().kept_referrers(&u, &r, &s, &p))
+            tokio::task::spawn_blocking(move || st.meta().kept_referrers(&u, &r, &s, ""))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??
+        } else {
+            None
         };
         let kept = kept.and_then(|k| match Listing::parse(&k.index) {
             Ok(listing) => Some((k, listing)),
@@ -176,11 +180,7 @@ impl Mirror {
             send.await?
         };
         let (listing, link) = if resp.status().is_success() {
-            let link = resp
-                .headers()
-                .get(header::LINK)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let link = crate::upstream::client::link_header(resp.headers());
             let body = up.read_small(resp.into_body(), MAX_PASSTHROUGH).await?;
             self.metrics
                 .upstream_done(up.name(), Op::Referrers.as_str(), started);
