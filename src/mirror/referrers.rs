@@ -71,7 +71,7 @@ impl Mirror {
         // manifests are the answer then.
         if self.offline {
             self.lookup(Kind::Referrers, Lookup::Stale);
-            return self.referrers_from_cache(t, subject).await;
+            return self.referrers_from_cache(t, subject, page).await;
         }
         let (up, repo) = (t.upstream.name().to_owned(), t.repo.to_string());
         // Only first pages are kept (see `fetch_referrers`); rows an older version kept for
@@ -137,7 +137,7 @@ impl Mirror {
                 if unreachable(&e) {
                     info!(error = %e, subject = %subject, "upstream unreachable; referrers from the cached manifests");
                     self.lookup(Kind::Referrers, Lookup::Stale);
-                    return self.referrers_from_cache(t, subject).await;
+                    return self.referrers_from_cache(t, subject, page).await;
                 }
                 self.lookup(Kind::Referrers, Lookup::Miss);
                 Err(e)
@@ -252,14 +252,25 @@ impl Mirror {
         }
     }
 
-    async fn referrers_from_cache(&self, t: &Target, subject: &Digest) -> Result<Referrers, Error> {
-        let (st, s) = (self.store.clone(), subject.clone());
-        let (u, r) = (t.upstream.name().to_owned(), t.repo.to_string());
-        let listing = tokio::task::spawn_blocking(move || {
-            crate::storage::referrers::cached_referrers(&st, &u, &r, &s)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    async fn referrers_from_cache(
+        &self,
+        t: &Target,
+        subject: &Digest,
+        page: &str,
+    ) -> Result<Referrers, Error> {
+        // The whole list is the first page (it has no `Link`): a later page, from a `Link` the
+        // upstream gave before, would only repeat it.
+        let listing = if page.is_empty() {
+            let (st, s) = (self.store.clone(), subject.clone());
+            let (u, r) = (t.upstream.name().to_owned(), t.repo.to_string());
+            tokio::task::spawn_blocking(move || {
+                crate::storage::referrers::cached_referrers(&st, &u, &r, &s)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+        } else {
+            crate::oci::referrers::Listing(Vec::new())
+        };
         Ok(Referrers {
             listing,
             link: None,
