@@ -510,7 +510,7 @@ pub(crate) fn rewrite_link_to(
     ns: Option<&str>,
     param: Option<(&str, &str)>,
 ) -> Option<String> {
-    let target = crate::upstream::client::next_link_target(link)?;
+    let target = crate::oci::link::next_target(link)?;
     let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
     let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .filter(|(k, _)| k != "ns" && param.is_none_or(|(p, _)| k != p))

@@ -242,7 +242,7 @@ async fn walk(up: &Upstream, repo: &RepoName) -> Result<KeptTagList, Error> {
         if !resp.status().is_success() {
             return Err(up.status_error(&resp));
         }
-        let link = crate::upstream::client::link_header(resp.headers());
+        let link = crate::oci::link::link_header(resp.headers());
         if !tags.is_empty()
             && super::content_length(resp.headers()).is_some_and(|l| l > budget as u64)
         {
@@ -324,7 +324,7 @@ fn next_page(
     list_path: &str,
     link: &str,
 ) -> Option<Result<String, String>> {
-    let target = crate::upstream::client::next_link_target(link)?;
+    let target = crate::oci::link::next_target(link)?;
     let Some(url) = crate::upstream::client::resolve_location(here, target) else {
         return Some(Err(target.chars().take(200).collect()));
     };

@@ -180,7 +180,7 @@ impl Mirror {
             send.await?
         };
         let (listing, link) = if resp.status().is_success() {
-            let link = crate::upstream::client::link_header(resp.headers());
+            let link = crate::oci::link::link_header(resp.headers());
             let body = up.read_small(resp.into_body(), MAX_PASSTHROUGH).await?;
             self.metrics
                 .upstream_done(up.name(), Op::Referrers.as_str(), started);

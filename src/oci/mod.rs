@@ -4,6 +4,7 @@ pub mod descriptor;
 pub mod digest;
 pub mod errors;
 pub mod image_ref;
+pub mod link;
 pub mod manifest;
 pub mod name;
 pub mod referrers;
