@@ -20,7 +20,8 @@ use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
-/// The target of the request line (`http::log`): its one event there.
+/// The target of the request line, which `http::log::line` gives its event: that module's path,
+/// as the event had before it was named here.
 pub(crate) const LINE_TARGET: &str = "cachalot::http::log";
 
 /// Fields a request span keeps at most (it has seven; a field recorded twice takes two).

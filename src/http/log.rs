@@ -78,10 +78,11 @@ impl Drop for LoggedBody {
     }
 }
 
-/// The request line itself: the one event of this module (`crate::request_log` writes it, knowing
-/// it by its target).
+/// The request line itself, under the target `crate::request_log` knows it by (this module's
+/// path, so `RUST_LOG` filters name it as before).
 pub(crate) fn line(span: &Span, status: u16, bytes: u64, duration_ms: f64, complete: bool) {
     tracing::info!(
+        target: crate::request_log::LINE_TARGET,
         parent: span,
         status,
         bytes,
@@ -128,5 +129,16 @@ impl http_body::Body for LoggedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `RUST_LOG=cachalot::http::log=warn` silences the request line, as it did when the line
+    /// took this module's path as its target: moving the module must move the name too.
+    #[test]
+    fn the_request_line_keeps_this_modules_target() {
+        let here = module_path!().strip_suffix("::tests");
+        assert_eq!(Some(crate::request_log::LINE_TARGET), here);
     }
 }
