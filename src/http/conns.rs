@@ -99,6 +99,11 @@ impl Activity {
         self.closing.load(Ordering::Acquire)
     }
 
+    /// Whether the accept loop has asked the connection to close.
+    pub(super) fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
     fn ask_to_close(&self) {
         self.closing.store(true, Ordering::Release);
         self.task.wake();

@@ -3,6 +3,7 @@
 pub(crate) mod body;
 mod coalesce;
 mod conns;
+mod h1;
 pub(crate) mod handlers;
 pub(crate) mod listing;
 pub(crate) mod log;

@@ -116,6 +116,24 @@ impl SendfileStream {
         }
     }
 
+    /// Waits until the socket has bytes to read (or has closed), without a buffer to read
+    /// them into.
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        self.tcp.readable().await
+    }
+
+    /// Waits for the client to go (end of stream or an error: true) or to send more (false),
+    /// reading nothing.
+    pub(crate) async fn client_gone(&self) -> bool {
+        let mut byte = [0u8; 1];
+        !matches!(self.tcp.peek(&mut byte).await, Ok(n) if n > 0)
+    }
+
+    /// Reads what the socket has into `buf`'s spare capacity; `WouldBlock` if nothing.
+    pub(crate) fn try_read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        self.tcp.try_read_buf(buf)
+    }
+
     /// The queue bodies on this connection push their file ranges to.
     pub(crate) fn queue(&self) -> Arc<FileQueue> {
         self.queue.clone()

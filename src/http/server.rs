@@ -5,7 +5,7 @@ use super::body::Body;
 use super::coalesce::Coalesce;
 use super::conns::{Activity, Table, TrackedBody};
 use super::handlers::{AppState, handle};
-use super::sendfile::SendfileStream;
+use super::sendfile::{FileQueue, SendfileStream};
 use crate::config::{Backend, Config};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -391,7 +391,7 @@ pub(super) async fn accept_loop<S, A, F>(
     answer: A,
 ) where
     S: Send + Sync + 'static,
-    A: Fn(Arc<S>, Request<Incoming>) -> F + Copy + Send + 'static,
+    A: Fn(Arc<S>, Request<ReqBody>) -> F + Copy + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut conns = JoinSet::new();
@@ -456,7 +456,6 @@ pub(super) async fn accept_loop<S, A, F>(
         let served = serve_connection(
             conn,
             peer,
-            listener.sendfile,
             state.clone(),
             answer,
             activity,
@@ -501,81 +500,70 @@ enum Conn {
 async fn serve_connection<S, A, F>(
     conn: Conn,
     peer: SocketAddr,
-    sendfile: bool,
     state: Arc<S>,
     answer: A,
     activity: Arc<Activity>,
     header_timeout: Duration,
 ) where
     S: Send + Sync + 'static,
-    A: Fn(Arc<S>, Request<Incoming>) -> F + Copy + Send + 'static,
+    A: Fn(Arc<S>, Request<ReqBody>) -> F + Copy + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    // Plain connections that send cached blobs with sendfile: their bodies find the
-    // connection's queue of file ranges in the request's extensions.
-    let queue = match &conn {
-        Conn::Sendfile(s) => Some(s.queue()),
-        _ => None,
-    };
-    let seen = activity.clone();
-    let service = service_fn(move |mut req: Request<Incoming>| {
-        // Busy until the response body ends: the accept loop closes only idle connections to
-        // make room, and an HTTP/2 connection with no stream open is closed after
-        // `header_timeout`.
-        let in_flight = seen.request_started(req.version() == Version::HTTP_2);
-        if let Some(q) = &queue {
-            req.extensions_mut().insert(q.clone());
-        }
-        // The answer's future is made inside the block rather than moved into it: it is
-        // kilobytes large, and a cached manifest's request paid for the copy.
-        let state = state.clone();
-        async move {
-            let resp = answer(state, req).await;
-            let resp = resp.map(|body| {
-                TrackedBody {
-                    body,
-                    _in_flight: in_flight,
-                }
-                .boxed_unsync()
-            });
-            Ok::<_, std::convert::Infallible>(resp)
-        }
-    });
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEAD_BUFFER);
-    builder.http2().timer(TokioTimer::new());
-    if sendfile {
-        // Body chunks must reach the socket as the slices they were yielded as, never
-        // flattened into hyper's own buffer: sendfile placeholders depend on it.
-        builder.http1().writev(true);
-    }
     let result = match conn {
-        Conn::Plain(s) => {
-            let conn = builder.serve_connection(TokioIo::new(s), service);
-            first_head(conn, |c| c.graceful_shutdown(), &activity, header_timeout).await
+        Conn::Sendfile(mut s) => {
+            // Ours first (see `h1`); hyper from the first request it does not take.
+            let queue = s.queue();
+            let (st, act, q) = (&state, &activity, &queue);
+            let served = super::h1::serve(&mut s, &activity, header_timeout, move |req| {
+                respond(st, answer, act, Some(q), req)
+            })
+            .await;
+            let prefix = match served {
+                Ok(super::h1::Ended::HandOff(prefix)) => prefix,
+                Ok(super::h1::Ended::Closed) => return,
+                Err(e) => {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                    return;
+                }
+            };
+            let io = super::h1::Prefixed::new(prefix, s);
+            Box::pin(serve_hyper(
+                io,
+                true,
+                Some(queue),
+                state,
+                answer,
+                &activity,
+                header_timeout,
+            ))
+            .await
         }
-        Conn::Sendfile(s) => {
-            let conn = builder.serve_connection(TokioIo::new(s), service);
-            first_head(conn, |c| c.graceful_shutdown(), &activity, header_timeout).await
+        Conn::Plain(s) => {
+            Box::pin(serve_hyper(
+                s,
+                false,
+                None,
+                state,
+                answer,
+                &activity,
+                header_timeout,
+            ))
+            .await
         }
         Conn::Tls(acceptor, stream) => {
             // Boxed: a TLS connection's state (the handshake, then rustls' own) is several times
             // a plain one's, and inline it would set the size of every connection's task.
-            let tls = Box::pin(async {
+            let tls = Box::pin(async move {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
                         // HTTP/2 flushes after every frame: its writes are gathered (see
                         // `coalesce`). HTTP/1 writes whole body chunks already.
                         let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                         let s = Coalesce::new(s, h2);
-                        let conn = builder.serve_connection(TokioIo::new(s), service);
-                        let served =
-                            first_head(conn, |c| c.graceful_shutdown(), &activity, header_timeout);
-                        Some(served.await)
+                        Some(
+                            serve_hyper(s, false, None, state, answer, &activity, header_timeout)
+                                .await,
+                        )
                     }
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake failed");
@@ -592,6 +580,93 @@ async fn serve_connection<S, A, F>(
     };
     if let Err(e) = result {
         debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves a connection with hyper (HTTP/1 or HTTP/2, as the client speaks). `sendfile`: the
+/// socket sends blob placeholders from `queue` (plain HTTP/1 only).
+async fn serve_hyper<I, S, A, F>(
+    io: I,
+    sendfile: bool,
+    queue: Option<Arc<FileQueue>>,
+    state: Arc<S>,
+    answer: A,
+    activity: &Arc<Activity>,
+    header_timeout: Duration,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Send + Sync + 'static,
+    A: Fn(Arc<S>, Request<ReqBody>) -> F + Copy + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let seen = activity.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let resp = respond(
+            &state,
+            answer,
+            &seen,
+            queue.as_ref(),
+            req.map(ReqBody::Hyper),
+        );
+        async move { Ok::<_, std::convert::Infallible>(resp.await) }
+    });
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BUFFER);
+    builder.http2().timer(TokioTimer::new());
+    if sendfile {
+        // Body chunks must reach the socket as the slices they were yielded as, never
+        // flattened into hyper's own buffer: sendfile placeholders depend on it.
+        builder.http1().writev(true);
+    }
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    first_head(conn, |c| c.graceful_shutdown(), activity, header_timeout).await
+}
+
+/// A request's body, as the answering function sees it. Nothing that answers reads one (a
+/// mirror takes no uploads); hyper's is kept so that hyper drains or refuses it as before.
+pub(crate) enum ReqBody {
+    Hyper(#[allow(dead_code)] Incoming),
+    /// Requests taken by `h1`, which takes only those without a body.
+    Empty,
+}
+
+/// Starts answering `req` on a connection: marks it busy until the response body ends (the
+/// accept loop closes only idle connections to make room, and an HTTP/2 connection with no
+/// stream open is closed after `header_timeout`), and gives plain HTTP/1 requests the
+/// connection's sendfile queue.
+fn respond<S, A, F>(
+    state: &Arc<S>,
+    answer: A,
+    activity: &Arc<Activity>,
+    queue: Option<&Arc<FileQueue>>,
+    mut req: Request<ReqBody>,
+) -> impl Future<Output = Response<Body>> + Send + 'static + use<S, A, F>
+where
+    S: Send + Sync + 'static,
+    A: Fn(Arc<S>, Request<ReqBody>) -> F + Copy + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let in_flight = activity.request_started(req.version() == Version::HTTP_2);
+    if let Some(q) = queue {
+        req.extensions_mut().insert(q.clone());
+    }
+    // The answer's future is made inside the block rather than moved into it: it is
+    // kilobytes large, and a cached manifest's request paid for the copy.
+    let state = state.clone();
+    async move {
+        let resp = answer(state, req).await;
+        resp.map(|body| {
+            TrackedBody {
+                body,
+                _in_flight: in_flight,
+            }
+            .boxed_unsync()
+        })
     }
 }
 
