@@ -453,18 +453,18 @@ pub(super) async fn accept_loop<S, A, F>(
             permit.take().expect("taken above"),
             listener.limits.open.clone(),
         );
-        let served = serve_connection(
+        // Spawned as it is: awaited inside another future, it would be stored twice in the
+        // task (once captured, once as the future being awaited), doubling every
+        // connection's task (massif: 3,712 bytes a connection, against 1,720 for the future).
+        conns.spawn(serve_connection(
             conn,
             peer,
             state.clone(),
             answer,
             activity,
             listener.limits.header_timeout,
-        );
-        conns.spawn(async move {
-            let _slot = slot;
-            served.await;
-        });
+            slot,
+        ));
     }
     // Closing the socket now refuses new connections instead of leaving them in the backlog.
     let name = listener.name;
@@ -504,6 +504,8 @@ async fn serve_connection<S, A, F>(
     answer: A,
     activity: Arc<Activity>,
     header_timeout: Duration,
+    // Held until the connection ends: its place among `max_connections`.
+    _slot: Slot,
 ) where
     S: Send + Sync + 'static,
     A: Fn(Arc<S>, Request<ReqBody>) -> F + Copy + Send + 'static,
