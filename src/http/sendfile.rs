@@ -4,9 +4,10 @@
 //! hyper writes response bodies itself, from the `Bytes` a body yields, and has no way to be
 //! told "send this file range". So a blob's body yields *placeholders* instead: slices of one
 //! static buffer whose contents are never read, each paired, in order, with the file range it
-//! stands for in the connection's [`FileQueue`]. hyper queues body chunks without copying them
-//! (its vectored write strategy, which the server forces for these connections) and hands them
-//! to the socket as they were given. The socket wrapper, [`SendfileStream`], recognises a
+//! stands for in the connection's [`FileQueue`]. Our own HTTP/1 path (`h1.rs`) hands body chunks
+//! to the socket as they were given; so does hyper, on a connection handed over to it, which
+//! queues them without copying (its vectored write strategy, which the server forces for these
+//! connections). The socket wrapper, [`SendfileStream`], recognises a
 //! placeholder by its address and sends the file range in its place; everything else (the
 //! response head, manifests, error bodies) it writes as usual.
 //!

@@ -1,5 +1,6 @@
-//! The accept loop of both listeners: TCP, optional TLS (rustls), hyper-util's HTTP/1 + HTTP/2
-//! builder. Sockets live only here; everything behind `handle` is a plain function of the request.
+//! The accept loop of both listeners: TCP, optional TLS (rustls), our own HTTP/1 path for plain
+//! connections (`h1`) and hyper-util's HTTP/1 + HTTP/2 builder for the rest. Sockets live only
+//! here; everything behind `handle` is a plain function of the request.
 
 use super::body::Body;
 use super::coalesce::Coalesce;
