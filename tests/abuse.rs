@@ -147,6 +147,15 @@ async fn slow_heads_do_not_delay_others_and_are_closed_at_the_header_timeout() {
     let (status, _, _) = get_on(&mut s, "/v2/").await.expect("answered");
     assert_eq!(status, 200);
     wait_closed(&mut s).await;
+
+    // So does one that starts HTTP/2's preface after an HTTP/1 request (no protocol switch
+    // mid-connection, and no wait without a deadline for the rest of a preface).
+    let mut s = connect(addr).await;
+    let (status, _, _) = get_on(&mut s, "/v2/").await.expect("answered");
+    assert_eq!(status, 200);
+    s.write_all(b"PRI * HTTP/2").await.unwrap();
+    let got = String::from_utf8_lossy(&wait_closed(&mut s).await).into_owned();
+    assert!(!got.starts_with("HTTP/1.1 5"), "got {got:?}");
 }
 
 // === connection budget ===

@@ -93,9 +93,8 @@ where
                 biased;
                 r = stream.readable() => r?,
                 () = &mut timeout => return Ok(Ended::Closed),
-                () = closing(activity, &mut registered), if buf.is_empty() => {
-                    return Ok(Ended::Closed);
-                }
+                // Even with part of a head read: hyper closes such a connection at once too.
+                () = closing(activity, &mut registered) => return Ok(Ended::Closed),
             }
             if buf.len() == buf.capacity() {
                 buf.reserve(buf.capacity().clamp(FIRST_READ, LEAN_HEAD_MAX));
@@ -118,10 +117,12 @@ where
         let resp = tokio::select! {
             biased;
             resp = answer => resp,
-            () = gone(stream) => return Ok(Ended::Closed),
+            // Not with requests already read behind this one: a client that pipelines them and
+            // then shuts its side (as `nc` does) is still owed their answers.
+            () = gone(stream), if buf.is_empty() => return Ok(Ended::Closed),
         };
         let close = wants_close || activity.closing();
-        if !write_response(stream, resp, head_only, close).await? {
+        if !write_response(stream, resp, head_only, close, buf.is_empty()).await? {
             let _ = stream.shutdown().await;
             return Ok(Ended::Closed);
         }
@@ -190,7 +191,9 @@ fn parse(buf: &[u8]) -> Parsed {
         };
         match name {
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return Parsed::NotHere,
-            header::CONTENT_LENGTH if h.value.iter().any(|&b| b != b'0') => {
+            // Zero, however written, is no body; anything else (an empty value included, which
+            // hyper refuses) is hyper's to answer.
+            header::CONTENT_LENGTH if h.value.is_empty() || h.value.iter().any(|&b| b != b'0') => {
                 return Parsed::NotHere;
             }
             header::CONNECTION => {
@@ -237,6 +240,7 @@ async fn write_response(
     resp: Response<Body>,
     head_only: bool,
     mut close: bool,
+    mut watch: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     close |= parts
@@ -261,9 +265,9 @@ async fn write_response(
         Framing::Length(n) => Some(n),
         Framing::Chunked => None,
     };
-    // Whether the client is watched for leaving while the body waits for bytes (a fill's
-    // follower can wait long): not once it has sent its next request, which stays unread.
-    let mut watch = true;
+    // `watch`: whether the client is watched for leaving while the body waits for bytes (a
+    // fill's follower can wait long); not once it has sent its next request, which stays
+    // unread, nor when requests it sent earlier are waiting.
     loop {
         let frame = tokio::select! {
             biased;
@@ -280,8 +284,8 @@ async fn write_response(
             break;
         };
         let Ok(frame) = frame else {
-            // The client sees the head and a short body, never a wrong one taken as whole
-            // (hyper sends the head it has too).
+            // The client sees the head and a short body, never a wrong one taken as whole, and
+            // knows the answer failed rather than seeing the connection close unanswered.
             if let Some(head) = pending {
                 write_all(stream, &mut [IoSlice::new(head)]).await?;
             }
@@ -558,6 +562,7 @@ mod tests {
             b"GET http://m/v2/ HTTP/1.1\r\n\r\n",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             b"GET /v2/ HTTP/1.1\r\nbad header\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nContent-Length: \r\n\r\n",
         ] {
             assert!(matches!(parse(raw), Parsed::NotHere), "{raw:?}");
         }
@@ -799,8 +804,45 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// A client that pipelines requests and then shuts its side (as `nc` does) gets the answers
+    /// to every request that had another waiting behind it: its end of stream is not taken for
+    /// leaving while requests it sent wait. (The last is cancelled by the end of stream, as
+    /// hyper's server, without half-close support, cancels it.)
+    #[tokio::test]
+    async fn pipelined_requests_before_a_half_close_are_all_answered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut stream = SendfileStream::new(tcp);
+            let activity = Table::new().add(0);
+            serve(&mut stream, &activity, Duration::from_secs(5), |req| {
+                let path = req.uri().path().to_string();
+                async move {
+                    // Answered a moment later, so the end of stream is there before it.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Response::new(body::full(path))
+                }
+            })
+            .await
+            .unwrap()
+        });
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        c.shutdown().await.unwrap();
+        let mut pending = Vec::new();
+        for want in ["/a", "/b"] {
+            let (head, body) = response(&mut c, &mut pending).await;
+            assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+            assert_eq!(body, want.as_bytes());
+        }
+        assert!(matches!(server.await.unwrap(), Ended::Closed));
+    }
+
     /// A body that fails before its first byte still sends the head, then closes: the client
-    /// sees a short body (as hyper's server did), not a connection closed without an answer.
+    /// sees a short body, not a connection closed without an answer.
     #[tokio::test]
     async fn a_body_failing_at_once_sends_its_head_and_closes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

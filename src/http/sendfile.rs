@@ -61,7 +61,7 @@ struct Job {
 }
 
 /// The file ranges behind the placeholders a connection's bodies have yielded and its socket
-/// has not yet sent, in the order hyper writes them (HTTP/1 sends one response at a time).
+/// has not yet sent, in the order they are written (HTTP/1 sends one response at a time).
 #[derive(Default)]
 pub(crate) struct FileQueue(Mutex<VecDeque<Job>>);
 
@@ -149,7 +149,8 @@ impl SendfileStream {
     ) -> Poll<io::Result<usize>> {
         let (file, offset, more) = {
             let queue = self.queue.lock();
-            // hyper advances through a chunk as it is written, so a placeholder slice always
+            // The writer (h1, or hyper after a hand-over) advances through a chunk as it is
+            // written, so a placeholder slice always
             // ends where its job does; anything else means the pairing is lost, and sending
             // would put the wrong bytes on the wire.
             match queue.front() {

@@ -530,9 +530,13 @@ async fn serve_connection<S, A, F>(
                 }
             };
             let io = super::h1::Prefixed::new(prefix, s);
+            // Past the first request the connection speaks HTTP/1: hyper is not to sniff it
+            // again for HTTP/2's preface, without a deadline.
+            let h1_only = activity.started.load(Ordering::Acquire);
             Box::pin(serve_hyper(
                 io,
                 true,
+                h1_only,
                 Some(queue),
                 state,
                 answer,
@@ -544,6 +548,7 @@ async fn serve_connection<S, A, F>(
         Conn::Plain(s) => {
             Box::pin(serve_hyper(
                 s,
+                false,
                 false,
                 None,
                 state,
@@ -564,8 +569,17 @@ async fn serve_connection<S, A, F>(
                         let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                         let s = Coalesce::new(s, h2);
                         Some(
-                            serve_hyper(s, false, None, state, answer, &activity, header_timeout)
-                                .await,
+                            serve_hyper(
+                                s,
+                                false,
+                                false,
+                                None,
+                                state,
+                                answer,
+                                &activity,
+                                header_timeout,
+                            )
+                            .await,
                         )
                     }
                     Ok(Err(e)) => {
@@ -586,11 +600,13 @@ async fn serve_connection<S, A, F>(
     }
 }
 
-/// Serves a connection with hyper (HTTP/1 or HTTP/2, as the client speaks). `sendfile`: the
-/// socket sends blob placeholders from `queue` (plain HTTP/1 only).
+/// Serves a connection with hyper (HTTP/1 or HTTP/2, as the client speaks; `h1_only`: HTTP/1).
+/// `sendfile`: the socket sends blob placeholders from `queue` (plain HTTP/1 only).
+#[allow(clippy::too_many_arguments)]
 async fn serve_hyper<I, S, A, F>(
     io: I,
     sendfile: bool,
+    h1_only: bool,
     queue: Option<Arc<FileQueue>>,
     state: Arc<S>,
     answer: A,
@@ -625,6 +641,9 @@ where
         // Body chunks must reach the socket as the slices they were yielded as, never
         // flattened into hyper's own buffer: sendfile placeholders depend on it.
         builder.http1().writev(true);
+    }
+    if h1_only {
+        builder = builder.http1_only();
     }
     let conn = builder.serve_connection(TokioIo::new(io), service);
     first_head(conn, |c| c.graceful_shutdown(), activity, header_timeout).await
