@@ -20,12 +20,12 @@
 use super::body::Body;
 use super::conns::Activity;
 use super::sendfile::SendfileStream;
-use super::server::ReqBody;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -43,6 +43,14 @@ const FIRST_READ: usize = 1024;
 
 /// More header lines than this go to hyper (whose limit is 100).
 const MAX_HEADERS: usize = 64;
+
+/// A request's body, as the answering function sees it. Nothing that answers reads one (a
+/// mirror takes no uploads); hyper's is kept so that hyper drains or refuses it as before.
+pub(crate) enum ReqBody {
+    Hyper(#[allow(dead_code)] Incoming),
+    /// Requests taken here, which are only those without a body.
+    Empty,
+}
 
 /// How a connection served here ended.
 pub(super) enum Ended {

@@ -5,6 +5,7 @@
 use super::body::Body;
 use super::coalesce::Coalesce;
 use super::conns::{Activity, Table, TrackedBody};
+use super::h1::ReqBody;
 use super::handlers::{AppState, handle};
 use super::sendfile::{FileQueue, SendfileStream};
 use crate::config::{Backend, Config};
@@ -535,7 +536,6 @@ async fn serve_connection<S, A, F>(
             let h1_only = activity.started.load(Ordering::Acquire);
             Box::pin(serve_hyper(
                 io,
-                true,
                 h1_only,
                 Some(queue),
                 state,
@@ -548,7 +548,6 @@ async fn serve_connection<S, A, F>(
         Conn::Plain(s) => {
             Box::pin(serve_hyper(
                 s,
-                false,
                 false,
                 None,
                 state,
@@ -569,17 +568,8 @@ async fn serve_connection<S, A, F>(
                         let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                         let s = Coalesce::new(s, h2);
                         Some(
-                            serve_hyper(
-                                s,
-                                false,
-                                false,
-                                None,
-                                state,
-                                answer,
-                                &activity,
-                                header_timeout,
-                            )
-                            .await,
+                            serve_hyper(s, false, None, state, answer, &activity, header_timeout)
+                                .await,
                         )
                     }
                     Ok(Err(e)) => {
@@ -601,11 +591,10 @@ async fn serve_connection<S, A, F>(
 }
 
 /// Serves a connection with hyper (HTTP/1 or HTTP/2, as the client speaks; `h1_only`: HTTP/1).
-/// `sendfile`: the socket sends blob placeholders from `queue` (plain HTTP/1 only).
+/// `queue`: the socket sends blob placeholders from it (plain HTTP/1 only).
 #[allow(clippy::too_many_arguments)]
 async fn serve_hyper<I, S, A, F>(
     io: I,
-    sendfile: bool,
     h1_only: bool,
     queue: Option<Arc<FileQueue>>,
     state: Arc<S>,
@@ -619,6 +608,7 @@ where
     A: Fn(Arc<S>, Request<ReqBody>) -> F + Copy + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let sendfile = queue.is_some();
     let seen = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let resp = respond(
@@ -647,14 +637,6 @@ where
     }
     let conn = builder.serve_connection(TokioIo::new(io), service);
     first_head(conn, |c| c.graceful_shutdown(), activity, header_timeout).await
-}
-
-/// A request's body, as the answering function sees it. Nothing that answers reads one (a
-/// mirror takes no uploads); hyper's is kept so that hyper drains or refuses it as before.
-pub(crate) enum ReqBody {
-    Hyper(#[allow(dead_code)] Incoming),
-    /// Requests taken by `h1`, which takes only those without a body.
-    Empty,
 }
 
 /// Starts answering `req` on a connection: marks it busy until the response body ends (the
