@@ -45,5 +45,9 @@ where
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
+        // A blob body arrives in reads of up to this much, so a cold fill's 1 MiB writes take
+        // one read each; hyper's default (about 408 KiB) cut them in three, and each cut costs
+        // a write, a hand-over to the hash and a wake-up of every follower (issue 16).
+        .http1_max_buf_size(1 << 20)
         .build(https)
 }
