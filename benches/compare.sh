@@ -33,6 +33,9 @@
 #              TLS=1 (0: skip the TLS figure) KEEP=0 STRICT=0 (exit 1 if a target fails)
 #              SHAPED=1 (0: skip the shaped-link cold figure; it needs root and tc) SHAPED_RATE=1gbit SHAPED_REPS=3
 #              CACHALOT_LOG=warn (RUST_LOG for cachalot) PERF=0 (1: perf profile of cachalot, hottest symbols)
+#              RECYCLE=0 (1: figure 3 writes and deletes a blob's worth of zeros before each cold GET and each
+#              dd, so fills and dd get pages the guest just freed, as benches/cold_ab.sh's RECYCLE does; on
+#              a VM that hands free memory back to its host, fresh pages cost a host fault each)
 # Needs: docker-registry, nginx, wrk, ab (apache2-utils), curl, awk, openssl (sha256sum will do when TLS=0).
 # Exit status: 0 when every stage ran (targets missed are reported, and fail the run only with STRICT=1).
 set -Eeuo pipefail
@@ -47,6 +50,7 @@ ROUNDS=${ROUNDS:-5}
 ONE_STREAM_ROUNDS=${ONE_STREAM_ROUNDS:-15}
 ONE_STREAM_GETS=${ONE_STREAM_GETS:-4}
 COLD_REPS=${COLD_REPS:-5}
+RECYCLE=${RECYCLE:-0}
 HERD=${HERD:-50}
 HERD_MIB=${HERD_MIB:-64}
 HERD_REPS=${HERD_REPS:-5}
@@ -642,10 +646,18 @@ log "figure 3: cold ${BLOB_MIB} MiB blob, $COLD_REPS fresh blobs each (median)"
 # main blob (in the page cache) into 3 new files beside the caches, kept until the fills are done so
 # each write takes fresh pages as a fill does. On a VM whose host reclaims free guest memory, touching
 # fresh pages costs a host fault each, and this floor can exceed the hash (the README has figures).
+# recycle: with RECYCLE=1, hands the next write pages just freed (see the knobs above).
+recycle() {
+    ((RECYCLE)) || return 0
+    dd if=/dev/zero of="$W/recycle" bs=1M count="$BLOB_MIB" status=none && rm -f "$W/recycle"
+}
+((RECYCLE)) && log "  RECYCLE=1: every cold GET and dd below gets pages just freed"
 DDW=()
 TIMEFORMAT='%U %S'
 for i in 1 2 3; do
+    recycle
     read -r u sy < <({ time dd if="$MAIN_FILE" of="$W/floor.$i" bs=1M status=none; } 2>&1)
+    ((RECYCLE)) && rm -f "$W/floor.$i"
     DDW+=("$(calc "($u + $sy) * 1024 / $BLOB_MIB")")
 done
 unset TIMEFORMAT
@@ -655,8 +667,10 @@ DIRECT=(); CA_COLD=(); PEER_COLD=(); CA_COLD_CPU=()
 CA_CPU0=$(cpu_ticks cachalot); PEER_CPU0=$(cpu_ticks peer)
 for r in $(seq "$COLD_REPS"); do
     dc=${COLD_C[$((r - 1))]}; dp=${COLD_P[$((r - 1))]}
+    recycle
     if t=$(fetch_check upstream "$UP/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then DIRECT+=("$t"); else stage_failed "direct cold $r"; fi
     if ((CA_OK)); then
+        recycle
         c0=$(cpu_ticks cachalot)
         if ((r == 1)); then perf_start cold; fi
         if t=$(fetch_check cachalot "$CA/v2/$REPO/blobs/$dc" "$dc" "$BLOB_BYTES"); then CA_COLD+=("$t"); else stage_failed "cachalot cold $r"; fi
@@ -664,6 +678,7 @@ for r in $(seq "$COLD_REPS"); do
         if ((r == 1)); then perf_stop cold; fi
     fi
     if ((PEER_OK)); then
+        recycle
         if t=$(fetch_check peer "$PEER/v2/$REPO/blobs/$dp" "$dp" "$BLOB_BYTES"); then PEER_COLD+=("$t"); else stage_failed "peer cold $r"; fi
     fi
 done
@@ -785,10 +800,11 @@ done
 ratio_row "3. cold ${BLOB_MIB} MiB blob, s" "$(val ca_cold)" direct "$(val direct_cold)" '<=' 1.5
 ratio_row "   peer cold, s" "$(val peer_cold)" direct "$(val direct_cold)" "" ""
 ratio_row "   vs sha256 of the blob alone (openssl), s" "$(val ca_cold)" sha256 "$(val hash_secs)" "" ""
-ratio_row "   CPU s per cold GiB" "$(val ca_cold_cpu_gib)" openssl "$(val openssl_cpu_gib)" '<=' 2
-ratio_row "   peer CPU s per cold GiB" "$(val peer_cold_cpu_gib)" openssl "$(val openssl_cpu_gib)" "" ""
-ratio_row "   dd into new files, CPU s per GiB" "$(val dd_write_cpu_gib)" openssl "$(val openssl_cpu_gib)" "" ""
-ratio_row "   CPU s per cold GiB less the dd" "$(val ca_cold_cpu_gib_less_dd)" openssl "$(val openssl_cpu_gib)" "" ""
+PAGES=""; ((RECYCLE)) && PAGES=", recycled"
+ratio_row "   CPU s per cold GiB$PAGES" "$(val ca_cold_cpu_gib)" openssl "$(val openssl_cpu_gib)" '<=' 2
+ratio_row "   peer CPU s per cold GiB$PAGES" "$(val peer_cold_cpu_gib)" openssl "$(val openssl_cpu_gib)" "" ""
+ratio_row "   dd into new files, CPU s/GiB$PAGES" "$(val dd_write_cpu_gib)" openssl "$(val openssl_cpu_gib)" "" ""
+ratio_row "   CPU s per cold GiB less dd$PAGES" "$(val ca_cold_cpu_gib_less_dd)" openssl "$(val openssl_cpu_gib)" "" ""
 if [[ $SHAPED == 1 ]]; then
     ratio_row "   cold over a $SHAPED_RATE link, s" "$(val shaped_ca)" direct "$(val shaped_direct)" '<=' 1.05
 fi
