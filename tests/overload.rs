@@ -35,6 +35,27 @@ fn sha256_digest(b: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(b))
 }
 
+/// A cachalot launched as `launch` says, on a cache of its own, in front of an upstream holding
+/// one blob of `size` random bytes: the upstream, the cache's directory, the server, and the
+/// blob's digest and bytes.
+async fn launched(
+    size: usize,
+    launch: Launch<'_>,
+) -> (
+    FakeRegistry,
+    tempfile::TempDir,
+    Cachalot,
+    String,
+    bytes::Bytes,
+) {
+    let fake = FakeRegistry::start().await;
+    let blob = random_blob(size);
+    let digest = fake.push_blob(REPO, blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cachalot::launch(dir.path(), &fake.url(), launch).await;
+    (fake, dir, c, digest, blob)
+}
+
 /// Starts `c`'s blob `digest` into the cache and waits for the fill to be committed.
 async fn cache_blob(c: &Cachalot, digest: &str) {
     let (status, _, body) = get_once(c.addr, &format!("/v2/{REPO}/blobs/{digest}")).await;
@@ -66,15 +87,10 @@ async fn wait_refused(addr: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_descriptors_and_many_clients_get_200s_or_503s_and_then_normal_service() {
-    let fake = FakeRegistry::start().await;
-    let blob = random_blob(256 << 10);
-    let digest = fake.push_blob(REPO, blob.clone());
-    let dir = tempfile::tempdir().unwrap();
     // 200 descriptors, soft and hard, so the server cannot raise its way out: its budget is an
     // eighth of them (the 256 kept for cache files and upstreams do not fit).
-    let c = Cachalot::launch(
-        dir.path(),
-        &fake.url(),
+    let (_fake, _dir, c, digest, blob) = launched(
+        256 << 10,
         Launch {
             open_files: Some(200),
             ..Launch::default()
@@ -130,11 +146,7 @@ async fn a_few_descriptors_and_many_clients_get_200s_or_503s_and_then_normal_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_download_in_flight_finish_and_refuses_new_connections() {
-    let fake = FakeRegistry::start().await;
-    let blob = random_blob(32 << 20);
-    let digest = fake.push_blob(REPO, blob.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = Cachalot::start(dir.path(), &fake.url(), None).await;
+    let (_fake, _dir, mut c, digest, blob) = launched(32 << 20, Launch::default()).await;
     cache_blob(&c, &digest).await;
 
     // A slow client: its download is far from done when the signal comes.
@@ -179,14 +191,9 @@ async fn sigterm_lets_a_download_in_flight_finish_and_refuses_new_connections() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_exits_at_once() {
-    let fake = FakeRegistry::start().await;
-    let blob = random_blob(32 << 20);
-    let digest = fake.push_blob(REPO, blob);
-    let dir = tempfile::tempdir().unwrap();
     // A drain far longer than the test's patience: only the second signal can end it.
-    let mut c = Cachalot::launch(
-        dir.path(),
-        &fake.url(),
+    let (_fake, _dir, mut c, digest, _blob) = launched(
+        32 << 20,
         Launch {
             server: "drain_timeout = \"1h\"",
             ..Launch::default()
@@ -260,14 +267,9 @@ async fn get_kept_alive(s: &mut TcpStream, path: &str) -> (u16, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_limit_the_longest_idle_connection_makes_room_and_no_download_is_cut() {
-    let fake = FakeRegistry::start().await;
-    let blob = random_blob(32 << 20);
-    let digest = fake.push_blob(REPO, blob.clone());
-    let dir = tempfile::tempdir().unwrap();
     // Four connections, and a keep-alive timeout far beyond the test's patience.
-    let c = Cachalot::launch(
-        dir.path(),
-        &fake.url(),
+    let (_fake, _dir, c, digest, blob) = launched(
+        32 << 20,
         Launch {
             server: "max_connections = 4\nheader_timeout = \"60s\"",
             ..Launch::default()
@@ -361,13 +363,8 @@ async fn many_downloads_in_flight_cost_a_few_kilobytes_each() {
             },
         );
     }
-    let fake = FakeRegistry::start().await;
-    let blob = random_blob(1 << 20);
-    let digest = fake.push_blob(REPO, blob.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let c = Cachalot::launch(
-        dir.path(),
-        &fake.url(),
+    let (_fake, _dir, c, digest, _blob) = launched(
+        1 << 20,
         Launch {
             server: "max_connections = 2000",
             ..Launch::default()

@@ -703,43 +703,53 @@ mod tests {
         pending.extend_from_slice(&chunk[..n]);
     }
 
-    /// Pipelined requests are answered in order on one connection, each framed so that the
-    /// next can be read, and the first request with a body is handed over with its bytes.
-    #[tokio::test]
-    async fn pipelined_pulls_are_answered_in_order_and_an_upload_goes_to_hyper() {
+    /// Serves one connection, on a port of its own, with `respond`; the task ends with what
+    /// `serve` returned.
+    async fn serve_one<R, F>(
+        header_timeout: Duration,
+        respond: R,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Ended>)
+    where
+        R: FnMut(Request<ReqBody>) -> F + Send + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut stream = SendfileStream::new(tcp);
             let activity = Table::new().add(0);
-            let answered = Arc::new(parking_lot::Mutex::new(Vec::new()));
-            let seen = answered.clone();
-            let ended = serve(&mut stream, &activity, Duration::from_secs(5), move |req| {
-                let path = req.uri().path().to_string();
-                seen.lock().push(format!("{} {path}", req.method()));
-                async move {
-                    match path.as_str() {
-                        "/chunked" => {
-                            let frames = futures_util::stream::iter(
-                                ["ab", "", "cde"].map(|s| Ok(Frame::data(Bytes::from(s)))),
-                            );
-                            StreamBody::new(frames).boxed_unsync()
-                        }
-                        "/head" => body::full("not sent"),
-                        p => body::full(format!("answer to {p}")),
-                    }
-                    .pipe(|b| Response::builder().header("x-path", path).body(b).unwrap())
-                }
-            })
-            .await
-            .unwrap();
-            let prefix = match ended {
-                Ended::HandOff(prefix) => prefix,
-                Ended::Closed => panic!("closed instead of handing over"),
-            };
-            (prefix, answered.lock().clone())
+            serve(&mut stream, &activity, header_timeout, respond)
+                .await
+                .unwrap()
         });
+        (addr, server)
+    }
+
+    /// Pipelined requests are answered in order on one connection, each framed so that the
+    /// next can be read, and the first request with a body is handed over with its bytes.
+    #[tokio::test]
+    async fn pipelined_pulls_are_answered_in_order_and_an_upload_goes_to_hyper() {
+        let answered = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let seen = answered.clone();
+        let (addr, server) = serve_one(Duration::from_secs(5), move |req| {
+            let path = req.uri().path().to_string();
+            seen.lock().push(format!("{} {path}", req.method()));
+            async move {
+                match path.as_str() {
+                    "/chunked" => {
+                        let frames = futures_util::stream::iter(
+                            ["ab", "", "cde"].map(|s| Ok(Frame::data(Bytes::from(s)))),
+                        );
+                        StreamBody::new(frames).boxed_unsync()
+                    }
+                    "/head" => body::full("not sent"),
+                    p => body::full(format!("answer to {p}")),
+                }
+                .pipe(|b| Response::builder().header("x-path", path).body(b).unwrap())
+            }
+        })
+        .await;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(
             b"GET /a HTTP/1.1\r\n\r\nGET /chunked HTTP/1.1\r\n\r\nHEAD /head HTTP/1.1\r\nx-head-only: 1\r\n\r\nGET /b HTTP/1.1\r\n\r\nPUT /up HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi",
@@ -763,7 +773,11 @@ mod tests {
         let (head, body) = response(&mut c, &mut pending).await;
         assert!(head.contains("x-path: /b"), "{head}");
         assert_eq!(body, b"answer to /b");
-        let (prefix, answered) = server.await.unwrap();
+        let prefix = match server.await.unwrap() {
+            Ended::HandOff(prefix) => prefix,
+            Ended::Closed => panic!("closed instead of handing over"),
+        };
+        let answered = answered.lock().clone();
         assert_eq!(
             &prefix[..],
             b"PUT /up HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi"
@@ -818,23 +832,15 @@ mod tests {
     /// hyper's server, without half-close support, cancels it.)
     #[tokio::test]
     async fn pipelined_requests_before_a_half_close_are_all_answered() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut stream = SendfileStream::new(tcp);
-            let activity = Table::new().add(0);
-            serve(&mut stream, &activity, Duration::from_secs(5), |req| {
-                let path = req.uri().path().to_string();
-                async move {
-                    // Answered a moment later, so the end of stream is there before it.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    Response::new(body::full(path))
-                }
-            })
-            .await
-            .unwrap()
-        });
+        let (addr, server) = serve_one(Duration::from_secs(5), |req| {
+            let path = req.uri().path().to_string();
+            async move {
+                // Answered a moment later, so the end of stream is there before it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Response::new(body::full(path))
+            }
+        })
+        .await;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n")
             .await
@@ -853,31 +859,17 @@ mod tests {
     /// sees a short body, not a connection closed without an answer.
     #[tokio::test]
     async fn a_body_failing_at_once_sends_its_head_and_closes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut stream = SendfileStream::new(tcp);
-            let activity = Table::new().add(0);
-            serve(
-                &mut stream,
-                &activity,
-                Duration::from_secs(5),
-                |_req| async {
-                    let frames =
-                        futures_util::stream::iter([Err::<Frame<Bytes>, body::BodyError>(
-                            "damaged".into(),
-                        )]);
-                    let body = http_body_util::StreamBody::new(frames).boxed_unsync();
-                    Response::builder()
-                        .header("content-length", "10")
-                        .body(body)
-                        .unwrap()
-                },
-            )
-            .await
-            .unwrap()
-        });
+        let (addr, server) = serve_one(Duration::from_secs(5), |_req| async {
+            let frames = futures_util::stream::iter([Err::<Frame<Bytes>, body::BodyError>(
+                "damaged".into(),
+            )]);
+            let body = http_body_util::StreamBody::new(frames).boxed_unsync();
+            Response::builder()
+                .header("content-length", "10")
+                .body(body)
+                .unwrap()
+        })
+        .await;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n")
             .await
