@@ -726,6 +726,15 @@ mod tests {
         (addr, server)
     }
 
+    /// Sends `request` on a new connection and reads what comes back until the server closes it.
+    async fn until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(request).await.unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).await.unwrap();
+        String::from_utf8(all).unwrap()
+    }
+
     /// Pipelined requests are answered in order on one connection, each framed so that the
     /// next can be read, and the first request with a body is handed over with its bytes.
     #[tokio::test]
@@ -807,13 +816,7 @@ mod tests {
                 assert!(matches!(ended, Ended::Closed));
             }
         });
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /x HTTP/1.1\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut all = Vec::new();
-        c.read_to_end(&mut all).await.unwrap();
-        let text = String::from_utf8(all).unwrap();
+        let text = until_closed(addr, b"GET /x HTTP/1.1\r\nconnection: close\r\n\r\n").await;
         assert!(
             text.contains("connection: close\r\n") && text.ends_with("\r\n\r\nx"),
             "{text}"
@@ -870,13 +873,7 @@ mod tests {
                 .unwrap()
         })
         .await;
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
-        let mut all = Vec::new();
-        c.read_to_end(&mut all).await.unwrap();
-        let text = String::from_utf8(all).unwrap();
+        let text = until_closed(addr, b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n").await;
         assert!(
             text.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n"),
             "{text}"
