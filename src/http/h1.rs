@@ -377,11 +377,18 @@ fn encode_head(
         }
         line(&mut head, name.as_str(), value.as_bytes());
     }
-    for value in headers.get_all(header::CONNECTION) {
-        line(&mut head, "connection", value.as_bytes());
-    }
-    if close && !headers.contains_key(header::CONNECTION) {
+    let says_close = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v, "close"));
+    if close && !says_close {
+        // The client must hear that this connection ends here, whatever else the handler said
+        // of it (hyper likewise replaces a `keep-alive` with `close`).
         line(&mut head, "connection", b"close");
+    } else {
+        for value in headers.get_all(header::CONNECTION) {
+            line(&mut head, "connection", value.as_bytes());
+        }
     }
     // 1xx, 204 and 304 have neither body nor length; a HEAD answer has the length its GET
     // would, and no body.
@@ -645,6 +652,18 @@ mod tests {
             "HTTP/1.1 200 OK\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         assert_eq!(f, Framing::Chunked);
+        // A handler's `keep-alive` on an answer after which the connection closes.
+        let (t, _) = head_text(
+            StatusCode::OK,
+            &[("connection", "keep-alive")],
+            false,
+            true,
+            Some(0),
+        );
+        assert_eq!(
+            t,
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        );
     }
 
     /// Reads one response off `c`: its head, and its body by `content-length` or chunks.
