@@ -307,6 +307,11 @@ async fn write_response(
         }
         sent += data.len() as u64;
         if expected.is_some_and(|n| sent > n) {
+            // More than the length declared: not one byte of it goes out, but the head does,
+            // as for a body that fails.
+            if let Some(head) = pending {
+                write_all(stream, &mut [IoSlice::new(head)]).await?;
+            }
             return Ok(false);
         }
         let head_part = pending.take().unwrap_or_default();
@@ -895,6 +900,26 @@ mod tests {
         let text = until_closed(addr, b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n").await;
         assert!(
             text.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+        assert!(matches!(server.await.unwrap(), Ended::Closed));
+    }
+
+    /// A body longer than the length its head declares sends the head and none of the body,
+    /// then closes: the client sees an answer cut short, never bytes past the length.
+    #[tokio::test]
+    async fn a_body_longer_than_declared_sends_its_head_and_closes() {
+        let (addr, server) = serve_one(Duration::from_secs(5), |_req| async {
+            Response::builder()
+                .header("content-length", "2")
+                .body(body::full("hello"))
+                .unwrap()
+        })
+        .await;
+        let text = until_closed(addr, b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n").await;
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"),
             "{text}"
         );
         assert!(text.ends_with("\r\n\r\n"), "{text}");
