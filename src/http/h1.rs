@@ -388,7 +388,7 @@ fn encode_head(
         .any(|v| has_token(v, "close"));
     if close && !says_close {
         // The client must hear that this connection ends here, whatever else the handler said
-        // of it (hyper likewise replaces a `keep-alive` with `close`).
+        // of it (hyper appends `close` to a `keep-alive`; a plain `close` says the same).
         line(&mut head, "connection", b"close");
     } else {
         for value in headers.get_all(header::CONNECTION) {
