@@ -7,7 +7,6 @@ use crate::mirror::Mirror;
 use http::{Method, Request, Response, StatusCode, header};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -18,8 +17,7 @@ pub(crate) async fn spawn(
     mirror: Arc<Mirror>,
     stopped: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), Error> {
-    let listener = TcpListener::bind(addr)
-        .await
+    let listener = super::server::bind(addr)
         .map_err(|e| Error::Internal(format!("server.metrics_listen {addr}: {e}")))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics listening");
