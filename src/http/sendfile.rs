@@ -150,9 +150,8 @@ impl SendfileStream {
         let (file, offset, more) = {
             let queue = self.queue.lock();
             // The writer (h1, or hyper after a hand-over) advances through a chunk as it is
-            // written, so a placeholder slice always
-            // ends where its job does; anything else means the pairing is lost, and sending
-            // would put the wrong bytes on the wire.
+            // written, so a placeholder slice always ends where its job does; anything else
+            // means the pairing is lost, and sending would put the wrong bytes on the wire.
             match queue.front() {
                 Some(job) if at + buf.len() == job.len => {
                     (job.file.clone(), job.offset + at as u64, job.more)

@@ -798,7 +798,6 @@ mod tests {
             FLEET.min(somaxconn + 1),
             "somaxconn {somaxconn}"
         );
-        drop(listener);
     }
 
     #[test]
